@@ -1,0 +1,6 @@
+"""``python -m fedlora`` runs the ``fedlora`` command."""
+
+from fedlora.main import cli
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""Pure adapter math (torch only): key handling, rank padding, stacking, initialisation."""

@@ -1,0 +1,224 @@
+"""LoRA factor algebra on adapter states (torch only, no peft).
+
+Shapes follow peft and ``nn.Linear``: ``A`` is ``(r, n)``, ``B`` is ``(m, r)``, the dense update
+``s * B @ A`` is ``(m, n)``, oriented like ``nn.Linear.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedlora.types import AdapterState, BaseMerge, Tensor
+
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+
+def lora_a_key(module: str) -> str:
+    """Return the state key of module ``module``'s ``A`` factor."""
+    return module + _A_SUFFIX
+
+
+def lora_b_key(module: str) -> str:
+    """Return the state key of module ``module``'s ``B`` factor."""
+    return module + _B_SUFFIX
+
+
+def is_lora_key(key: str) -> bool:
+    """Return whether ``key`` names a LoRA factor (matched on the name, never on the shape)."""
+    return key.endswith(_A_SUFFIX) or key.endswith(_B_SUFFIX)
+
+
+def lora_modules(state: Mapping[str, Tensor]) -> list[str]:
+    """Return the sorted names of the adapted modules in ``state`` (those with an ``A`` or ``B``)."""
+    names = {k[: -len(_A_SUFFIX)] for k in state if k.endswith(_A_SUFFIX)}
+    names |= {k[: -len(_B_SUFFIX)] for k in state if k.endswith(_B_SUFFIX)}
+    return sorted(names)
+
+
+def split_state(
+    state: Mapping[str, Tensor],
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+    """Split an adapter state into ``{module: (A, B)}`` and the other trainables.
+
+    Raises
+    ------
+    KeyError
+        If a module has an ``A`` without a ``B`` or the reverse.
+    """
+    pairs = {m: (state[lora_a_key(m)], state[lora_b_key(m)]) for m in lora_modules(state)}
+    others = {k: v for k, v in state.items() if not is_lora_key(k)}
+    return pairs, others
+
+
+def join_state(
+    pairs: Mapping[str, tuple[Tensor, Tensor]], others: Mapping[str, Tensor]
+) -> AdapterState:
+    """Inverse of :func:`split_state`."""
+    out: AdapterState = {}
+    for module, (a, b) in pairs.items():
+        out[lora_a_key(module)] = a
+        out[lora_b_key(module)] = b
+    out.update(others)
+    return out
+
+
+def rank_of(state: Mapping[str, Tensor]) -> int:
+    """Return the LoRA rank of ``state`` (the same for every module, else ``ValueError``)."""
+    ranks = {state[lora_a_key(m)].shape[0] for m in lora_modules(state) if lora_a_key(m) in state}
+    ranks |= {state[lora_b_key(m)].shape[1] for m in lora_modules(state) if lora_b_key(m) in state}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter state has ranks {sorted(ranks)}; expected exactly one")
+    return ranks.pop()
+
+
+def pad_pair(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad ``A`` (rows) and ``B`` (columns) to ``rank``; ``B @ A`` is unchanged exactly."""
+    r = a.shape[0]
+    if r > rank:
+        raise ValueError(f"cannot pad rank {r} down to {rank}")
+    a_pad = torch.zeros((rank, a.shape[1]), dtype=a.dtype)  # (rank, n)
+    b_pad = torch.zeros((b.shape[0], rank), dtype=b.dtype)  # (m, rank)
+    a_pad[:r] = a
+    b_pad[:, :r] = b
+    return a_pad, b_pad
+
+
+def truncate_pair(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Keep the first ``rank`` slots: ``A[:rank, :]`` and ``B[:, :rank]`` (copies)."""
+    if rank > a.shape[0]:
+        raise ValueError(f"cannot truncate rank {a.shape[0]} up to {rank}")
+    return a[:rank].clone(), b[:, :rank].clone()
+
+
+def resize_state(state: Mapping[str, Tensor], rank: int) -> AdapterState:
+    """Pad or truncate every LoRA pair of ``state`` to ``rank``; other tensors are copied."""
+    pairs, others = split_state(state)
+    out_pairs = {}
+    for module, (a, b) in pairs.items():
+        if a.shape[0] <= rank:
+            out_pairs[module] = pad_pair(a, b, rank)
+        else:
+            out_pairs[module] = truncate_pair(a, b, rank)
+    return join_state(out_pairs, {k: v.clone() for k, v in others.items()})
+
+
+def example_weights(num_examples: Sequence[int]) -> list[float]:
+    """Return ``p_k = n_k / sum_j n_j`` over the participants (renormalised each round).
+
+    Raises
+    ------
+    ValueError
+        If a count is negative or all are zero.
+    """
+    if any(n < 0 for n in num_examples):
+        raise ValueError(f"negative example count in {list(num_examples)}")
+    total = sum(num_examples)
+    if total == 0:
+        raise ValueError("every participant reported 0 examples; nothing to weight by")
+    return [n / total for n in num_examples]
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Return ``sum_k w_k * t_k`` accumulated in float32 (or float64 if the inputs are)."""
+    acc_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    acc = torch.zeros(tensors[0].shape, dtype=acc_dtype)
+    for t, w in zip(tensors, weights, strict=True):
+        acc += w * t.to(acc_dtype)
+    return acc.to(tensors[0].dtype)
+
+
+def average_others(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> AdapterState:
+    """Weighted average of every non-LoRA tensor (the head), key by key."""
+    _, first = split_state(states[0])
+    return {k: weighted_sum([s[k] for s in states], weights) for k in sorted(first)}
+
+
+def stack_pairs(
+    pairs: Sequence[tuple[Tensor, Tensor]], coefficients: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """Stack factors so that ``B_st @ A_st == sum_k c_k * B_k @ A_k`` exactly (FLoRA).
+
+    ``A_st = [c_1 A_1; ...; c_K A_K]`` (rows) and ``B_st = [B_1, ..., B_K]`` (columns); the
+    coefficient goes on ``A`` only, exactly once. Ranks may differ.
+    """
+    a_st = torch.cat([c * a for (a, _), c in zip(pairs, coefficients, strict=True)], dim=0)
+    b_st = torch.cat([b for _, b in pairs], dim=1)
+    return b_st, a_st  # (m, sum r), (sum r, n)
+
+
+def merge_delta(merge: BaseMerge, module: str) -> Tensor:
+    """Return the dense ``(m, n)`` update of one module of a factored merge."""
+    b, a = merge[module]
+    return b @ a
+
+
+def concat_merges(merges: Sequence[BaseMerge]) -> BaseMerge:
+    """Concatenate factored merges so the product is their sum (cumulative base delta)."""
+    modules = sorted({m for merge in merges for m in merge})
+    out: BaseMerge = {}
+    for module in modules:
+        parts = [merge[module] for merge in merges if module in merge]
+        out[module] = (torch.cat([b for b, _ in parts], dim=1), torch.cat([a for _, a in parts], dim=0))
+    return out
+
+
+def _row_seed(seed: int, module: str, row: int) -> int:
+    # A stable 63-bit seed per (run seed, module, row): crc32 is the same on every machine and
+    # Python version (unlike hash()), so every client draws bit-identical rows.
+    return (seed * 1_000_003 + zlib.crc32(module.encode()) * 10_007 + row) % (2**63 - 1)
+
+
+def init_lora_a(seed: int, module: str, rank: int, in_features: int) -> Tensor:
+    """Draw ``A`` of shape ``(rank, in_features)`` deterministically from ``seed`` and ``module``.
+
+    Each row has its own generator, so the first ``r`` rows are bit-identical whatever ``rank``
+    is asked for: rank ``r`` uses the first ``r`` rows of one shared ``A`` (FFA-LoRA with mixed
+    ranks). Values are uniform in ``[-1/sqrt(n), 1/sqrt(n)]``, the bound of peft's default
+    Kaiming-uniform (``a = sqrt(5)``) initialisation.
+    """
+    bound = 1.0 / math.sqrt(in_features)
+    rows = []
+    for row in range(rank):
+        gen = torch.Generator().manual_seed(_row_seed(seed, module, row))
+        rows.append(torch.rand(in_features, generator=gen, dtype=torch.float32))
+    a = torch.stack(rows) if rows else torch.zeros((0, in_features))
+    return (a * 2.0 - 1.0) * bound  # (rank, n)
+
+
+def fresh_state(
+    modules: Mapping[str, tuple[int, int]], rank: int, seed: int, head: Mapping[str, Tensor]
+) -> AdapterState:
+    """Return a fresh adapter at ``rank``: ``A`` from :func:`init_lora_a`, ``B = 0``, ``head``."""
+    pairs = {
+        module: (init_lora_a(seed, module, rank, n), torch.zeros((m, rank)))
+        for module, (m, n) in modules.items()
+    }
+    return join_state(pairs, {k: v.clone() for k, v in head.items()})
+
+
+def state_num_params(state: Mapping[str, Tensor]) -> int:
+    """Return the number of scalars in ``state``."""
+    return sum(t.numel() for t in state.values())
+
+
+def factored_fro_norm(b: Tensor, a: Tensor) -> float:
+    """Return ``||B @ A||_F`` without forming the ``(m, n)`` product.
+
+    ``||BA||_F^2 = tr((B^T B)(A A^T))``: two ``(R, R)`` Gram matrices, cost ``R^2 (m + n)``.
+    Computed in float64 so that cancellation in differences stays accurate.
+    """
+    b64, a64 = b.double(), a.double()
+    gram = (b64.T @ b64) * (a64 @ a64.T)  # elementwise product summed = tr(G_B G_A) (G_A symmetric)
+    return float(gram.sum().clamp_min(0.0).sqrt())
+
+
+def ideal_stack(
+    updates_pairs: Sequence[tuple[Tensor, Tensor]], coefficients: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """Alias of :func:`stack_pairs` named for what it represents: ``sum_k c_k B_k A_k``."""
+    return stack_pairs(updates_pairs, coefficients)

@@ -1,0 +1,246 @@
+"""From the resolved Hydra config (a plain dict) to typed settings, and its validation.
+
+``validate(cfg)`` runs before Ray starts and raises one :class:`ConfigError` listing every
+problem, each naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import ConfigError
+
+RANK_POLICIES = ("cycle", "explicit", "random")
+
+
+def _pick(cls: type, values: Mapping[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+    return cls(**kwargs)
+
+
+def model_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
+    """Return :class:`fedlora.models.ModelSettings` from ``cfg["model"]``."""
+    from fedlora.models import ModelSettings  # noqa: PLC0415
+
+    return _pick(ModelSettings, cfg["model"])
+
+
+def data_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
+    """Return :class:`fedlora.training.workspace.DataSettings` from ``cfg["data"]`` and partition."""
+    from fedlora.training.workspace import DataSettings  # noqa: PLC0415
+
+    part = cfg.get("partition", {})
+    merged = dict(cfg["data"])
+    merged.update({"partition": part.get("kind", "dirichlet"), "alpha": part.get("alpha", 0.5),
+                   "partition_seed": part.get("seed", 42),
+                   "min_partition_size": part.get("min_partition_size", 10)})
+    return _pick(DataSettings, merged)
+
+
+def train_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
+    """Return :class:`fedlora.training.local.TrainSettings` from ``cfg["train"]``."""
+    from fedlora.training.local import TrainSettings  # noqa: PLC0415
+
+    return _pick(TrainSettings, cfg["train"])
+
+
+def workspace_key(cfg: Mapping[str, Any], num_clients: int | None = None):  # noqa: ANN201
+    """Return the per-process workspace key of this run."""
+    from fedlora.training.workspace import WorkspaceKey  # noqa: PLC0415
+
+    return WorkspaceKey(model_settings(cfg), data_settings(cfg),
+                        num_clients if num_clients is not None else int(cfg["num_clients"]), int(cfg["seed"]))
+
+
+def assign_ranks(num_clients: int, ranks: Mapping[str, Any], seed: int) -> list[int]:
+    """Return each client's LoRA rank.
+
+    ``policy: cycle`` gives client ``k`` ``tiers[k % len(tiers)]``; ``random`` draws a tier per
+    client from ``seed``; ``explicit`` takes ``ranks.explicit`` (one rank per client).
+    """
+    policy = ranks.get("policy", "cycle")
+    tiers = list(ranks.get("tiers", [8]))
+    if policy == "explicit":
+        return [int(r) for r in ranks["explicit"]]
+    if policy == "random":
+        rng = random.Random(seed)
+        return [int(rng.choice(tiers)) for _ in range(num_clients)]
+    return [int(tiers[k % len(tiers)]) for k in range(num_clients)]
+
+
+def instantiate(node: Mapping[str, Any] | None) -> Any:
+    """Instantiate a ``_target_`` node (``None`` or ``{}`` gives ``None``)."""
+    if not node or "_target_" not in node:
+        return None
+    from hydra.utils import instantiate as hydra_instantiate  # noqa: PLC0415
+
+    return hydra_instantiate(dict(node), _convert_="all")
+
+
+@dataclass
+class _Problems:
+    items: list[str]
+
+    def add(self, field: str, value: Any, fix: str) -> None:
+        self.items.append(f"{field}={value!r}: {fix}")
+
+
+def _check_numbers(cfg: Mapping[str, Any], p: _Problems) -> None:
+    n = cfg.get("num_clients")
+    if not isinstance(n, int) or n < 1:
+        p.add("num_clients", n, "must be a positive integer (for example num_clients=10)")
+    rounds = cfg.get("num_rounds")
+    if not isinstance(rounds, int) or rounds < 1:
+        p.add("num_rounds", rounds, "must be a positive integer (for example num_rounds=5)")
+    frac = cfg.get("fraction_train")
+    if not isinstance(frac, int | float) or not 0 < frac <= 1:
+        p.add("fraction_train", frac, "must be in (0, 1]; 1.0 samples every client each round")
+    part = cfg.get("partition", {})
+    if part.get("kind") not in ("dirichlet", "iid"):
+        p.add("partition.kind", part.get("kind"), "use partition=dirichlet or partition=iid")
+    if part.get("kind") == "dirichlet":
+        alpha = part.get("alpha")
+        if not isinstance(alpha, int | float) or alpha <= 0:
+            p.add("partition.alpha", alpha, "the Dirichlet concentration must be > 0 (0.5 is strongly non-IID)")
+    train = cfg.get("train", {})
+    for key, kind in (("local_steps", int), ("batch_size", int)):
+        v = train.get(key)
+        if not isinstance(v, int) or v < 1:
+            p.add(f"train.{key}", v, "must be a positive integer")
+    lr = train.get("lr")
+    if not isinstance(lr, int | float) or lr <= 0:
+        p.add("train.lr", lr, "the learning rate must be > 0 (3e-3 works for the default task)")
+    data = cfg.get("data", {})
+    tf = data.get("test_fraction")
+    if not isinstance(tf, int | float) or not 0 < tf < 1:
+        p.add("data.test_fraction", tf, "must be in (0, 1), for example 0.2")
+    model = cfg.get("model", {})
+    apr = model.get("alpha_per_rank")
+    if not isinstance(apr, int | float) or apr <= 0:
+        p.add("model.alpha_per_rank", apr, "lora_alpha = alpha_per_rank * r; use a positive number (2.0)")
+
+
+def _check_ranks(cfg: Mapping[str, Any], p: _Problems) -> list[int]:
+    ranks = cfg.get("ranks", {})
+    policy = ranks.get("policy")
+    if policy not in RANK_POLICIES:
+        p.add("ranks.policy", policy, f"use one of {RANK_POLICIES}")
+        return []
+    n = cfg.get("num_clients")
+    if policy == "explicit":
+        explicit = list(ranks.get("explicit") or [])
+        if isinstance(n, int) and len(explicit) != n:
+            p.add("ranks.explicit", explicit, f"give exactly one rank per client ({n} values, num_clients={n})")
+        values = explicit
+    else:
+        values = list(ranks.get("tiers") or [])
+        if not values:
+            p.add("ranks.tiers", values, "give at least one rank tier, for example [2,4,8,16]")
+    bad = [r for r in values if not isinstance(r, int) or r < 1]
+    if bad:
+        p.add("ranks", bad, "every rank must be an integer >= 1")
+        return []
+    return [int(r) for r in values]
+
+
+def _check_model(cfg: Mapping[str, Any], ranks: list[int], p: _Problems) -> None:
+    model = cfg.get("model", {})
+    name = model.get("name")
+    try:
+        layers = probe_layers(name, tuple(model.get("target_modules") or ()))
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's model name
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = ("hub access is off (HF_HUB_OFFLINE=1): use all-MiniLM-L6-v2, a local model directory, "
+                "or a name already in the Hugging Face cache" if offline else
+                "use all-MiniLM-L6-v2, a local model directory, or a valid Hugging Face model name")
+        p.add("model.name", name, f"cannot be loaded ({type(exc).__name__}: {str(exc)[:160]}); {hint}")
+        return
+    if not layers:
+        p.add("model.target_modules", model.get("target_modules"),
+              "no nn.Linear layer of the model has one of these names; for BERT use [query, value], "
+              "for LLaMA-like models [q_proj, v_proj]")
+        return
+    width = min(min(shape) for shape in layers.values())
+    too_big = sorted({r for r in ranks if r > width})
+    if too_big:
+        p.add("ranks", too_big, f"a LoRA rank cannot exceed the adapted layers' width {width}; lower it")
+
+
+def probe_layers(name: str, target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Return the adapted layer shapes of model ``name`` without loading its weights."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    from fedlora.models import adapted_layers, resolve_model_path  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    return adapted_layers(skeleton, target_modules)
+
+
+def _check_data(cfg: Mapping[str, Any], p: _Problems) -> None:
+    from fedlora.data import datasets as ds  # noqa: PLC0415
+
+    data = cfg.get("data", {})
+    name = data.get("name")
+    if name == ds.BUILTIN_BBC:
+        return
+    if not isinstance(name, str) or not name:
+        p.add("data.name", name, "use bbc_news, a local csv/json/jsonl/parquet file, or a hub dataset name")
+        return
+    if ds.is_local_file(name):
+        if not Path(name).is_file():
+            p.add("data.name", name, "the file does not exist; give an existing path (absolute, or relative "
+                  "to where you run fedlora)")
+            return
+        columns = ds.read_columns(name)
+        for field in ("text_column", "label_column"):
+            if data.get(field) not in columns:
+                p.add(f"data.{field}", data.get(field), f"not a column of {name}; its columns are {columns}")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        p.add("data.name", name, "unknown dataset: not bbc_news nor a local file, and hub access is off "
+              "(HF_HUB_OFFLINE=1); give a local file or enable the network")
+
+
+def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
+    for group in ("strategy", "compression"):
+        node = cfg.get(group) or {}
+        target = node.get("_target_")
+        if group == "strategy" and not target:
+            p.add("strategy", node, "choose one: strategy=fedavg|flora|ffa_lora|lora_fair|centralized")
+            continue
+        if not target:
+            continue
+        module, _, attr = str(target).rpartition(".")
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            p.add(f"{group}._target_", target, f"no such class; see conf/{group}/ for the available ones")
+            continue
+        try:
+            instantiate(node)
+        except Exception as exc:  # noqa: BLE001 - constructor validation messages are for the user
+            p.add(group, {k: v for k, v in node.items() if k != "_target_"}, str(getattr(exc, "__cause__", None) or exc))
+
+
+def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bool = True) -> None:
+    """Raise :class:`ConfigError` listing every problem in ``cfg`` (nothing is started)."""
+    p = _Problems([])
+    _check_numbers(cfg, p)
+    ranks = _check_ranks(cfg, p)
+    _check_targets(cfg, p)
+    if check_data:
+        _check_data(cfg, p)
+    if check_model:
+        _check_model(cfg, ranks, p)
+    if p.items:
+        raise ConfigError(p.items)

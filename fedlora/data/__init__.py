@@ -1,0 +1,1 @@
+"""Datasets and federated partitions (runtime layer: datasets, flwr-datasets partitioners)."""

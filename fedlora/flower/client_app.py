@@ -1,0 +1,129 @@
+"""The ClientApp: one handler for the hello query and one for training.
+
+A client (a SuperNode; in simulation a Ray actor call) keeps, in ``context.state``, what must
+survive between rounds when client processes are short-lived: the base merges it has applied
+(FLoRA) and its compression residual (ComPEFT error feedback). The frozen base model and the
+tokenized data live in a per-process cache (:func:`fedlora.training.workspace.get_workspace`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import keys
+from fedlora.adapters import lora_math as lm
+from fedlora.config import assign_ranks, instantiate, train_settings, workspace_key
+from fedlora.flower import records
+from fedlora.flower.settings import resolve_config
+from fedlora.training.local import train_steps
+from fedlora.training.workspace import get_workspace
+
+_HISTORY = "fedlora-base-history"
+_RESIDUAL = "fedlora-ef-residual"
+
+
+def client_identity(cfg: Mapping[str, Any], context: Context) -> tuple[int, int]:
+    """Return (client id, rank) from the node config, falling back to the rank policy."""
+    cid = int(context.node_config[keys.PARTITION_ID])
+    if keys.NODE_RANK in context.node_config:
+        return cid, int(context.node_config[keys.NODE_RANK])
+    ranks = assign_ranks(int(cfg["num_clients"]), cfg["ranks"], int(cfg["seed"]))
+    return cid, ranks[cid]
+
+
+def handle_hello(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
+    """Tell the server who this node is: partition id, rank and number of training examples."""
+    cid, rank = client_identity(cfg, context)
+    ws = get_workspace(workspace_key(cfg))
+    metrics = MetricRecord({keys.PARTITION_ID: cid, keys.RANK: rank,
+                            keys.NUM_EXAMPLES: len(ws.partition(cid))})
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+def _apply_base(context: Context, content: RecordDict, host: Any) -> int:
+    """Append the merges in ``content`` to this client's history; set the base; return version."""
+    history = records.record_to_merges(context.state[_HISTORY]) if _HISTORY in context.state else []
+    incoming = records.record_to_merges(content[keys.BASE]) if keys.BASE in content else []
+    for index, merge in incoming:
+        if index < len(history):
+            continue  # already applied (a resend)
+        if index != len(history):
+            raise RuntimeError(f"base merge {index} arrived but this client holds only {len(history)}")
+        history.append((index, merge))
+    if incoming:
+        context.state[_HISTORY] = records.merges_to_record(history)
+    cumulative = lm.concat_merges([m for _, m in history]) if history else None
+    host.set_base(len(history), cumulative)
+    return len(history)
+
+
+def _start_state(conf: ConfigRecord, content: RecordDict, spec: Any, rank: int) -> dict[str, torch.Tensor]:
+    received = records.record_to_state(content[keys.ADAPTER])
+    seed = int(conf[keys.INIT_SEED])
+    if bool(conf[keys.FRESH]):
+        head = {k: v for k, v in received.items() if not lm.is_lora_key(k)}
+        return lm.fresh_state(spec.modules, rank, seed, head)
+    if not bool(conf[keys.SEND_LORA_A]):
+        for module, (_, n) in spec.modules.items():
+            received[lm.lora_a_key(module)] = lm.init_lora_a(seed, module, rank, n)
+    return received
+
+
+def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
+    """Train this client's adapter from the server's plan and reply with the (encoded) result."""
+    t0 = time.perf_counter()
+    conf = msg.content[keys.CONFIG]
+    cid, _ = client_identity(cfg, context)
+    rank = int(conf[keys.RANK])
+    ws = get_workspace(workspace_key(cfg))
+    host = ws.host
+    version = _apply_base(context, msg.content, host)
+    start = _start_state(conf, msg.content, host.spec(rank), rank)
+    host.load_state(rank, start)
+    params = host.set_trainable(rank, bool(conf[keys.TRAIN_LORA_A]))
+    server_round = int(conf[keys.SERVER_ROUND])
+    seed = int(cfg["seed"]) * 1_000_003 + server_round * 1009 + cid
+    loss = train_steps(host.model, params, ws.data, ws.partition(cid), train_settings(cfg), seed)
+    trained = host.get_state(rank)
+    sent_keys = [k for k in trained if bool(conf[keys.SEND_LORA_A]) or not k.endswith(".lora_A.weight")]
+    reply = RecordDict()
+    compressor = instantiate(cfg.get("compression"))
+    if compressor is None:
+        reply[keys.ADAPTER] = records.state_to_record({k: trained[k] for k in sent_keys})
+    else:
+        delta = {k: trained[k] - start[k] for k in sent_keys}
+        residual = records.record_to_state(context.state[_RESIDUAL]) if _RESIDUAL in context.state else None
+        payload, residual = compressor.compress(delta, residual)
+        context.state[_RESIDUAL] = records.state_to_record(residual)
+        reply[keys.COMPRESSED] = records.numpy_to_record(payload)
+    reply[keys.METRICS] = MetricRecord({
+        keys.TRAIN_LOSS: float(loss), keys.NUM_EXAMPLES: len(ws.partition(cid)), keys.RANK: rank,
+        keys.BASE_VERSION: version, keys.TRAIN_SECONDS: time.perf_counter() - t0,
+    })
+    return Message(reply, reply_to=msg)
+
+
+def make_client_app(config: Mapping[str, Any] | None = None) -> ClientApp:
+    """Build the ClientApp; ``config`` is the resolved run config (``None``: read run_config)."""
+    app = ClientApp()
+    closure = dict(config) if config is not None else None
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_hello(msg, context, resolve_config(closure, context.run_config))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, resolve_config(closure, context.run_config))
+
+    return app
+
+
+# Deployment entry point (`flwr run`): the config arrives in the run config.
+app = make_client_app(None)

@@ -1,0 +1,30 @@
+"""The only home of protocol and metric key strings (Flower records, node config, metrics)."""
+
+# Records inside a Message's RecordDict.
+ADAPTER = "adapter"  # ArrayRecord: a (possibly partial) adapter state
+BASE = "base"  # ArrayRecord: factored base merges the client has not applied yet
+COMPRESSED = "compressed"  # ArrayRecord: an encoded uplink (ComPEFT)
+CONFIG = "config"  # ConfigRecord: per-message instructions
+METRICS = "metrics"  # MetricRecord: client replies
+
+# ConfigRecord / MetricRecord keys.
+ACTION = "action"
+HELLO = "hello"
+SERVER_ROUND = "server-round"
+RANK = "rank"
+INIT_SEED = "init-seed"
+TRAIN_LORA_A = "train-lora-a"
+SEND_LORA_A = "send-lora-a"
+FRESH = "fresh"
+BASE_VERSION = "base-version"
+BASE_ROUNDS = "base-rounds"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+TRAIN_SECONDS = "train-seconds"
+CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
+
+# Node-config keys a SuperNode may set (deployment).
+NODE_RANK = "rank"
+NODE_DATA = "data-path"

@@ -1,0 +1,1 @@
+"""The one local training loop and evaluation (runtime layer)."""

@@ -1,0 +1,82 @@
+"""Local training and evaluation of a peft model on tokenized tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized corpus: ``input_ids``/``attention_mask`` ``(N, L)`` and ``labels`` ``(N,)``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """Return one batch, trimmed to its longest sequence (padding is on the right)."""
+        ids = self.input_ids[idx]
+        mask = self.attention_mask[idx]
+        length = int(mask.sum(dim=1).max())
+        return {"input_ids": ids[:, :length], "attention_mask": mask[:, :length], "labels": self.labels[idx]}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation settings of one client round."""
+
+    local_steps: int = 6
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def batch_plan(indices: list[int], steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Return ``steps`` batches drawn by reshuffled passes over ``indices`` (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    need = steps * batch_size
+    while len(order) < need:
+        perm = torch.randperm(len(indices), generator=gen).tolist()
+        order.extend(indices[i] for i in perm)
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def train_steps(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], data: Encoded, indices: list[int],
+    settings: TrainSettings, seed: int,
+) -> float:
+    """Run ``local_steps`` AdamW steps on batches of ``indices``; return the mean training loss."""
+    if not indices:
+        return math.nan
+    torch.manual_seed(seed)  # dropout masks
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    losses = []
+    for idx in batch_plan(indices, settings.local_steps, settings.batch_size, seed):
+        out = model(**data.batch(idx))
+        out.loss.backward()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+    model.eval()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Encoded, indices: list[int], batch_size: int = 64) -> tuple[float, float]:
+    """Return (mean cross-entropy loss, accuracy) on ``indices``."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        out = model(**data.batch(idx))
+        total_loss += float(out.loss) * len(idx)
+        correct += int((out.logits.argmax(dim=-1) == data.labels[idx]).sum())
+    return total_loss / len(indices), correct / len(indices)

@@ -1,0 +1,87 @@
+"""Per-process workspace: model host, tokenized corpus, split and partitions, built once.
+
+Ray actors and the server process each build one :class:`Workspace` per distinct
+:class:`WorkspaceKey` and reuse it across clients and rounds (``functools.lru_cache``; the cache
+lives per process, which is what we want: one base model per worker).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.data import datasets as ds
+from fedlora.data.partition import partition_indices
+from fedlora.models import AdapterHost, ModelSettings, load_tokenizer
+from fedlora.training.local import Encoded
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Data, split and partition settings (hashable)."""
+
+    name: str = ds.BUILTIN_BBC
+    text_column: str = "text"
+    label_column: str = "label"
+    split: str = "train"
+    max_examples: int | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 42
+    max_test_examples: int | None = None
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    partition_seed: int = 42
+    min_partition_size: int = 10
+
+
+@dataclass(frozen=True)
+class WorkspaceKey:
+    """Everything that determines a workspace."""
+
+    model: ModelSettings
+    data: DataSettings
+    num_clients: int
+    seed: int
+
+
+class Workspace:
+    """The loaded model host and data of one process."""
+
+    def __init__(self, key: WorkspaceKey) -> None:
+        self.key = key
+        corpus = ds.load_corpus(
+            key.data.name, text_column=key.data.text_column, label_column=key.data.label_column,
+            split=key.data.split, max_examples=key.data.max_examples,
+        )
+        self.label_names = corpus.label_names
+        tokenizer = load_tokenizer(key.model.name)
+        enc = tokenizer(list(corpus.texts), truncation=True, max_length=key.model.max_length,
+                        padding="max_length", return_tensors="pt")
+        self.data = Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(corpus.labels))
+        train, test = ds.stratified_split(corpus.labels, key.data.test_fraction, key.data.split_seed)
+        if key.data.max_test_examples is not None:
+            test = test[: key.data.max_test_examples]
+        self.test = test
+        self.train = train
+        train_labels = [corpus.labels[i] for i in train]
+        if key.num_clients == 1:
+            parts = [list(range(len(train)))]
+        else:
+            parts = partition_indices(
+                train_labels, key.num_clients, kind=key.data.partition, alpha=key.data.alpha,
+                seed=key.data.partition_seed, min_partition_size=key.data.min_partition_size,
+            )
+        self.partitions = [[train[i] for i in part] for part in parts]
+        self.host = AdapterHost(key.model, corpus.num_labels, key.seed)
+
+    def partition(self, client_id: int) -> list[int]:
+        """Return the corpus indices client ``client_id`` trains on."""
+        return self.partitions[client_id]
+
+
+@functools.lru_cache(maxsize=2)
+def get_workspace(key: WorkspaceKey) -> Workspace:
+    """Return this process's workspace for ``key`` (built on first use)."""
+    return Workspace(key)

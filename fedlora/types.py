@@ -1,0 +1,155 @@
+"""The pure data types every strategy speaks (torch and the standard library only).
+
+Notation (algorithms.md): a LoRA-adapted linear layer has a frozen weight ``W0`` of shape
+``(m, n)`` (out, in); client ``k`` trains ``A_k`` of shape ``(r_k, n)`` and ``B_k`` of shape
+``(m, r_k)``; its contribution to the layer is ``s_k * B_k @ A_k`` with ``s_k = alpha_k / r_k``.
+
+An *adapter state* is a flat ``dict[str, Tensor]`` keyed like peft's
+``get_peft_model_state_dict`` (adapter name removed): ``"<module>.lora_A.weight"`` and
+``"<module>.lora_B.weight"`` for each adapted module, plus every other trainable tensor (for
+example the classification head), which strategies average by example weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Tensor = torch.Tensor
+AdapterState = dict[str, Tensor]
+# A factored update to add to the frozen base weights: module -> (B_st (m, R), A_st (R, n)),
+# scaling already folded in, so the dense update is exactly ``B_st @ A_st``.
+BaseMerge = dict[str, tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What the server sends one client for one round (the downlink, before encoding).
+
+    Attributes
+    ----------
+    rank:
+        The client's LoRA rank ``r_k`` (its resource tier).
+    adapter:
+        The adapter the client starts from, already at ``rank``. ``None`` means "start a fresh
+        adapter": ``A`` drawn by :func:`fedlora.adapters.lora_math.init_lora_a` from
+        ``init_seed`` and ``B = 0``; the non-LoRA tensors (head) then come from ``head``.
+    init_seed:
+        Seed of the fresh or shared ``A`` (FLoRA re-initialisation, FFA-LoRA's frozen ``A``).
+    train_lora_a:
+        ``False`` freezes ``A`` during local training (FFA-LoRA).
+    send_lora_a:
+        ``False`` keeps ``A`` off the wire in both directions: the receiver regenerates it from
+        ``init_seed``. Only valid when ``A`` is a pure function of the seed.
+    head:
+        Non-LoRA trainables to start from when ``adapter`` is ``None``.
+    """
+
+    rank: int
+    adapter: AdapterState | None
+    init_seed: int
+    train_lora_a: bool = True
+    send_lora_a: bool = True
+    head: AdapterState = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What the server knows about one client after it trained (decoded uplink).
+
+    ``state`` is the complete trained adapter at ``rank``: when ``A`` was not sent (FFA-LoRA)
+    the server has filled it in from the plan, and compressed uplinks are already decoded.
+    """
+
+    client_id: int
+    rank: int
+    scaling: float
+    num_examples: int
+    state: AdapterState
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """A strategy's answer for one round.
+
+    Attributes
+    ----------
+    adapter:
+        The new global adapter at the largest rank ``r_max`` (what the server evaluates and
+        what ``plan`` truncates per client).
+    merge:
+        A factored update that the platform adds to the base weights of every model (server
+        and clients) from the next round on, or ``None``. Scaling is folded in.
+    state:
+        Strategy state carried to the next round (must be tensors, so it checkpoints).
+    metrics:
+        Scalars logged in ``metrics.jsonl`` for this round.
+    """
+
+    adapter: AdapterState
+    merge: BaseMerge | None = None
+    state: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The shape of the federated adapter: what a strategy needs to build round-0 state.
+
+    Attributes
+    ----------
+    modules:
+        Adapted module name -> ``(m, n)`` = (out_features, in_features).
+    r_max:
+        The largest client rank; global factors are kept at this rank.
+    scaling:
+        ``s = lora_alpha / r`` of the global adapter (the platform keeps it equal at every rank).
+    head:
+        Initial values of the non-LoRA trainables (for example the classifier).
+    """
+
+    modules: Mapping[str, tuple[int, int]]
+    r_max: int
+    scaling: float
+    head: AdapterState
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """A server-side aggregation method over LoRA adapters (pure, no I/O).
+
+    The platform calls :meth:`init` once, then every round :meth:`plan` for each sampled client
+    and :meth:`aggregate` with the decoded replies. Global state is passed in and returned, never
+    hidden on ``self``, so runs checkpoint and resume exactly.
+    """
+
+    def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
+        """Return the round-0 global adapter (at ``spec.r_max``) and strategy state."""
+        ...
+
+    def plan(
+        self,
+        global_adapter: AdapterState,
+        state: Mapping[str, Tensor],
+        *,
+        client_id: int,
+        rank: int,
+        server_round: int,
+        seed: int,
+    ) -> ClientPlan:
+        """Return what client ``client_id`` (of rank ``rank``) starts from this round."""
+        ...
+
+    def aggregate(
+        self,
+        global_adapter: AdapterState,
+        state: Mapping[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        *,
+        server_round: int,
+    ) -> AggregateResult:
+        """Combine the clients' trained adapters into the next global adapter."""
+        ...
