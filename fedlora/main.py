@@ -39,11 +39,16 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Validate and run one job; return its summary."""
+    from fedlora.centralized import run_centralized  # noqa: PLC0415
+    from fedlora.config import instantiate  # noqa: PLC0415
     from fedlora.flower import simulation  # noqa: PLC0415
 
     container = prepare(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
+    strategy = instantiate(container["strategy"])
+    if getattr(strategy, "pooled", False):
+        return run_centralized(container, strategy, run_dir)
     simulation.run(container)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():

@@ -1,0 +1,61 @@
+"""Shared test setup: offline and quiet environment, config composition helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fedlora import env  # noqa: E402
+
+env.apply(offline=True)
+
+CONF_DIR = str(ROOT / "conf")
+FEDLORA = str(Path(sys.executable).parent / "fedlora")
+
+
+def compose(overrides: list[str] | None = None) -> dict:
+    """Compose the Hydra config with ``overrides`` and return it resolved as a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=True)
+        strategy = cfg.hydra.runtime.choices.get("strategy")
+        OmegaConf.set_struct(cfg, False)
+        cfg.name = strategy
+        del cfg["hydra"]
+        return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture
+def base_cfg() -> dict:
+    """The default config, resolved."""
+    return compose([])
+
+
+# Tiny end-to-end settings: 3 clients, 2 rounds, 2 local steps, 64 test articles.
+TINY = ["num_clients=3", "num_rounds=2", "train.local_steps=2", "train.batch_size=8",
+        "data.max_test_examples=64", "ranks.tiers=[2,4,8]", "partition.min_partition_size=5",
+        "logging.tensorboard=true"]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return ROOT
+
+
+def run_fedlora(args: list[str], run_dir: Path, timeout: int = 600):
+    """Run the ``fedlora`` command in a subprocess writing into ``run_dir``; return the result."""
+    import subprocess
+
+    cmd = [FEDLORA, *args, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ))

@@ -1,0 +1,86 @@
+"""Every shipped config composes and validates; bad configs fail with field, value and fix."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR, compose, run_fedlora
+
+from fedlora.config import assign_ranks, validate
+from fedlora.errors import ConfigError
+
+GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub")}  # need a user value
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts
+                                          if g != "experiment" and (g, o) not in REQUIRED_NAME])
+def test_every_option_composes_and_validates(group: str, option: str) -> None:
+    cfg = compose([f"{group}={option}"])
+    validate(cfg)
+
+
+@pytest.mark.parametrize("experiment", GROUPS.get("experiment", []))
+def test_every_experiment_composes_and_validates(experiment: str) -> None:
+    validate(compose([f"experiment={experiment}"]))
+
+
+BAD = [
+    (["num_clients=0"], "num_clients=0", "positive integer"),
+    (["num_clients=-3"], "num_clients=-3", "positive integer"),
+    (["fraction_train=0"], "fraction_train=0", "(0, 1]"),
+    (["fraction_train=1.5"], "fraction_train=1.5", "(0, 1]"),
+    (["partition.alpha=0"], "partition.alpha=0", "> 0"),
+    (["partition.alpha=-1"], "partition.alpha=-1", "> 0"),
+    (["ranks.tiers=[0,4]"], "ranks=[0]", ">= 1"),
+    (["ranks.tiers=[4,1000]"], "ranks=[1000]", "width 384"),
+    (["ranks.policy=explicit", "ranks.explicit=[4,8]"], "ranks.explicit=[4, 8]", "one rank per client"),
+    (["model.name=no-such-model-xyz"], "model.name='no-such-model-xyz'", "HF_HUB_OFFLINE=1"),
+    (["model.target_modules=[nope]"], "model.target_modules=['nope']", "query, value"),
+    (["data.name=no_such_dataset"], "data.name='no_such_dataset'", "local file"),
+    (["data.name=/nonexistent/file.csv"], "data.name='/nonexistent/file.csv'", "does not exist"),
+    (["strategy._target_=strategies.nope.Nope"], "strategy._target_='strategies.nope.Nope'", "conf/strategy"),
+    (["train.lr=0"], "train.lr=0", "> 0"),
+    (["num_rounds=0"], "num_rounds=0", "positive integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,fix", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_value_is_named_with_its_fix(overrides: list[str], field: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides))
+    message = str(info.value)
+    assert field in message and fix in message, message
+
+
+def test_local_file_with_wrong_columns(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("body,y\nhello,0\n")
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["data=local_file", f"data.name={path}"]))
+    assert "data.text_column='text'" in str(info.value) and "['body', 'y']" in str(info.value)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["num_clients=0", "fraction_train=2", "partition.alpha=0", "model.name=nope-xyz"]))
+    assert len(info.value.problems) == 4
+
+
+def test_rank_policies() -> None:
+    assert assign_ranks(5, {"policy": "cycle", "tiers": [2, 8]}, 0) == [2, 8, 2, 8, 2]
+    assert assign_ranks(2, {"policy": "explicit", "explicit": [16, 4]}, 0) == [16, 4]
+    rnd = assign_ranks(50, {"policy": "random", "tiers": [2, 4]}, 1)
+    assert set(rnd) == {2, 4} and rnd == assign_ranks(50, {"policy": "random", "tiers": [2, 4]}, 1)
+
+
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
+    t0 = time.perf_counter()
+    out = run_fedlora(["num_clients=0", "partition.alpha=-1"], tmp_path / "run", timeout=120)
+    assert out.returncode == 2
+    assert "num_clients=0" in out.stderr and "partition.alpha=-1" in out.stderr
+    assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr
+    assert (tmp_path / "run" / "FAILED").exists()
+    assert time.perf_counter() - t0 < 60
