@@ -38,6 +38,7 @@ def run_centralized(cfg: Mapping[str, Any], strategy: Any, run_dir: Path) -> dic
     loss, acc = evaluate(host.model, ws.data, ws.test)
     recorder.log_round({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": None,
                         "wall_time": time.perf_counter() - t0, "clients": []})
+    _say(f"round 0/{rounds}: test accuracy {acc:.4f}, loss {loss:.4f}")
     best = acc
     for r in range(1, rounds + 1):
         t_round = time.perf_counter()

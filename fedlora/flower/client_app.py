@@ -101,7 +101,7 @@ def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mess
         residual = records.record_to_state(context.state[_RESIDUAL]) if _RESIDUAL in context.state else None
         payload, residual = compressor.compress(delta, residual)
         context.state[_RESIDUAL] = records.state_to_record(residual)
-        reply[keys.COMPRESSED] = records.numpy_to_record(payload)
+        reply[keys.COMPRESSED] = records.numpy_to_record(records.pack_payload(payload, sorted(sent_keys)))
     reply[keys.METRICS] = MetricRecord({
         keys.TRAIN_LOSS: float(loss), keys.NUM_EXAMPLES: len(ws.partition(cid)), keys.RANK: rank,
         keys.BASE_VERSION: version, keys.TRAIN_SECONDS: time.perf_counter() - t0,

@@ -124,11 +124,14 @@ class Federation:
             content[keys.BASE] = records.merges_to_record(pending)
         return content, start
 
-    def decode_reply(self, reply: Message, info: ClientInfo, start: AdapterState) -> ClientUpdate:
+    def decode_reply(self, reply: Message, info: ClientInfo, start: AdapterState,
+                     send_lora_a: bool = True) -> ClientUpdate:
         """Turn a client's reply into a complete trained adapter (decompress, fill in ``A``)."""
         content = reply.content
         if keys.COMPRESSED in content:
-            delta = self.compressor.decode(records.record_to_numpy(content[keys.COMPRESSED]))
+            sent = sorted(start) if send_lora_a else sorted(k for k in start if not k.endswith(".lora_A.weight"))
+            packed = records.record_to_numpy(content[keys.COMPRESSED])
+            delta = self.compressor.decode(records.unpack_payload(packed, sent))
             state = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
         else:
             state = records.record_to_state(content[keys.ADAPTER])
@@ -195,12 +198,13 @@ class Federation:
             t_round = time.perf_counter()
             sampled = sample_clients(sorted(clients), float(cfg["fraction_train"]), server_round, self.seed,
                                      int(cfg.get("min_clients", 1)))
-            messages, starts, down = [], {}, {}
+            messages, starts, down, sends_a = [], {}, {}, {}
             for cid in sampled:
                 info = clients[cid]
                 plan = self.strategy.plan(adapter, sstate, client_id=cid, rank=info.rank,
                                           server_round=server_round, seed=self.seed)
                 content, starts[cid] = self.encode_plan(plan, info, server_round)
+                sends_a[cid] = plan.send_lora_a
                 down[cid] = records.content_bytes(content)
                 messages.append(Message(content, info.node_id, "train", group_id=str(server_round)))
             by_node = {c.node_id: c for c in clients.values()}
@@ -212,7 +216,7 @@ class Federation:
                 if reply.has_error():
                     row.update(status="failed", error=str(reply.error.reason))
                 else:
-                    update = self.decode_reply(reply, info, starts[info.client_id])
+                    update = self.decode_reply(reply, info, starts[info.client_id], sends_a[info.client_id])
                     m = reply.content[keys.METRICS]
                     row.update(status="ok", bytes_up=records.content_bytes(reply.content),
                                num_examples=update.num_examples, train_loss=float(m[keys.TRAIN_LOSS]),

@@ -61,8 +61,11 @@ class Workspace:
                         padding="max_length", return_tensors="pt")
         self.data = Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(corpus.labels))
         train, test = ds.stratified_split(corpus.labels, key.data.test_fraction, key.data.split_seed)
-        if key.data.max_test_examples is not None:
-            test = test[: key.data.max_test_examples]
+        if key.data.max_test_examples is not None and key.data.max_test_examples < len(test):
+            # a seeded, stratified subsample (a prefix of the sorted indices would be one class)
+            labels = [corpus.labels[i] for i in test]
+            _, keep = ds.stratified_split(labels, key.data.max_test_examples / len(test), key.data.split_seed)
+            test = sorted(test[i] for i in keep)
         self.test = test
         self.train = train
         train_labels = [corpus.labels[i] for i in train]

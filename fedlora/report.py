@@ -1,0 +1,590 @@
+"""Compare the runs of a sweep: one row per method, a Markdown/CSV table and a two-panel plot.
+
+    fedlora-report runs/sweep_2026-11-24_09-00-00           # writes report.md/.csv/.png there
+    fedlora-report runs/2026-11-24_08-26-40_fedavg --out /tmp/rep
+
+A *run dir* is a directory holding ``metrics.jsonl`` (one JSON record per round), usually with
+``config.yaml`` and ``summary.json`` next to it; ``FAILED`` marks a job that raised. ``path`` may be
+a run dir, a Hydra sweep dir (one run dir per job) or any folder above them. Failed and
+incomplete jobs never enter the table but are listed in the report.
+
+This module imports no flwr, hydra or torch so that the command starts quickly; matplotlib is
+imported only to draw the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+#: Share of the best final accuracy that "rounds to target" measures.
+TARGET_SHARE = 0.9
+#: Order and names of the columns of ``report.csv`` (the keys of a :func:`summarize` row).
+COLUMNS = ["method", "n_seeds", "final_acc_mean", "final_acc_std", "best_acc_mean", "rounds_to_90",
+           "seeds_reached_90", "up_bytes_per_round", "down_bytes_per_round", "up_compression_ratio",
+           "wall_time_s", "failed_clients"]
+#: Config keys that legitimately differ between the runs of one method.
+_PER_JOB_KEYS = {"seed", "name", "output_dir"}
+
+
+@dataclass
+class Run:
+    """One job of a sweep.
+
+    Attributes
+    ----------
+    path : Path
+        The run directory.
+    config : dict
+        The resolved config (``config.yaml``; ``.hydra/config.yaml`` when a job failed before
+        writing it; ``{}`` when neither exists).
+    rows : list of dict
+        The per-round records of ``metrics.jsonl``, round 0 first.
+    summary : dict
+        ``summary.json`` (``{}`` when absent).
+    method : str
+        Strategy short name plus compression, e.g. ``"flora+compeft(d=0.1)"``; ``"?"`` if unknown.
+    strategy : str
+        Strategy short name alone, e.g. ``"flora"`` (the uncompressed baseline of ``method``).
+    status : str
+        ``"ok"``, ``"failed"`` (a ``FAILED`` file), ``"incomplete"`` (no summary, or no metrics)
+        or ``"unreadable"`` (a file could not be parsed).
+    error : str
+        One line saying why the run is not ``"ok"``.
+    """
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    method: str = "?"
+    strategy: str = "?"
+    status: str = "ok"
+    error: str = ""
+
+    @property
+    def seed(self) -> Any:
+        """The config's ``seed`` (``None`` when unknown)."""
+        return self.config.get("seed")
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run completed and enters the table."""
+        return self.status == "ok"
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    """Return every job directory under ``path`` (``path`` included), sorted.
+
+    Parameters
+    ----------
+    path : Path
+        A run dir, a sweep dir or a folder above them.
+
+    Returns
+    -------
+    list of Path
+        Directories holding ``metrics.jsonl`` or ``FAILED``, or Hydra job dirs (``.hydra/``) that
+        have neither (jobs killed before their first round).
+    """
+    path = Path(path)
+    found = {p.parent for name in ("metrics.jsonl", "FAILED") for p in path.rglob(name) if p.is_file()}
+    found |= {p.parent for p in path.rglob(".hydra") if p.is_dir()}
+    return sorted(found, key=lambda p: [_natural_key(part) for part in p.relative_to(path).parts])
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort ``10_x`` after ``9_x`` (Hydra numbers its jobs)."""
+    head, _, tail = name.partition("_")
+    return [int(head), tail] if head.isdigit() else [math.inf, name]
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run directory into a :class:`Run` (never raises for a broken job).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The job directory.
+
+    Returns
+    -------
+    Run
+        With ``status`` telling whether it can be compared.
+    """
+    run = Run(path=Path(run_dir))
+    try:
+        run.config = _read_config(run.path)
+        run.strategy, run.method = method_label(run.config)
+        if (run.path / "metrics.jsonl").is_file():
+            run.rows = _read_jsonl(run.path / "metrics.jsonl")
+        if (run.path / "summary.json").is_file():
+            run.summary = json.loads((run.path / "summary.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        run.status, run.error = "unreadable", f"{type(exc).__name__}: {exc}"
+        return run
+    if (run.path / "FAILED").is_file():
+        run.status, run.error = "failed", _failure_line((run.path / "FAILED").read_text(errors="replace"))
+    elif not run.rows:
+        run.status, run.error = "incomplete", "no metrics.jsonl records (killed before round 0?)"
+    elif not run.summary:
+        last = run.rows[-1].get("round")
+        run.status, run.error = "incomplete", f"no summary.json after round {last} (killed or still running?)"
+    return run
+
+
+def load_runs(path: Path | str) -> list[Run]:
+    """Load every job under ``path``.
+
+    Parameters
+    ----------
+    path : Path or str
+        A run dir, a sweep dir or a folder above them.
+
+    Returns
+    -------
+    list of Run
+        All jobs, failed and incomplete ones included (see ``Run.status``); empty if none.
+    """
+    return [load_run(d) for d in find_run_dirs(Path(path))]
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    for candidate in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text()) or {}
+    return {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path.name} line {number} is not JSON ({exc})") from None
+    return rows
+
+
+def _failure_line(text: str) -> str:
+    """The line of a ``FAILED`` file worth showing: a traceback's last line, else the first."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "FAILED (no message)"
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def method_label(config: dict[str, Any]) -> tuple[str, str]:
+    """Return ``(strategy, method)`` labels of a config.
+
+    Parameters
+    ----------
+    config : dict
+        A resolved run config.
+
+    Returns
+    -------
+    tuple of str
+        The strategy's module name (``strategies.flora.FLoRA`` -> ``"flora"``) and the method,
+        that name plus ``"+compeft(d=0.1)"`` when compression is on.
+
+    Examples
+    --------
+    >>> method_label({"strategy": {"_target_": "strategies.flora.FLoRA"},
+    ...               "compression": {"_target_": "strategies.compeft.ComPEFT", "density": 0.1}})
+    ('flora', 'flora+compeft(d=0.1)')
+    """
+    target = str((config.get("strategy") or {}).get("_target_", "?"))
+    strategy = target.rsplit(".", 2)[-2] if target.count(".") >= 1 else target
+    compression = config.get("compression") or {}
+    if not compression.get("_target_"):
+        return strategy, strategy
+    comp = str(compression["_target_"]).rsplit(".", 2)
+    comp_name = comp[-2] if len(comp) > 1 else comp[0]
+    density = compression.get("density")
+    suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
+    return strategy, f"{strategy}+{comp_name}{suffix}"
+
+
+# --------------------------------------------------------------------------------------- summarize
+
+
+def per_round_bytes(rows: list[dict[str, Any]], direction: str) -> float:
+    """Mean bytes per training round (all clients), rounds 1.. only.
+
+    Parameters
+    ----------
+    rows : list of dict
+        A run's ``metrics.jsonl`` records.
+    direction : {"up", "down"}
+        Uplink (client -> server) or downlink.
+
+    Returns
+    -------
+    float
+        NaN if the run has no training round.
+    """
+    per_round = [_round_bytes(r, direction) for r in rows if int(r.get("round", 0)) >= 1]
+    return float(np.mean(per_round)) if per_round else math.nan
+
+
+def _round_bytes(row: dict[str, Any], direction: str) -> float:
+    total = row.get(f"bytes_{direction}_total")
+    if total is None:
+        total = sum(c.get(f"bytes_{direction}", 0) or 0 for c in row.get("clients") or [])
+    return float(total)
+
+
+def first_round_reaching(rows: list[dict[str, Any]], target: float) -> int | None:
+    """The first round whose test accuracy is ``>= target`` (``None``: never)."""
+    for row in rows:
+        acc = row.get("test_accuracy")
+        if acc is not None and acc >= target:
+            return int(row["round"])
+    return None
+
+
+def final_accuracy(run: Run) -> float:
+    """``summary.json``'s final test accuracy, else the last round's."""
+    value = run.summary.get("final_test_accuracy", run.rows[-1].get("test_accuracy") if run.rows else None)
+    return math.nan if value is None else float(value)
+
+
+def best_accuracy(run: Run) -> float:
+    """``summary.json``'s best test accuracy, else the best round's."""
+    value = run.summary.get("best_test_accuracy")
+    if value is None:
+        accs = [r["test_accuracy"] for r in run.rows if r.get("test_accuracy") is not None]
+        value = max(accs) if accs else math.nan
+    return float(value)
+
+
+def wall_time(run: Run) -> float:
+    """``summary.json``'s wall time in seconds, else the last round's ``wall_time``."""
+    value = run.summary.get("wall_time_seconds", run.rows[-1].get("wall_time") if run.rows else None)
+    return math.nan if value is None else float(value)
+
+
+def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    """Completed runs grouped by ``method``, methods sorted (``x+compeft`` right after ``x``)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.ok:
+            groups.setdefault(run.method, []).append(run)
+    return {m: sorted(groups[m], key=lambda r: str(r.seed)) for m in sorted(groups)}
+
+
+def summarize(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per method over its completed runs (failed/incomplete runs are left out).
+
+    Parameters
+    ----------
+    runs : list of Run
+        From :func:`load_runs`.
+
+    Returns
+    -------
+    list of dict
+        Keys :data:`COLUMNS`: ``final_acc_std`` is the sample std (0 with one seed);
+        ``rounds_to_90`` the mean over the seeds that reached ``0.9 *`` the best final-accuracy
+        mean of all methods (``"never"`` if none did; ``seeds_reached_90`` says how many);
+        bytes are per round summed over clients; ``up_compression_ratio`` is the uncompressed
+        method's uplink over this one's (``None`` without compression or baseline);
+        ``failed_clients`` sums failed client replies over all rounds and seeds.
+    """
+    groups = group_by_method(runs)
+    rows = [_method_row(method, group) for method, group in groups.items()]
+    target = TARGET_SHARE * best_final_mean(rows)
+    for row, group in zip(rows, groups.values(), strict=True):
+        reached = [first_round_reaching(r.rows, target) for r in group] if math.isfinite(target) else []
+        reached = [r for r in reached if r is not None]
+        row["rounds_to_90"] = float(np.mean(reached)) if reached else "never"
+        row["seeds_reached_90"] = len(reached)
+    uplink = {row["method"]: row["up_bytes_per_round"] for row in rows}
+    for row, group in zip(rows, groups.values(), strict=True):
+        base = uplink.get(group[0].strategy) if row["method"] != group[0].strategy else None
+        up = row["up_bytes_per_round"]
+        row["up_compression_ratio"] = base / up if base and up and math.isfinite(base / up) else None
+    return [{key: row[key] for key in COLUMNS} for row in rows]
+
+
+def _method_row(method: str, group: list[Run]) -> dict[str, Any]:
+    finals = np.array([final_accuracy(r) for r in group])
+    return {
+        "method": method,
+        "n_seeds": len(group),
+        "final_acc_mean": float(np.mean(finals)),
+        "final_acc_std": float(np.std(finals, ddof=1)) if len(group) > 1 else 0.0,
+        "best_acc_mean": float(np.mean([best_accuracy(r) for r in group])),
+        "up_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "up") for r in group])),
+        "down_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "down") for r in group])),
+        "wall_time_s": float(np.mean([wall_time(r) for r in group])),
+        "failed_clients": int(sum(int(row.get("num_failed") or 0) for r in group for row in r.rows)),
+    }
+
+
+def best_final_mean(rows: list[dict[str, Any]]) -> float:
+    """The highest ``final_acc_mean`` of the rows, ignoring NaN (NaN when there is none)."""
+    finite = [row["final_acc_mean"] for row in rows if math.isfinite(row["final_acc_mean"])]
+    return max(finite) if finite else math.nan
+
+
+# ------------------------------------------------------------------------------------------ notes
+
+
+def problem_lines(runs: list[Run], root: Path) -> list[str]:
+    """One Markdown bullet per failed, incomplete or missing job.
+
+    Parameters
+    ----------
+    runs : list of Run
+        All jobs, from :func:`load_runs`.
+    root : Path
+        The path given to the command (job paths are shown relative to it).
+
+    Returns
+    -------
+    list of str
+        Failed/incomplete/unreadable jobs, then ``(method, seed)`` pairs absent although that seed
+        ran for another method, then methods whose runs differ in more than the seed.
+    """
+    lines = []
+    for run in runs:
+        if not run.ok:
+            where = run.path.relative_to(root).as_posix() if run.path != root else run.path.name
+            seed = "?" if run.seed is None else run.seed
+            lines.append(f"- **{run.status}** `{where}` ({run.method}, seed {seed}): {run.error}")
+    seeds = {r.seed for r in runs if r.seed is not None}
+    tried = {(r.method, r.seed) for r in runs}
+    for method in sorted({r.method for r in runs if r.ok}):
+        missing = sorted((s for s in seeds if (method, s) not in tried), key=str)
+        if missing:
+            seeds_text = ", ".join(map(str, missing))
+            lines.append(f"- **missing** {method}: no job for seed {seeds_text} (run for other methods)")
+    for method, group in group_by_method(runs).items():
+        mixed = _differing_keys([r.config for r in group])
+        if mixed:
+            lines.append(f"- **note** {method} averages runs whose configs differ in: {', '.join(mixed)}")
+    return lines
+
+
+def _differing_keys(configs: list[dict[str, Any]]) -> list[str]:
+    flats = [_flatten(c) for c in configs]
+    keys = set().union(*flats) if flats else set()
+    return sorted(k for k in keys if k.split(".")[0] not in _PER_JOB_KEYS
+                  and len({repr(f.get(k)) for f in flats}) > 1)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def fmt_bytes(value: float) -> str:
+    """``1234`` -> ``"1.2 KB"``, ``2573125`` -> ``"2.57 MB"``, ``400`` -> ``"400 B"`` (decimal units)."""
+    if not math.isfinite(value):
+        return "n/a"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} MB"
+    return f"{value / 1e3:.1f} KB" if value >= 1e3 else f"{value:.0f} B"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The summary rows as a Markdown table with units."""
+    head = ["method", "seeds", "final acc", "best acc", f"rounds to {TARGET_SHARE:.0%} of best",
+            "up / round", "down / round", "up compression", "wall time", "failed clients"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        accuracy = f"{row['final_acc_mean']:.3f} ± {row['final_acc_std']:.3f}"
+        cells = [row["method"], str(row["n_seeds"]), accuracy, f"{row['best_acc_mean']:.3f}",
+                 _fmt_rounds(row), fmt_bytes(row["up_bytes_per_round"]),
+                 fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
+                 f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt_rounds(row: dict[str, Any]) -> str:
+    if row["rounds_to_90"] == "never":
+        return "never"
+    text = f"{row['rounds_to_90']:.1f}"
+    if row["seeds_reached_90"] < row["n_seeds"]:
+        text += f" ({row['seeds_reached_90']}/{row['n_seeds']} seeds)"
+    return text
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.1f}×"
+
+
+def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, command: str) -> str:
+    """The whole ``report.md``: heading, table, target accuracy, problems, command."""
+    best = best_final_mean(rows)
+    done = sum(r.ok for r in runs)
+    parts = [f"# fedlora report: `{root}`", "",
+             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). Accuracy: final test accuracy, "
+             f"mean ± sample std over seeds. Rounds to {TARGET_SHARE:.0%} of best: first round reaching "
+             f"{TARGET_SHARE} × {best:.3f} = {TARGET_SHARE * best:.3f} (best final-accuracy mean), "
+             "mean over the seeds that reach it. Bytes: per training round, summed over clients; "
+             "up compression: the uncompressed method's uplink over this one's.", "",
+             markdown_table(rows), ""]
+    problems = problem_lines(runs, root)
+    parts += ["## Failed or missing jobs", "", *(problems or ["- none"]), ""]
+    parts += [f"Produced by `{command}`.", ""]
+    return "\n".join(parts)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write the summary rows (raw numbers: bytes, seconds) to ``path``."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+
+
+def curves(group: list[Run]) -> dict[str, np.ndarray]:
+    """Per-round accuracy (mean/min/max over seeds) and mean cumulative MB (up+down).
+
+    Parameters
+    ----------
+    group : list of Run
+        The completed runs of one method.
+
+    Returns
+    -------
+    dict of ndarray
+        ``round``, ``mean``, ``min``, ``max``, ``mb``; runs of different length are NaN-padded.
+    """
+    n = max(len(r.rows) for r in group)
+    acc = np.full((len(group), n), np.nan)
+    mb = np.full((len(group), n), np.nan)
+    for i, run in enumerate(group):
+        acc[i, : len(run.rows)] = [_nan_if_none(r.get("test_accuracy")) for r in run.rows]
+        traffic = [_round_bytes(r, "up") + _round_bytes(r, "down") for r in run.rows]
+        mb[i, : len(run.rows)] = np.cumsum(traffic) / 1e6
+    rounds = max(group, key=lambda r: len(r.rows)).rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        return {"round": np.array([r["round"] for r in rounds]), "mean": np.nanmean(acc, axis=0),
+                "min": np.nanmin(acc, axis=0), "max": np.nanmax(acc, axis=0), "mb": np.nanmean(mb, axis=0)}
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def plot_report(runs: list[Run], path: Path) -> Path:
+    """Draw accuracy vs round and accuracy vs cumulative MB (log x) per method into ``path``."""
+    import matplotlib  # noqa: PLC0415 - slow to import, only needed here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib import ticker  # noqa: PLC0415
+
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (method, group) in enumerate(group_by_method(runs).items()):
+        c, color = curves(group), f"C{i % 10}"
+        ax_r.plot(c["round"], c["mean"], marker="o", ms=3, color=color, label=f"{method} (n={len(group)})")
+        ax_r.fill_between(c["round"], c["min"], c["max"], color=color, alpha=0.2, linewidth=0)
+        keep = np.isfinite(c["mb"]) & (c["mb"] > 0)
+        if keep.any():
+            ax_b.plot(c["mb"][keep], c["mean"][keep], marker="o", ms=3, color=color, label=method)
+    ax_r.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax_r.set(xlabel="round", ylabel="test accuracy", title="test accuracy (mean, min–max band over seeds)")
+    ax_b.set(xlabel="cumulative MB communicated (up + down)", ylabel="test accuracy",
+             title="accuracy vs communication")
+    if ax_b.lines:
+        ax_b.set_xscale("log")
+        ax_b.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2×10¹
+        ax_b.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    for ax in (ax_r, ax_b):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(runs: list[Run], root: Path, out: Path, command: str) -> tuple[str, list[dict[str, Any]]]:
+    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``.
+
+    Returns
+    -------
+    tuple
+        The Markdown text and the summary rows.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(runs)
+    text = markdown_report(runs, rows, root, command)
+    (out / "report.md").write_text(text)
+    write_csv(rows, out / "report.csv")
+    plot_report(runs, out / "report.png")
+    return text, rows
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``fedlora-report PATH [--out DIR]``.
+
+    Returns
+    -------
+    int
+        0 when the report was written, 1 when it was written but no job completed; exits with 2
+        (argparse error) when ``PATH`` holds no run dir.
+    """
+    parser = argparse.ArgumentParser(
+        prog="fedlora-report",
+        description="Compare the runs of a fedlora sweep: writes report.md, report.csv and report.png.")
+    parser.add_argument("path", type=Path,
+                        help="a sweep dir (runs/sweep_<time>), a run dir, or a folder above them")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: PATH)")
+    args = parser.parse_args(argv)
+    if not args.path.is_dir():
+        parser.error(f"{args.path} is not a directory")
+    runs = load_runs(args.path)
+    if not runs:
+        parser.error(f"no runs under {args.path}: a run dir holds metrics.jsonl (plus config.yaml and "
+                     "summary.json) as written by `fedlora`; give a runs/sweep_<time> or "
+                     "runs/<time>_<name> dir")
+    out = args.out or args.path
+    command = shlex.join(["fedlora-report", str(args.path)] + (["--out", str(args.out)] if args.out else []))
+    text, rows = write_report(runs, args.path, out, command)
+    print(text)
+    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
+    if not rows:
+        print(f"fedlora-report: no job under {args.path} completed; see the list above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

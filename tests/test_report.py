@@ -1,0 +1,177 @@
+"""fedlora-report on hand-made run dirs: the numbers, the failed jobs, the files, the exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlora import report
+
+FEDAVG = "strategies.fedavg.FedAvg"
+FLORA = "strategies.flora.FLoRA"
+COMPEFT = {"_target_": "strategies.compeft.ComPEFT", "density": 0.1}
+
+
+def make_run(run_dir: Path, target: str, seed: int, accs: list[float], up: int, down: int, *,
+             compression: dict | None = None, failed_clients: dict[int, int] | None = None) -> Path:
+    """Write a fake completed run: two clients, ``up``/``down`` bytes per client and round."""
+    run_dir.mkdir(parents=True)
+    name = target.split(".")[1]
+    config = {"name": name, "seed": seed, "strategy": {"_target_": target}, "compression": compression or {},
+              "num_rounds": len(accs) - 1, "num_clients": 2, "output_dir": str(run_dir)}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"round": 0, "test_accuracy": accs[0], "test_loss": 1.0, "train_loss": None, "wall_time": 1.0,
+             "clients": []}]
+    for rnd, acc in enumerate(accs[1:], start=1):
+        n_failed = (failed_clients or {}).get(rnd, 0)
+        clients = [{"client": c, "rank": 4, "bytes_down": down, "status": "ok", "bytes_up": up,
+                    "num_examples": 10, "train_loss": 1.0, "train_seconds": 0.1} for c in range(2 - n_failed)]
+        clients += [{"client": 9, "rank": 4, "bytes_down": down, "status": "failed", "error": "boom"}
+                    for _ in range(n_failed)]
+        rows.append({"round": rnd, "test_accuracy": acc, "test_loss": 1.0, "train_loss": 1.0,
+                     "wall_time": 1.0 + 10 * rnd, "round_seconds": 10.0, "clients": clients,
+                     "num_ok": 2 - n_failed, "num_failed": n_failed,
+                     "bytes_down_total": 2 * down, "bytes_up_total": up * (2 - n_failed), "strategy": {}})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"final_test_accuracy": accs[-1], "best_test_accuracy": max(accs),
+               "wall_time_seconds": 100.0 + seed, "strategy": target.rsplit(".", 1)[1],
+               "compression": "ComPEFT" if compression else None, "name": name}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """fedavg and flora × seeds 0, 1; flora+compeft seed 0; a FAILED flora seed 2 and fedavg seed 2."""
+    root = tmp_path / "sweep_2026-01-01_00-00-00"
+    make_run(root / "0_fedavg_seed=0", FEDAVG, 0, [0.2, 0.5, 0.7, 0.8], up=1000, down=1500)
+    make_run(root / "1_fedavg_seed=1", FEDAVG, 1, [0.2, 0.4, 0.6, 0.7], up=1000, down=1500)
+    make_run(root / "2_flora_seed=0", FLORA, 0, [0.2, 0.6, 0.85, 0.9], up=2000, down=2000)
+    make_run(root / "3_flora_seed=1", FLORA, 1, [0.2, 0.7, 0.8, 0.8], up=2000, down=2000,
+             failed_clients={2: 1})
+    make_run(root / "4_flora_seed=0,compression=compeft", FLORA, 0, [0.2, 0.3, 0.4, 0.5], up=200, down=2000,
+             compression=COMPEFT)
+    failed = root / "5_flora_seed=2"  # raised before round 0: config.yaml and FAILED only
+    failed.mkdir()
+    config = {"seed": 2, "strategy": {"_target_": FLORA}, "compression": {}}
+    (failed / "config.yaml").write_text(yaml.safe_dump(config))
+    (failed / "FAILED").write_text("Traceback (most recent call last):\n  File x\n"
+                                   "RuntimeError: CUDA out of memory\n")
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def by_method(rows: list[dict]) -> dict[str, dict]:
+    return {row["method"]: row for row in rows}
+
+
+def test_method_label() -> None:
+    assert report.method_label({"strategy": {"_target_": FLORA}, "compression": {}}) == ("flora", "flora")
+    assert report.method_label({"strategy": {"_target_": FLORA}, "compression": COMPEFT}) == (
+        "flora", "flora+compeft(d=0.1)")
+
+
+def test_load_runs_finds_jobs_and_marks_failed(sweep: Path) -> None:
+    runs = report.load_runs(sweep)
+    assert [r.path.name for r in runs] == sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert [r.status for r in runs] == ["ok"] * 5 + ["failed"]
+    assert runs[-1].method == "flora" and runs[-1].seed == 2 and "CUDA out of memory" in runs[-1].error
+    assert runs[4].method == "flora+compeft(d=0.1)" and runs[4].strategy == "flora"
+    assert len(runs[0].rows) == 4 and runs[0].summary["final_test_accuracy"] == 0.8
+
+
+def test_load_runs_accepts_a_single_run_dir(sweep: Path) -> None:
+    runs = report.load_runs(sweep / "2_flora_seed=0")
+    assert len(runs) == 1 and runs[0].ok and runs[0].method == "flora"
+
+
+def test_summarize_numbers(sweep: Path) -> None:
+    rows = by_method(report.summarize(report.load_runs(sweep)))
+    assert list(rows) == ["fedavg", "flora", "flora+compeft(d=0.1)"]  # the failed job is not a row
+    fedavg, flora, comp = rows["fedavg"], rows["flora"], rows["flora+compeft(d=0.1)"]
+    assert fedavg["n_seeds"] == 2 and flora["n_seeds"] == 2 and comp["n_seeds"] == 1
+    assert fedavg["final_acc_mean"] == pytest.approx(0.75)
+    assert fedavg["final_acc_std"] == pytest.approx(math.sqrt(0.005))  # sample std of 0.8, 0.7
+    assert flora["final_acc_mean"] == pytest.approx(0.85)
+    assert flora["final_acc_std"] == pytest.approx(math.sqrt(0.005))
+    assert comp["final_acc_std"] == 0.0  # one seed
+    assert flora["best_acc_mean"] == pytest.approx(0.85)
+    # target 0.9 * 0.85 = 0.765: flora reaches it at round 2 in both seeds, fedavg only seed 0 (round 3)
+    assert flora["rounds_to_90"] == 2.0 and flora["seeds_reached_90"] == 2
+    assert fedavg["rounds_to_90"] == 3.0 and fedavg["seeds_reached_90"] == 1
+    assert comp["rounds_to_90"] == "never" and comp["seeds_reached_90"] == 0
+    assert fedavg["up_bytes_per_round"] == 2000 and fedavg["down_bytes_per_round"] == 3000
+    assert flora["up_bytes_per_round"] == pytest.approx((4000 * 3 + 4000 * 2 + 2000) / 6)  # one failed reply
+    assert comp["up_bytes_per_round"] == 400 and comp["down_bytes_per_round"] == 4000
+    assert comp["up_compression_ratio"] == pytest.approx(flora["up_bytes_per_round"] / 400)
+    assert fedavg["up_compression_ratio"] is None and flora["up_compression_ratio"] is None
+    assert fedavg["wall_time_s"] == pytest.approx(100.5)
+    assert flora["failed_clients"] == 1 and fedavg["failed_clients"] == 0
+
+
+def test_compression_ratio_needs_the_baseline(sweep: Path) -> None:
+    runs = [r for r in report.load_runs(sweep) if r.method != "flora"]
+    rows = by_method(report.summarize(runs))
+    assert rows["flora+compeft(d=0.1)"]["up_compression_ratio"] is None
+
+
+def test_report_lists_failed_and_missing_jobs(sweep: Path) -> None:
+    make_run(sweep / "6_fedavg_seed=3", FEDAVG, 3, [0.2, 0.3], up=1, down=1)
+    (sweep / "6_fedavg_seed=3" / "summary.json").unlink()  # killed: metrics but no summary
+    runs = report.load_runs(sweep)
+    lines = "\n".join(report.problem_lines(runs, sweep))
+    assert "**failed** `5_flora_seed=2` (flora, seed 2): RuntimeError: CUDA out of memory" in lines
+    assert "**incomplete** `6_fedavg_seed=3`" in lines
+    assert "**missing** fedavg: no job for seed 2" in lines
+    assert "**missing** flora+compeft(d=0.1): no job for seed 1, 2, 3" in lines
+
+
+def test_main_writes_the_report(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | seeds | final acc |" in out and "| flora | 2 | 0.850 ± 0.071 |" in out
+    text = (sweep / "report.md").read_text()
+    assert "4.0 KB" in text and "3.7 KB" in text and "9.2×" in text and "3.0 (1/2 seeds)" in text
+    assert "5_flora_seed=2" in text and f"`fedlora-report {sweep}`" in text
+    with (sweep / "report.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["fedavg", "flora", "flora+compeft(d=0.1)"]
+    assert float(table[0]["final_acc_mean"]) == pytest.approx(0.75) and table[2]["rounds_to_90"] == "never"
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = tmp_path / "elsewhere"
+    assert report.main([str(sweep / "2_flora_seed=0"), "--out", str(other)]) == 0
+    assert {p.name for p in other.iterdir()} == {"report.md", "report.csv", "report.png"}
+
+
+def test_main_exit_codes(tmp_path: Path, sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(empty)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "metrics.jsonl" in err
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    only_failed = tmp_path / "only_failed"
+    (only_failed / "0_x").mkdir(parents=True)
+    (only_failed / "0_x" / "FAILED").write_text("ConfigError: bad\n")
+    assert report.main([str(only_failed)]) == 1
+    assert "**failed** `0_x`" in (only_failed / "report.md").read_text()
+
+
+def test_import_is_light() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fedlora.report; "
+            "print(sorted({'torch', 'flwr', 'hydra', 'matplotlib'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
