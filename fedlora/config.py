@@ -232,10 +232,27 @@ def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
             p.add(group, {k: v for k, v in node.items() if k != "_target_"}, str(getattr(exc, "__cause__", None) or exc))
 
 
+def _check_logging(cfg: Mapping[str, Any], p: _Problems) -> None:
+    wandb = (cfg.get("logging") or {}).get("wandb") or {}
+    if wandb.get("enabled"):
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("wandb") is None:
+            p.add("logging.wandb.enabled", True, "wandb is not installed: `pip install wandb`, or set it to false")
+    sim = cfg.get("simulation") or {}
+    res = sim.get("client_resources") or {}
+    if not isinstance(res.get("num_cpus"), int | float) or res.get("num_cpus", 0) <= 0:
+        p.add("simulation.client_resources.num_cpus", res.get("num_cpus"), "CPUs per client must be > 0")
+    gpus = res.get("num_gpus", 0)
+    if not isinstance(gpus, int | float) or gpus < 0:
+        p.add("simulation.client_resources.num_gpus", gpus, "use 0 (CPU) or a GPU share such as 0.25 or 1")
+
+
 def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bool = True) -> None:
     """Raise :class:`ConfigError` listing every problem in ``cfg`` (nothing is started)."""
     p = _Problems([])
     _check_numbers(cfg, p)
+    _check_logging(cfg, p)
     ranks = _check_ranks(cfg, p)
     _check_targets(cfg, p)
     if check_data:

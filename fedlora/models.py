@@ -40,6 +40,7 @@ class ModelSettings:
     alpha_per_rank: float = 2.0
     dropout: float = 0.05
     max_length: int = 128
+    device: str = "auto"  # auto: the GPU Ray gave this process (CUDA_VISIBLE_DEVICES), else the CPU
 
     def alpha(self, rank: int) -> float:
         """``lora_alpha = alpha_per_rank * r`` keeps ``s = alpha / r`` equal at every rank."""
@@ -94,6 +95,13 @@ def _lora_config(settings: ModelSettings, rank: int):  # noqa: ANN202
     )
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """Return ``cuda`` when asked for or (``auto``) when this process sees a GPU, else ``cpu``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class AdapterHost:
     """One frozen base model with one peft adapter per rank (per process, reused across clients)."""
 
@@ -101,10 +109,11 @@ class AdapterHost:
         from peft import get_peft_model  # noqa: PLC0415
 
         self.settings = settings
+        self.device = pick_device(settings.device)
         base = load_base_model(settings.name, num_labels, seed)
         self._head_init = {k: v.detach().clone() for k, v in base.classifier.state_dict().items()} \
             if hasattr(base, "classifier") else {}
-        self.model = get_peft_model(base, _lora_config(settings, 1), adapter_name="r1")
+        self.model = get_peft_model(base, _lora_config(settings, 1), adapter_name="r1").to(self.device)
         self._ranks = {1}
         self._base_version: object = None
         self._w0 = {
@@ -138,6 +147,7 @@ class AdapterHost:
         name = f"r{rank}"
         if rank not in self._ranks:
             self.model.add_adapter(name, _lora_config(self.settings, rank))
+            self.model.to(self.device)
             self._ranks.add(rank)
         self.model.set_adapter(name)
 
@@ -156,7 +166,7 @@ class AdapterHost:
         from peft import get_peft_model_state_dict  # noqa: PLC0415
 
         state = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
-        return {k: v.detach().clone().float() for k, v in state.items()}
+        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
 
     def set_trainable(self, rank: int, train_lora_a: bool) -> list[torch.nn.Parameter]:
         """Return the parameters to optimise for ``rank``; freezes ``A`` when asked (FFA-LoRA)."""

@@ -18,8 +18,13 @@ REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub")}  # ne
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts
                                           if g != "experiment" and (g, o) not in REQUIRED_NAME])
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
-    cfg = compose([f"{group}={option}"])
+    prefix = "+" if group == "method" else ""  # `method` has no default: it is added by sweeps
+    cfg = compose([f"{prefix}{group}={option}"])
     validate(cfg)
+    if group == "method":
+        strategy, _, compression = option.partition("_compeft")
+        assert cfg["strategy"]["_target_"].split(".")[1] == strategy
+        assert ("compeft" in cfg["compression"].get("_target_", "")) == (option.endswith("_compeft"))
 
 
 @pytest.mark.parametrize("experiment", GROUPS.get("experiment", []))
@@ -44,6 +49,8 @@ BAD = [
     (["strategy._target_=strategies.nope.Nope"], "strategy._target_='strategies.nope.Nope'", "conf/strategy"),
     (["train.lr=0"], "train.lr=0", "> 0"),
     (["num_rounds=0"], "num_rounds=0", "positive integer"),
+    (["logging.wandb.enabled=true"], "logging.wandb.enabled=True", "pip install wandb"),
+    (["simulation.client_resources.num_gpus=-1"], "simulation.client_resources.num_gpus=-1", "GPU share"),
 ]
 
 

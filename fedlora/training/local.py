@@ -16,12 +16,13 @@ class Encoded:
     attention_mask: torch.Tensor
     labels: torch.Tensor
 
-    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        """Return one batch, trimmed to its longest sequence (padding is on the right)."""
+    def batch(self, idx: list[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Return one batch on ``device``, trimmed to its longest sequence (padding is on the right)."""
         ids = self.input_ids[idx]
         mask = self.attention_mask[idx]
         length = int(mask.sum(dim=1).max())
-        return {"input_ids": ids[:, :length], "attention_mask": mask[:, :length], "labels": self.labels[idx]}
+        batch = {"input_ids": ids[:, :length], "attention_mask": mask[:, :length], "labels": self.labels[idx]}
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class TrainSettings:
     lr: float = 3e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def batch_plan(indices: list[int], steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -58,7 +63,7 @@ def train_steps(
     model.train()
     losses = []
     for idx in batch_plan(indices, settings.local_steps, settings.batch_size, seed):
-        out = model(**data.batch(idx))
+        out = model(**data.batch(idx, _device_of(model)))
         out.loss.backward()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -76,7 +81,7 @@ def evaluate(model: torch.nn.Module, data: Encoded, indices: list[int], batch_si
     total_loss, correct = 0.0, 0
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        out = model(**data.batch(idx))
+        out = model(**data.batch(idx, _device_of(model)))
         total_loss += float(out.loss) * len(idx)
-        correct += int((out.logits.argmax(dim=-1) == data.labels[idx]).sum())
+        correct += int((out.logits.argmax(dim=-1).cpu() == data.labels[idx]).sum())
     return total_loss / len(indices), correct / len(indices)

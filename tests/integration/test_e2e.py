@@ -75,3 +75,77 @@ def test_fedavg_end_to_end(tmp_path: Path) -> None:
     by_rank = {c["rank"]: c for c in rows[1]["clients"]}
     assert by_rank[2]["bytes_down"] < by_rank[8]["bytes_down"]
     assert by_rank[2]["bytes_up"] < by_rank[8]["bytes_up"]
+
+
+def test_flora_end_to_end_merges_persist_across_rounds(tmp_path: Path) -> None:
+    # 3 rounds: round 3 only works if each client kept the merges of earlier rounds in its state.
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=flora", "num_rounds=3"])
+    assert all(r["num_failed"] == 0 for r in rows[1:])
+    assert summary["base_merges"] == 3
+    for row in rows[1:]:
+        assert row["strategy"]["stacked_rank"] == 2 + 4 + 8  # sum of the participants' ranks
+    # round 1 sends only the head (fresh adapters); later rounds also carry the new stacked merge
+    assert rows[2]["bytes_down_total"] > 10 * rows[1]["bytes_down_total"]
+    # the saved adapter folds the 3 merges in: it loads on the pristine base and scores the same
+    assert summary["adapter_rank"] == 8 + 3 * 14
+    assert _reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+
+
+def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=ffa_lora"])
+    _check_common(run_dir, summary, rows, log)
+    from safetensors.torch import load_file
+
+    from fedlora.adapters.lora_math import init_lora_a
+
+    weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    a_keys = [k for k in weights if "lora_A" in k]
+    assert len(a_keys) == 12
+    for key in a_keys:
+        module = key.replace(".lora_A.weight", "")
+        assert torch.equal(weights[key], init_lora_a(0, module, 8, 384)), "A must stay the shared seed's A"
+    # only B (and the head) travel: a rank-8 client sends about half of what FedAvg's would
+    rank8 = next(c for c in rows[1]["clients"] if c["rank"] == 8)
+    full = 12 * 8 * (384 + 384) * 4
+    assert 0.45 * full < rank8["bytes_up"] < 0.6 * full
+
+
+def test_lora_fair_end_to_end_never_worse_than_fedavg(tmp_path: Path) -> None:
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=lora_fair"])
+    _check_common(run_dir, summary, rows, log)
+    for row in rows[1:]:
+        s = row["strategy"]
+        assert s["fair_error_rel"] <= s["fedavg_error_rel"] + 1e-12
+
+
+def test_compeft_composes_and_cuts_the_uplink(tmp_path: Path) -> None:
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=flora", "compression=compeft"])
+    _check_common(run_dir, summary, rows, log)
+    for client in rows[1]["clients"]:
+        raw = 12 * client["rank"] * (384 + 384) * 4 + (5 * 384 + 5) * 4  # fp32 adapter + head
+        assert client["bytes_up"] * 10 <= raw, (client, raw)
+
+
+def test_centralized_upper_bound(tmp_path: Path) -> None:
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=centralized"])
+    assert [r["round"] for r in rows] == [0, 1, 2] and summary["bytes_up_total"] == 0
+    assert _reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+
+
+def test_sweep_and_report(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import FEDLORA, ROOT
+
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([FEDLORA, "-m", *TINY, "num_rounds=1", "strategy=fedavg,ffa_lora",
+                          f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "summary.json").exists())
+    assert len(jobs) == 2
+    report = subprocess.run([str(Path(sys.executable).parent / "fedlora-report"), str(sweep)],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "fedavg" in report.stdout and "ffa_lora" in report.stdout
+    assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 10_000
