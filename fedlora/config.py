@@ -271,7 +271,7 @@ def _check_reliability(cfg: Mapping[str, Any], p: _Problems) -> None:
     if not isinstance(cfg.get("checkpoint", True), bool):
         p.add("checkpoint", cfg.get("checkpoint"), "use true or false")
     faults = cfg.get("faults") or {}
-    from fedlora.faults import CORRUPT_KINDS, FaultSettings  # noqa: PLC0415
+    from fedlora.faults import CORRUPT_KINDS, FaultSettings, kind_name  # noqa: PLC0415
 
     unknown = sorted(set(faults) - set(FaultSettings.__dataclass_fields__))
     if unknown:
@@ -283,7 +283,7 @@ def _check_reliability(cfg: Mapping[str, Any], p: _Problems) -> None:
     delay = faults.get("straggler_delay_s", 0.0)
     if not _is_number(delay) or delay < 0:
         p.add("faults.straggler_delay_s", delay, "seconds a straggler sleeps: use a number >= 0")
-    if faults.get("corrupt_kind", "nan") not in CORRUPT_KINDS:
+    if kind_name(faults.get("corrupt_kind", "nan")) not in CORRUPT_KINDS:
         p.add("faults.corrupt_kind", faults.get("corrupt_kind"), f"use one of {', '.join(CORRUPT_KINDS)}")
     corrupt = faults.get("corrupt") or {}
     if not isinstance(corrupt, Mapping):
@@ -292,7 +292,7 @@ def _check_reliability(cfg: Mapping[str, Any], p: _Problems) -> None:
     for cid, kind in corrupt.items():
         if not str(cid).isdigit() or (n is not None and int(cid) >= n):
             p.add(f"faults.corrupt.{cid}", kind, f"the key must be a client id in 0..{(n or 1) - 1}")
-        if kind not in CORRUPT_KINDS:
+        if kind_name(kind) not in CORRUPT_KINDS:
             p.add(f"faults.corrupt.{cid}", kind, f"use one of {', '.join(CORRUPT_KINDS)}")
     seed = faults.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):

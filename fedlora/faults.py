@@ -25,6 +25,15 @@ CORRUPT_KINDS = ("nan", "inf", "shape", "rank", "missing_key", "extra_key", "sca
 SCALE = 1e4  # the "scale" corruption multiplies the client's change by this
 
 
+def kind_name(value: object) -> str:
+    """Return a corruption kind as a string (Hydra reads ``nan``/``inf`` on the command line as floats)."""
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf"
+    return str(value)
+
+
 class InjectedFault(RuntimeError):
     """A failure the ``faults`` config asked for (not a bug)."""
 
@@ -63,7 +72,8 @@ class FaultSettings:
     def from_config(cls, node: Mapping[str, Any] | None) -> FaultSettings:
         """Build from the ``faults`` config node (``None`` or ``{}``: no faults)."""
         node = dict(node or {})
-        corrupt = {int(k): str(v) for k, v in dict(node.pop("corrupt", None) or {}).items()}
+        corrupt = {int(k): kind_name(v) for k, v in dict(node.pop("corrupt", None) or {}).items()}
+        node["corrupt_kind"] = kind_name(node.get("corrupt_kind", "nan"))
         names = {f for f in cls.__dataclass_fields__ if f != "corrupt"}
         return cls(corrupt=corrupt, **{k: v for k, v in node.items() if k in names})
 
