@@ -248,10 +248,83 @@ def _check_logging(cfg: Mapping[str, Any], p: _Problems) -> None:
         p.add("simulation.client_resources.num_gpus", gpus, "use 0 (CPU) or a GPU share such as 0.25 or 1")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_reliability(cfg: Mapping[str, Any], p: _Problems) -> None:
+    """Client minimums, timeout, the norm bound, checkpointing and the ``faults`` group."""
+    n = cfg.get("num_clients")
+    n = n if isinstance(n, int) and n >= 1 else None
+    for key, default in (("min_clients", 1), ("min_fit_clients", 1)):
+        v = cfg.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            p.add(key, v, "must be an integer >= 1")
+        elif n is not None and v > n:
+            p.add(key, v, f"cannot exceed num_clients={n}; lower it or add clients")
+    timeout = cfg.get("round_timeout", 3600)
+    if not _is_number(timeout) or timeout <= 0:
+        p.add("round_timeout", timeout, "seconds the server waits for a round's replies: use a number > 0")
+    ratio = cfg.get("max_norm_ratio")
+    if ratio is not None and (not _is_number(ratio) or ratio <= 1):
+        p.add("max_norm_ratio", ratio, "use a number > 1 (10 rejects only gross outliers), or null to turn it off")
+    if not isinstance(cfg.get("checkpoint", True), bool):
+        p.add("checkpoint", cfg.get("checkpoint"), "use true or false")
+    faults = cfg.get("faults") or {}
+    from fedlora.faults import CORRUPT_KINDS, FaultSettings, kind_name  # noqa: PLC0415
+
+    unknown = sorted(set(faults) - set(FaultSettings.__dataclass_fields__))
+    if unknown:
+        p.add("faults", unknown, f"unknown fault option(s); known: {sorted(FaultSettings.__dataclass_fields__)}")
+    for key in ("fail_prob", "straggler_prob", "corrupt_prob"):
+        v = faults.get(key, 0.0)
+        if not _is_number(v) or not 0 <= v <= 1:
+            p.add(f"faults.{key}", v, "a probability: use a number in [0, 1]")
+    delay = faults.get("straggler_delay_s", 0.0)
+    if not _is_number(delay) or delay < 0:
+        p.add("faults.straggler_delay_s", delay, "seconds a straggler sleeps: use a number >= 0")
+    if kind_name(faults.get("corrupt_kind", "nan")) not in CORRUPT_KINDS:
+        p.add("faults.corrupt_kind", faults.get("corrupt_kind"), f"use one of {', '.join(CORRUPT_KINDS)}")
+    corrupt = faults.get("corrupt") or {}
+    if not isinstance(corrupt, Mapping):
+        p.add("faults.corrupt", corrupt, "a mapping client id -> kind, for example {1: nan}")
+        corrupt = {}
+    for cid, kind in corrupt.items():
+        if not str(cid).isdigit() or (n is not None and int(cid) >= n):
+            p.add(f"faults.corrupt.{cid}", kind, f"the key must be a client id in 0..{(n or 1) - 1}")
+        if kind_name(kind) not in CORRUPT_KINDS:
+            p.add(f"faults.corrupt.{cid}", kind, f"use one of {', '.join(CORRUPT_KINDS)}")
+    seed = faults.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        p.add("faults.seed", seed, "use an integer, or null for the run seed")
+
+
+def _check_resume(cfg: Mapping[str, Any], p: _Problems) -> None:
+    """``resume`` must name a run directory with its config and a complete checkpoint."""
+    resume = cfg.get("resume")
+    if resume is None:
+        return
+    from fedlora.checkpoint import has_checkpoint  # noqa: PLC0415
+
+    path = Path(str(resume))
+    if not path.is_dir():
+        p.add("resume", resume, "no such directory; give a run directory, for example resume=runs/<date>_<time>_fedavg")
+    elif not (path / "config.yaml").is_file():
+        p.add("resume", resume, "has no config.yaml: it is not a fedlora run directory")
+    elif not has_checkpoint(path):
+        p.add("resume", resume, "has no complete checkpoint/ (the run stopped before round 0 ended, or ran "
+              "with checkpoint=false); start it again instead")
+    strategy = str((cfg.get("strategy") or {}).get("_target_", ""))
+    if strategy.endswith("Centralized"):
+        p.add("resume", resume, "strategy=centralized runs cannot be resumed; run it again")
+
+
 def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bool = True) -> None:
     """Raise :class:`ConfigError` listing every problem in ``cfg`` (nothing is started)."""
     p = _Problems([])
     _check_numbers(cfg, p)
+    _check_reliability(cfg, p)
+    _check_resume(cfg, p)
     _check_logging(cfg, p)
     ranks = _check_ranks(cfg, p)
     _check_targets(cfg, p)

@@ -23,8 +23,10 @@ TRAIN_LOSS = "train-loss"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 TRAIN_SECONDS = "train-seconds"
+RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 
 # Node-config keys a SuperNode may set (deployment).
 NODE_RANK = "rank"
 NODE_DATA = "data-path"
+NODE_STATE_DIR = "state-dir"  # where the node keeps state that must survive a kill (ComPEFT residual)

@@ -3,6 +3,7 @@
     fedlora                                   # the default experiment
     fedlora strategy=flora compression=compeft
     fedlora -m strategy=fedavg,flora seed=0,1 # a sweep (jobs run one after another)
+    fedlora resume=runs/<run>                 # continue a killed run from its last checkpoint
 """
 
 from __future__ import annotations
@@ -26,12 +27,42 @@ from fedlora.errors import ConfigError  # noqa: E402
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def resume_arguments(argv: list[str]) -> list[str]:
+    """Point Hydra's run directory at the run being resumed, so that no new directory appears.
+
+    ``fedlora resume=runs/<run>`` becomes ``... hydra.run.dir=runs/<run> hydra.output_subdir=null``
+    (the original ``.hydra/`` stays as it was). Other arguments are returned unchanged.
+    """
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not values or not (Path(values[-1]) / "config.yaml").is_file() \
+            or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv  # nothing to resume, or a bad path that validate() will name
+    return [*argv, f"hydra.run.dir={values[-1]}", "hydra.output_subdir=null"]
+
+
+def _resumed(container: dict[str, Any]) -> dict[str, Any]:
+    """The config of the run named by ``resume`` (its own config.yaml), set to continue in place."""
+    path = Path(str(container["resume"]))
+    if not (path / "config.yaml").is_file():
+        return container  # validate() names the problem
+    saved: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))  # type: ignore[assignment]
+    saved["resume"] = str(path)
+    saved["output_dir"] = str(path)
+    return saved
+
+
 def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Resolve ``cfg`` to a plain dict, record the run directory, validate (raises ConfigError)."""
+    """Resolve ``cfg`` to a plain dict, record the run directory, validate (raises ConfigError).
+
+    With ``resume=<run>`` the config is that run's ``config.yaml``: other overrides are ignored
+    (a resumed run must be the same run to end with the same result).
+    """
     from fedlora.config import validate  # noqa: PLC0415
 
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["output_dir"] = str(run_dir)
+    if container.get("resume"):
+        container = _resumed(container)
     env.apply(offline=bool(container.get("offline", True)))
     validate(container)
     return container
@@ -44,8 +75,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from fedlora.flower import simulation  # noqa: PLC0415
 
     container = prepare(cfg, run_dir)
+    run_dir = Path(container["output_dir"])  # the resumed run's directory when resuming
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
+    if container.get("resume"):
+        (run_dir / "FAILED").unlink(missing_ok=True)
+        ignored = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
+        if ignored:
+            print(f"fedlora: resuming {run_dir} with its own config.yaml; ignoring {ignored}", file=sys.stderr)
+    else:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
     strategy = instantiate(container["strategy"])
     if getattr(strategy, "pooled", False):
         return run_centralized(container, strategy, run_dir)
@@ -57,8 +95,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def cli(cfg: DictConfig) -> float:
-    """Hydra entry point (console script ``fedlora`` and ``python -m fedlora``)."""
+def hydra_main(cfg: DictConfig) -> float:
+    """Hydra entry point: run one job and return its final accuracy (for sweepers)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run(cfg, run_dir)
@@ -75,6 +113,12 @@ def cli(cfg: DictConfig) -> float:
 def _mark_failed(run_dir: Path, text: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "FAILED").write_text(text)
+
+
+def cli() -> None:
+    """The console script ``fedlora`` and ``python -m fedlora``."""
+    sys.argv[1:] = resume_arguments(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def load_run(run_dir: Path) -> Run:
         run.status, run.error = "incomplete", "no metrics.jsonl records (killed before round 0?)"
     elif not run.summary:
         last = run.rows[-1].get("round")
-        run.status, run.error = "incomplete", f"no summary.json after round {last} (killed or still running?)"
+        run.status, run.error = "incomplete", (f"no summary.json after round {last} (still running, or killed: "
+                                               f"`fedlora resume={run.path}`)")
     return run
 
 

@@ -51,6 +51,26 @@ BAD = [
     (["num_rounds=0"], "num_rounds=0", "positive integer"),
     (["logging.wandb.enabled=true"], "logging.wandb.enabled=True", "pip install wandb"),
     (["simulation.client_resources.num_gpus=-1"], "simulation.client_resources.num_gpus=-1", "GPU share"),
+    # reliability: client minimums, timeout, norm bound, checkpointing, faults, resume
+    (["min_clients=0"], "min_clients=0", "integer >= 1"),
+    (["min_fit_clients=0"], "min_fit_clients=0", "integer >= 1"),
+    (["min_fit_clients=11"], "min_fit_clients=11", "cannot exceed num_clients=10"),
+    (["min_clients=12"], "min_clients=12", "cannot exceed num_clients=10"),
+    (["round_timeout=0"], "round_timeout=0", "number > 0"),
+    (["round_timeout=-5"], "round_timeout=-5", "number > 0"),
+    (["max_norm_ratio=1"], "max_norm_ratio=1", "number > 1"),
+    (["max_norm_ratio=abc"], "max_norm_ratio='abc'", "or null to turn it off"),
+    (["checkpoint=maybe"], "checkpoint='maybe'", "true or false"),
+    (["faults.fail_prob=1.5"], "faults.fail_prob=1.5", "[0, 1]"),
+    (["faults.straggler_prob=-0.1"], "faults.straggler_prob=-0.1", "[0, 1]"),
+    (["faults.corrupt_prob=2"], "faults.corrupt_prob=2", "[0, 1]"),
+    (["faults.straggler_delay_s=-1"], "faults.straggler_delay_s=-1", "number >= 0"),
+    (["faults.corrupt_kind=garbage"], "faults.corrupt_kind='garbage'", "missing_key"),
+    (["faults.corrupt={1: garbage}"], "faults.corrupt.1='garbage'", "use one of nan, inf"),
+    (["faults.corrupt={12: nan}"], "faults.corrupt.12=nan", "client id in 0..9"),
+    (["faults.seed=abc"], "faults.seed='abc'", "an integer, or null"),
+    (["+faults.crash=true"], "faults=['crash']", "unknown fault option"),
+    (["resume=/nonexistent/run"], "resume='/nonexistent/run'", "no such directory"),
 ]
 
 
@@ -74,6 +94,23 @@ def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         validate(compose(["num_clients=0", "fraction_train=2", "partition.alpha=0", "model.name=nope-xyz"]))
     assert len(info.value.problems) == 4
+
+
+def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not a fedlora run directory"):
+        validate(compose([f"resume={tmp_path}"]))
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        validate(compose([f"resume={tmp_path}"]))
+    with pytest.raises(ConfigError, match="cannot be resumed"):
+        validate(compose([f"resume={tmp_path}", "strategy=centralized"]))
+
+
+def test_reliability_problems_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["faults=flaky", "faults.fail_prob=3", "min_fit_clients=0", "round_timeout=0",
+                          "max_norm_ratio=0.5", "faults.corrupt_kind=zzz"]))
+    assert len(info.value.problems) == 5
 
 
 def test_rank_policies() -> None:

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MATH_MODULES = sorted(
-    ["fedlora.types", "fedlora.keys", "fedlora.adapters.lora_math"]
+    ["fedlora.types", "fedlora.keys", "fedlora.adapters.lora_math", "fedlora.adapters.validation",
+     "fedlora.faults"]
     + [f"strategies.{p.stem}" for p in (ROOT / "strategies").glob("*.py") if p.stem != "__init__"]
 )
 FORBIDDEN = ("flwr", "hydra", "peft", "transformers", "ray", "omegaconf")

@@ -4,12 +4,23 @@ A client (a SuperNode; in simulation a Ray actor call) keeps, in ``context.state
 survive between rounds when client processes are short-lived: the base merges it has applied
 (FLoRA) and its compression residual (ComPEFT error feedback). The frozen base model and the
 tokenized data live in a per-process cache (:func:`fedlora.training.workspace.get_workspace`).
+
+Surviving a kill: ``context.state`` dies with the run. The base merges need nothing more (a
+resumed server resends them all from its checkpoint). The residual is also written after every
+round to ``<state dir>/round_<t>.safetensors`` (the node-config ``state-dir``, else
+``<run dir>/client_state/<client id>``), and a client of a resumed run that has no residual in
+``context.state`` loads the newest file at or before the round the server resumed from.
+
+Fault injection (``faults`` config group, :mod:`fedlora.faults`): before training the client may
+raise (Flower turns it into an error reply), sleep (a straggler), and after training send a
+malformed update, always uncompressed, so that the server's checks see exactly the defect.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +29,9 @@ from flwr.clientapp import ClientApp
 
 from fedlora import keys
 from fedlora.adapters import lora_math as lm
+from fedlora.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
 from fedlora.config import assign_ranks, instantiate, train_settings, workspace_key
+from fedlora.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.flower import records
 from fedlora.flower.settings import resolve_config
 from fedlora.training.local import train_steps
@@ -75,11 +88,41 @@ def _start_state(conf: ConfigRecord, content: RecordDict, spec: Any, rank: int) 
     return received
 
 
+def client_state_dir(cfg: Mapping[str, Any], context: Context, cid: int) -> Path:
+    """Where this client keeps the state that must survive a kill (see the module docstring)."""
+    if keys.NODE_STATE_DIR in context.node_config:
+        return Path(str(context.node_config[keys.NODE_STATE_DIR]))
+    return Path(str(cfg["output_dir"])) / CLIENT_STATE_DIR / str(cid)
+
+
+def _residual(context: Context, state_dir: Path, resume_round: int) -> dict[str, torch.Tensor] | None:
+    """This client's error-feedback residual: ``context.state``, else (resumed run) its file."""
+    if _RESIDUAL in context.state:
+        return records.record_to_state(context.state[_RESIDUAL])
+    if resume_round > 0:
+        return load_client_state(state_dir, at_most=resume_round)
+    return None
+
+
+def _inject_faults(cfg: Mapping[str, Any], cid: int, server_round: int) -> str | None:
+    """Fail or straggle as the ``faults`` config decides; return the corruption kind, if any."""
+    settings = FaultSettings.from_config(cfg.get("faults"))
+    decision = decide(settings, int(cfg["seed"]), server_round, cid)
+    if decision.fail:
+        raise InjectedFault(f"injected failure (faults.fail_prob={settings.fail_prob:g}, round {server_round}, "
+                            f"client {cid})")
+    if decision.delay_s > 0:
+        time.sleep(decision.delay_s)
+    return decision.corrupt
+
+
 def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
     """Train this client's adapter from the server's plan and reply with the (encoded) result."""
     t0 = time.perf_counter()
     conf = msg.content[keys.CONFIG]
     cid, _ = client_identity(cfg, context)
+    server_round = int(conf[keys.SERVER_ROUND])
+    corrupt = _inject_faults(cfg, cid, server_round)
     rank = int(conf[keys.RANK])
     ws = get_workspace(workspace_key(cfg))
     host = ws.host
@@ -87,20 +130,24 @@ def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mess
     start = _start_state(conf, msg.content, host.spec(rank), rank)
     host.load_state(rank, start)
     params = host.set_trainable(rank, bool(conf[keys.TRAIN_LORA_A]))
-    server_round = int(conf[keys.SERVER_ROUND])
     seed = int(cfg["seed"]) * 1_000_003 + server_round * 1009 + cid
     loss = train_steps(host.model, params, ws.data, ws.partition(cid), train_settings(cfg), seed)
     trained = host.get_state(rank)
     sent_keys = [k for k in trained if bool(conf[keys.SEND_LORA_A]) or not k.endswith(".lora_A.weight")]
     reply = RecordDict()
     compressor = instantiate(cfg.get("compression"))
-    if compressor is None:
+    if corrupt is not None:
+        sent = {k: trained[k] for k in sent_keys}
+        reply[keys.ADAPTER] = records.state_to_record(corrupt_state(sent, start, corrupt))
+    elif compressor is None:
         reply[keys.ADAPTER] = records.state_to_record({k: trained[k] for k in sent_keys})
     else:
         delta = {k: trained[k] - start[k] for k in sent_keys}
-        residual = records.record_to_state(context.state[_RESIDUAL]) if _RESIDUAL in context.state else None
+        state_dir = client_state_dir(cfg, context, cid)
+        residual = _residual(context, state_dir, int(conf.get(keys.RESUME_ROUND, 0)))
         payload, residual = compressor.compress(delta, residual)
         context.state[_RESIDUAL] = records.state_to_record(residual)
+        save_client_state(state_dir, server_round, residual)
         reply[keys.COMPRESSED] = records.numpy_to_record(records.pack_payload(payload, sorted(sent_keys)))
     reply[keys.METRICS] = MetricRecord({
         keys.TRAIN_LOSS: float(loss), keys.NUM_EXAMPLES: len(ws.partition(cid)), keys.RANK: rank,

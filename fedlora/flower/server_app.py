@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,13 +22,15 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import checkpoint as ckpt
 from fedlora import keys
 from fedlora.adapters import lora_math as lm
+from fedlora.adapters import validation
 from fedlora.config import instantiate, workspace_key
 from fedlora.flower import records
 from fedlora.flower.settings import resolve_config
 from fedlora.models import save_peft_adapter
-from fedlora.results import RunRecorder, plot_run
+from fedlora.results import RunRecorder, plot_run, read_metrics
 from fedlora.training.local import evaluate
 from fedlora.training.workspace import get_workspace
 from fedlora.types import AdapterState, BaseMerge, ClientPlan, ClientUpdate
@@ -43,8 +46,41 @@ class ClientInfo:
     num_examples: int
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """What the server sent one client this round: the plan, the start adapter, the size."""
+
+    plan: ClientPlan
+    start: AdapterState
+    bytes_down: int
+
+
 def _say(text: str) -> None:
     print(f"[fedlora] {text}", flush=True)
+
+
+def _say_round(record: Mapping[str, Any], num_rounds: int) -> None:
+    """Print the one-line summary of a round."""
+    r, tl = record, record["train_loss"]
+    problems = "".join(f", {r[k]} {k[4:]}" for k in ("num_failed", "num_rejected") if r.get(k))
+    skipped = " (aggregation skipped)" if r.get("aggregation_skipped") else ""
+    _say(f"round {r['round']}/{num_rounds}: test accuracy {r['test_accuracy']:.4f}, loss {r['test_loss']:.4f}, "
+         f"train loss {tl if tl is None else round(tl, 4)}, {r['num_ok']} clients{problems}{skipped}, "
+         f"up {r['bytes_up_total'] / 1e6:.2f} MB, down {r['bytes_down_total'] / 1e6:.2f} MB, "
+         f"{r['round_seconds']:.1f} s (elapsed {r['wall_time']:.0f} s)")
+
+
+def clean_reason(reason: str) -> str:
+    """Shorten Flower's error reason to the client's own message.
+
+    Flower wraps a ClientApp exception as ``"<class '...ClientAppException'>:<'\\nException
+    ClientAppException occurred. Message: <text>'>"``; we keep ``<text>``.
+    """
+    marker = "Message: "
+    text = reason[reason.rfind(marker) + len(marker):] if marker in reason else reason
+    while text.endswith("'>"):
+        text = text[:-2]
+    return text.strip()[:500]
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, ClientInfo]:
@@ -93,6 +129,10 @@ class Federation:
         self.history: list[BaseMerge] = []
         self.acked: dict[int, int] = {}
         self.start_wall = time.perf_counter()
+        self.resume = bool(cfg.get("resume"))
+        self.resumed_from = 0  # the checkpoint round this run continued from (0: a fresh run)
+        self.merges_saved = 0  # base merges already in the checkpoint directory
+        self.checkpointing = bool(cfg.get("checkpoint", True))
 
     # -- messages -------------------------------------------------------------------------------
     def _start_state(self, plan: ClientPlan, spec: Any) -> AdapterState:
@@ -116,6 +156,7 @@ class Federation:
             keys.CONFIG: ConfigRecord({
                 keys.SERVER_ROUND: server_round, keys.RANK: plan.rank, keys.INIT_SEED: plan.init_seed,
                 keys.FRESH: fresh, keys.TRAIN_LORA_A: plan.train_lora_a, keys.SEND_LORA_A: plan.send_lora_a,
+                keys.RESUME_ROUND: self.resumed_from,
             }),
         })
         first = self.acked.get(info.client_id, 0)
@@ -124,23 +165,38 @@ class Federation:
             content[keys.BASE] = records.merges_to_record(pending)
         return content, start
 
-    def decode_reply(self, reply: Message, info: ClientInfo, start: AdapterState,
-                     send_lora_a: bool = True) -> ClientUpdate:
-        """Turn a client's reply into a complete trained adapter (decompress, fill in ``A``)."""
+    def decode_reply(self, reply: Message, info: ClientInfo, start: AdapterState, rank: int,
+                     send_lora_a: bool = True) -> tuple[ClientUpdate | None, str | None]:
+        """Decode and check a client's reply: ``(update, None)`` or ``(None, why it is rejected)``.
+
+        The tensors the client sent are checked (:func:`fedlora.adapters.validation.check_update`)
+        against the keys and shapes of the adapter it started from at its assigned ``rank``
+        *before* anything is filled in; only then does ``A`` that stayed on the client (FFA-LoRA)
+        come from the start state. A compressed reply is decoded first.
+        """
         content = reply.content
-        if keys.COMPRESSED in content:
-            sent = sorted(start) if send_lora_a else sorted(k for k in start if not k.endswith(".lora_A.weight"))
-            packed = records.record_to_numpy(content[keys.COMPRESSED])
-            delta = self.compressor.decode(records.unpack_payload(packed, sent))
-            state = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
-        else:
-            state = records.record_to_state(content[keys.ADAPTER])
+        sent = sorted(start) if send_lora_a else sorted(k for k in start if not k.endswith(".lora_A.weight"))
+        if keys.METRICS not in content or (keys.COMPRESSED not in content and keys.ADAPTER not in content):
+            return None, f"malformed reply: records {sorted(content)}; expected an adapter and metrics"
+        m = content[keys.METRICS]
+        try:
+            if keys.COMPRESSED in content:
+                packed = records.record_to_numpy(content[keys.COMPRESSED])
+                delta = self.compressor.decode(records.unpack_payload(packed, sent))
+                received = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
+            else:
+                received = records.record_to_state(content[keys.ADAPTER])
+            reported = int(m[keys.RANK]) if keys.RANK in m else None
+            num_examples = int(m[keys.NUM_EXAMPLES])
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            return None, f"cannot decode the update: {type(exc).__name__}: {str(exc)[:200]}"
+        reason = validation.check_update(validation.expected_shapes(start, sent), received, rank, reported)
+        if reason is not None:
+            return None, reason
+        state = dict(received)
         for key, value in start.items():
             state.setdefault(key, value.clone())  # A stayed on the client: it equals the start A
-        m = content[keys.METRICS]
-        rank = int(m[keys.RANK])
-        return ClientUpdate(info.client_id, rank, self.ws.host.settings.scaling(rank),
-                            int(m[keys.NUM_EXAMPLES]), state)
+        return ClientUpdate(info.client_id, rank, self.ws.host.settings.scaling(rank), num_examples, state), None
 
     # -- evaluation and output ------------------------------------------------------------------
     def cumulative_merge(self) -> BaseMerge | None:
@@ -174,88 +230,180 @@ class Federation:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
-        """Run every round; write metrics, the adapter, the plot and the summary."""
+        """Run every round (from the checkpoint when resuming); write metrics, adapter, plot, summary."""
         cfg = self.cfg
         clients = discover_clients(grid, int(cfg["num_clients"]), float(cfg.get("connect_timeout", 600)))
         r_max = max(c.rank for c in clients.values())
-        spec = self.ws.host.spec(r_max)
-        init = self.strategy.init(spec, self.seed)
-        adapter, sstate = init.adapter, dict(init.state)
+        num_rounds = int(cfg["num_rounds"])
+        ranks = {c.client_id: c.rank for c in clients.values()}
+        adapter, sstate, first, best = self._start(ranks, r_max)
         log = cfg.get("logging", {})
         recorder = RunRecorder(self.run_dir, tensorboard=bool(log.get("tensorboard", True)),
                                wandb=log.get("wandb"), config=cfg)
-        num_rounds = int(cfg["num_rounds"])
-        ranks = {c.client_id: c.rank for c in clients.values()}
         _say(f"{len(clients)} clients connected, ranks {dict(sorted(ranks.items()))}; "
              f"strategy {type(self.strategy).__name__}"
-             + (f" + {type(self.compressor).__name__}" if self.compressor else "") + f"; {num_rounds} rounds")
-        loss, acc = self.evaluate(adapter, r_max)
-        recorder.log_round({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": None,
-                            "wall_time": time.perf_counter() - self.start_wall, "clients": []})
-        _say(f"round 0/{num_rounds}: test accuracy {acc:.4f}, loss {loss:.4f}")
-        best = acc
-        for server_round in range(1, num_rounds + 1):
-            t_round = time.perf_counter()
-            sampled = sample_clients(sorted(clients), float(cfg["fraction_train"]), server_round, self.seed,
-                                     int(cfg.get("min_clients", 1)))
-            messages, starts, down, sends_a = [], {}, {}, {}
-            for cid in sampled:
-                info = clients[cid]
-                plan = self.strategy.plan(adapter, sstate, client_id=cid, rank=info.rank,
-                                          server_round=server_round, seed=self.seed)
-                content, starts[cid] = self.encode_plan(plan, info, server_round)
-                sends_a[cid] = plan.send_lora_a
-                down[cid] = records.content_bytes(content)
-                messages.append(Message(content, info.node_id, "train", group_id=str(server_round)))
-            by_node = {c.node_id: c for c in clients.values()}
-            replies = grid.send_and_receive(messages, timeout=float(cfg.get("round_timeout", 3600)))
-            updates, rows, losses = [], {}, []
-            for reply in replies:
-                info = by_node[reply.metadata.src_node_id]
-                row = {"client": info.client_id, "rank": info.rank, "bytes_down": down[info.client_id]}
-                if reply.has_error():
-                    row.update(status="failed", error=str(reply.error.reason))
-                else:
-                    update = self.decode_reply(reply, info, starts[info.client_id], sends_a[info.client_id])
-                    m = reply.content[keys.METRICS]
-                    row.update(status="ok", bytes_up=records.content_bytes(reply.content),
-                               num_examples=update.num_examples, train_loss=float(m[keys.TRAIN_LOSS]),
-                               train_seconds=float(m[keys.TRAIN_SECONDS]))
-                    updates.append(update)
-                    losses.append((float(m[keys.TRAIN_LOSS]), update.num_examples))
-                    self.acked[info.client_id] = len(self.history)
-                rows[info.client_id] = row
-            for cid in sampled:
-                rows.setdefault(cid, {"client": cid, "rank": clients[cid].rank, "bytes_down": down[cid],
-                                      "status": "failed", "error": "no reply before the round timeout"})
-            strategy_metrics: dict[str, float] = {}
-            if updates:
-                updates.sort(key=lambda u: u.client_id)
-                result = self.strategy.aggregate(adapter, sstate, updates, server_round=server_round)
+             + (f" + {type(self.compressor).__name__}" if self.compressor else "") + f"; {num_rounds} rounds"
+             + (f"; resuming after round {self.resumed_from}" if self.resumed_from else ""))
+        if first == 1:
+            loss, acc = self.evaluate(adapter, r_max)
+            best = acc
+            recorder.log_round({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": None,
+                                "wall_time": self.elapsed(), "clients": []})
+            self.save_checkpoint(0, adapter, sstate, ranks, best)
+            _say(f"round 0/{num_rounds}: test accuracy {acc:.4f}, loss {loss:.4f}")
+        for server_round in range(first, num_rounds + 1):
+            adapter, sstate, record = self.train_round(grid, clients, adapter, sstate, server_round, r_max)
+            best = max(best, record["test_accuracy"])
+            recorder.log_round(record)
+            self.save_checkpoint(server_round, adapter, sstate, ranks, best)
+            _say_round(record, num_rounds)
+        recorder.close()
+        last = read_metrics(self.run_dir)[-1]
+        return self.finish(adapter, r_max, last["test_accuracy"], last["test_loss"], best)
+
+    def _start(self, ranks: dict[int, int], r_max: int) -> tuple[AdapterState, dict[str, Any], int, float]:
+        """Return the global adapter, strategy state, first round to run and best accuracy so far.
+
+        A fresh run starts from the strategy's ``init`` and clears what an earlier run may have
+        left in the directory; a resumed run loads the checkpoint, restores metrics.jsonl and
+        the random-number state, and forgets which merges the clients hold (their processes are
+        new, so the next message to each resends every base merge).
+        """
+        if not self.resume:
+            for name in (ckpt.CHECKPOINT_DIR, ckpt.CLIENT_STATE_DIR):  # left by an earlier run here
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            init = self.strategy.init(self.ws.host.spec(r_max), self.seed)
+            return init.adapter, dict(init.state), 1, 0.0
+        state = ckpt.load_checkpoint(self.run_dir)
+        if state.ranks != ranks:
+            raise RuntimeError(f"resume: the checkpoint's client ranks {state.ranks} differ from the connected "
+                               f"clients' ranks {ranks}; resume with the same clients and rank settings")
+        self.history = list(state.merges)
+        self.merges_saved = len(self.history)
+        self.acked = {}
+        self.resumed_from = state.round
+        self.start_wall = time.perf_counter() - state.elapsed
+        ckpt.write_atomic(self.run_dir / "metrics.jsonl", "".join(x + "\n" for x in state.metrics).encode())
+        ckpt.restore_rng(state.rng, state.rng.get("torch"))
+        return state.adapter, dict(state.strategy_state), state.round + 1, state.best
+
+    def elapsed(self) -> float:
+        """Seconds of run time so far (across resumes)."""
+        return time.perf_counter() - self.start_wall
+
+    def save_checkpoint(self, server_round: int, adapter: AdapterState, sstate: Mapping[str, Any],
+                        ranks: dict[int, int], best: float) -> None:
+        """Write the checkpoint of ``server_round`` (see :mod:`fedlora.checkpoint`)."""
+        if not self.checkpointing:
+            return
+        metrics = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        state = ckpt.Checkpoint(round=server_round, adapter=adapter, strategy_state=dict(sstate),
+                                merges=self.history, ranks=ranks, acked=dict(self.acked), best=best,
+                                elapsed=self.elapsed(), metrics=metrics)
+        ckpt.save_checkpoint(self.run_dir, state, merges_from=self.merges_saved)
+        self.merges_saved = len(self.history)
+
+    def train_round(self, grid: Grid, clients: dict[int, ClientInfo], adapter: AdapterState,
+                    sstate: dict[str, Any], server_round: int, r_max: int,
+                    ) -> tuple[AdapterState, dict[str, Any], dict[str, Any]]:
+        """Run one round: plan, send, collect and check replies, aggregate, evaluate.
+
+        Returns the new global adapter and strategy state and the round's metrics record.
+        """
+        cfg = self.cfg
+        t_round = time.perf_counter()
+        sampled = sample_clients(sorted(clients), float(cfg["fraction_train"]), server_round, self.seed,
+                                 int(cfg.get("min_clients", 1)))
+        messages, sent = [], {}
+        for cid in sampled:
+            info = clients[cid]
+            plan = self.strategy.plan(adapter, sstate, client_id=cid, rank=info.rank,
+                                      server_round=server_round, seed=self.seed)
+            content, start = self.encode_plan(plan, info, server_round)
+            sent[cid] = _Sent(plan, start, records.content_bytes(content))
+            messages.append(Message(content, info.node_id, "train", group_id=str(server_round)))
+        timeout = float(cfg.get("round_timeout", 3600))
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        rows, updates, losses = self._collect(replies, clients, sent, timeout)
+        strategy_metrics: dict[str, float] = {}
+        skipped = None
+        min_fit = int(cfg.get("min_fit_clients", 1))
+        if len(updates) < min_fit:
+            skipped = (f"{len(updates)} valid update(s), fewer than min_fit_clients={min_fit}: "
+                       "the global adapter is kept")
+        else:
+            result = self.strategy.aggregate(adapter, sstate, updates, server_round=server_round)
+            if not validation.is_finite_state(result.adapter):
+                skipped = "aggregation produced non-finite values: the global adapter is kept"
+            else:
                 adapter, sstate, strategy_metrics = result.adapter, dict(result.state), dict(result.metrics)
                 if result.merge is not None:
                     self.history.append(result.merge)
-            loss, acc = self.evaluate(adapter, r_max)
-            best = max(best, acc)
-            train_loss = (sum(lv * n for lv, n in losses) / sum(n for _, n in losses)) if losses else None
-            client_rows = [rows[c] for c in sorted(rows)]
-            record = {
-                "round": server_round, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
-                "wall_time": time.perf_counter() - self.start_wall,
-                "round_seconds": time.perf_counter() - t_round, "clients": client_rows,
-                "num_ok": len(updates), "num_failed": len(client_rows) - len(updates),
-                "bytes_down_total": sum(r["bytes_down"] for r in client_rows),
-                "bytes_up_total": sum(r.get("bytes_up", 0) for r in client_rows),
-                "strategy": {k: float(v) for k, v in strategy_metrics.items()},
-            }
-            recorder.log_round(record)
-            failed = f", {record['num_failed']} failed" if record["num_failed"] else ""
-            _say(f"round {server_round}/{num_rounds}: test accuracy {acc:.4f}, loss {loss:.4f}, train loss "
-                 f"{train_loss if train_loss is None else round(train_loss, 4)}, {len(updates)} clients{failed}, "
-                 f"up {record['bytes_up_total'] / 1e6:.2f} MB, down {record['bytes_down_total'] / 1e6:.2f} MB, "
-                 f"{record['round_seconds']:.1f} s (elapsed {record['wall_time']:.0f} s)")
-        recorder.close()
-        return self.finish(adapter, r_max, acc, loss, best)
+        loss, acc = self.evaluate(adapter, r_max)
+        train_loss = (sum(lv * n for lv, n in losses) / sum(n for _, n in losses)) if losses else None
+        client_rows = [rows[c] for c in sorted(rows)]
+        record = {
+            "round": server_round, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
+            "wall_time": self.elapsed(), "round_seconds": time.perf_counter() - t_round, "clients": client_rows,
+            "num_ok": len(updates), "num_failed": sum(r["status"] == "failed" for r in client_rows),
+            "num_rejected": sum(r["status"] == "rejected" for r in client_rows),
+            "bytes_down_total": sum(r["bytes_down"] for r in client_rows),
+            "bytes_up_total": sum(r.get("bytes_up", 0) for r in client_rows),
+            "strategy": {k: float(v) for k, v in strategy_metrics.items()},
+        }
+        if skipped:
+            record["aggregation_skipped"] = skipped
+        return adapter, sstate, record
+
+    def _collect(self, replies: Any, clients: dict[int, ClientInfo], sent: dict[int, _Sent], timeout: float,
+                 ) -> tuple[dict[int, dict[str, Any]], list[ClientUpdate], list[tuple[float, int]]]:
+        """Turn the round's replies into per-client rows and the accepted updates (by client id).
+
+        Error replies are ``failed``; replies that fail the checks, or whose change is an outlier
+        (``max_norm_ratio``), are ``rejected``; sampled clients that did not answer in time are
+        ``failed`` with the timeout as the reason. Replies are handled in client order, not in
+        arrival order, so that sums come out bitwise the same in every run.
+        """
+        by_node = {c.node_id: c for c in clients.values()}
+        arrived = {}
+        for reply in replies:
+            info = by_node.get(reply.metadata.src_node_id)
+            if info is not None and info.client_id in sent:
+                arrived[info.client_id] = reply
+        rows: dict[int, dict[str, Any]] = {}
+        accepted: dict[int, ClientUpdate] = {}
+        for cid in sorted(sent):
+            s = sent[cid]
+            row: dict[str, Any] = {"client": cid, "rank": clients[cid].rank, "bytes_down": s.bytes_down}
+            rows[cid] = row
+            reply = arrived.get(cid)
+            if reply is None:
+                row.update(status="failed", error=f"no reply within round_timeout={timeout:g} s")
+                continue
+            if reply.has_error():
+                row.update(status="failed", error=clean_reason(str(reply.error.reason)))
+                continue
+            self.acked[cid] = len(self.history)  # the client applied every merge it was sent
+            row["bytes_up"] = records.content_bytes(reply.content)
+            update, reason = self.decode_reply(reply, clients[cid], s.start, s.plan.rank, s.plan.send_lora_a)
+            if update is None:
+                row.update(status="rejected", error=reason)
+                continue
+            m = reply.content[keys.METRICS]
+            row.update(status="ok", num_examples=update.num_examples, train_loss=float(m[keys.TRAIN_LOSS]),
+                       train_seconds=float(m[keys.TRAIN_SECONDS]))
+            accepted[cid] = update
+        norms = {cid: validation.change_norm(u.state, sent[cid].start) for cid, u in accepted.items()}
+        ratio = self.cfg.get("max_norm_ratio")
+        for cid, reason in validation.norm_outliers(norms, None if ratio is None else float(ratio)).items():
+            rows[cid].update(status="rejected", error=reason)
+            for key in ("num_examples", "train_loss", "train_seconds"):
+                rows[cid].pop(key, None)
+            del accepted[cid]
+        updates = [accepted[c] for c in sorted(accepted)]
+        losses = [(rows[c]["train_loss"], rows[c]["num_examples"]) for c in sorted(accepted)]
+        return rows, updates, losses
 
     def finish(self, adapter: AdapterState, r_max: int, acc: float, loss: float, best: float) -> dict[str, Any]:
         """Save the global adapter in peft's format, plot, and write ``summary.json``."""

@@ -1,0 +1,209 @@
+"""Checkpoints of a federated run, and the client-side state files, written atomically.
+
+Server checkpoint, after every round, in ``<run_dir>/checkpoint/``::
+
+    LATEST                      the name of the newest complete round directory (replaced atomically)
+    round_00003/                one round: written under a temporary name, then renamed
+        state.safetensors       global adapter ("adapter/..."), strategy state ("strategy/..."),
+                                the torch RNG state ("rng/torch")
+        meta.json               round, client ranks, acked merges, best accuracy, elapsed time,
+                                Python and NumPy RNG states, number of base merges
+        metrics.jsonl           metrics.jsonl as it was after this round
+    merges/merge_00002.safetensors
+                                base merges (FLoRA), each written once (they never change)
+
+A reader follows ``LATEST``, so a kill at any moment leaves the previous complete checkpoint
+readable: a round directory becomes visible only by a rename, ``LATEST`` only by
+``os.replace``. Older round directories are removed after ``LATEST`` moves on.
+
+Client state (ComPEFT's error-feedback residual) lives on the client's side:
+``<state_dir>/round_00003.safetensors``, the state after the client trained in that round. The
+two newest files are kept: a kill can leave at most one file newer than the server's checkpoint
+(the interrupted round), so the newest file at or before the checkpoint round is always there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlora.types import AdapterState, BaseMerge
+
+CHECKPOINT_DIR = "checkpoint"
+CLIENT_STATE_DIR = "client_state"
+_LATEST = "LATEST"
+_KEEP_CLIENT_FILES = 2
+
+
+@dataclass
+class Checkpoint:
+    """Everything the server needs to continue a run after round ``round``."""
+
+    round: int
+    adapter: AdapterState
+    strategy_state: dict[str, torch.Tensor]
+    merges: list[BaseMerge]
+    ranks: dict[int, int]
+    acked: dict[int, int] = field(default_factory=dict)
+    best: float = 0.0
+    elapsed: float = 0.0
+    metrics: list[str] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+# -- files ------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write(tmp, data)
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``safetensors`` save through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- random-number state ----------------------------------------------------------------------
+def capture_rng() -> tuple[dict[str, Any], torch.Tensor]:
+    """Return the Python and NumPy RNG states (JSON-able) and the torch CPU RNG state."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return ({"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]},
+            torch.get_rng_state())
+
+
+def restore_rng(states: dict[str, Any], torch_state: torch.Tensor | None) -> None:
+    """Inverse of :func:`capture_rng`."""
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if torch_state is not None:
+        torch.set_rng_state(torch_state)
+
+
+# -- server checkpoint ------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Path:
+    """Write ``ckpt`` under ``run_dir/checkpoint`` atomically and return its round directory.
+
+    ``merges_from``: merges with a lower index are already on disk from an earlier checkpoint
+    of this run (they never change); later ones are (re)written.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    (root / "merges").mkdir(parents=True, exist_ok=True)
+    for index in range(merges_from, len(ckpt.merges)):
+        tensors = {}
+        for module, (b, a) in ckpt.merges[index].items():
+            tensors[f"{module}|B"], tensors[f"{module}|A"] = b, a  # B: (m, R), A: (R, n)
+        save_tensors_atomic(root / "merges" / f"merge_{index:05d}.safetensors", tensors)
+    name = f"round_{ckpt.round:05d}"
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    rng, torch_rng = capture_rng()
+    tensors = {f"adapter/{k}": v for k, v in ckpt.adapter.items()}
+    tensors.update({f"strategy/{k}": v for k, v in ckpt.strategy_state.items()})
+    tensors["rng/torch"] = torch_rng
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+              str(tmp / "state.safetensors"))
+    meta = {"round": ckpt.round, "ranks": {str(k): v for k, v in sorted(ckpt.ranks.items())},
+            "acked": {str(k): v for k, v in sorted(ckpt.acked.items())}, "best": ckpt.best,
+            "elapsed": ckpt.elapsed, "num_merges": len(ckpt.merges), "rng": rng}
+    _write(tmp / "meta.json", json.dumps(meta).encode())
+    _write(tmp / "metrics.jsonl", "".join(line + "\n" for line in ckpt.metrics).encode())
+    with open(tmp / "state.safetensors", "rb") as f:
+        os.fsync(f.fileno())
+    final = root / name
+    if final.exists():  # left by an attempt killed before it moved LATEST
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    write_atomic(root / _LATEST, name.encode())
+    for old in root.glob("round_*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Return whether ``run_dir`` holds a complete checkpoint."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    latest = root / _LATEST
+    return latest.is_file() and (root / latest.read_text().strip() / "meta.json").is_file()
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """Read the newest complete checkpoint of ``run_dir`` (raises ``FileNotFoundError``)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not has_checkpoint(run_dir):
+        raise FileNotFoundError(f"{root} holds no complete checkpoint")
+    folder = root / (root / _LATEST).read_text().strip()
+    meta = json.loads((folder / "meta.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    merges = []
+    for index in range(int(meta["num_merges"])):
+        raw = load_file(str(root / "merges" / f"merge_{index:05d}.safetensors"))
+        modules = sorted({k.rsplit("|", 1)[0] for k in raw})
+        merges.append({m: (raw[f"{m}|B"], raw[f"{m}|A"]) for m in modules})
+    rng = dict(meta.get("rng", {}))
+    rng["torch"] = tensors.get("rng/torch")
+    return Checkpoint(
+        round=int(meta["round"]),
+        adapter={k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")},
+        strategy_state={k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")},
+        merges=merges, ranks={int(k): int(v) for k, v in meta["ranks"].items()},
+        acked={int(k): int(v) for k, v in meta["acked"].items()}, best=float(meta["best"]),
+        elapsed=float(meta["elapsed"]), metrics=(folder / "metrics.jsonl").read_text().splitlines(), rng=rng,
+    )
+
+
+# -- client state -----------------------------------------------------------------------------
+def save_client_state(state_dir: Path, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a client's state after ``server_round``; keep the two newest files."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(state_dir / f"round_{server_round:05d}.safetensors", tensors)
+    files = sorted(state_dir.glob("round_*.safetensors"))
+    for old in files[:-_KEEP_CLIENT_FILES]:
+        old.unlink(missing_ok=True)
+
+
+def load_client_state(state_dir: Path, at_most: int) -> dict[str, torch.Tensor] | None:
+    """Return the client's state of the newest round ``<= at_most``, or ``None``."""
+    best = None
+    for path in sorted(Path(state_dir).glob("round_*.safetensors")):
+        if int(path.stem.split("_")[1]) <= at_most:
+            best = path
+    return load_file(str(best)) if best is not None else None

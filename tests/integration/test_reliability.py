@@ -1,0 +1,191 @@
+"""Reliability end to end: same seed, same metrics; kill and resume; injected faults.
+
+Real `fedlora` commands (real MiniLM, Flower, Ray), tiny settings (3 clients, 2 local steps,
+64 test articles). FLoRA + ComPEFT is the hardest case to resume: the server holds base merges
+and strategy state, every client holds an error-feedback residual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FEDLORA, ROOT, TINY, run_fedlora
+
+from fedlora.faults import FaultSettings, decide
+
+pytestmark = pytest.mark.slow
+
+TIMING = {"wall_time", "round_seconds", "train_seconds"}
+RESUMABLE = [*TINY, "strategy=flora", "compression=compeft", "num_rounds=4", "logging.tensorboard=false"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(value):  # noqa: ANN001, ANN202 - JSON in, JSON out
+    """``value`` without the timing keys, at any depth."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _run_ok(args: list[str], run_dir: Path, timeout: int = 600) -> str:
+    out = run_fedlora(args, run_dir, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _run_ok(RESUMABLE, run_dir)
+    return run_dir
+
+
+def test_same_seed_gives_identical_metrics(uninterrupted: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    _run_ok(RESUMABLE, again)
+    assert _untimed(_rows(again)) == _untimed(_rows(uninterrupted))
+    assert len(_rows(again)) == 5
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the point where the test kills it"
+        assert time.monotonic() < deadline, "timed out waiting for the run to reach round 3"
+        time.sleep(0.2)
+
+
+def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([FEDLORA, *RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    latest = run_dir / "checkpoint" / "LATEST"
+
+    def in_round_3() -> bool:
+        # round 2 is checkpointed and some client already wrote its round-3 state: mid-round 3
+        return (latest.exists() and latest.read_text() == "round_00002"
+                and any((run_dir / "client_state").glob("*/round_00003.safetensors")))
+
+    try:
+        _wait_for(in_round_3, proc, timeout=500)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    assert [r["round"] for r in _rows(run_dir)] == [0, 1, 2]
+
+    # the real command line: `fedlora resume=<run>` continues in the same directory
+    out = subprocess.run([FEDLORA, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming after round 2" in out.stdout
+
+    resumed, reference = _untimed(_rows(run_dir)), _untimed(_rows(uninterrupted))
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
+    # The first round after a resume resends every base merge (the clients' processes are new), so
+    # its downlink is larger; everything else, every accuracy, loss and byte up, is identical.
+    for row in (resumed[3], reference[3]):
+        down = row.pop("bytes_down_total")
+        for client in row["clients"]:
+            down -= client.pop("bytes_down")
+        assert down == 0
+    assert resumed == reference
+    summary = json.loads((run_dir / "summary.json").read_text())
+    expected = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["final_test_accuracy"] == expected["final_test_accuracy"]
+    a = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (uninterrupted / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def _fault_seed(settings: dict, wanted) -> int:  # noqa: ANN001
+    """The first ``faults.seed`` whose decisions for 3 clients and 2 rounds satisfy ``wanted``."""
+    for seed in range(10_000):
+        faults = FaultSettings.from_config({**settings, "seed": seed})
+        plan = {(r, c): decide(faults, 0, r, c) for r in (1, 2) for c in range(3)}
+        if wanted(plan):
+            return seed
+    raise AssertionError("no fault seed gives the wanted pattern")
+
+
+def test_injected_failures_stragglers_and_malformed_updates(tmp_path: Path) -> None:
+    settings = {"fail_prob": 0.3, "straggler_prob": 0.3, "straggler_delay_s": 40.0, "corrupt_prob": 0.3,
+                "corrupt_kind": "nan"}
+
+    def wanted(plan: dict) -> bool:
+        r1 = [plan[1, c] for c in range(3)]
+        r2 = [plan[2, c] for c in range(3)]
+        return (  # round 1: one fails, one sends NaN, one is fine -> 1 valid < min_fit_clients=2
+            sorted((d.fail, d.corrupt is not None and not d.fail, d.delay_s > 0) for d in r1)
+            == [(False, False, False), (False, True, False), (True, False, False)]
+            # round 2: one straggles past the timeout, two are fine -> aggregated
+            and sorted((d.fail, d.corrupt is not None, d.delay_s > 0) for d in r2)
+            == [(False, False, False), (False, False, False), (False, False, True)])
+
+    seed = _fault_seed(settings, wanted)
+    faults = FaultSettings.from_config({**settings, "seed": seed})
+    overrides = [f"faults.{k}={v}" for k, v in settings.items()] + [f"faults.seed={seed}"]
+    run_dir = tmp_path / "run"
+    log = _run_ok([*TINY, *overrides, "min_fit_clients=2", "round_timeout=25", "logging.tensorboard=false"],
+                  run_dir)
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        for client in row["clients"]:
+            d = decide(faults, 0, row["round"], client["client"])
+            if d.fail:
+                assert client["status"] == "failed" and "injected failure" in client["error"], client
+            elif d.delay_s > 0:
+                assert client["status"] == "failed" and "round_timeout=25" in client["error"], client
+            elif d.corrupt:
+                assert client["status"] == "rejected" and "NaN" in client["error"], client
+            else:
+                assert client["status"] == "ok", client
+    # round 1: one valid update is fewer than min_fit_clients=2: nothing aggregated, global kept
+    assert rows[1]["num_ok"] == 1 and rows[1]["num_failed"] == 1 and rows[1]["num_rejected"] == 1
+    assert "min_fit_clients=2" in rows[1]["aggregation_skipped"]
+    assert rows[1]["test_accuracy"] == rows[0]["test_accuracy"] and rows[1]["test_loss"] == rows[0]["test_loss"]
+    # round 2: the straggler's reply is lost, the two others are aggregated
+    assert rows[2]["num_ok"] == 2 and rows[2]["num_failed"] == 1 and "aggregation_skipped" not in rows[2]
+    assert rows[2]["test_loss"] != rows[1]["test_loss"]
+    assert all(math.isfinite(r["test_loss"]) for r in rows)
+    assert "1 rejected" in log and "(aggregation skipped)" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert math.isfinite(summary["final_test_loss"])
+
+
+REASONS = {"nan": "NaN", "inf": "infinite", "shape": "wrong shape", "rank": "wrong rank",
+           "missing_key": "missing keys", "extra_key": "unexpected keys", "scale": "max_norm_ratio=10"}
+
+
+def test_every_malformed_update_kind_is_rejected_and_the_run_goes_on(tmp_path: Path) -> None:
+    # 9 clients, one round: clients 1..7 each send one kind of malformed update, 0 and 8 are honest
+    kinds = dict(enumerate(REASONS, start=1))
+    corrupt = "{" + ", ".join(f"{c}: {k}" for c, k in kinds.items()) + "}"
+    run_dir = tmp_path / "run"
+    _run_ok([*TINY, "num_clients=9", "num_rounds=1", f"faults.corrupt={corrupt}", "logging.tensorboard=false"],
+            run_dir)
+    row = _rows(run_dir)[1]
+    by_client = {c["client"]: c for c in row["clients"]}
+    for cid, kind in kinds.items():
+        assert by_client[cid]["status"] == "rejected", (kind, by_client[cid])
+        assert REASONS[kind] in by_client[cid]["error"], (kind, by_client[cid]["error"])
+    assert by_client[0]["status"] == by_client[8]["status"] == "ok"
+    assert row["num_ok"] == 2 and row["num_rejected"] == 7 and "aggregation_skipped" not in row
+    assert math.isfinite(row["test_loss"])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(bool(v.isfinite().all()) for v in weights.values())
