@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -121,10 +120,8 @@ def test_rank_policies() -> None:
 
 
 def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
-    t0 = time.perf_counter()
     out = run_fedlora(["num_clients=0", "partition.alpha=-1"], tmp_path / "run", timeout=120)
     assert out.returncode == 2
     assert "num_clients=0" in out.stderr and "partition.alpha=-1" in out.stderr
     assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr
     assert (tmp_path / "run" / "FAILED").exists()
-    assert time.perf_counter() - t0 < 60
