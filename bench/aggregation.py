@@ -117,12 +117,15 @@ class DenseWatch(TorchFunctionMode):
         return out
 
 
-def time_call(fn, repeats: int) -> list[float]:  # noqa: ANN001
+def time_call(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:  # noqa: ANN001
+    """Wall seconds of ``repeats`` calls; appends each call's process CPU seconds to ``cpu``."""
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return times
 
 
@@ -144,13 +147,15 @@ def bench_strategy(name: str, strategy: Any, spec: AdapterSpec, ranks: list[int]
         return strategy.aggregate(glob, sstate, updates, server_round=1)
 
     call()  # warm-up (allocator, lazy imports); not timed
-    times = time_call(call, repeats)
+    cpu: list[float] = []
+    times = time_call(call, repeats, cpu)
     watch = DenseWatch()
     with watch:
         call()
     m, n = next(iter(spec.modules.values()))
     row = {
         "strategy": name, "seconds_best": min(times), "seconds_median": statistics.median(times),
+        "cpu_seconds_best": min(cpu),
         "largest_tensor_numel": watch.max_numel, "largest_tensor_op": watch.max_op,
         "dense_mxn": watch.max_numel >= m * n,
     }
@@ -220,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}", flush=True)
     results: dict[str, Any] = {"modules": len(modules), "width": args.width, "clients": args.clients,
                                "rank": args.rank, "threads": args.threads, "quick": args.quick, "rows": []}
-    print(f"{'setting':7s} {'strategy':26s} {'best s':>8s} {'median s':>9s}  dense m x n?")
+    print(f"{'setting':7s} {'strategy':26s} {'best s':>8s} {'median s':>9s} {'cpu s':>7s}  dense m x n?")
     for setting, ranks in settings.items():
         for name, strategy in strategies.items():
             row = bench_strategy(name, strategy, spec, ranks, args.repeats, args.target)
             row["setting"] = setting
             results["rows"].append(row)
             flag = "over target" if row["seconds_best"] > args.target else ""
-            print(f"{setting:7s} {name:26s} {row['seconds_best']:8.3f} {row['seconds_median']:9.3f}  "
+            print(f"{setting:7s} {name:26s} {row['seconds_best']:8.3f} {row['seconds_median']:9.3f} {row['cpu_seconds_best']:7.3f}  "
                   f"{'YES' if row['dense_mxn'] else 'no'} (largest tensor {row['largest_tensor_numel']:,} "
                   f"from {row['largest_tensor_op']}) {flag}", flush=True)
             if "profile" in row:
