@@ -189,9 +189,11 @@ class Federation:
         _say(f"{len(clients)} clients connected, ranks {dict(sorted(ranks.items()))}; "
              f"strategy {type(self.strategy).__name__}"
              + (f" + {type(self.compressor).__name__}" if self.compressor else "") + f"; {num_rounds} rounds")
+        t_eval = time.perf_counter()
         loss, acc = self.evaluate(adapter, r_max)
         recorder.log_round({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": None,
-                            "wall_time": time.perf_counter() - self.start_wall, "clients": []})
+                            "wall_time": time.perf_counter() - self.start_wall,
+                            "eval_seconds": time.perf_counter() - t_eval, "clients": []})
         _say(f"round 0/{num_rounds}: test accuracy {acc:.4f}, loss {loss:.4f}")
         best = acc
         for server_round in range(1, num_rounds + 1):
@@ -235,14 +237,17 @@ class Federation:
                 adapter, sstate, strategy_metrics = result.adapter, dict(result.state), dict(result.metrics)
                 if result.merge is not None:
                     self.history.append(result.merge)
+            t_eval = time.perf_counter()
             loss, acc = self.evaluate(adapter, r_max)
+            eval_seconds = time.perf_counter() - t_eval
             best = max(best, acc)
             train_loss = (sum(lv * n for lv, n in losses) / sum(n for _, n in losses)) if losses else None
             client_rows = [rows[c] for c in sorted(rows)]
             record = {
                 "round": server_round, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
                 "wall_time": time.perf_counter() - self.start_wall,
-                "round_seconds": time.perf_counter() - t_round, "clients": client_rows,
+                "round_seconds": time.perf_counter() - t_round, "eval_seconds": eval_seconds,
+                "clients": client_rows,
                 "num_ok": len(updates), "num_failed": len(client_rows) - len(updates),
                 "bytes_down_total": sum(r["bytes_down"] for r in client_rows),
                 "bytes_up_total": sum(r.get("bytes_up", 0) for r in client_rows),
