@@ -61,15 +61,18 @@ def norm_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 def product_gap(
     updates: Sequence[ClientUpdate], weights: Sequence[float], averaged: Mapping[str, tuple[Tensor, Tensor]]
 ) -> float:
-    """Relative gap ``||sum p_k B_k A_k - B_avg A_avg||_F / ||sum p_k B_k A_k||_F`` over modules."""
+    """Relative gap ``||sum p_k B_k A_k - B_avg A_avg||_F / ||sum p_k B_k A_k||_F`` over modules.
+
+    Both norms share one ``A`` side, ``[p_1 A_1; ...; p_K A_K; A_avg]``: one QR of it per module
+    (:func:`fedlora.adapters.lora_math.ideal_and_gap_norms`).
+    """
+    client_pairs = [lm.split_state(u.state)[0] for u in updates]
     gap_sq, ideal_sq = 0.0, 0.0
     for module, (a_avg, b_avg) in averaged.items():
-        pairs = [lm.split_state(u.state)[0][module] for u in updates]
-        b_id, a_id = lm.stack_pairs(pairs, weights)
-        ideal_sq += lm.factored_fro_norm(b_id, a_id) ** 2
-        b_gap = torch.cat([b_id, -b_avg], dim=1)
-        a_gap = torch.cat([a_id, a_avg], dim=0)
-        gap_sq += lm.factored_fro_norm(b_gap, a_gap) ** 2
+        b_id, a_id = lm.stack_pairs([cp[module] for cp in client_pairs], weights)
+        ideal, (gap,) = lm.ideal_and_gap_norms(b_id, a_id, a_avg, [b_avg])
+        ideal_sq += ideal**2
+        gap_sq += gap**2
     return (gap_sq**0.5) / (ideal_sq**0.5) if ideal_sq > 0 else 0.0
 
 

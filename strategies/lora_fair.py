@@ -95,15 +95,18 @@ def fair_correction(
     return torch.linalg.solve(system, rat.T).T  # (m, r)
 
 
-def _distance_sq(
-    pairs: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float], a: Tensor, b: Tensor
-) -> tuple[float, float]:
-    """Return ``(||ΔW - B A||_F^2, ||ΔW||_F^2)`` from stacked factors (no ``m x n`` matrix)."""
+def _distances_sq(
+    pairs: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float], a: Tensor, bs: Sequence[Tensor]
+) -> tuple[list[float], float]:
+    """Return ``([||ΔW - B A||_F^2 for B in bs], ||ΔW||_F^2)`` from stacked factors (no ``m x n`` matrix).
+
+    Every product shares the ``A`` side ``[p_1 A_1; ...; p_K A_K; A]``, so one QR of it serves the
+    ideal and every gap (:func:`fedlora.adapters.lora_math.ideal_and_gap_norms`).
+    """
     dtype = torch.float64
     b_id, a_id = lm.stack_pairs([(ak.to(dtype), bk.to(dtype)) for ak, bk in pairs], weights)
-    ideal = lm.factored_fro_norm(b_id, a_id)
-    gap = lm.factored_fro_norm(torch.cat([b_id, -b.to(dtype)], dim=1), torch.cat([a_id, a.to(dtype)], dim=0))
-    return gap**2, ideal**2
+    ideal, gaps = lm.ideal_and_gap_norms(b_id, a_id, a, bs)
+    return [g**2 for g in gaps], ideal**2
 
 
 class LoRAFAIR:
@@ -165,8 +168,7 @@ class LoRAFAIR:
             pairs = [cp[module] for cp in client_pairs]
             delta_b = fair_correction(pairs, weights, a_avg, b_avg, self.lam)  # (m, r) float64
             b_new = (b_avg.double() + delta_b).to(b_avg.dtype)
-            gap0, ideal = _distance_sq(pairs, weights, a_avg, b_avg)
-            gap1, _ = _distance_sq(pairs, weights, a_avg, b_new)
+            (gap0, gap1), ideal = _distances_sq(pairs, weights, a_avg, [b_avg, b_new])
             if gap1 > gap0:
                 # Only possible by rounding (casting B̄ + ΔB* back to the state dtype when the
                 # correction is negligible): keep FedAvg's B̄ so the correction never hurts.

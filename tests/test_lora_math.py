@@ -196,3 +196,29 @@ def test_factored_fro_norm_is_accurate_for_small_differences():
     assert lm.factored_fro_norm(torch.cat([b, -2 * b], 1), torch.cat([a, a / 2], 0)) < 1e-12
     assert lm.factored_fro_norm(torch.zeros(3, 0), torch.zeros(0, 4)) == 0.0
     assert lm.factored_fro_norm(torch.zeros(3, 2), torch.ones(2, 4)) == 0.0
+
+
+@given(m=st.integers(1, 24), n=st.integers(1, 24), r=st.integers(1, 12), k=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_ideal_and_gap_norms_match_dense(m, n, r, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b_id, a_id = rand(gen, m, 2 * r), rand(gen, 2 * r, n)
+    a = rand(gen, r, n)
+    bs = [rand(gen, m, r) for _ in range(k)]
+    ideal, gaps = lm.ideal_and_gap_norms(b_id, a_id, a, bs)
+    dense = b_id @ a_id
+    assert ideal == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-10)
+    for b, gap in zip(bs, gaps, strict=True):
+        assert gap == pytest.approx(float(torch.linalg.matrix_norm(dense - b @ a)), rel=1e-9)
+
+
+def test_ideal_and_gap_norms_are_accurate_for_small_gaps():
+    # The gap of an aggregate that nearly equals the ideal must not drown in rounding (FFA-LoRA).
+    gen = torch.Generator().manual_seed(1)
+    b, a = rand(gen, 64, 4), rand(gen, 4, 48)
+    d = 1e-9 * rand(gen, 64, 4)
+    ideal, (gap, exact) = lm.ideal_and_gap_norms(b, a, a, [b + d, b])
+    assert ideal == pytest.approx(float(torch.linalg.matrix_norm(b @ a)), rel=1e-12)
+    assert gap == pytest.approx(float(torch.linalg.matrix_norm(d @ a)), rel=1e-5)
+    assert exact < 1e-12

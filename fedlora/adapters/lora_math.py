@@ -206,21 +206,67 @@ def state_num_params(state: Mapping[str, Tensor]) -> int:
     return sum(t.numel() for t in state.values())
 
 
+def row_space_core(a: Tensor) -> Tensor:
+    """Return the ``R`` factor of the thin QR ``A^T = Q R`` (float64, shape ``(min(n, R), R)``).
+
+    Because ``Q`` has orthonormal columns, ``||X @ A||_F = ||X @ R^T||_F`` for every ``X`` of
+    shape ``(m, R)``, and for the first ``k`` rows of ``A``, ``||X @ A[:k]||_F = ||X @ R[:, :k]^T||_F``
+    (``A[:k]^T = Q R[:, :k]``). One QR of the ``A`` side therefore serves every norm of products
+    that share it (:func:`fro_through_core`): the aggregation diagnostics compute several such norms
+    per module (ideal update, gap before and after a correction).
+    """
+    a64 = a.double()  # (R, n)
+    if a64.numel() == 0:
+        return torch.zeros((0, a64.shape[0]), dtype=torch.float64)
+    return torch.linalg.qr(a64.T, mode="r").R  # (min(n, R), R)
+
+
+def fro_through_core(b: Tensor, core: Tensor) -> float:
+    """Return ``||B @ A||_F`` from ``core = row_space_core(A)`` (or a column block of it): ``||B core^T||_F``."""
+    if b.numel() == 0 or core.numel() == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(b.double() @ core.T))  # (m, q)
+
+
+def ideal_and_gap_norms(
+    b_id: Tensor, a_id: Tensor, a: Tensor, bs: Sequence[Tensor]
+) -> tuple[float, list[float]]:
+    """Return ``||B_id A_id||_F`` and ``[||B_id A_id - B A||_F for B in bs]``, never forming ``m x n``.
+
+    ``B_id A_id`` is typically a stacked ideal update (:func:`stack_pairs`) and each ``B A`` an
+    aggregate sharing the ``A`` side. One QR of ``[A_id; A]`` (:func:`row_space_core`) serves every
+    norm: with its ``R = [R_id, R_a]``, ``B_id A_id - B A`` has the norm of
+    ``B_id R_id^T - B R_a^T`` (an ``(m, q)`` matrix, float64). The error stays ~1e-16 of the
+    operands' norms, so a gap that vanishes exactly (FFA-LoRA) reads as zero up to rounding.
+    """
+    dtype = torch.float64
+    k = a_id.shape[0]
+    core = row_space_core(torch.cat([a_id.to(dtype), a.to(dtype)], dim=0))  # (q, k + r)
+    if core.numel() == 0:
+        return 0.0, [0.0 for _ in bs]
+    ideal = b_id.to(dtype) @ core[:, :k].T  # (m, q)
+    tail = core[:, k:].T  # (r, q)
+    gaps = [float(torch.linalg.matrix_norm(ideal - b.to(dtype) @ tail)) for b in bs]
+    return float(torch.linalg.matrix_norm(ideal)), gaps
+
+
 def factored_fro_norm(b: Tensor, a: Tensor) -> float:
     """Return ``||B @ A||_F`` without forming the ``(m, n)`` product.
 
-    Thin QR of both factors, ``B = Q_B R_B`` and ``A^T = Q_A R_A``, gives
-    ``||B A||_F = ||R_B R_A^T||_F`` (a ``(q, q')`` core, ``q <= R``): cost ``R^2 (m + n)``, in float64.
-    QR keeps the result accurate for differences written as stacked factors
-    (``[B_1, -B_2] @ [A_1; A_2]``) where the Gram form ``sqrt(tr((B^T B)(A A^T)))`` loses half the
-    digits to cancellation (relative error ~1e-8 of the operands' norm instead of ~1e-16).
+    One thin QR of the factor with the smaller outer dimension, in float64: ``A^T = Q_A R_A`` gives
+    ``||B A||_F = ||B R_A^T||_F`` (an ``(m, q)`` matrix, ``q <= R``), and symmetrically
+    ``B = Q_B R_B`` gives ``||R_B A||_F``. Cost: one QR of a ``(max, R)`` panel and one
+    ``R``-inner-dimension product, never ``m n``. Unlike the Gram form
+    ``sqrt(tr((B^T B)(A A^T)))``, which squares the operands and loses half the digits to
+    cancellation for differences written as stacked factors (``[B_1, -B_2] @ [A_1; A_2]``; relative
+    error ~1e-8 of the operands' norm), the error stays ~1e-16 of ``||B|| ||A||``.
     """
-    b64, a64 = b.double(), a.double()  # (m, R), (R, n)
-    if b64.numel() == 0 or a64.numel() == 0:
+    if b.numel() == 0 or a.numel() == 0:
         return 0.0
-    r_b = torch.linalg.qr(b64, mode="r").R  # (min(m, R), R)
-    r_a = torch.linalg.qr(a64.T, mode="r").R  # (min(n, R), R)
-    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
+    if a.shape[1] <= b.shape[0]:  # n <= m: QR the A side (an (n, R) panel)
+        return fro_through_core(b, row_space_core(a))
+    r_b = torch.linalg.qr(b.double(), mode="r").R  # (min(m, R), R)
+    return float(torch.linalg.matrix_norm(r_b @ a.double()))  # (q, n)
 
 
 def ideal_stack(

@@ -125,6 +125,8 @@ def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mess
     corrupt = _inject_faults(cfg, cid, server_round)
     rank = int(conf[keys.RANK])
     ws = get_workspace(workspace_key(cfg))
+    if (cfg.get("simulation") or {}).get("reload_model_per_call"):
+        ws.reload_host()  # benchmark-only switch: the common "load the model on every call" pattern
     host = ws.host
     version = _apply_base(context, msg.content, host)
     start = _start_state(conf, msg.content, host.spec(rank), rank)

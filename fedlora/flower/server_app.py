@@ -245,10 +245,12 @@ class Federation:
              + (f" + {type(self.compressor).__name__}" if self.compressor else "") + f"; {num_rounds} rounds"
              + (f"; resuming after round {self.resumed_from}" if self.resumed_from else ""))
         if first == 1:
+            t_eval = time.perf_counter()
             loss, acc = self.evaluate(adapter, r_max)
             best = acc
             recorder.log_round({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": None,
-                                "wall_time": self.elapsed(), "clients": []})
+                                "wall_time": self.elapsed(), "eval_seconds": time.perf_counter() - t_eval,
+                                "clients": []})
             self.save_checkpoint(0, adapter, sstate, ranks, best)
             _say(f"round 0/{num_rounds}: test accuracy {acc:.4f}, loss {loss:.4f}")
         for server_round in range(first, num_rounds + 1):
@@ -340,12 +342,15 @@ class Federation:
                 adapter, sstate, strategy_metrics = result.adapter, dict(result.state), dict(result.metrics)
                 if result.merge is not None:
                     self.history.append(result.merge)
+        t_eval = time.perf_counter()
         loss, acc = self.evaluate(adapter, r_max)
+        eval_seconds = time.perf_counter() - t_eval
         train_loss = (sum(lv * n for lv, n in losses) / sum(n for _, n in losses)) if losses else None
         client_rows = [rows[c] for c in sorted(rows)]
         record = {
             "round": server_round, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
-            "wall_time": self.elapsed(), "round_seconds": time.perf_counter() - t_round, "clients": client_rows,
+            "wall_time": self.elapsed(), "round_seconds": time.perf_counter() - t_round,
+            "eval_seconds": eval_seconds, "clients": client_rows,
             "num_ok": len(updates), "num_failed": sum(r["status"] == "failed" for r in client_rows),
             "num_rejected": sum(r["status"] == "rejected" for r in client_rows),
             "bytes_down_total": sum(r["bytes_down"] for r in client_rows),

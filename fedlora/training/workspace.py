@@ -77,7 +77,20 @@ class Workspace:
                 seed=key.data.partition_seed, min_partition_size=key.data.min_partition_size,
             )
         self.partitions = [[train[i] for i in part] for part in parts]
+        self.num_labels = corpus.num_labels
         self.host = AdapterHost(key.model, corpus.num_labels, key.seed)
+
+    def reload_host(self) -> None:
+        """Load the base model again into a new host (benchmark switch, see ``bench/overhead.py``).
+
+        The platform never needs this: one host per process serves every client. It reproduces the
+        common pattern of a client that builds its model on every call
+        (``simulation.reload_model_per_call=true``), to measure what the sharing saves. The tokenized
+        data stay cached; base merges are re-applied from the client's history on the next
+        ``set_base`` (a new host starts with no base version).
+        """
+        self.host = None  # drop the old model before loading the next one (peak memory)
+        self.host = AdapterHost(self.key.model, self.num_labels, self.key.seed)
 
     def partition(self, client_id: int) -> list[int]:
         """Return the corpus indices client ``client_id`` trains on."""

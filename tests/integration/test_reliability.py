@@ -22,7 +22,7 @@ from fedlora.faults import FaultSettings, decide
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"wall_time", "round_seconds", "train_seconds"}
+TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
 RESUMABLE = [*TINY, "strategy=flora", "compression=compeft", "num_rounds=4", "logging.tensorboard=false"]
 
 
