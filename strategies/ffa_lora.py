@@ -33,7 +33,6 @@ from fedlora.adapters import lora_math as lm
 from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 from strategies.fedavg import check_equal_scaling, product_gap
 
-_WEIGHTINGS = ("examples", "uniform")
 SEED_KEY = "seed"  # strategy state: the seed the shared A was drawn from
 
 
@@ -48,12 +47,7 @@ class FFALoRA:
     """
 
     def __init__(self, *, weighting: str = "examples") -> None:
-        if weighting not in _WEIGHTINGS:
-            raise ValueError(
-                f"strategy.weighting={weighting!r} is not one of {_WEIGHTINGS}; use 'examples' "
-                "(sample-count weights) or 'uniform'"
-            )
-        self.weighting = weighting
+        self.weighting = lm.check_weighting(weighting)
 
     def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
         """Shared ``A = init_lora_a(seed, module, r_max, n)``, ``B = 0``; the seed is kept as state."""
@@ -97,9 +91,7 @@ class FFALoRA:
 
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
         """Return ``p_k`` over the participants (sums to 1)."""
-        if self.weighting == "uniform":
-            return [1.0 / len(updates)] * len(updates)
-        return lm.example_weights([u.num_examples for u in updates])
+        return lm.participant_weights(self.weighting, [u.num_examples for u in updates])
 
     def aggregate(
         self,

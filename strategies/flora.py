@@ -40,7 +40,6 @@ from fedlora.adapters import lora_math as lm
 from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 from strategies.fedavg import check_equal_scaling
 
-_WEIGHTINGS = ("examples", "uniform")
 SEED_KEY = "seed"  # strategy state: the run seed, so ``aggregate`` can derive per-round seeds
 
 
@@ -76,12 +75,7 @@ class FLoRA:
     """
 
     def __init__(self, *, weighting: str = "examples") -> None:
-        if weighting not in _WEIGHTINGS:
-            raise ValueError(
-                f"strategy.weighting={weighting!r} is not one of {_WEIGHTINGS}; use 'examples' "
-                "(sample-count weights) or 'uniform'"
-            )
-        self.weighting = weighting
+        self.weighting = lm.check_weighting(weighting)
 
     def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
         """Fresh global adapter at ``r_max`` (``A`` from the run seed, ``B = 0``) and the seed as state."""
@@ -111,9 +105,7 @@ class FLoRA:
 
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
         """Return ``p_k`` over the participants (sums to 1)."""
-        if self.weighting == "uniform":
-            return [1.0 / len(updates)] * len(updates)
-        return lm.example_weights([u.num_examples for u in updates])
+        return lm.participant_weights(self.weighting, [u.num_examples for u in updates])
 
     def aggregate(
         self,

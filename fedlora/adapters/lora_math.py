@@ -274,3 +274,23 @@ def ideal_stack(
 ) -> tuple[Tensor, Tensor]:
     """Alias of :func:`stack_pairs` named for what it represents: ``sum_k c_k B_k A_k``."""
     return stack_pairs(updates_pairs, coefficients)
+
+
+SIMPLE_WEIGHTINGS = ("examples", "uniform")
+
+
+def check_weighting(weighting: str) -> str:
+    """Return ``weighting`` if it is ``"examples"`` or ``"uniform"``, else raise ``ValueError``."""
+    if weighting not in SIMPLE_WEIGHTINGS:
+        raise ValueError(
+            f"strategy.weighting={weighting!r} is not one of {SIMPLE_WEIGHTINGS}; use 'examples' "
+            "(sample-count weights) or 'uniform'"
+        )
+    return weighting
+
+
+def participant_weights(weighting: str, num_examples: Sequence[int]) -> list[float]:
+    """``p_k`` over the participants: by example count (``"examples"``) or ``1/K`` (``"uniform"``)."""
+    if weighting == "uniform":
+        return [1.0 / len(num_examples)] * len(num_examples)
+    return example_weights(num_examples)
