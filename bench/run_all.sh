@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark suite (items 1-3 of bench/README.md); under 15 minutes on the 2-core machine
+# The CPU benchmark suite (items 1-3 of bench/README.md); target: under 15 minutes on the 2-core machine
 # when it is idle. Results go to bench/results/<date>/ (JSON + the console log).
 #   bench/run_all.sh            # full
 #   bench/run_all.sh --quick    # smoke test (tiny settings; timings meaningless)
