@@ -170,6 +170,7 @@ def bench_compeft(spec: AdapterSpec, rank: int, repeats: int, seed: int = 0) -> 
 
     node = yaml.safe_load((ROOT / "conf/compression/compeft.yaml").read_text())
     node.pop("_target_")
+    node["error_feedback"] = True  # ``auto`` is resolved per strategy by the platform; time the residual path
     comp = ComPEFT(**node)
     gen = torch.Generator().manual_seed(seed)
     delta = {}

@@ -84,6 +84,34 @@ def instantiate(node: Mapping[str, Any] | None) -> Any:
     return hydra_instantiate(dict(node), _convert_="all")
 
 
+def strategy_class(cfg: Mapping[str, Any]) -> type | None:
+    """Return the class named by ``cfg["strategy"]["_target_"]`` (``None`` if it cannot be imported)."""
+    target = str((cfg.get("strategy") or {}).get("_target_", ""))
+    module, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def compression_node(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Return ``cfg["compression"]`` with ``error_feedback: auto`` resolved against the strategy.
+
+    Error feedback adds last round's compression residual to this round's update, which is only
+    meaningful when the client continues from the adapter the residual belongs to. Strategies
+    whose clients start a fresh adapter every round (``fresh_adapters = True``: FLoRA) get ``False``.
+    """
+    node = dict(cfg.get("compression") or {})
+    if node.get("error_feedback") == "auto":
+        node["error_feedback"] = not getattr(strategy_class(cfg), "fresh_adapters", False)
+    return node or None
+
+
+def compressor(cfg: Mapping[str, Any]) -> Any:
+    """Instantiate the run's uplink compressor (``None`` without compression)."""
+    return instantiate(compression_node(cfg))
+
+
 @dataclass
 class _Problems:
     items: list[str]
@@ -213,7 +241,7 @@ def _check_data(cfg: Mapping[str, Any], p: _Problems) -> None:
 
 def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
     for group in ("strategy", "compression"):
-        node = cfg.get(group) or {}
+        node = (cfg.get(group) or {}) if group == "strategy" else (compression_node(cfg) or {})
         target = node.get("_target_")
         if group == "strategy" and not target:
             p.add("strategy", node, "choose one: strategy=fedavg|flora|ffa_lora|lora_fair|centralized")
@@ -230,6 +258,12 @@ def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
             instantiate(node)
         except Exception as exc:  # noqa: BLE001 - constructor validation messages are for the user
             p.add(group, {k: v for k, v in node.items() if k != "_target_"}, str(getattr(exc, "__cause__", None) or exc))
+    feedback = (cfg.get("compression") or {}).get("error_feedback")
+    if feedback is True and getattr(strategy_class(cfg), "fresh_adapters", False):
+        name = str(cfg["strategy"]["_target_"]).rpartition(".")[2]
+        p.add("compression.error_feedback", True,
+              f"{name} starts a fresh adapter every round, so a residual kept in last round's factors has "
+              "nothing to be added to; use auto (off for this strategy) or false")
 
 
 def _check_logging(cfg: Mapping[str, Any], p: _Problems) -> None:

@@ -74,6 +74,11 @@ class FLoRA:
         (``p_k = 1/|S_t|``). The paper notes the best ``p_k`` is data-dependent.
     """
 
+    # Every round's client adapter is a fresh pair (new random A, B = 0), not a continuation of the
+    # last one: a compression residual kept in last round's factors has no coordinates to return to,
+    # so error feedback is off for FLoRA (fedlora.config.compressor resolves ``error_feedback: auto``).
+    fresh_adapters = True
+
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, compose, run_fedlora
 
-from fedlora.config import assign_ranks, validate
+from fedlora.config import assign_ranks, compression_node, validate
 from fedlora.errors import ConfigError
 
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
@@ -70,6 +70,8 @@ BAD = [
     (["faults.seed=abc"], "faults.seed='abc'", "an integer, or null"),
     (["+faults.crash=true"], "faults=['crash']", "unknown fault option"),
     (["resume=/nonexistent/run"], "resume='/nonexistent/run'", "no such directory"),
+    (["strategy=flora", "compression=compeft", "compression.error_feedback=true"],
+     "compression.error_feedback=True", "fresh adapter every round"),
 ]
 
 
@@ -125,3 +127,15 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
     assert "num_clients=0" in out.stderr and "partition.alpha=-1" in out.stderr
     assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr
     assert (tmp_path / "run" / "FAILED").exists()
+
+
+@pytest.mark.parametrize("strategy,setting,expected", [
+    ("fedavg", "auto", True), ("ffa_lora", "auto", True), ("lora_fair", "auto", True), ("flora", "auto", False),
+    ("fedavg", "false", False), ("flora", "false", False), ("fedavg", "true", True),
+])
+def test_error_feedback_auto_is_off_only_for_fresh_adapter_strategies(strategy: str, setting: str,
+                                                                      expected: bool) -> None:
+    cfg = compose([f"strategy={strategy}", "compression=compeft", f"compression.error_feedback={setting}"])
+    validate(cfg, check_model=False, check_data=False)
+    assert compression_node(cfg)["error_feedback"] is expected
+    assert cfg["compression"]["error_feedback"] == {"auto": "auto", "true": True, "false": False}[setting]

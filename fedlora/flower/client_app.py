@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from fedlora import keys
 from fedlora.adapters import lora_math as lm
 from fedlora.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
-from fedlora.config import assign_ranks, instantiate, train_settings, workspace_key
+from fedlora.config import assign_ranks, compressor, train_settings, workspace_key
 from fedlora.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.flower import records
 from fedlora.flower.settings import resolve_config
@@ -137,19 +137,23 @@ def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mess
     trained = host.get_state(rank)
     sent_keys = [k for k in trained if bool(conf[keys.SEND_LORA_A]) or not k.endswith(".lora_A.weight")]
     reply = RecordDict()
-    compressor = instantiate(cfg.get("compression"))
+    comp = compressor(cfg)
     if corrupt is not None:
         sent = {k: trained[k] for k in sent_keys}
         reply[keys.ADAPTER] = records.state_to_record(corrupt_state(sent, start, corrupt))
-    elif compressor is None:
+    elif comp is None:
         reply[keys.ADAPTER] = records.state_to_record({k: trained[k] for k in sent_keys})
     else:
         delta = {k: trained[k] - start[k] for k in sent_keys}
+        # error_feedback is off for strategies that start a fresh adapter every round
+        # (config.compression_node): then no residual is kept or written.
         state_dir = client_state_dir(cfg, context, cid)
-        residual = _residual(context, state_dir, int(conf.get(keys.RESUME_ROUND, 0)))
-        payload, residual = compressor.compress(delta, residual)
-        context.state[_RESIDUAL] = records.state_to_record(residual)
-        save_client_state(state_dir, server_round, residual)
+        resume_round = int(conf.get(keys.RESUME_ROUND, 0))
+        residual = _residual(context, state_dir, resume_round) if comp.error_feedback else None
+        payload, residual = comp.compress(delta, residual)
+        if comp.error_feedback:
+            context.state[_RESIDUAL] = records.state_to_record(residual)
+            save_client_state(state_dir, server_round, residual)
         reply[keys.COMPRESSED] = records.numpy_to_record(records.pack_payload(payload, sorted(sent_keys)))
     reply[keys.METRICS] = MetricRecord({
         keys.TRAIN_LOSS: float(loss), keys.NUM_EXAMPLES: len(ws.partition(cid)), keys.RANK: rank,

@@ -26,7 +26,7 @@ from fedlora import checkpoint as ckpt
 from fedlora import keys
 from fedlora.adapters import lora_math as lm
 from fedlora.adapters import validation
-from fedlora.config import instantiate, workspace_key
+from fedlora.config import compressor, instantiate, workspace_key
 from fedlora.flower import records
 from fedlora.flower.settings import resolve_config
 from fedlora.models import save_peft_adapter
@@ -124,7 +124,7 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.seed = int(cfg["seed"])
         self.strategy = instantiate(cfg["strategy"])
-        self.compressor = instantiate(cfg.get("compression"))
+        self.compressor = compressor(cfg)
         self.ws = get_workspace(workspace_key(cfg))
         self.history: list[BaseMerge] = []
         self.acked: dict[int, int] = {}
@@ -242,7 +242,9 @@ class Federation:
                                wandb=log.get("wandb"), config=cfg)
         _say(f"{len(clients)} clients connected, ranks {dict(sorted(ranks.items()))}; "
              f"strategy {type(self.strategy).__name__}"
-             + (f" + {type(self.compressor).__name__}" if self.compressor else "") + f"; {num_rounds} rounds"
+             + (f" + {type(self.compressor).__name__} (error feedback "
+                f"{'on' if self.compressor.error_feedback else 'off'})" if self.compressor else "")
+             + f"; {num_rounds} rounds"
              + (f"; resuming after round {self.resumed_from}" if self.resumed_from else ""))
         if first == 1:
             t_eval = time.perf_counter()
@@ -421,6 +423,7 @@ class Federation:
         summary = {
             "name": self.cfg.get("name"), "strategy": type(self.strategy).__name__,
             "compression": type(self.compressor).__name__ if self.compressor else None,
+            "error_feedback": bool(self.compressor.error_feedback) if self.compressor else None,
             "num_rounds": int(self.cfg["num_rounds"]), "num_clients": int(self.cfg["num_clients"]),
             "final_test_accuracy": acc, "final_test_loss": loss, "best_test_accuracy": best,
             "wall_time_seconds": time.perf_counter() - self.start_wall,

@@ -1,8 +1,10 @@
 """Reliability end to end: same seed, same metrics; kill and resume; injected faults.
 
 Real `fedlora` commands (real MiniLM, Flower, Ray), tiny settings (3 clients, 2 local steps,
-64 test articles). FLoRA + ComPEFT is the hardest case to resume: the server holds base merges
-and strategy state, every client holds an error-feedback residual.
+64 test articles). Two runs are killed and resumed: FLoRA + ComPEFT (the server holds base merges
+and strategy state; every client holds the merges it applied; error feedback is off, FLoRA starting
+a fresh adapter every round) and FedAvg + ComPEFT (every client holds an error-feedback residual on
+disk, the one client state that cannot be rebuilt from the server's checkpoint).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from fedlora.faults import FaultSettings, decide
 pytestmark = pytest.mark.slow
 
 TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
-RESUMABLE = [*TINY, "strategy=flora", "compression=compeft", "num_rounds=4", "logging.tensorboard=false"]
+RESUMABLE = {
+    "flora": [*TINY, "strategy=flora", "compression=compeft", "num_rounds=4", "logging.tensorboard=false"],
+    "fedavg": [*TINY, "strategy=fedavg", "compression=compeft", "num_rounds=4", "logging.tensorboard=false"],
+}
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -45,17 +50,21 @@ def _run_ok(args: list[str], run_dir: Path, timeout: int = 600) -> str:
     return out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _run_ok(RESUMABLE, run_dir)
-    return run_dir
+@pytest.fixture(scope="module", params=sorted(RESUMABLE))
+def uninterrupted(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    run_dir = tmp_path_factory.mktemp(f"uninterrupted_{request.param}") / "run"
+    _run_ok(RESUMABLE[request.param], run_dir)
+    return request.param, run_dir
 
 
-def test_same_seed_gives_identical_metrics(uninterrupted: Path, tmp_path: Path) -> None:
+def test_same_seed_gives_identical_metrics(uninterrupted: tuple[str, Path], tmp_path: Path) -> None:
+    name, reference = uninterrupted
+    if name != "flora":
+        pytest.skip("determinism is checked once, on the FLoRA run")
     again = tmp_path / "again"
-    _run_ok(RESUMABLE, again)
-    assert _untimed(_rows(again)) == _untimed(_rows(uninterrupted))
+    _run_ok(RESUMABLE[name], again)
+    assert _untimed(_rows(again)) == _untimed(_rows(reference))
     assert len(_rows(again)) == 5
 
 
@@ -67,17 +76,28 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:  # noq
         time.sleep(0.2)
 
 
-def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
+def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tuple[str, Path],
+                                                           tmp_path: Path) -> None:
+    name, uninterrupted_dir = uninterrupted
     run_dir = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen([FEDLORA, *RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=log,
+    proc = subprocess.Popen([FEDLORA, *RESUMABLE[name], f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
     latest = run_dir / "checkpoint" / "LATEST"
+    log_path = tmp_path / "killed.log"
 
     def in_round_3() -> bool:
-        # round 2 is checkpointed and some client already wrote its round-3 state: mid-round 3
-        return (latest.exists() and latest.read_text() == "round_00002"
-                and any((run_dir / "client_state").glob("*/round_00003.safetensors")))
+        # Round 2 is checkpointed and round 3 is under way: with error feedback some client already
+        # wrote its round-3 residual; FLoRA keeps none, so wait until the server has sent round 3's
+        # messages (its round-2 line is printed after the checkpoint) and a client is training.
+        if not (latest.exists() and latest.read_text() == "round_00002"):
+            return False
+        if name == "fedavg":
+            return any((run_dir / "client_state").glob("*/round_00003.safetensors"))
+        if "round 2/4" not in log_path.read_text():
+            return False
+        time.sleep(2.0)  # a round of 3 clients takes well over 2 s: the kill lands inside round 3
+        return True
 
     try:
         _wait_for(in_round_3, proc, timeout=500)
@@ -93,7 +113,7 @@ def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: Path,
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming after round 2" in out.stdout
 
-    resumed, reference = _untimed(_rows(run_dir)), _untimed(_rows(uninterrupted))
+    resumed, reference = _untimed(_rows(run_dir)), _untimed(_rows(uninterrupted_dir))
     assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
     # The first round after a resume resends every base merge (the clients' processes are new), so
     # its downlink is larger; everything else, every accuracy, loss and byte up, is identical.
@@ -104,10 +124,15 @@ def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: Path,
         assert down == 0
     assert resumed == reference
     summary = json.loads((run_dir / "summary.json").read_text())
-    expected = json.loads((uninterrupted / "summary.json").read_text())
+    expected = json.loads((uninterrupted_dir / "summary.json").read_text())
     assert summary["final_test_accuracy"] == expected["final_test_accuracy"]
     a = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert a == (uninterrupted / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (uninterrupted_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    if name == "flora":
+        assert summary["base_merges"] == 4 and summary["error_feedback"] is False
+        assert not (run_dir / "client_state").exists()  # nothing to keep: no residual
+    else:
+        assert summary["error_feedback"] is True
 
 
 def _fault_seed(settings: dict, wanted) -> int:  # noqa: ANN001
