@@ -11,14 +11,23 @@ from fedlora.config import assign_ranks, validate
 from fedlora.errors import ConfigError
 
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub")}  # need a user value
+REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub"), ("data", "instructions_file"),
+                 ("data", "instructions_hub")}  # need a user value
+HUB_MODELS = {("model", "tinyllama"), ("model", "qwen2_5_0_5b"), ("model", "llama3_2_1b")}  # need offline=false
+CAUSAL_ONLY = {("model", "tiny_decoder"), ("data", "synthetic_instructions"), *HUB_MODELS}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts
                                           if g != "experiment" and (g, o) not in REQUIRED_NAME])
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
     prefix = "+" if group == "method" else ""  # `method` has no default: it is added by sweeps
-    cfg = compose([f"{prefix}{group}={option}"])
+    task = ["task=causal_lm"] if (group, option) in CAUSAL_ONLY else []
+    cfg = compose([*task, f"{prefix}{group}={option}"])
+    if (group, option) in HUB_MODELS:  # offline (the tests' setting) a hub model cannot even be probed
+        with pytest.raises(ConfigError, match=r"(?s)model\.name=.*HF_HUB_OFFLINE=1.*offline=false"):
+            validate(cfg)
+        assert cfg["model"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return
     validate(cfg)
     if group == "method":
         strategy, _, compression = option.partition("_compeft")
