@@ -221,16 +221,14 @@ class AdapterHost:
 
     def _prepare_decoder(self, base: torch.nn.Module) -> torch.nn.Module:
         """Gradient checkpointing and, for a 4-bit base, peft's k-bit preparation (before wrapping)."""
-        checkpointing = use_gradient_checkpointing(self.settings, self.device)
-        if self.settings.load_in_4bit:
+        if self.settings.load_in_4bit:  # fp32 norms and head, frozen base: peft's recipe for k-bit training
             from peft import prepare_model_for_kbit_training  # noqa: PLC0415
 
-            return prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
-                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
-        if checkpointing:
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if use_gradient_checkpointing(self.settings, self.device):
             # Non-reentrant checkpointing needs no input that requires grad: the frozen
             # embeddings of a LoRA model are fine.
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return base
 
     def _merge_hook(self, module: str):  # noqa: ANN202 - a forward hook
