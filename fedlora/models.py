@@ -130,7 +130,7 @@ def _quantization_config(dtype: torch.dtype):  # noqa: ANN202 - transformers Bit
 
 
 def load_causal_lm(settings: ModelSettings, device: torch.device) -> torch.nn.Module:
-    """Load the decoder of ``settings`` in its dtype (4-bit on ``device`` when asked), eval mode."""
+    """Load the decoder of ``settings`` in its dtype, onto ``device`` if a GPU (4-bit when asked), eval mode."""
     dtype = resolve_dtype(settings, device)
     if settings.name == TINY_NAME:
         model = build_tiny_decoder(settings.base_seed).to(dtype)
@@ -138,8 +138,10 @@ def load_causal_lm(settings: ModelSettings, device: torch.device) -> torch.nn.Mo
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
         kwargs: dict = {"dtype": dtype}
-        if settings.load_in_4bit:  # bitsandbytes places the quantized weights itself
-            kwargs.update(quantization_config=_quantization_config(dtype), device_map={"": device})
+        if device.type == "cuda":  # load straight onto the GPU: no full CPU copy per Ray actor
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        if settings.load_in_4bit:
+            kwargs["quantization_config"] = _quantization_config(dtype)
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(settings.name), **kwargs)
     model.eval()
     return model

@@ -136,9 +136,10 @@ def read_generations(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _cell(text: str) -> str:
-    """Text inside a Markdown table cell: pipes escaped, line breaks kept visible."""
+    """Text inside a Markdown table cell: pipes escaped, line breaks and control bytes made visible."""
     if not text.strip():
         return "*(empty)*"
+    text = "".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text)
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 

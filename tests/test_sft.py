@@ -179,12 +179,12 @@ def test_generations_are_written_per_round_and_truncated_on_resume(tmp_path: Pat
            "output": "a\nb"}
     log_generations(tmp_path, 0, [row])
     log_generations(tmp_path, 1, [dict(row, output="")])
-    log_generations(tmp_path, 2, [dict(row, output="a|b")])
+    log_generations(tmp_path, 2, [dict(row, output="a|b\x0f")])
     lines = (tmp_path / "generations.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [0, 1, 2] and json.loads(lines[0])["output"] == "a\nb"
     md = (tmp_path / "generations.md").read_text()
     assert "## Example 7 (copy)" in md and "Reference: a\\|b" in md
-    assert "| 0 | a<br>b |" in md and "| 1 | *(empty)* |" in md and "| 2 | a\\|b |" in md
+    assert "| 0 | a<br>b |" in md and "| 1 | *(empty)* |" in md and "| 2 | a\\|b\\x0f |" in md
     truncate_generations(tmp_path, 1)
     assert [r["round"] for r in read_generations(tmp_path)] == [0, 1]
     assert "| 2 |" not in (tmp_path / "generations.md").read_text()
