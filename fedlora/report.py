@@ -48,6 +48,8 @@ def columns(metric: Metric = ACCURACY) -> list[str]:
 
 #: The columns for classification runs.
 COLUMNS = columns(ACCURACY)
+#: fedlora.checkpoint.CHECKPOINT_DIR (not imported: that module needs torch).
+_CHECKPOINT_DIR = "checkpoint"
 #: Config keys that legitimately differ between the runs of one method.
 _PER_JOB_KEYS = {"seed", "name", "output_dir"}
 
@@ -113,11 +115,13 @@ def find_run_dirs(path: Path) -> list[Path]:
     -------
     list of Path
         Directories holding ``metrics.jsonl`` or ``FAILED``, or Hydra job dirs (``.hydra/``) that
-        have neither (jobs killed before their first round).
+        have neither (jobs killed before their first round). A run's own ``checkpoint/`` (which
+        keeps a copy of ``metrics.jsonl``) is part of that run, not a job.
     """
     path = Path(path)
     found = {p.parent for name in ("metrics.jsonl", "FAILED") for p in path.rglob(name) if p.is_file()}
     found |= {p.parent for p in path.rglob(".hydra") if p.is_dir()}
+    found = {p for p in found if _CHECKPOINT_DIR not in p.relative_to(path).parts}
     return sorted(found, key=lambda p: [_natural_key(part) for part in p.relative_to(path).parts])
 
 

@@ -90,6 +90,15 @@ def test_load_runs_accepts_a_single_run_dir(sweep: Path) -> None:
     assert len(runs) == 1 and runs[0].ok and runs[0].method == "flora"
 
 
+def test_a_runs_checkpoint_is_not_a_job(sweep: Path) -> None:
+    # regression: checkpoint/round_<t>/ holds a copy of metrics.jsonl and was listed as an incomplete job
+    run = sweep / "2_flora_seed=0"
+    (run / "checkpoint" / "round_00003").mkdir(parents=True)
+    (run / "checkpoint" / "round_00003" / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    assert [r.path for r in report.load_runs(run)] == [run]
+    assert len(report.load_runs(sweep)) == 6
+
+
 def test_summarize_numbers(sweep: Path) -> None:
     rows = by_method(report.summarize(report.load_runs(sweep)))
     assert list(rows) == ["fedavg", "flora", "flora+compeft(d=0.1)"]  # the failed job is not a row
