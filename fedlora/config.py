@@ -170,8 +170,8 @@ def _check_model(cfg: Mapping[str, Any], ranks: list[int], p: _Problems) -> None
     except Exception as exc:  # noqa: BLE001 - any load failure is the user's model name
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         builtin = "model=tiny_decoder" if task_kind(cfg) == "causal_lm" else "all-MiniLM-L6-v2"
-        hint = (f"hub access is off (HF_HUB_OFFLINE=1): set offline=false to download it, or use {builtin}, a "
-                "local model directory, or a name already in the Hugging Face cache" if offline else
+        hint = (f"hub access is off (HF_HUB_OFFLINE=1): set offline=false to download it, or use {builtin}, "
+                "a local model directory, or a name already in the Hugging Face cache" if offline else
                 f"use {builtin}, a local model directory, or a valid Hugging Face model name")
         p.add("model.name", name, f"cannot be loaded ({type(exc).__name__}: {str(exc)[:160]}); {hint}")
         return

@@ -130,7 +130,7 @@ def _quantization_config(dtype: torch.dtype):  # noqa: ANN202 - transformers Bit
 
 
 def load_causal_lm(settings: ModelSettings, device: torch.device) -> torch.nn.Module:
-    """Load the decoder of ``settings`` in its dtype, onto ``device`` if a GPU (4-bit when asked), eval mode."""
+    """Load the decoder of ``settings`` in its dtype, onto ``device`` if a GPU (4-bit when asked)."""
     dtype = resolve_dtype(settings, device)
     if settings.name == TINY_NAME:
         model = build_tiny_decoder(settings.base_seed).to(dtype)
@@ -139,7 +139,8 @@ def load_causal_lm(settings: ModelSettings, device: torch.device) -> torch.nn.Mo
 
         kwargs: dict = {"dtype": dtype}
         if device.type == "cuda":  # load straight onto the GPU: no full CPU copy per Ray actor
-            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            kwargs["device_map"] = {"": index}
         if settings.load_in_4bit:
             kwargs["quantization_config"] = _quantization_config(dtype)
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(settings.name), **kwargs)
@@ -173,8 +174,8 @@ def _lora_config(settings: ModelSettings, rank: int):  # noqa: ANN202
     from peft import LoraConfig  # noqa: PLC0415
 
     return LoraConfig(
-        task_type=_peft_task(settings), r=rank, lora_alpha=settings.alpha(rank), lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules), init_lora_weights=True,
+        task_type=_peft_task(settings), r=rank, lora_alpha=settings.alpha(rank),
+        lora_dropout=settings.dropout, target_modules=list(settings.target_modules), init_lora_weights=True,
     )
 
 
@@ -214,7 +215,8 @@ class AdapterHost:
         self._merge_in_weights = not settings.load_in_4bit and all(
             layer.base_layer.weight.dtype == torch.float32 for layer in layers.values())
         self._w0 = {
-            self._state_module(path): layer.base_layer.weight.detach().clone() for path, layer in layers.items()
+            self._state_module(path): layer.base_layer.weight.detach().clone()
+            for path, layer in layers.items()
         } if self._merge_in_weights else {}
         self._merge_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if not self._merge_in_weights:

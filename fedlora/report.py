@@ -345,7 +345,8 @@ def summarize(runs: list[Run], metric: Metric | None = None) -> list[dict[str, A
     rows = [_method_row(method, group, metric) for method, group in groups.items()]
     target = target_value(best_final_mean(rows, metric), metric)
     for row, group in zip(rows, groups.values(), strict=True):
-        reached = [first_round_reaching(r.rows, target, metric) for r in group] if math.isfinite(target) else []
+        reached = [first_round_reaching(r.rows, target, metric) for r in group] \
+            if math.isfinite(target) else []
         reached = [r for r in reached if r is not None]
         row["rounds_to_90"] = float(np.mean(reached)) if reached else "never"
         row["seeds_reached_90"] = len(reached)
@@ -487,9 +488,10 @@ def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, com
     """The whole ``report.md``: heading, table, target, problems, command."""
     best = best_final_mean(rows, metric)
     done = sum(r.ok for r in runs)
-    parts = [f"# fedlora report: `{root}`", "", f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). "
-             + _metric_note(metric, best) + " Bytes: per training round, summed over clients; "
-             "up compression: the uncompressed method's uplink over this one's.", "",
+    parts = [f"# fedlora report: `{root}`", "",
+             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). " + _metric_note(metric, best)
+             + " Bytes: per training round, summed over clients; up compression: the uncompressed method's "
+             "uplink over this one's.", "",
              markdown_table(rows, metric), ""]
     problems = problem_lines(runs, root)
     parts += ["## Failed or missing jobs", "", *(problems or ["- none"]), ""]
@@ -500,11 +502,12 @@ def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, com
 def _metric_note(metric: Metric, best: float) -> str:
     """How the table's metric columns and the "rounds to target" column are computed."""
     if metric.higher_is_better:
-        return (f"Accuracy: final test accuracy, mean ± sample std over seeds. Rounds to {TARGET_SHARE:.0%} of "
-                f"best: first round reaching {TARGET_SHARE} × {best:.3f} = {TARGET_SHARE * best:.3f} (best "
-                "final-accuracy mean), mean over the seeds that reach it.")
-    return (f"ppl: final held-out perplexity (exp of the mean cross-entropy per response token; lower is "
-            f"better), mean ± sample std over seeds. Rounds to best / {TARGET_SHARE}: first round at or below "
+        return ("Accuracy: final test accuracy, mean ± sample std over seeds. Rounds to "
+                f"{TARGET_SHARE:.0%} of best: first round reaching {TARGET_SHARE} × {best:.3f} = "
+                f"{TARGET_SHARE * best:.3f} (best final-accuracy mean), mean over the seeds that reach it.")
+    return ("ppl: final held-out perplexity (exp of the mean cross-entropy per response token; lower is "
+            f"better), mean ± sample std over seeds. Rounds to best / {TARGET_SHARE}: first round at or "
+            "below "
             f"{best:.3f} / {TARGET_SHARE} = {target_value(best, metric):.3f} (lowest final-perplexity mean), "
             "mean over the seeds that reach it.")
 

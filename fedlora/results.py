@@ -148,8 +148,9 @@ def _write_generations_md(run_dir: Path) -> None:
     by_example: dict[int, list[dict[str, Any]]] = {}
     for row in read_generations(run_dir):
         by_example.setdefault(int(row["example"]), []).append(row)
-    parts = ["# Generations", "", "Greedy completions of fixed held-out prompts by the global model after each "
-             "round (round 0: before training). Written by fedlora; the data are in generations.jsonl.", ""]
+    parts = ["# Generations", "", "Greedy completions of fixed held-out prompts by the global model after "
+             "each round (round 0: before training). Written by fedlora; the data are in "
+             "generations.jsonl.", ""]
     for example, rows in by_example.items():
         first = rows[0]
         category = f" ({first['category']})" if first.get("category") else ""

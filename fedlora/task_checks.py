@@ -23,8 +23,9 @@ def model_fits_task(name: Any, task: str, p: _Problems) -> bool:
     from fedlora.tiny_decoder import TINY_NAME  # noqa: PLC0415
 
     if task == "causal_lm" and name in MINILM_NAMES:
-        p.add("model.name", name, "MiniLM is an encoder for classification; with task=causal_lm use a decoder: "
-              "model=tiny_decoder (offline), model=tinyllama, model=qwen2_5_0_5b or model=llama3_2_1b")
+        p.add("model.name", name, "MiniLM is an encoder for classification; with task=causal_lm use a "
+              "decoder: model=tiny_decoder (offline), model=tinyllama, model=qwen2_5_0_5b or "
+              "model=llama3_2_1b")
         return False
     if task == "classification" and name == TINY_NAME:
         p.add("model.name", name, "the tiny random decoder is for task=causal_lm; for classification use "
@@ -42,7 +43,8 @@ def check_decoder_options(cfg: Mapping[str, Any], p: _Problems) -> None:
     model = cfg.get("model") or {}
     dtype = model.get("dtype", "float32")
     if dtype != "auto" and dtype not in DTYPES:
-        p.add("model.dtype", dtype, f"use auto (bfloat16 on a GPU, else float32) or one of {', '.join(DTYPES)}")
+        p.add("model.dtype", dtype, "use auto (bfloat16 on a GPU, else float32) or one of "
+              + ", ".join(DTYPES))
     checkpointing = model.get("gradient_checkpointing", False)
     if checkpointing != "auto" and not isinstance(checkpointing, bool):
         p.add("model.gradient_checkpointing", checkpointing, "use auto (on for a GPU), true or false")
@@ -72,12 +74,13 @@ def check_task(cfg: Mapping[str, Any], p: _Problems) -> None:
 
     kind = task_kind(cfg)
     if kind not in TASK_METRICS:
-        p.add("task.kind", kind, f"use task=classification or task=causal_lm (one of {', '.join(TASK_METRICS)})")
+        p.add("task.kind", kind, "use task=classification or task=causal_lm")
         return
     if kind != "causal_lm":
         return
     task = cfg.get("task") or {}
-    for key, required in (("prompt_with_input", {"instruction", "input"}), ("prompt_without_input", {"instruction"})):
+    fields = {"prompt_with_input": {"instruction", "input"}, "prompt_without_input": {"instruction"}}
+    for key, required in fields.items():
         template = task.get(key)
         why = "must be a string" if not isinstance(template, str) else \
             template_problems(template, required, required)
@@ -97,18 +100,21 @@ def check_instruction_data(cfg: Mapping[str, Any], p: _Problems) -> None:
     data = cfg.get("data", {})
     name, fmt = data.get("name"), data.get("format", "auto")
     if fmt not in ins.FORMATS:
-        p.add("data.format", fmt, f"use one of {', '.join(ins.FORMATS)} (auto reads the layout from the columns)")
+        p.add("data.format", fmt, f"use one of {', '.join(ins.FORMATS)} (auto reads the layout from the "
+              "columns)")
         return
     if not isinstance(name, str) or not name or name == ds.BUILTIN_BBC:
-        p.add("data.name", name, "task=causal_lm needs instruction data: data=synthetic_instructions (offline), "
-              "data=instructions_file data.name=<file.json|.jsonl>, or data=instructions_hub data.name=<dataset>")
+        p.add("data.name", name, "task=causal_lm needs instruction data: data=synthetic_instructions "
+              "(offline), data=instructions_file data.name=<file.json|.jsonl>, or data=instructions_hub "
+              "data.name=<dataset>")
         return
     if name != ins.BUILTIN_SYNTHETIC and ds.is_local_file(name):
         columns = _instruction_file_columns(name, p)
     elif name != ins.BUILTIN_SYNTHETIC:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            p.add("data.name", name, "unknown instruction data: not synthetic_instructions nor a local .json/.jsonl "
-                  "file, and hub access is off (HF_HUB_OFFLINE=1); give a local file or set offline=false")
+            p.add("data.name", name, "unknown instruction data: not synthetic_instructions nor a local "
+                  ".json/.jsonl file, and hub access is off (HF_HUB_OFFLINE=1); give a local file or set "
+                  "offline=false")
         return  # a hub dataset's columns are checked when it is loaded
     else:
         columns = ins.instruction_columns(name)
@@ -123,9 +129,9 @@ def check_instruction_data(cfg: Mapping[str, Any], p: _Problems) -> None:
     part, n = cfg.get("partition") or {}, cfg.get("num_clients")
     category = data.get("category_column", "category")
     if part.get("kind") == "dirichlet" and isinstance(n, int) and n > 1 and category not in columns:
-        p.add("partition.kind", "dirichlet", f"a Dirichlet partition skews clients by a category, and {name} has no "
-              f"{category!r} column (data.category_column); use partition=iid, or data whose records have a "
-              "category (Dolly's category, or name the column with data.category_column)")
+        p.add("partition.kind", "dirichlet", f"a Dirichlet partition skews clients by a category, and {name} "
+              f"has no {category!r} column (data.category_column); use partition=iid, or data whose records "
+              "have a category (Dolly's category, or name the column with data.category_column)")
 
 
 def _instruction_file_columns(name: str, p: _Problems) -> list[str] | None:

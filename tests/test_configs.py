@@ -13,7 +13,7 @@ from fedlora.errors import ConfigError
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
 REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub"), ("data", "instructions_file"),
                  ("data", "instructions_hub")}  # need a user value
-HUB_MODELS = {("model", "tinyllama"), ("model", "qwen2_5_0_5b"), ("model", "llama3_2_1b")}  # need offline=false
+HUB_MODELS = {("model", "tinyllama"), ("model", "qwen2_5_0_5b"), ("model", "llama3_2_1b")}  # offline=false
 CAUSAL_ONLY = {("model", "tiny_decoder"), ("data", "synthetic_instructions"), *HUB_MODELS}
 
 
@@ -216,7 +216,8 @@ def test_task_causal_lm_switches_model_and_data_unless_given() -> None:
 
 
 def test_cli_rejects_a_causal_config_before_ray_starts(tmp_path) -> None:
-    out = run_fedlora(["task=causal_lm", "data=bbc_news", "task.max_new_tokens=0"], tmp_path / "run", timeout=120)
+    out = run_fedlora(["task=causal_lm", "data=bbc_news", "task.max_new_tokens=0"], tmp_path / "run",
+                      timeout=120)
     assert out.returncode == 2
     assert "data.name='bbc_news'" in out.stderr and "task.max_new_tokens=0" in out.stderr
     assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr

@@ -20,8 +20,10 @@ ALPACA = [
 DOLLY = [
     {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.", "response": "Shakespeare",
      "category": "closed_qa"},
-    {"instruction": "Suggest a name for a cat.", "context": "", "response": "Miso", "category": "brainstorming"},
-    {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+    {"instruction": "Suggest a name for a cat.", "context": "", "response": "Miso",
+     "category": "brainstorming"},
+    {"instruction": "Summarise.", "context": "A long text.", "response": "Short.",
+     "category": "summarization"},
 ]
 
 
@@ -33,8 +35,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_synthetic_set_is_deterministic_and_correct() -> None:
     records = synthetic_instructions(500, seed=0)
     assert records == synthetic_instructions(500, seed=0) and records != synthetic_instructions(500, seed=1)
-    assert Counter(r.category for r in records) == {c: 100 for c in
-                                                    ("uppercase", "reverse", "arithmetic", "copy", "spelling")}
+    kinds = ("uppercase", "reverse", "arithmetic", "copy", "spelling")
+    assert Counter(r.category for r in records) == {c: 100 for c in kinds}
     for r in records:
         if r.category == "uppercase":
             assert r.output == r.input.upper()

@@ -26,8 +26,8 @@ def test_math_module_imports_no_runtime_or_glue(module: str) -> None:
 
 
 def test_runtime_layer_imports_no_glue() -> None:
-    code = ("import sys, fedlora.models, fedlora.training.workspace, fedlora.data.datasets, fedlora.tiny_decoder, "
-            "fedlora.training.tasks, fedlora.training.sft, fedlora.data.instructions; "
+    code = ("import sys, fedlora.models, fedlora.training.workspace, fedlora.data.datasets, "
+            "fedlora.tiny_decoder, fedlora.training.tasks, fedlora.training.sft, fedlora.data.instructions; "
             "print(','.join(m for m in ('flwr', 'hydra', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == ""

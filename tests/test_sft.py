@@ -41,7 +41,8 @@ def test_tiny_tokenizer_is_one_token_per_byte_and_round_trips(tok) -> None:  # n
 
 def test_prompt_template_with_and_without_input() -> None:
     template = sft.PromptTemplate()
-    assert template.render("Reverse.", "a b") == "### Instruction:\nReverse.\n\n### Input:\na b\n\n### Response:\n"
+    expected = "### Instruction:\nReverse.\n\n### Input:\na b\n\n### Response:\n"
+    assert template.render("Reverse.", "a b") == expected
     assert template.render("Say hi.") == "### Instruction:\nSay hi.\n\n### Response:\n"
     assert template.render("Say hi.", "  \n") == template.render("Say hi.")  # a blank input is no input
     custom = sft.PromptTemplate("Q: {instruction} [{input}] A:", "Q: {instruction} A:")
@@ -137,7 +138,8 @@ def test_training_loss_is_the_same_response_token_mean(tiny) -> None:  # noqa: A
     data = _encoded(task.tokenizer, [("abc", "de"), ("a", "fghij")])
     with torch.no_grad():
         hf_loss = float(host.model(**data.batch([0, 1])).loss)  # what train_steps minimises
-    assert hf_loss == pytest.approx(task.evaluate(host.model, data, [0, 1], batch_size=2)["test_loss"], rel=1e-5)
+    ours = task.evaluate(host.model, data, [0, 1], batch_size=2)["test_loss"]
+    assert hf_loss == pytest.approx(ours, rel=1e-5)
 
 
 def test_only_the_positions_predicting_the_response_get_a_gradient(tiny) -> None:  # noqa: ANN001

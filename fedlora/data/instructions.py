@@ -103,7 +103,8 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(dict(json.loads(line)))
             except (json.JSONDecodeError, TypeError, ValueError) as exc:
-                raise DataError(f"data.name={str(path)!r} line {number} is not a JSON object ({exc})") from None
+                raise DataError(f"data.name={str(path)!r} line {number} is not a JSON object ({exc})",
+                                ) from None
     return rows
 
 

@@ -210,7 +210,8 @@ class Federation:
         host.load_state(r_max, adapter)
         return self.ws.evaluate(int(self.cfg.get("eval", {}).get("batch_size", 64)))
 
-    def evaluate_round(self, adapter: AdapterState, r_max: int, server_round: int) -> tuple[dict[str, float], float]:
+    def evaluate_round(self, adapter: AdapterState, r_max: int, server_round: int,
+                       ) -> tuple[dict[str, float], float]:
         """Metrics of the global model, its generations written (causal LM); returns the seconds too."""
         t_eval = time.perf_counter()
         metrics = self.evaluate(adapter, r_max)
@@ -262,7 +263,8 @@ class Federation:
             recorder.log_round({"round": 0, **metrics, "train_loss": None, "wall_time": self.elapsed(),
                                 "eval_seconds": eval_seconds, "clients": []})
             self.save_checkpoint(0, adapter, sstate, ranks, best)
-            _say(f"round 0/{num_rounds}: {metric.name} {metrics[metric.key]:.4f}, loss {metrics['test_loss']:.4f}")
+            _say(f"round 0/{num_rounds}: {metric.name} {metrics[metric.key]:.4f}, "
+                 f"loss {metrics['test_loss']:.4f}")
         for server_round in range(first, num_rounds + 1):
             adapter, sstate, record = self.train_round(grid, clients, adapter, sstate, server_round, r_max)
             best = metric.best([best, record[metric.key]])
@@ -419,7 +421,8 @@ class Federation:
         losses = [(rows[c]["train_loss"], rows[c]["num_examples"]) for c in sorted(accepted)]
         return rows, updates, losses
 
-    def finish(self, adapter: AdapterState, r_max: int, last: Mapping[str, Any], best: float) -> dict[str, Any]:
+    def finish(self, adapter: AdapterState, r_max: int, last: Mapping[str, Any], best: float,
+               ) -> dict[str, Any]:
         """Save the global adapter in peft's format (and a built-in base), plot, write ``summary.json``."""
         settings, metric = self.ws.host.settings, self.ws.task.metric
         folded, rank, alpha = self.folded_adapter(adapter, r_max)

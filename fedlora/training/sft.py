@@ -22,7 +22,7 @@ DEFAULT_WITHOUT_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """Two ``str.format`` templates: with ``{instruction}`` and ``{input}``, and with ``{instruction}`` only."""
+    """Two ``str.format`` templates: with ``{instruction}`` and ``{input}``; with ``{instruction}`` only."""
 
     with_input: str = DEFAULT_WITH_INPUT
     without_input: str = DEFAULT_WITHOUT_INPUT

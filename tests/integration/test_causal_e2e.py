@@ -150,7 +150,8 @@ def test_compeft_causal_lm(flora_compeft: Path) -> None:
     summary, rows = json.loads((flora_compeft / "summary.json").read_text()), _rows(flora_compeft)
     for client in rows[1]["clients"]:  # vs the fp32 LoRA factors of 8 projections (64 x 64) at its rank
         raw = 8 * client["rank"] * (64 + 64) * 4
-        assert client["bytes_up"] * (6 if client["rank"] == 8 else 1) < raw, client  # small ones: key overhead
+        # rank 8 compresses 6x and more; the tiny rank-2 tensors are dominated by key names
+        assert client["bytes_up"] * (6 if client["rank"] == 8 else 1) < raw, client
     # compressed FLoRA learns slowly (README: error feedback does not carry over fresh adapters)
     _check(flora_compeft, summary, rows, "round 3/3: test perplexity done: final test perplexity", rounds=3,
            rel=1e-4, drop=0.1)
@@ -164,11 +165,13 @@ def _untimed(value):  # noqa: ANN001, ANN202 - JSON in, JSON out
     return value
 
 
-def test_causal_lm_killed_mid_round_then_resumed_equals_uninterrupted(flora_compeft: Path, tmp_path: Path) -> None:
+def test_causal_lm_killed_mid_round_then_resumed_equals_uninterrupted(flora_compeft: Path, tmp_path: Path,
+                                                                      ) -> None:
     run_dir = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen([FEDLORA, *TINY_CAUSAL, *RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    proc = subprocess.Popen([FEDLORA, *TINY_CAUSAL, *RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            start_new_session=True)
     latest = run_dir / "checkpoint" / "LATEST"
     deadline = time.monotonic() + 400
     try:  # round 1 is checkpointed and a client already trained in round 2: mid-round 2
@@ -180,8 +183,8 @@ def test_causal_lm_killed_mid_round_then_resumed_equals_uninterrupted(flora_comp
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (run_dir / "summary.json").exists()
-    out = subprocess.run([FEDLORA, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ))
+    out = subprocess.run([FEDLORA, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming after round 1" in out.stdout
     resumed, reference = _untimed(_rows(run_dir)), _untimed(_rows(flora_compeft))
