@@ -275,7 +275,7 @@ class Federation:
         return self.finish(adapter, r_max, read_metrics(self.run_dir)[-1], best)
 
     def _start(self, ranks: dict[int, int], r_max: int) -> tuple[AdapterState, dict[str, Any], int, float]:
-        """Return the global adapter, strategy state, first round to run and best accuracy so far.
+        """Return the global adapter, strategy state, first round to run and best metric value so far.
 
         A fresh run starts from the strategy's ``init`` and clears what an earlier run may have
         left in the directory; a resumed run loads the checkpoint, restores metrics.jsonl and
