@@ -14,7 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedlora import task_checks
 from fedlora.errors import ConfigError
+from fedlora.metrics import task_kind
 
 RANK_POLICIES = ("cycle", "explicit", "random")
 
@@ -29,7 +31,14 @@ def model_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
     """Return :class:`fedlora.models.ModelSettings` from ``cfg["model"]``."""
     from fedlora.models import ModelSettings  # noqa: PLC0415
 
-    return _pick(ModelSettings, cfg["model"])
+    return _pick(ModelSettings, {**cfg["model"], "task": task_kind(cfg)})
+
+
+def task_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
+    """Return :class:`fedlora.training.tasks.TaskSettings` from ``cfg["task"]`` (classification if absent)."""
+    from fedlora.training.tasks import TaskSettings  # noqa: PLC0415
+
+    return _pick(TaskSettings, {**(cfg.get("task") or {}), "kind": task_kind(cfg)})
 
 
 def data_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
@@ -56,7 +65,8 @@ def workspace_key(cfg: Mapping[str, Any], num_clients: int | None = None):  # no
     from fedlora.training.workspace import WorkspaceKey  # noqa: PLC0415
 
     return WorkspaceKey(model_settings(cfg), data_settings(cfg),
-                        num_clients if num_clients is not None else int(cfg["num_clients"]), int(cfg["seed"]))
+                        num_clients if num_clients is not None else int(cfg["num_clients"]), int(cfg["seed"]),
+                        task_settings(cfg))
 
 
 def assign_ranks(num_clients: int, ranks: Mapping[str, Any], seed: int) -> list[int]:
@@ -181,13 +191,16 @@ def _check_ranks(cfg: Mapping[str, Any], p: _Problems) -> list[int]:
 def _check_model(cfg: Mapping[str, Any], ranks: list[int], p: _Problems) -> None:
     model = cfg.get("model", {})
     name = model.get("name")
+    if not task_checks.model_fits_task(name, task_kind(cfg), p):
+        return
     try:
-        layers = probe_layers(name, tuple(model.get("target_modules") or ()))
+        layers = probe_layers(name, tuple(model.get("target_modules") or ()), task_kind(cfg))
     except Exception as exc:  # noqa: BLE001 - any load failure is the user's model name
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = ("hub access is off (HF_HUB_OFFLINE=1): use all-MiniLM-L6-v2, a local model directory, "
-                "or a name already in the Hugging Face cache" if offline else
-                "use all-MiniLM-L6-v2, a local model directory, or a valid Hugging Face model name")
+        builtin = "model=tiny_decoder" if task_kind(cfg) == "causal_lm" else "all-MiniLM-L6-v2"
+        hint = (f"hub access is off (HF_HUB_OFFLINE=1): set offline=false to download it, or use {builtin}, "
+                "a local model directory, or a name already in the Hugging Face cache" if offline else
+                f"use {builtin}, a local model directory, or a valid Hugging Face model name")
         p.add("model.name", name, f"cannot be loaded ({type(exc).__name__}: {str(exc)[:160]}); {hint}")
         return
     if not layers:
@@ -201,25 +214,27 @@ def _check_model(cfg: Mapping[str, Any], ranks: list[int], p: _Problems) -> None
         p.add("ranks", too_big, f"a LoRA rank cannot exceed the adapted layers' width {width}; lower it")
 
 
-def probe_layers(name: str, target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """Return the adapted layer shapes of model ``name`` without loading its weights."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
+def probe_layers(name: str, target_modules: tuple[str, ...], task: str = "classification",
+                 ) -> dict[str, tuple[int, int]]:
+    """Return the adapted layer shapes of model ``name`` (built for ``task``) without loading its weights."""
+    from fedlora.models import adapted_layers, model_skeleton  # noqa: PLC0415
 
-    from fedlora.models import adapted_layers, resolve_model_path  # noqa: PLC0415
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name))
-    with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(config)
-    return adapted_layers(skeleton, target_modules)
+    return adapted_layers(model_skeleton(name, task), target_modules)
 
 
 def _check_data(cfg: Mapping[str, Any], p: _Problems) -> None:
     from fedlora.data import datasets as ds  # noqa: PLC0415
 
+    if task_kind(cfg) == "causal_lm":
+        task_checks.check_instruction_data(cfg, p)
+        return
     data = cfg.get("data", {})
     name = data.get("name")
     if name == ds.BUILTIN_BBC:
+        return
+    if name == "synthetic_instructions":
+        p.add("data.name", name, "instruction data is for task=causal_lm (fedlora task=causal_lm); "
+              "classification needs text and labels, for example data=bbc_news")
         return
     if not isinstance(name, str) or not name:
         p.add("data.name", name, "use bbc_news, a local csv/json/jsonl/parquet file, or a hub dataset name")
@@ -357,6 +372,8 @@ def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bo
     """Raise :class:`ConfigError` listing every problem in ``cfg`` (nothing is started)."""
     p = _Problems([])
     _check_numbers(cfg, p)
+    task_checks.check_task(cfg, p)
+    task_checks.check_decoder_options(cfg, p)
     _check_reliability(cfg, p)
     _check_resume(cfg, p)
     _check_logging(cfg, p)

@@ -96,7 +96,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
-    """Hydra entry point: run one job and return its final accuracy (for sweepers)."""
+    """Hydra entry point: run one job and return its final task metric (for sweepers).
+
+    That is test accuracy for classification (maximise it) and held-out perplexity for
+    causal_lm (minimise it); ``summary.json`` names it under ``primary_metric``.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run(cfg, run_dir)
@@ -107,7 +111,7 @@ def hydra_main(cfg: DictConfig) -> float:
     except Exception:
         _mark_failed(run_dir, traceback.format_exc())
         raise
-    return float(summary["final_test_accuracy"])
+    return float(summary[f"final_{summary.get('primary_metric', 'test_accuracy')}"])
 
 
 def _mark_failed(run_dir: Path, text: str) -> None:

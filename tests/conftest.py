@@ -46,6 +46,14 @@ TINY = ["num_clients=3", "num_rounds=2", "train.local_steps=2", "train.batch_siz
         "logging.tensorboard=true"]
 
 
+# Tiny causal-LM settings: the random tiny decoder on 300 synthetic instructions, 3 clients with
+# ranks 2/4/8, 2 rounds of 3 local steps, 40 held-out examples, 3 generations of 8 tokens.
+TINY_CAUSAL = ["task=causal_lm", "num_clients=3", "num_rounds=2", "train.local_steps=3", "train.batch_size=8",
+               "train.lr=1e-2", "data.max_examples=300", "data.max_test_examples=40", "ranks.tiers=[2,4,8]",
+               "partition.min_partition_size=5", "task.num_generations=3", "task.max_new_tokens=8",
+               "logging.tensorboard=true"]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root."""

@@ -11,14 +11,23 @@ from fedlora.config import assign_ranks, compression_node, validate
 from fedlora.errors import ConfigError
 
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub")}  # need a user value
+REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub"), ("data", "instructions_file"),
+                 ("data", "instructions_hub")}  # need a user value
+HUB_MODELS = {("model", "tinyllama"), ("model", "qwen2_5_0_5b"), ("model", "llama3_2_1b")}  # offline=false
+CAUSAL_ONLY = {("model", "tiny_decoder"), ("data", "synthetic_instructions"), *HUB_MODELS}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts
                                           if g != "experiment" and (g, o) not in REQUIRED_NAME])
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
     prefix = "+" if group == "method" else ""  # `method` has no default: it is added by sweeps
-    cfg = compose([f"{prefix}{group}={option}"])
+    task = ["task=causal_lm"] if (group, option) in CAUSAL_ONLY else []
+    cfg = compose([*task, f"{prefix}{group}={option}"])
+    if (group, option) in HUB_MODELS:  # offline (the tests' setting) a hub model cannot even be probed
+        with pytest.raises(ConfigError, match=r"(?s)model\.name=.*HF_HUB_OFFLINE=1.*offline=false"):
+            validate(cfg)
+        assert cfg["model"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return
     validate(cfg)
     if group == "method":
         strategy, _, compression = option.partition("_compeft")
@@ -72,6 +81,28 @@ BAD = [
     (["resume=/nonexistent/run"], "resume='/nonexistent/run'", "no such directory"),
     (["strategy=flora", "compression=compeft", "compression.error_feedback=true"],
      "compression.error_feedback=True", "fresh adapter every round"),
+    # tasks: causal-LM data, models, prompts, generation, decoder options
+    (["task=causal_lm", "data=bbc_news"], "data.name='bbc_news'", "data=synthetic_instructions"),
+    (["task=causal_lm", "model=minilm"], "model.name='all-MiniLM-L6-v2'", "model=tiny_decoder"),
+    (["model=tiny_decoder"], "model.name='tiny-random-llama'", "task=causal_lm"),
+    (["data=synthetic_instructions"], "data.name='synthetic_instructions'", "task=causal_lm"),
+    (["task.kind=regression"], "task.kind='regression'", "task=causal_lm"),
+    (["task=causal_lm", "data.format=xml"], "data.format='xml'", "auto, alpaca, dolly"),
+    (["task=causal_lm", "data.name=/nonexistent/dolly.jsonl"], "data.name='/nonexistent/dolly.jsonl'",
+     "does not exist"),
+    (["task=causal_lm", "data.name=notes.csv"], "data.name='notes.csv'", ".jsonl file"),
+    (["task=causal_lm", "data.name=some/hub_dataset"], "data.name='some/hub_dataset'", "offline=false"),
+    (["task=causal_lm", "task.prompt_with_input='Q: {instruction} A:'"], "task.prompt_with_input=",
+     "must contain {input}"),
+    (["task=causal_lm", "task.prompt_without_input='{instruction} {context}'"], "task.prompt_without_input=",
+     "unknown field(s) ['context']"),
+    (["task=causal_lm", "task.max_new_tokens=0"], "task.max_new_tokens=0", "integer >= 1"),
+    (["task=causal_lm", "task.num_generations=-1"], "task.num_generations=-1", "integer >= 0"),
+    (["task=causal_lm", "model.dtype=float8"], "model.dtype='float8'", "bfloat16"),
+    (["task=causal_lm", "model.gradient_checkpointing=sometimes"], "model.gradient_checkpointing='sometimes'",
+     "auto (on for a GPU), true or false"),
+    (["task=causal_lm", "ranks.tiers=[2,100]"], "ranks=[100]", "width 64"),
+    (["task=causal_lm", "model.target_modules=[query]"], "model.target_modules=['query']", "q_proj"),
 ]
 
 
@@ -139,3 +170,68 @@ def test_error_feedback_auto_is_off_only_for_fresh_adapter_strategies(strategy: 
     validate(cfg, check_model=False, check_data=False)
     assert compression_node(cfg)["error_feedback"] is expected
     assert cfg["compression"]["error_feedback"] == {"auto": "auto", "true": True, "false": False}[setting]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_instruction_files_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    alpaca = _write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "input": "", "output": "b"}] * 20)
+    dolly = _write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "a", "context": "", "response": "b",
+                                                     "category": "qa"}] * 20)
+    other = _write_jsonl(tmp_path / "other.jsonl", [{"text": "a", "label": 1}] * 20)
+    base = ["task=causal_lm", "data=instructions_file"]
+    validate(compose([*base, f"data.name={dolly}"]))  # Dolly has a category: Dirichlet is fine
+    validate(compose([*base, f"data.name={alpaca}", "partition=iid"]))
+    with pytest.raises(ConfigError) as info:  # Alpaca has no category to skew clients by
+        validate(compose([*base, f"data.name={alpaca}"]))
+    assert "partition.kind='dirichlet'" in str(info.value) and "use partition=iid" in str(info.value)
+    validate(compose([*base, f"data.name={alpaca}", "num_clients=1"]))  # one client: nothing to skew
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*base, f"data.name={other}", "partition=iid"]))
+    assert f"data.name='{other}'" in str(info.value) and "instruction/context/response" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*base, f"data.name={alpaca}", "partition=iid", "data.format=dolly"]))
+    assert "data.format='dolly'" in str(info.value) and "instruction+response (dolly)" in str(info.value)
+
+
+def test_4bit_base_needs_bitsandbytes_and_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torch
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["task=causal_lm", "model.load_in_4bit=true"]))
+    message = str(info.value)
+    assert "model.load_in_4bit=True" in message
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "pip install bitsandbytes" in message
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in message
+    real_find_spec = importlib.util.find_spec  # both present: no problem left from these two checks
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(compose(["task=causal_lm", "model.load_in_4bit=true"]))
+    with pytest.raises(ConfigError, match="a 4-bit base is for task=causal_lm"):
+        validate(compose(["+model.load_in_4bit=true"]))
+
+
+def test_task_causal_lm_switches_model_and_data_unless_given() -> None:
+    cfg = compose(["task=causal_lm"])
+    assert cfg["task"]["kind"] == "causal_lm" and cfg["model"]["name"] == "tiny-random-llama"
+    assert cfg["data"]["name"] == "synthetic_instructions"
+    assert compose(["task=causal_lm", "model=tinyllama"])["model"]["name"].startswith("TinyLlama/")
+    assert compose([])["task"] == {"kind": "classification"}
+
+
+def test_cli_rejects_a_causal_config_before_ray_starts(tmp_path) -> None:
+    out = run_fedlora(["task=causal_lm", "data=bbc_news", "task.max_new_tokens=0"], tmp_path / "run",
+                      timeout=120)
+    assert out.returncode == 2
+    assert "data.name='bbc_news'" in out.stderr and "task.max_new_tokens=0" in out.stderr
+    assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr

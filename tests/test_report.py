@@ -90,6 +90,15 @@ def test_load_runs_accepts_a_single_run_dir(sweep: Path) -> None:
     assert len(runs) == 1 and runs[0].ok and runs[0].method == "flora"
 
 
+def test_a_runs_checkpoint_is_not_a_job(sweep: Path) -> None:
+    # regression: checkpoint/round_<t>/ holds a copy of metrics.jsonl and was listed as an incomplete job
+    run = sweep / "2_flora_seed=0"
+    (run / "checkpoint" / "round_00003").mkdir(parents=True)
+    (run / "checkpoint" / "round_00003" / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    assert [r.path for r in report.load_runs(run)] == [run]
+    assert len(report.load_runs(sweep)) == 6
+
+
 def test_summarize_numbers(sweep: Path) -> None:
     rows = by_method(report.summarize(report.load_runs(sweep)))
     assert list(rows) == ["fedavg", "flora", "flora+compeft(d=0.1)"]  # the failed job is not a row
@@ -175,3 +184,51 @@ def test_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def make_causal_run(run_dir: Path, target: str, seed: int, ppls: list[float]) -> Path:
+    """A fake completed causal-LM run (perplexity per round, lower is better)."""
+    run_dir.mkdir(parents=True)
+    name = target.split(".")[1]
+    config = {"name": name, "seed": seed, "strategy": {"_target_": target}, "compression": {},
+              "task": {"kind": "causal_lm"}, "num_rounds": len(ppls) - 1, "output_dir": str(run_dir)}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"round": r, "test_perplexity": p, "test_loss": math.log(p), "train_loss": None, "wall_time": 1.0,
+             "clients": [], "bytes_up_total": 100 * (r > 0), "bytes_down_total": 100 * (r > 0)}
+            for r, p in enumerate(ppls)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"final_test_perplexity": ppls[-1], "best_test_perplexity": min(ppls),
+               "final_test_loss": math.log(ppls[-1]), "primary_metric": "test_perplexity",
+               "wall_time_seconds": 10.0, "name": name}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def test_causal_runs_are_reported_by_perplexity(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    make_causal_run(root / "0_fedavg", FEDAVG, 0, [900.0, 40.0, 20.0, 12.0])
+    make_causal_run(root / "1_fedavg", FEDAVG, 1, [900.0, 50.0, 25.0, 14.0])
+    make_causal_run(root / "2_flora", FLORA, 0, [900.0, 30.0, 13.0, 11.0])
+    runs = report.load_runs(root)
+    assert report.report_metric(runs).key == "test_perplexity"
+    rows = by_method(report.summarize(runs))
+    assert list(rows["fedavg"]) == report.columns(report.metric_of({"task": {"kind": "causal_lm"}}))
+    assert rows["fedavg"]["final_ppl_mean"] == pytest.approx(13.0)
+    assert rows["fedavg"]["final_ppl_std"] == pytest.approx(math.sqrt(2.0))
+    assert rows["flora"]["best_ppl_mean"] == 11.0
+    # target: the lowest final mean / 0.9 = 11 / 0.9 = 12.22 (lower is better)
+    assert rows["flora"]["rounds_to_90"] == 3.0 and rows["flora"]["seeds_reached_90"] == 1
+    # fedavg seed 1 ends at 14 > 12.22: one seed of two reaches the target
+    assert rows["fedavg"]["rounds_to_90"] == 3.0 and rows["fedavg"]["seeds_reached_90"] == 1
+    assert report.main([str(root)]) == 0
+    text = (root / "report.md").read_text()
+    assert "| method | seeds | final ppl | best ppl | rounds to best / 0.9 |" in text
+    assert "| flora | 1 | 11.000 ± 0.000 | 11.000 | 3.0 |" in text and "11.000 / 0.9 = 12.222" in text
+    with (root / "report.csv").open() as f:
+        assert next(csv.reader(f))[2:5] == ["final_ppl_mean", "final_ppl_std", "best_ppl_mean"]
+
+
+def test_mixed_tasks_are_flagged(sweep: Path) -> None:
+    make_causal_run(sweep / "9_flora_causal", FLORA, 0, [900.0, 11.0])
+    lines = "\n".join(report.problem_lines(report.load_runs(sweep), sweep))
+    assert "different tasks (test accuracy, test perplexity)" in lines

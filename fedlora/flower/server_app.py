@@ -9,7 +9,6 @@ because bytes are measured per client and per direction from the serialized mess
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -29,9 +28,10 @@ from fedlora.adapters import validation
 from fedlora.config import compressor, instantiate, workspace_key
 from fedlora.flower import records
 from fedlora.flower.settings import resolve_config
-from fedlora.models import save_peft_adapter
-from fedlora.results import RunRecorder, plot_run, read_metrics
-from fedlora.training.local import evaluate
+from fedlora.metrics import ACCURACY, Metric
+from fedlora.models import save_peft_adapter, save_reload_base
+from fedlora.results import (RunRecorder, final_metrics, log_generations, plot_run, read_metrics,
+                             truncate_generations)
 from fedlora.training.workspace import get_workspace
 from fedlora.types import AdapterState, BaseMerge, ClientPlan, ClientUpdate
 
@@ -59,12 +59,12 @@ def _say(text: str) -> None:
     print(f"[fedlora] {text}", flush=True)
 
 
-def _say_round(record: Mapping[str, Any], num_rounds: int) -> None:
+def _say_round(record: Mapping[str, Any], num_rounds: int, metric: Metric = ACCURACY) -> None:
     """Print the one-line summary of a round."""
     r, tl = record, record["train_loss"]
     problems = "".join(f", {r[k]} {k[4:]}" for k in ("num_failed", "num_rejected") if r.get(k))
     skipped = " (aggregation skipped)" if r.get("aggregation_skipped") else ""
-    _say(f"round {r['round']}/{num_rounds}: test accuracy {r['test_accuracy']:.4f}, loss {r['test_loss']:.4f}, "
+    _say(f"round {r['round']}/{num_rounds}: {metric.name} {r[metric.key]:.4f}, loss {r['test_loss']:.4f}, "
          f"train loss {tl if tl is None else round(tl, 4)}, {r['num_ok']} clients{problems}{skipped}, "
          f"up {r['bytes_up_total'] / 1e6:.2f} MB, down {r['bytes_down_total'] / 1e6:.2f} MB, "
          f"{r['round_seconds']:.1f} s (elapsed {r['wall_time']:.0f} s)")
@@ -203,13 +203,22 @@ class Federation:
         """Return the sum of all base merges so far, factored (``None`` before the first)."""
         return lm.concat_merges(self.history) if self.history else None
 
-    def evaluate(self, adapter: AdapterState, r_max: int) -> tuple[float, float]:
-        """Test loss and accuracy of the global model (merged base + global adapter)."""
+    def evaluate(self, adapter: AdapterState, r_max: int) -> dict[str, float]:
+        """The task's test metrics of the global model (merged base + global adapter)."""
         host = self.ws.host
         host.set_base(len(self.history), self.cumulative_merge())
         host.load_state(r_max, adapter)
-        ev = self.cfg.get("eval", {})
-        return evaluate(host.model, self.ws.data, self.ws.test, int(ev.get("batch_size", 64)))
+        return self.ws.evaluate(int(self.cfg.get("eval", {}).get("batch_size", 64)))
+
+    def evaluate_round(self, adapter: AdapterState, r_max: int, server_round: int,
+                       ) -> tuple[dict[str, float], float]:
+        """Metrics of the global model, its generations written (causal LM); returns the seconds too."""
+        t_eval = time.perf_counter()
+        metrics = self.evaluate(adapter, r_max)
+        generations = self.ws.generate()
+        if generations:
+            log_generations(self.run_dir, server_round, generations)
+        return metrics, time.perf_counter() - t_eval
 
     def folded_adapter(self, adapter: AdapterState, r_max: int) -> tuple[AdapterState, int, float]:
         """Fold the base merges into one LoRA so that it loads on the pristine base model.
@@ -246,27 +255,29 @@ class Federation:
                 f"{'on' if self.compressor.error_feedback else 'off'})" if self.compressor else "")
              + f"; {num_rounds} rounds"
              + (f"; resuming after round {self.resumed_from}" if self.resumed_from else ""))
+        if self.ws.truncated:
+            _say(f"{self.ws.truncated} of {len(self.ws.data.input_ids)} examples were cut to "
+                 f"model.max_length={self.ws.host.settings.max_length} tokens")
+        metric = self.ws.task.metric
         if first == 1:
-            t_eval = time.perf_counter()
-            loss, acc = self.evaluate(adapter, r_max)
-            best = acc
-            recorder.log_round({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": None,
-                                "wall_time": self.elapsed(), "eval_seconds": time.perf_counter() - t_eval,
-                                "clients": []})
+            metrics, eval_seconds = self.evaluate_round(adapter, r_max, 0)
+            best = metrics[metric.key]
+            recorder.log_round({"round": 0, **metrics, "train_loss": None, "wall_time": self.elapsed(),
+                                "eval_seconds": eval_seconds, "clients": []})
             self.save_checkpoint(0, adapter, sstate, ranks, best)
-            _say(f"round 0/{num_rounds}: test accuracy {acc:.4f}, loss {loss:.4f}")
+            _say(f"round 0/{num_rounds}: {metric.name} {metrics[metric.key]:.4f}, "
+                 f"loss {metrics['test_loss']:.4f}")
         for server_round in range(first, num_rounds + 1):
             adapter, sstate, record = self.train_round(grid, clients, adapter, sstate, server_round, r_max)
-            best = max(best, record["test_accuracy"])
+            best = metric.best([best, record[metric.key]])
             recorder.log_round(record)
             self.save_checkpoint(server_round, adapter, sstate, ranks, best)
-            _say_round(record, num_rounds)
+            _say_round(record, num_rounds, metric)
         recorder.close()
-        last = read_metrics(self.run_dir)[-1]
-        return self.finish(adapter, r_max, last["test_accuracy"], last["test_loss"], best)
+        return self.finish(adapter, r_max, read_metrics(self.run_dir)[-1], best)
 
     def _start(self, ranks: dict[int, int], r_max: int) -> tuple[AdapterState, dict[str, Any], int, float]:
-        """Return the global adapter, strategy state, first round to run and best accuracy so far.
+        """Return the global adapter, strategy state, first round to run and best metric value so far.
 
         A fresh run starts from the strategy's ``init`` and clears what an earlier run may have
         left in the directory; a resumed run loads the checkpoint, restores metrics.jsonl and
@@ -277,6 +288,7 @@ class Federation:
             for name in (ckpt.CHECKPOINT_DIR, ckpt.CLIENT_STATE_DIR):  # left by an earlier run here
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            truncate_generations(self.run_dir, -1)
             init = self.strategy.init(self.ws.host.spec(r_max), self.seed)
             return init.adapter, dict(init.state), 1, 0.0
         state = ckpt.load_checkpoint(self.run_dir)
@@ -289,6 +301,7 @@ class Federation:
         self.resumed_from = state.round
         self.start_wall = time.perf_counter() - state.elapsed
         ckpt.write_atomic(self.run_dir / "metrics.jsonl", "".join(x + "\n" for x in state.metrics).encode())
+        truncate_generations(self.run_dir, state.round)
         ckpt.restore_rng(state.rng, state.rng.get("torch"))
         return state.adapter, dict(state.strategy_state), state.round + 1, state.best
 
@@ -344,13 +357,11 @@ class Federation:
                 adapter, sstate, strategy_metrics = result.adapter, dict(result.state), dict(result.metrics)
                 if result.merge is not None:
                     self.history.append(result.merge)
-        t_eval = time.perf_counter()
-        loss, acc = self.evaluate(adapter, r_max)
-        eval_seconds = time.perf_counter() - t_eval
+        metrics, eval_seconds = self.evaluate_round(adapter, r_max, server_round)
         train_loss = (sum(lv * n for lv, n in losses) / sum(n for _, n in losses)) if losses else None
         client_rows = [rows[c] for c in sorted(rows)]
         record = {
-            "round": server_round, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
+            "round": server_round, **metrics, "train_loss": train_loss,
             "wall_time": self.elapsed(), "round_seconds": time.perf_counter() - t_round,
             "eval_seconds": eval_seconds, "clients": client_rows,
             "num_ok": len(updates), "num_failed": sum(r["status"] == "failed" for r in client_rows),
@@ -412,31 +423,33 @@ class Federation:
         losses = [(rows[c]["train_loss"], rows[c]["num_examples"]) for c in sorted(accepted)]
         return rows, updates, losses
 
-    def finish(self, adapter: AdapterState, r_max: int, acc: float, loss: float, best: float) -> dict[str, Any]:
-        """Save the global adapter in peft's format, plot, and write ``summary.json``."""
-        settings = self.ws.host.settings
+    def finish(self, adapter: AdapterState, r_max: int, last: Mapping[str, Any], best: float,
+               ) -> dict[str, Any]:
+        """Save the global adapter in peft's format (and a built-in base), plot, write ``summary.json``."""
+        settings, metric = self.ws.host.settings, self.ws.task.metric
         folded, rank, alpha = self.folded_adapter(adapter, r_max)
         adapter_dir = self.run_dir / "adapter"
         save_peft_adapter(adapter_dir, settings, len(self.ws.label_names), folded, rank, alpha, self.seed)
-        plot = plot_run(self.run_dir, title=str(self.cfg.get("name", "")))
+        base_dir = save_reload_base(self.run_dir / "base", settings)
+        plot = plot_run(self.run_dir, title=str(self.cfg.get("name", "")), metric=metric)
         rows = [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = {
             "name": self.cfg.get("name"), "strategy": type(self.strategy).__name__,
             "compression": type(self.compressor).__name__ if self.compressor else None,
             "error_feedback": bool(self.compressor.error_feedback) if self.compressor else None,
             "num_rounds": int(self.cfg["num_rounds"]), "num_clients": int(self.cfg["num_clients"]),
-            "final_test_accuracy": acc, "final_test_loss": loss, "best_test_accuracy": best,
+            **final_metrics(metric, last, best),
             "wall_time_seconds": time.perf_counter() - self.start_wall,
             "bytes_up_total": sum(r.get("bytes_up_total", 0) for r in rows),
             "bytes_down_total": sum(r.get("bytes_down_total", 0) for r in rows),
             "adapter_dir": str(adapter_dir), "adapter_rank": rank, "adapter_lora_alpha": alpha,
             "base_merges": len(self.history), "plot": str(plot), "label_names": list(self.ws.label_names),
         }
-        if any(math.isnan(v) for v in (acc, loss)):
-            summary["warning"] = "final metrics are NaN"
+        if base_dir:
+            summary["base_dir"] = base_dir
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        _say(f"done: final test accuracy {acc:.4f} (best {best:.4f}) in {summary['wall_time_seconds']:.0f} s; "
-             f"outputs in {self.run_dir}")
+        _say(f"done: final {metric.name} {last[metric.key]:.4f} (best {best:.4f}) in "
+             f"{summary['wall_time_seconds']:.0f} s; outputs in {self.run_dir}")
         return summary
 
 

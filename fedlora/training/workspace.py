@@ -2,7 +2,9 @@
 
 Ray actors and the server process each build one :class:`Workspace` per distinct
 :class:`WorkspaceKey` and reuse it across clients and rounds (``functools.lru_cache``; the cache
-lives per process, which is what we want: one base model per worker).
+lives per process, which is what we want: one base model per worker). The task
+(:mod:`fedlora.training.tasks`) decides how the data are read and tokenized; the split and the
+partitions follow each example's group (its class, or its instruction category).
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
-
 from fedlora.data import datasets as ds
 from fedlora.data.partition import partition_indices
-from fedlora.models import AdapterHost, ModelSettings, load_tokenizer
-from fedlora.training.local import Encoded
+from fedlora.models import AdapterHost, ModelSettings
+from fedlora.training.tasks import TaskSettings, make_task
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class DataSettings:
     alpha: float = 0.5
     partition_seed: int = 42
     min_partition_size: int = 10
+    format: str = "auto"  # instruction layout: auto | alpaca | dolly (causal_lm only)
+    category_column: str | None = "category"  # what a Dirichlet partition of instructions skews by
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class WorkspaceKey:
     data: DataSettings
     num_clients: int
     seed: int
+    task: TaskSettings = TaskSettings()
 
 
 class Workspace:
@@ -51,34 +54,36 @@ class Workspace:
 
     def __init__(self, key: WorkspaceKey) -> None:
         self.key = key
-        corpus = ds.load_corpus(
-            key.data.name, text_column=key.data.text_column, label_column=key.data.label_column,
-            split=key.data.split, max_examples=key.data.max_examples,
-        )
-        self.label_names = corpus.label_names
-        tokenizer = load_tokenizer(key.model.name)
-        enc = tokenizer(list(corpus.texts), truncation=True, max_length=key.model.max_length,
-                        padding="max_length", return_tensors="pt")
-        self.data = Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(corpus.labels))
-        train, test = ds.stratified_split(corpus.labels, key.data.test_fraction, key.data.split_seed)
+        self.task = make_task(key.task)
+        prepared = self.task.prepare(key.data, key.model)
+        self.data = prepared.data
+        self.label_names = prepared.group_names
+        self.truncated = prepared.truncated
+        groups = prepared.groups
+        train, test = ds.stratified_split(groups, key.data.test_fraction, key.data.split_seed)
         if key.data.max_test_examples is not None and key.data.max_test_examples < len(test):
             # a seeded, stratified subsample (a prefix of the sorted indices would be one class)
-            labels = [corpus.labels[i] for i in test]
+            labels = [groups[i] for i in test]
             _, keep = ds.stratified_split(labels, key.data.max_test_examples / len(test), key.data.split_seed)
             test = sorted(test[i] for i in keep)
         self.test = test
         self.train = train
-        train_labels = [corpus.labels[i] for i in train]
+        train_labels = [groups[i] for i in train]
         if key.num_clients == 1:
             parts = [list(range(len(train)))]
         else:
+            if key.data.partition == "dirichlet" and not prepared.has_groups:
+                raise ds.DataError(f"partition.kind='dirichlet' needs a category to skew by, and data.name="
+                                   f"{key.data.name!r} has no {key.data.category_column!r} column; use "
+                                   "partition=iid or set data.category_column")
             parts = partition_indices(
                 train_labels, key.num_clients, kind=key.data.partition, alpha=key.data.alpha,
                 seed=key.data.partition_seed, min_partition_size=key.data.min_partition_size,
             )
         self.partitions = [[train[i] for i in part] for part in parts]
-        self.num_labels = corpus.num_labels
-        self.host = AdapterHost(key.model, corpus.num_labels, key.seed)
+        self.num_labels = prepared.num_labels
+        self.generation_prompts = self.task.generation_prompts(test)
+        self.host = AdapterHost(key.model, prepared.num_labels, key.seed)
 
     def reload_host(self) -> None:
         """Load the base model again into a new host (benchmark switch, see ``bench/overhead.py``).
@@ -91,6 +96,14 @@ class Workspace:
         """
         self.host = None  # drop the old model before loading the next one (peak memory)
         self.host = AdapterHost(self.key.model, self.num_labels, self.key.seed)
+
+    def evaluate(self, batch_size: int = 64) -> dict[str, float]:
+        """The task's metrics of the host's active model on the held-out set."""
+        return self.task.evaluate(self.host.model, self.data, self.test, batch_size)
+
+    def generate(self) -> list[dict]:
+        """The active model's completions of the fixed held-out prompts (none for classification)."""
+        return self.task.generate(self.host.model, self.generation_prompts)
 
     def partition(self, client_id: int) -> list[int]:
         """Return the corpus indices client ``client_id`` trains on."""
