@@ -37,13 +37,28 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class NodeData:
+    """A deployed node's own training file: every row trains, labels numbered by the run's names."""
+
+    path: str
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class WorkspaceKey:
-    """Everything that determines a workspace."""
+    """Everything that determines a workspace.
+
+    ``node_data`` is set on a deployed node that trains on its own file (node-config
+    ``data-path``); ``data`` then still names the run's dataset, which that node does not read.
+    """
 
     model: ModelSettings
     data: DataSettings
     num_clients: int
     seed: int
+    node_data: NodeData | None = None
 
 
 class Workspace:
@@ -51,15 +66,15 @@ class Workspace:
 
     def __init__(self, key: WorkspaceKey) -> None:
         self.key = key
+        if key.node_data is not None:
+            self._init_node_data(key, key.node_data)
+            return
         corpus = ds.load_corpus(
             key.data.name, text_column=key.data.text_column, label_column=key.data.label_column,
             split=key.data.split, max_examples=key.data.max_examples,
         )
         self.label_names = corpus.label_names
-        tokenizer = load_tokenizer(key.model.name)
-        enc = tokenizer(list(corpus.texts), truncation=True, max_length=key.model.max_length,
-                        padding="max_length", return_tensors="pt")
-        self.data = Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(corpus.labels))
+        self.data = self._encode(key, corpus)
         train, test = ds.stratified_split(corpus.labels, key.data.test_fraction, key.data.split_seed)
         if key.data.max_test_examples is not None and key.data.max_test_examples < len(test):
             # a seeded, stratified subsample (a prefix of the sorted indices would be one class)
@@ -80,6 +95,24 @@ class Workspace:
         self.num_labels = corpus.num_labels
         self.host = AdapterHost(key.model, corpus.num_labels, key.seed)
 
+    def _init_node_data(self, key: WorkspaceKey, node: NodeData) -> None:
+        """Load a node's own file: all of it is this node's training partition, no test split."""
+        corpus = ds.load_local(node.path, node.text_column, node.label_column, node.label_names)
+        self.label_names = corpus.label_names
+        self.data = self._encode(key, corpus)
+        self.train = list(range(len(corpus.texts)))
+        self.test = []
+        self.partitions = [self.train]
+        self.num_labels = corpus.num_labels
+        self.host = AdapterHost(key.model, corpus.num_labels, key.seed)
+
+    @staticmethod
+    def _encode(key: WorkspaceKey, corpus: ds.Corpus) -> Encoded:
+        tokenizer = load_tokenizer(key.model.name)
+        enc = tokenizer(list(corpus.texts), truncation=True, max_length=key.model.max_length,
+                        padding="max_length", return_tensors="pt")
+        return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(corpus.labels))
+
     def reload_host(self) -> None:
         """Load the base model again into a new host (benchmark switch, see ``bench/overhead.py``).
 
@@ -93,7 +126,9 @@ class Workspace:
         self.host = AdapterHost(self.key.model, self.num_labels, self.key.seed)
 
     def partition(self, client_id: int) -> list[int]:
-        """Return the corpus indices client ``client_id`` trains on."""
+        """Return the corpus indices client ``client_id`` trains on (a node's own file: all of it)."""
+        if self.key.node_data is not None:
+            return self.train
         return self.partitions[client_id]
 
 
