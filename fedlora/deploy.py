@@ -121,15 +121,20 @@ def _check_app(app: Path, problems: list[str]) -> None:
                         f"key {keys.CLIENT_CONFIG!r}; give the fedlora checkout directory")
 
 
-def check_deployment(container: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
-    """Check what only a deployment needs; return the ``deployment`` record for the config.
-
-    Raises :class:`ConfigError` listing every problem (nothing has been contacted yet).
-    """
+def _pooled(strategy: Any) -> bool:
+    """Whether the strategy trains on pooled data (``centralized``); an invalid one is validate()'s."""
     from fedlora.config import instantiate  # noqa: PLC0415
 
+    try:
+        return bool(getattr(instantiate(strategy), "pooled", False))
+    except Exception:  # noqa: BLE001 - the config check names the problem
+        return False
+
+
+def check_deployment(container: dict[str, Any], opts: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """Check what only a deployment needs: return the ``deployment`` record and the problems."""
     problems: list[str] = []
-    if getattr(instantiate(container["strategy"]), "pooled", False):
+    if _pooled(container.get("strategy")):
         problems.append("strategy='centralized': the centralized upper bound pools every client's data in one "
                         "process, it has no federation to deploy; run it with `fedlora strategy=centralized`")
     if container.get("resume"):
@@ -138,10 +143,26 @@ def check_deployment(container: dict[str, Any], opts: argparse.Namespace) -> dic
     name, table = read_connection(opts.superlink, problems)
     app = Path(opts.app).expanduser().resolve()
     _check_app(app, problems)
-    if problems:
-        raise ConfigError(problems)
-    return {"superlink": name, "address": table.get("address"), "tls": "root-certificates" in table,
-            "app": str(app)}
+    record = {"superlink": name, "address": table.get("address"), "tls": "root-certificates" in table,
+              "app": str(app)}
+    return record, problems
+
+
+def prepare_deployment(cfg: DictConfig, run_dir: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """The resolved, validated config with its ``deployment`` record.
+
+    Raises one :class:`ConfigError` with the config's and the deployment's problems together.
+    """
+    problems: list[str] = []
+    try:
+        container = prepare(cfg, run_dir)
+    except ConfigError as exc:
+        problems += exc.problems
+        container = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    container["deployment"], more = check_deployment(container, opts)
+    if problems + more:
+        raise ConfigError(problems + more)
+    return container
 
 
 def write_run_config(run_dir: Path, container: dict[str, Any]) -> Path:
@@ -181,8 +202,7 @@ def deploy_job(cfg: DictConfig, opts: argparse.Namespace) -> None:
     """Validate, write the run directory, run ``flwr run`` and check that the run finished."""
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
-        container = prepare(cfg, run_dir)
-        container["deployment"] = check_deployment(container, opts)
+        container = prepare_deployment(cfg, run_dir, opts)
     except ConfigError as exc:
         print(f"fedlora-deploy: {exc}", file=sys.stderr)
         _mark_failed(run_dir, str(exc))
