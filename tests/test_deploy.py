@@ -114,6 +114,37 @@ def test_node_workspace_trains_on_all_of_its_own_file(cfg: dict, tmp_path: Path)
         node_workspace_key(cfg, node, None)
 
 
+# -- the server's side -------------------------------------------------------------------------
+def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None:
+    """The SuperLink answers for a node whose heartbeats stopped; the row must say so, not 'timeout'."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedlora.flower.server_app import ClientInfo, Federation, _Sent
+    from fedlora.types import ClientPlan
+
+    fed = Federation.__new__(Federation)
+    fed.cfg, fed.history, fed.acked, fed.compressor = {"max_norm_ratio": None}, [], {}, None
+    start = {"l.lora_A.weight": torch.zeros(2, 4), "l.lora_B.weight": torch.zeros(6, 2)}
+    clients = {0: ClientInfo(node_id=100, client_id=0, rank=2, num_examples=10)}
+    sent = {0: _Sent(ClientPlan(rank=2, adapter=start, init_seed=0), start, 1000)}
+    reason = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its interval."
+    from_superlink = SimpleNamespace(metadata=SimpleNamespace(src_node_id=0, reply_to_message_id="m-100"),
+                                     error=SimpleNamespace(reason=reason), has_error=lambda: True)
+    rows, updates, _ = fed._collect([from_superlink], clients, sent, 600.0, {"m-100": 0})
+    assert rows[0]["status"] == "failed" and rows[0]["error"] == reason and updates == []
+    rows, _, _ = fed._collect([from_superlink], clients, sent, 600.0)  # without the ids: a timeout
+    assert rows[0]["error"] == "no reply within round_timeout=600 s"
+
+
+def test_clean_reason_of_a_deployed_client_exception() -> None:
+    from fedlora.flower.server_app import clean_reason
+
+    wrapped = "<class 'fedlora.flower.node.NodeConfigError'>:<'1 problem(s) in this SuperNode's --node-config:\n  - x'>"
+    assert clean_reason(wrapped) == "1 problem(s) in this SuperNode's --node-config:\n  - x"
+
+
 # -- certificates -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

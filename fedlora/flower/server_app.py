@@ -109,9 +109,12 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     hello = [Message(RecordDict({keys.CONFIG: conf}), node_id, "query", group_id="hello") for node_id in node_ids]
     clients: dict[int, ClientInfo] = {}
     failed = []
-    for reply in grid.send_and_receive(hello, timeout=timeout):
+    replies = grid.send_and_receive(hello, timeout=timeout)
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}  # the SuperLink may answer for a node
+    for reply in replies:
         if reply.has_error():
-            failed.append(f"node {reply.metadata.src_node_id}: {clean_reason(str(reply.error.reason))}")
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            failed.append(f"node {node}: {clean_reason(str(reply.error.reason))}")
             continue
         m = reply.content[keys.METRICS]
         info = ClientInfo(reply.metadata.src_node_id, int(m[keys.PARTITION_ID]), int(m[keys.RANK]),
@@ -345,7 +348,8 @@ class Federation:
             messages.append(Message(content, info.node_id, "train", group_id=str(server_round)))
         timeout = float(cfg.get("round_timeout", 3600))
         replies = grid.send_and_receive(messages, timeout=timeout)
-        rows, updates, losses = self._collect(replies, clients, sent, timeout)
+        sent_ids = {m.metadata.message_id: cid for m, cid in zip(messages, sampled, strict=True)}
+        rows, updates, losses = self._collect(replies, clients, sent, timeout, sent_ids)
         strategy_metrics: dict[str, float] = {}
         skipped = None
         min_fit = int(cfg.get("min_fit_clients", 1))
@@ -380,6 +384,7 @@ class Federation:
         return adapter, sstate, record
 
     def _collect(self, replies: Any, clients: dict[int, ClientInfo], sent: dict[int, _Sent], timeout: float,
+                 sent_ids: Mapping[str, int] | None = None,
                  ) -> tuple[dict[int, dict[str, Any]], list[ClientUpdate], list[tuple[float, int]]]:
         """Turn the round's replies into per-client rows and the accepted updates (by client id).
 
@@ -387,11 +392,18 @@ class Federation:
         (``max_norm_ratio``), are ``rejected``; sampled clients that did not answer in time are
         ``failed`` with the timeout as the reason. Replies are handled in client order, not in
         arrival order, so that sums come out bitwise the same in every run.
+
+        ``sent_ids`` maps the id of each message sent to its client: in a deployment the SuperLink
+        itself answers for a node whose heartbeats stopped (an error reply from the SuperLink,
+        ``reply_to`` our message), and that reply names the client only through it.
         """
         by_node = {c.node_id: c for c in clients.values()}
         arrived = {}
         for reply in replies:
             info = by_node.get(reply.metadata.src_node_id)
+            if info is None and sent_ids:
+                cid = sent_ids.get(reply.metadata.reply_to_message_id)
+                info = clients.get(cid) if cid is not None else None
             if info is not None and info.client_id in sent:
                 arrived[info.client_id] = reply
         rows: dict[int, dict[str, Any]] = {}
