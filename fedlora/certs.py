@@ -60,7 +60,8 @@ def _san(names: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def _builder(subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey, days: int) -> x509.CertificateBuilder:
+def _builder(subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
+             days: int) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -69,15 +70,20 @@ def _builder(subject: str, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False))
 
 
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates; a TLS server with an EC key signs handshakes and agrees on keys."""
+    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=not ca, key_cert_sign=ca, crl_sign=ca,
+                         encipher_only=False, decipher_only=False)
+
+
 def make_ca(directory: Path, days: int) -> None:
     """Write ``ca.key`` and a self-signed ``ca.crt``."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora development CA")])
     cert = (_builder("fedlora development CA", name, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(ca=True), critical=True)
             .sign(key, hashes.SHA384()))
     _write_private(directory / "ca.key", _pem_key(key))
     (directory / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -91,12 +97,10 @@ def make_server(directory: Path, names: list[str], days: int) -> None:
     cert = (_builder(names[0], ca_cert.subject, key.public_key(), days)
             .add_extension(_san(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
             .sign(ca_key, hashes.SHA384()))  # type: ignore[arg-type]
     _write_private(directory / "server.key", _pem_key(key))
     (directory / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     """The console script ``fedlora-certs``."""
     parser = argparse.ArgumentParser(prog="fedlora-certs", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="where to write (created if needed)")
-    parser.add_argument("--nodes", type=int, default=0, help="make key pairs node-1..node-N (existing ones are kept)")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="make key pairs node-1..node-N (existing ones are kept)")
     parser.add_argument("--name", action="append", default=[],
                         help="another host name or IP address of the SuperLink (repeatable)")
     parser.add_argument("--days", type=int, default=365, help="validity of new certificates (default 365)")
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fedlora-certs: {exc}", file=sys.stderr)
         return 2
-    print(f"fedlora-certs: wrote {', '.join(written) if written else 'nothing (all present)'} in {args.directory}")
+    what = ", ".join(written) if written else "nothing (all present)"
+    print(f"fedlora-certs: wrote {what} in {args.directory}")
     return 0
 
 

@@ -93,11 +93,13 @@ def read_connection(name: str | None, problems: list[str]) -> tuple[str | None, 
     name = name if name is not None else superlink.get("default")
     known = sorted(k for k, v in superlink.items() if isinstance(v, dict))
     if name is None:
-        problems.append(f"--superlink=None: {path} sets no [superlink] default; pass --superlink with one of {known}")
+        problems.append(f"--superlink=None: {path} sets no [superlink] default; pass --superlink with one "
+                        f"of {known}")
         return name, {}
     table = superlink.get(name)
     if not isinstance(table, dict):
-        problems.append(f"--superlink={name!r}: {path} has no [superlink.{name}] table; known connections: {known}")
+        problems.append(f"--superlink={name!r}: {path} has no [superlink.{name}] table; known connections: "
+                        f"{known}")
         return name, {}
     address = table.get("address")
     if not address or str(address).startswith(":"):
@@ -117,8 +119,8 @@ def _check_app(app: Path, problems: list[str]) -> None:
         return
     flwr_app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
     if keys.CLIENT_CONFIG not in flwr_app.get("config", {}) or not flwr_app.get("components"):
-        problems.append(f"--app={str(app)!r}: its pyproject.toml lacks [tool.flwr.app.components] or the run-config "
-                        f"key {keys.CLIENT_CONFIG!r}; give the fedlora checkout directory")
+        problems.append(f"--app={str(app)!r}: its pyproject.toml lacks [tool.flwr.app.components] or the "
+                        f"run-config key {keys.CLIENT_CONFIG!r}; give the fedlora checkout directory")
 
 
 def _pooled(strategy: Any) -> bool:
@@ -219,9 +221,10 @@ def deploy_job(cfg: DictConfig, opts: argparse.Namespace) -> None:
         _mark_failed(run_dir, f"`flwr run` exited with status {code}; see {run_dir / FLWR_LOG}")
         sys.exit(code)
     if not (run_dir / "summary.json").is_file():
-        where = (f"the ServerApp's error is above and in {run_dir / 'FAILED'}" if (run_dir / "FAILED").is_file()
-                 else f"no summary.json and no FAILED in {run_dir}: run fedlora-deploy on the SuperLink's machine "
-                      "(the ServerApp writes there), or see the log above")
+        failed = run_dir / "FAILED"
+        where = (f"the ServerApp's error is above and in {failed}" if failed.is_file()
+                 else f"no summary.json and no FAILED in {run_dir}: run fedlora-deploy on the SuperLink's "
+                      "machine (the ServerApp writes there), or see the log above")
         print(f"fedlora-deploy: the run did not finish; {where}", file=sys.stderr)
         sys.exit(1)
 

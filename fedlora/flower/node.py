@@ -54,7 +54,8 @@ def _check_data_path(value: Any, data: Mapping[str, Any], add: Any) -> None:
 
     path = Path(str(value))
     if not isinstance(value, str) or not value:
-        add(keys.NODE_DATA, value, 'give the path of this node\'s training file in quotes: data-path="/data/train.csv"')
+        add(keys.NODE_DATA, value, "give the path of this node's training file in quotes: "
+            'data-path="/data/train.csv"')
     elif path.suffix.lower() not in DATA_SUFFIXES:
         add(keys.NODE_DATA, value, f"use a {'/'.join(s[1:] for s in DATA_SUFFIXES)} file")
     elif not path.is_file():
@@ -84,16 +85,17 @@ def read_node_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     data_path = node_config.get(keys.NODE_DATA)
     cid = node_config.get(keys.PARTITION_ID)
     if cid is None:
-        add(keys.PARTITION_ID, cid, "every node needs its own client id: --node-config 'partition-id=0' (1, 2, ...)")
+        add(keys.PARTITION_ID, cid, "every node needs its own client id: --node-config 'partition-id=0' "
+            "(1, 2, ...)")
     elif not _is_int(cid) or cid < 0:
         add(keys.PARTITION_ID, cid, "use an integer >= 0, different on every node")
     elif cid >= num_clients:
-        add(keys.PARTITION_ID, cid, f"the run has num_clients={num_clients}, so client ids are 0..{num_clients - 1}: "
-            "use one of those (each node its own), or deploy with a larger num_clients")
+        add(keys.PARTITION_ID, cid, f"the run has num_clients={num_clients}, so client ids are "
+            f"0..{num_clients - 1}: use one of those (each node its own), or deploy with a larger num_clients")
     parts = node_config.get(keys.NUM_PARTITIONS)
     if parts is not None and parts != num_clients:
-        add(keys.NUM_PARTITIONS, parts, f"the run has num_clients={num_clients}: set num-partitions={num_clients} "
-            "or leave it out")
+        add(keys.NUM_PARTITIONS, parts, f"the run has num_clients={num_clients}: set "
+            f"num-partitions={num_clients} or leave it out")
     rank = node_config.get(keys.NODE_RANK)
     if rank is not None and (not _is_int(rank) or rank < 1):
         add(keys.NODE_RANK, rank, "a LoRA rank is an integer >= 1 (for example rank=8), or leave it out to use "
@@ -110,7 +112,8 @@ def read_node_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
                         None if state_dir is None else str(state_dir))
 
 
-def node_workspace_key(cfg: Mapping[str, Any], node: NodeSettings, label_names: tuple[str, ...] | None):  # noqa: ANN201
+def node_workspace_key(cfg: Mapping[str, Any], node: NodeSettings,  # noqa: ANN201
+                       label_names: tuple[str, ...] | None):
     """Return the workspace key of this node: the run's, plus its own file when it has one.
 
     A node's own file is numbered by ``label_names``, the run's classes as the server's dataset
@@ -126,5 +129,6 @@ def node_workspace_key(cfg: Mapping[str, Any], node: NodeSettings, label_names: 
         raise RuntimeError("this node has its own data-path but did not receive the run's label names "
                            "(they come with the server's hello); start the run again")
     data = cfg["data"]
-    node_data = NodeData(node.data_path, str(data["text_column"]), str(data["label_column"]), tuple(label_names))
+    node_data = NodeData(node.data_path, str(data["text_column"]), str(data["label_column"]),
+                         tuple(label_names))
     return dataclasses.replace(key, node_data=node_data)

@@ -106,11 +106,13 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     if not node_ids:
         raise RuntimeError(f"no client connected within {timeout:.0f} s")
     conf = ConfigRecord({keys.ACTION: keys.HELLO, keys.LABEL_NAMES: list(label_names)})
-    hello = [Message(RecordDict({keys.CONFIG: conf}), node_id, "query", group_id="hello") for node_id in node_ids]
+    hello = [Message(RecordDict({keys.CONFIG: conf}), node_id, "query", group_id="hello")
+             for node_id in node_ids]
     clients: dict[int, ClientInfo] = {}
     failed = []
     replies = grid.send_and_receive(hello, timeout=timeout)
-    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}  # the SuperLink may answer for a node
+    # the SuperLink answers for a node it lost: name that node through the message it answers
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
     for reply in replies:
         if reply.has_error():
             node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

@@ -64,7 +64,7 @@ class LocalCluster:
 
     # -- processes --------------------------------------------------------------------------------
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
-        """Start ``command`` in its own session (a Ctrl-C of pytest is not theirs), output to ``logs/<name>.log``."""
+        """Start ``command`` in its own session (pytest's Ctrl-C is not theirs), output to ``logs/<name>.log``."""
         log = (self.logs / f"{name}.log").open("w")
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
                                 start_new_session=True)
