@@ -138,6 +138,45 @@ def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None
     assert rows[0]["error"] == "no reply within round_timeout=600 s"
 
 
+def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp process has: its run, node, task
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    from fedlora import keys
+    from fedlora.flower.server_app import discover_clients
+
+    class Grid:
+        """Three nodes: one answers, one raises on the node, one is answered for by the SuperLink."""
+
+        def get_node_ids(self) -> list[int]:
+            return [11, 12, 13]
+
+        def send_and_receive(self, messages: list, timeout: float) -> list:
+            assert all(list(m.content[keys.CONFIG][keys.LABEL_NAMES]) == list(BBC_NAMES) for m in messages)
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"hello-{i}"
+            ok = SimpleNamespace(metadata=SimpleNamespace(src_node_id=11, reply_to_message_id="hello-0"),
+                                 has_error=lambda: False, content=RecordDict({keys.METRICS: MetricRecord(
+                                     {keys.PARTITION_ID: 0, keys.RANK: 4, keys.NUM_EXAMPLES: 7})}))
+            bad = SimpleNamespace(metadata=SimpleNamespace(src_node_id=12, reply_to_message_id="hello-1"),
+                                  has_error=lambda: True, error=SimpleNamespace(
+                                      reason="<class 'NodeConfigError'>:<'rank=0: a LoRA rank is an integer'>"))
+            lost = SimpleNamespace(metadata=SimpleNamespace(src_node_id=0, reply_to_message_id="hello-2"),
+                                   has_error=lambda: True, error=SimpleNamespace(reason="Error: Node Unavailable"))
+            return [ok, bad, lost]
+
+    with pytest.raises(RuntimeError) as err:
+        discover_clients(Grid(), expected=3, timeout=5, label_names=BBC_NAMES)
+    assert str(err.value) == ("2 node(s) failed the hello; fix them and start the run again:\n"
+                              "node 12: rank=0: a LoRA rank is an integer\nnode 13: Error: Node Unavailable")
+
+
 def test_clean_reason_of_a_deployed_client_exception() -> None:
     from fedlora.flower.server_app import clean_reason
 
