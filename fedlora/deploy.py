@@ -216,6 +216,8 @@ def deploy_job(cfg: DictConfig, opts: argparse.Namespace) -> None:
     print(f"fedlora-deploy: run directory {run_dir}\nfedlora-deploy: {' '.join(command)}", flush=True)
     if opts.dry_run:
         return
+    for stale in ("summary.json", "FAILED"):  # left by an earlier run in this directory: not this run's verdict
+        (run_dir / stale).unlink(missing_ok=True)
     code = launch(command, run_dir)
     if code != 0:
         _mark_failed(run_dir, f"`flwr run` exited with status {code}; see {run_dir / FLWR_LOG}")
