@@ -4,9 +4,12 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """One or more configuration problems, all reported at once."""
+    """One or more configuration problems, all reported at once.
 
-    def __init__(self, problems: list[str]) -> None:
+    ``subject`` names what was checked (the run's configuration, one SuperNode's node config).
+    """
+
+    def __init__(self, problems: list[str], subject: str = "the configuration") -> None:
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+        super().__init__(f"{len(self.problems)} problem(s) in {subject}:\n{lines}")

@@ -23,6 +23,7 @@ TRAIN_LOSS = "train-loss"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 TRAIN_SECONDS = "train-seconds"
+LABEL_NAMES = "label-names"  # the run's class names, in the server's numbering (hello)
 RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 

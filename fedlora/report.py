@@ -48,8 +48,6 @@ def columns(metric: Metric = ACCURACY) -> list[str]:
 
 #: The columns for classification runs.
 COLUMNS = columns(ACCURACY)
-#: fedlora.checkpoint.CHECKPOINT_DIR (not imported: that module needs torch).
-_CHECKPOINT_DIR = "checkpoint"
 #: Config keys that legitimately differ between the runs of one method.
 _PER_JOB_KEYS = {"seed", "name", "output_dir"}
 
@@ -121,7 +119,8 @@ def find_run_dirs(path: Path) -> list[Path]:
     path = Path(path)
     found = {p.parent for name in ("metrics.jsonl", "FAILED") for p in path.rglob(name) if p.is_file()}
     found |= {p.parent for p in path.rglob(".hydra") if p.is_dir()}
-    found = {p for p in found if _CHECKPOINT_DIR not in p.relative_to(path).parts}
+    # a run's checkpoint/round_<t>/ holds a copy of metrics.jsonl: part of that run, not a run
+    found = {p for p in found if not any(a.name == "checkpoint" and a.parent in found for a in p.parents)}
     return sorted(found, key=lambda p: [_natural_key(part) for part in p.relative_to(path).parts])
 
 

@@ -60,10 +60,28 @@ def repo_root() -> Path:
     return ROOT
 
 
-def run_fedlora(args: list[str], run_dir: Path, timeout: int = 600):
+def run_fedlora(args: list[str], run_dir: Path, timeout: int = 600, env: dict | None = None):
     """Run the ``fedlora`` command in a subprocess writing into ``run_dir``; return the result."""
     import subprocess
 
     cmd = [FEDLORA, *args, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=dict(os.environ))
+                          env=dict(os.environ) if env is None else env)
+
+
+def reload_accuracy(run_dir: Path) -> float:
+    """Load a run's saved adapter with plain peft on the pristine base and evaluate its test set."""
+    import yaml
+    from peft import PeftModel
+
+    from fedlora.config import workspace_key
+    from fedlora.models import load_base_model
+    from fedlora.training.local import evaluate
+    from fedlora.training.workspace import Workspace
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ws = Workspace(workspace_key(cfg))
+    base = load_base_model(cfg["model"]["name"], len(ws.label_names), seed=12345)  # different head seed
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    _, acc = evaluate(model, ws.data, ws.test)
+    return acc

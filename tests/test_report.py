@@ -85,18 +85,17 @@ def test_load_runs_finds_jobs_and_marks_failed(sweep: Path) -> None:
     assert len(runs[0].rows) == 4 and runs[0].summary["final_test_accuracy"] == 0.8
 
 
+def test_a_runs_checkpoint_is_not_another_run(sweep: Path) -> None:
+    job = sweep / "0_fedavg_seed=0"
+    (job / "checkpoint" / "round_00003").mkdir(parents=True)
+    (job / "checkpoint" / "round_00003" / "metrics.jsonl").write_text((job / "metrics.jsonl").read_text())
+    assert [r.path.name for r in report.load_runs(sweep)][:2] == ["0_fedavg_seed=0", "1_fedavg_seed=1"]
+    assert [r.path for r in report.load_runs(job)] == [job]
+
+
 def test_load_runs_accepts_a_single_run_dir(sweep: Path) -> None:
     runs = report.load_runs(sweep / "2_flora_seed=0")
     assert len(runs) == 1 and runs[0].ok and runs[0].method == "flora"
-
-
-def test_a_runs_checkpoint_is_not_a_job(sweep: Path) -> None:
-    # regression: checkpoint/round_<t>/ holds a copy of metrics.jsonl and was listed as an incomplete job
-    run = sweep / "2_flora_seed=0"
-    (run / "checkpoint" / "round_00003").mkdir(parents=True)
-    (run / "checkpoint" / "round_00003" / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
-    assert [r.path for r in report.load_runs(run)] == [run]
-    assert len(report.load_runs(sweep)) == 6
 
 
 def test_summarize_numbers(sweep: Path) -> None:

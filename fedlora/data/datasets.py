@@ -92,10 +92,29 @@ def _from_table(texts: list, labels: list, label_names: list[str] | None) -> Cor
     return Corpus(tuple(texts), tuple(ints), tuple(label_names))
 
 
-def load_local(name: str, text_column: str, label_column: str) -> Corpus:
+def _numbered_by(name: str, labels: list, label_names: tuple[str, ...]) -> list[int]:
+    """Number ``labels`` by their position in ``label_names`` (compared as strings).
+
+    A file that lacks some class must still number the others as the rest of the run does, so
+    the numbering never comes from the file itself; a label outside the run's names is an error.
+    """
+    index = {n: i for i, n in enumerate(label_names)}
+    unknown = sorted({str(x) for x in labels} - set(index))
+    if unknown:
+        raise DataError(
+            f"{name}: label value(s) {unknown[:10]} are not among the run's labels {list(label_names)}; "
+            "relabel those rows with one of the run's label names (as written there) or drop them"
+        )
+    return [index[str(x)] for x in labels]
+
+
+def load_local(name: str, text_column: str, label_column: str,
+               label_names: tuple[str, ...] | None = None) -> Corpus:
     """Load a local csv/json/jsonl/parquet file with a text and a label column.
 
-    Labels may be strings or integers; they are numbered in sorted order of their string form.
+    Labels may be strings or integers. Without ``label_names`` they are numbered in sorted order
+    of their string form; with them (a node's own file in a deployment), by position in
+    ``label_names``, so that every node numbers classes like the server does.
     """
     import pandas as pd  # noqa: PLC0415
 
@@ -113,7 +132,11 @@ def load_local(name: str, text_column: str, label_column: str) -> Corpus:
             f"data.path={name!r} has no column(s) {missing}; it has {list(frame.columns)}. "
             "Set data.text_column / data.label_column to the right names."
         )
-    return _from_table(list(frame[text_column]), list(frame[label_column]), None)
+    labels = list(frame[label_column])
+    if label_names is None:
+        return _from_table(list(frame[text_column]), labels, None)
+    texts = tuple(str(t) for t in frame[text_column])
+    return Corpus(texts, tuple(_numbered_by(name, labels, label_names)), tuple(label_names))
 
 
 def load_hub(name: str, split: str, text_column: str, label_column: str) -> Corpus:

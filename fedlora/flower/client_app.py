@@ -5,10 +5,18 @@ survive between rounds when client processes are short-lived: the base merges it
 (FLoRA) and its compression residual (ComPEFT error feedback). The frozen base model and the
 tokenized data live in a per-process cache (:func:`fedlora.training.workspace.get_workspace`).
 
-Surviving a kill: ``context.state`` dies with the run. The base merges need nothing more (a
-resumed server resends them all from its checkpoint). The residual is also written after every
-round to ``<state dir>/round_<t>.safetensors`` (the node-config ``state-dir``, else
-``<run dir>/client_state/<client id>``), and a client of a resumed run that has no residual in
+In a deployment every message is handled by a new ``flwr-clientapp`` process (Flower 1.41, in
+both isolation modes), so nothing in the per-process cache survives between rounds; what
+survives is ``context.state``: the SuperNode keeps each run's context in its memory and every
+``flwr-clientapp`` process pushes the updated context back when it ends (read in
+``flwr/supernode/runtime/run_clientapp.py`` and ``servicer/runtime/runtime_handlers.py``;
+``tests/integration/test_deploy.py`` checks that a deployed run equals the simulated one). The
+hello also leaves the run's label names there, for a node that trains on its own file.
+
+Surviving a kill: ``context.state`` dies with the run (or the SuperNode). The base merges need
+nothing more (a resumed server resends them all from its checkpoint). The residual is also
+written after every round to ``<state dir>/round_<t>.safetensors`` (see
+:func:`client_state_dir`), and a client of a resumed run that has no residual in
 ``context.state`` loads the newest file at or before the round the server resumed from.
 
 Fault injection (``faults`` config group, :mod:`fedlora.faults`): before training the client may
@@ -30,32 +38,51 @@ from flwr.clientapp import ClientApp
 from fedlora import keys
 from fedlora.adapters import lora_math as lm
 from fedlora.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
-from fedlora.config import assign_ranks, compressor, train_settings, workspace_key
+from fedlora.config import assign_ranks, compressor, train_settings
 from fedlora.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.flower import records
+from fedlora.flower.node import NodeSettings, node_workspace_key, read_node_config
 from fedlora.flower.settings import resolve_config
 from fedlora.training.local import train_steps
 from fedlora.training.workspace import get_workspace
 
 _HISTORY = "fedlora-base-history"
 _RESIDUAL = "fedlora-ef-residual"
+_LABELS = "fedlora-label-names"
 
 
-def client_identity(cfg: Mapping[str, Any], context: Context) -> tuple[int, int]:
-    """Return (client id, rank) from the node config, falling back to the rank policy."""
-    cid = int(context.node_config[keys.PARTITION_ID])
-    if keys.NODE_RANK in context.node_config:
-        return cid, int(context.node_config[keys.NODE_RANK])
-    ranks = assign_ranks(int(cfg["num_clients"]), cfg["ranks"], int(cfg["seed"]))
-    return cid, ranks[cid]
+def _rank(cfg: Mapping[str, Any], node: NodeSettings) -> int:
+    """The node-config ``rank``, else the run's rank policy for this client id."""
+    if node.rank is not None:
+        return node.rank
+    return assign_ranks(int(cfg["num_clients"]), cfg["ranks"], int(cfg["seed"]))[node.client_id]
+
+
+def _label_names(context: Context) -> tuple[str, ...] | None:
+    """The run's label names the hello left in ``context.state`` (``None`` before the hello)."""
+    if _LABELS not in context.state:
+        return None
+    return tuple(str(n) for n in context.state[_LABELS][keys.LABEL_NAMES])
 
 
 def handle_hello(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Message:
-    """Tell the server who this node is: partition id, rank and number of training examples."""
-    cid, rank = client_identity(cfg, context)
-    ws = get_workspace(workspace_key(cfg))
-    metrics = MetricRecord({keys.PARTITION_ID: cid, keys.RANK: rank,
-                            keys.NUM_EXAMPLES: len(ws.partition(cid))})
+    """Check this node's config and data; tell the server its partition id, rank and examples.
+
+    The hello carries the run's label names (the server's dataset numbers the classes); they
+    are kept in ``context.state`` for the training messages, and a node whose data names its
+    classes differently fails here, before any round.
+    """
+    node = read_node_config(cfg, context.node_config)
+    conf = msg.content[keys.CONFIG] if keys.CONFIG in msg.content else ConfigRecord()
+    names = tuple(str(n) for n in conf[keys.LABEL_NAMES]) if keys.LABEL_NAMES in conf else None
+    if names is not None:
+        context.state[_LABELS] = ConfigRecord({keys.LABEL_NAMES: list(names)})
+    ws = get_workspace(node_workspace_key(cfg, node, names))
+    if names is not None and tuple(ws.label_names) != names:
+        raise RuntimeError(f"this node's dataset has the labels {list(ws.label_names)} but the server's has "
+                           f"{list(names)}; give every node and the server the same data config")
+    metrics = MetricRecord({keys.PARTITION_ID: node.client_id, keys.RANK: _rank(cfg, node),
+                            keys.NUM_EXAMPLES: len(ws.partition(node.client_id))})
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 
@@ -89,10 +116,21 @@ def _start_state(conf: ConfigRecord, content: RecordDict, spec: Any, rank: int) 
 
 
 def client_state_dir(cfg: Mapping[str, Any], context: Context, cid: int) -> Path:
-    """Where this client keeps the state that must survive a kill (see the module docstring)."""
+    """Where this client keeps the state that must survive a kill (see the module docstring).
+
+    In simulation: ``<run dir>/client_state/<client id>``. In a deployment the run directory is
+    on the server's machine, so a node writes under its own root: the node-config ``state-dir``,
+    else ``$FLWR_HOME/fedlora-state``, then ``<run name>/<client id>``: one directory per run,
+    because the files are numbered by round and a later run must not mix with an earlier one.
+    """
+    run_dir = Path(str(cfg["output_dir"]))
     if keys.NODE_STATE_DIR in context.node_config:
-        return Path(str(context.node_config[keys.NODE_STATE_DIR]))
-    return Path(str(cfg["output_dir"])) / CLIENT_STATE_DIR / str(cid)
+        return Path(str(context.node_config[keys.NODE_STATE_DIR])) / run_dir.name / str(cid)
+    if cfg.get("deployment"):
+        from flwr.supercore.utils import get_flwr_home  # noqa: PLC0415
+
+        return get_flwr_home() / "fedlora-state" / run_dir.name / str(cid)
+    return run_dir / CLIENT_STATE_DIR / str(cid)
 
 
 def _residual(context: Context, state_dir: Path, resume_round: int) -> dict[str, torch.Tensor] | None:
@@ -120,11 +158,12 @@ def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mess
     """Train this client's adapter from the server's plan and reply with the (encoded) result."""
     t0 = time.perf_counter()
     conf = msg.content[keys.CONFIG]
-    cid, _ = client_identity(cfg, context)
+    node = read_node_config(cfg, context.node_config)
+    cid = node.client_id
     server_round = int(conf[keys.SERVER_ROUND])
     corrupt = _inject_faults(cfg, cid, server_round)
     rank = int(conf[keys.RANK])
-    ws = get_workspace(workspace_key(cfg))
+    ws = get_workspace(node_workspace_key(cfg, node, _label_names(context)))
     if (cfg.get("simulation") or {}).get("reload_model_per_call"):
         ws.reload_host()  # benchmark-only switch: the common "load the model on every call" pattern
     host = ws.host

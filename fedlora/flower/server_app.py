@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,18 +74,30 @@ def _say_round(record: Mapping[str, Any], num_rounds: int, metric: Metric = ACCU
 def clean_reason(reason: str) -> str:
     """Shorten Flower's error reason to the client's own message.
 
-    Flower wraps a ClientApp exception as ``"<class '...ClientAppException'>:<'\\nException
-    ClientAppException occurred. Message: <text>'>"``; we keep ``<text>``.
+    In simulation Flower wraps a ClientApp exception as ``"<class '...ClientAppException'>:<'\\n
+    Exception ClientAppException occurred. Message: <text>'>"``, in a deployment as
+    ``"<class '<the exception's class>'>:<'<text>'>"``; we keep ``<text>``.
     """
     marker = "Message: "
-    text = reason[reason.rfind(marker) + len(marker):] if marker in reason else reason
+    if marker in reason:
+        text = reason[reason.rfind(marker) + len(marker):]
+    elif reason.startswith("<class '") and "'>:<'" in reason:
+        text = reason[reason.index("'>:<'") + len("'>:<'"):]
+    else:
+        text = reason
     while text.endswith("'>"):
         text = text[:-2]
     return text.strip()[:500]
 
 
-def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, ClientInfo]:
-    """Wait for ``expected`` nodes, ask each who it is, return ``{client_id: ClientInfo}``."""
+def discover_clients(grid: Grid, expected: int, timeout: float,
+                     label_names: tuple[str, ...] = ()) -> dict[int, ClientInfo]:
+    """Wait for ``expected`` nodes, ask each who it is, return ``{client_id: ClientInfo}``.
+
+    The hello carries the run's ``label_names`` (a deployed node with its own file numbers its
+    classes by them). A node that fails the hello (in a deployment: a bad ``--node-config`` or
+    data file on that node) stops the run here, before any round, with every node's reason.
+    """
     deadline = time.monotonic() + timeout
     node_ids = sorted(grid.get_node_ids())
     while len(node_ids) < expected and time.monotonic() < deadline:
@@ -92,12 +105,18 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, Cli
         node_ids = sorted(grid.get_node_ids())
     if not node_ids:
         raise RuntimeError(f"no client connected within {timeout:.0f} s")
-    hello = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.ACTION: keys.HELLO})}), node_id, "query",
-                     group_id="hello") for node_id in node_ids]
+    conf = ConfigRecord({keys.ACTION: keys.HELLO, keys.LABEL_NAMES: list(label_names)})
+    hello = [Message(RecordDict({keys.CONFIG: conf}), node_id, "query", group_id="hello")
+             for node_id in node_ids]
     clients: dict[int, ClientInfo] = {}
-    for reply in grid.send_and_receive(hello, timeout=timeout):
+    failed = []
+    replies = grid.send_and_receive(hello, timeout=timeout)
+    # the SuperLink answers for a node it lost: name that node through the message it answers
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
+    for reply in replies:
         if reply.has_error():
-            _say(f"node {reply.metadata.src_node_id} failed the hello: {reply.error.reason}")
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            failed.append(f"node {node}: {clean_reason(str(reply.error.reason))}")
             continue
         m = reply.content[keys.METRICS]
         info = ClientInfo(reply.metadata.src_node_id, int(m[keys.PARTITION_ID]), int(m[keys.RANK]),
@@ -105,6 +124,9 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, Cli
         if info.client_id in clients:
             raise RuntimeError(f"two nodes claim partition-id {info.client_id}; give each node its own")
         clients[info.client_id] = info
+    if failed:
+        raise RuntimeError(f"{len(failed)} node(s) failed the hello; fix them and start the run again:\n"
+                           + "\n".join(failed))
     return clients
 
 
@@ -241,7 +263,8 @@ class Federation:
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run every round (from the checkpoint when resuming); write metrics, adapter, plot, summary."""
         cfg = self.cfg
-        clients = discover_clients(grid, int(cfg["num_clients"]), float(cfg.get("connect_timeout", 600)))
+        clients = discover_clients(grid, int(cfg["num_clients"]), float(cfg.get("connect_timeout", 600)),
+                                   tuple(self.ws.label_names))
         r_max = max(c.rank for c in clients.values())
         num_rounds = int(cfg["num_rounds"])
         ranks = {c.client_id: c.rank for c in clients.values()}
@@ -342,7 +365,8 @@ class Federation:
             messages.append(Message(content, info.node_id, "train", group_id=str(server_round)))
         timeout = float(cfg.get("round_timeout", 3600))
         replies = grid.send_and_receive(messages, timeout=timeout)
-        rows, updates, losses = self._collect(replies, clients, sent, timeout)
+        sent_ids = {m.metadata.message_id: cid for m, cid in zip(messages, sampled, strict=True)}
+        rows, updates, losses = self._collect(replies, clients, sent, timeout, sent_ids)
         strategy_metrics: dict[str, float] = {}
         skipped = None
         min_fit = int(cfg.get("min_fit_clients", 1))
@@ -375,6 +399,7 @@ class Federation:
         return adapter, sstate, record
 
     def _collect(self, replies: Any, clients: dict[int, ClientInfo], sent: dict[int, _Sent], timeout: float,
+                 sent_ids: Mapping[str, int] | None = None,
                  ) -> tuple[dict[int, dict[str, Any]], list[ClientUpdate], list[tuple[float, int]]]:
         """Turn the round's replies into per-client rows and the accepted updates (by client id).
 
@@ -382,11 +407,18 @@ class Federation:
         (``max_norm_ratio``), are ``rejected``; sampled clients that did not answer in time are
         ``failed`` with the timeout as the reason. Replies are handled in client order, not in
         arrival order, so that sums come out bitwise the same in every run.
+
+        ``sent_ids`` maps the id of each message sent to its client: in a deployment the SuperLink
+        itself answers for a node whose heartbeats stopped (an error reply from the SuperLink,
+        ``reply_to`` our message), and that reply names the client only through it.
         """
         by_node = {c.node_id: c for c in clients.values()}
         arrived = {}
         for reply in replies:
             info = by_node.get(reply.metadata.src_node_id)
+            if info is None and sent_ids:
+                cid = sent_ids.get(reply.metadata.reply_to_message_id)
+                info = clients.get(cid) if cid is not None else None
             if info is not None and info.client_id in sent:
                 arrived[info.client_id] = reply
         rows: dict[int, dict[str, Any]] = {}
@@ -411,12 +443,14 @@ class Federation:
             m = reply.content[keys.METRICS]
             row.update(status="ok", num_examples=update.num_examples, train_loss=float(m[keys.TRAIN_LOSS]),
                        train_seconds=float(m[keys.TRAIN_SECONDS]))
+            if keys.BASE_VERSION in m:  # the number of base merges the client trained on (FLoRA)
+                row["base_version"] = int(m[keys.BASE_VERSION])
             accepted[cid] = update
         norms = {cid: validation.change_norm(u.state, sent[cid].start) for cid, u in accepted.items()}
         ratio = self.cfg.get("max_norm_ratio")
         for cid, reason in validation.norm_outliers(norms, None if ratio is None else float(ratio)).items():
             rows[cid].update(status="rejected", error=reason)
-            for key in ("num_examples", "train_loss", "train_seconds"):
+            for key in ("num_examples", "train_loss", "train_seconds", "base_version"):
                 rows[cid].pop(key, None)
             del accepted[cid]
         updates = [accepted[c] for c in sorted(accepted)]
@@ -461,7 +495,14 @@ def make_server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = resolve_config(closure, context.run_config)
-        Federation(cfg, Path(cfg["output_dir"])).run(grid)
+        run_dir = Path(cfg["output_dir"])
+        try:
+            Federation(cfg, run_dir).run(grid)
+        except Exception:
+            if closure is None:  # deployment: no `fedlora` process around to record the failure
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "FAILED").write_text(traceback.format_exc())
+            raise
 
     return app
 

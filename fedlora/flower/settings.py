@@ -13,17 +13,24 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora import keys
+from fedlora import env, keys
 
 
 def resolve_config(closure: Mapping[str, Any] | None, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the run's config: the factory's closure, else the JSON carried by ``run_config``."""
+    """Return the run's config: the factory's closure, else the JSON carried by ``run_config``.
+
+    In a deployment the apps run in ``flwr-serverapp`` / ``flwr-clientapp`` processes that the
+    SuperLink and SuperNodes start with their own environment, so the offline and quiet
+    settings (:mod:`fedlora.env`) are applied here, from the run's ``offline`` setting.
+    """
     if closure is not None:
         return dict(closure)
     raw = run_config.get(keys.CLIENT_CONFIG)
     if not raw:
         raise RuntimeError(
-            f"run config has no {keys.CLIENT_CONFIG!r}: start deployments with "
-            "`fedlora-deploy-config` output in --run-config (docs/deployment.md)"
+            f"run config has no {keys.CLIENT_CONFIG!r}: start deployments with `fedlora-deploy`, which passes "
+            "the resolved config in --run-config (docs/deployment.md)"
         )
-    return json.loads(str(raw))
+    cfg = json.loads(str(raw))
+    env.apply(offline=bool(cfg.get("offline", True)))
+    return cfg

@@ -15,6 +15,7 @@ and ``generate``, and the task's :class:`fedlora.metrics.Metric`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from fedlora.training import sft
 from fedlora.training.local import Encoded, evaluate
 
 if TYPE_CHECKING:
-    from fedlora.training.workspace import DataSettings
+    from fedlora.training.workspace import DataSettings, NodeData
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,15 @@ class ClassificationTask:
         """Load the corpus and tokenize it to ``model.max_length`` (padded, truncated)."""
         corpus = ds.load_corpus(data.name, text_column=data.text_column, label_column=data.label_column,
                                 split=data.split, max_examples=data.max_examples)
+        return self._tokenized(corpus, model)
+
+    def prepare_node(self, node: NodeData, data: DataSettings, model: ModelSettings) -> Prepared:  # noqa: ARG002
+        """A deployed node's own file, its labels numbered by the run's label names (not the file's)."""
+        corpus = ds.load_local(node.path, node.text_column, node.label_column, node.label_names)
+        return self._tokenized(corpus, model)
+
+    @staticmethod
+    def _tokenized(corpus: ds.Corpus, model: ModelSettings) -> Prepared:
         tokenizer = load_tokenizer(model.name)
         enc = tokenizer(list(corpus.texts), truncation=True, max_length=model.max_length,
                         padding="max_length", return_tensors="pt")
@@ -115,6 +125,10 @@ class CausalLMTask:
         self.records: tuple[ins.Instruction, ...] = ()
         self.tokenizer: Any = None
         self.max_length = 0
+
+    def prepare_node(self, node: NodeData, data: DataSettings, model: ModelSettings) -> Prepared:
+        """A deployed node's own instruction file (JSON/JSONL, the run's ``data.format``): all of it trains."""
+        return self.prepare(dataclasses.replace(data, name=node.path, max_examples=None), model)
 
     def prepare(self, data: DataSettings, model: ModelSettings) -> Prepared:
         """Load the instruction records, render their prompts, tokenize with response-only labels."""

@@ -39,14 +39,29 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class NodeData:
+    """A deployed node's own training file: every row trains, labels numbered by the run's names."""
+
+    path: str
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class WorkspaceKey:
-    """Everything that determines a workspace."""
+    """Everything that determines a workspace.
+
+    ``node_data`` is set on a deployed node that trains on its own file (node-config
+    ``data-path``); ``data`` then still names the run's dataset, which that node does not read.
+    """
 
     model: ModelSettings
     data: DataSettings
     num_clients: int
     seed: int
     task: TaskSettings = TaskSettings()
+    node_data: NodeData | None = None
 
 
 class Workspace:
@@ -55,6 +70,9 @@ class Workspace:
     def __init__(self, key: WorkspaceKey) -> None:
         self.key = key
         self.task = make_task(key.task)
+        if key.node_data is not None:
+            self._init_node_data(key, key.node_data)
+            return
         prepared = self.task.prepare(key.data, key.model)
         self.data = prepared.data
         self.label_names = prepared.group_names
@@ -85,6 +103,19 @@ class Workspace:
         self.generation_prompts = self.task.generation_prompts(test)
         self.host = AdapterHost(key.model, prepared.num_labels, key.seed)
 
+    def _init_node_data(self, key: WorkspaceKey, node: NodeData) -> None:
+        """Load a node's own file: all of it is this node's training partition, no test split."""
+        prepared = self.task.prepare_node(node, key.data, key.model)
+        self.data = prepared.data
+        self.label_names = prepared.group_names
+        self.truncated = prepared.truncated
+        self.train = list(range(len(prepared.groups)))
+        self.test = []
+        self.partitions = [self.train]
+        self.num_labels = prepared.num_labels
+        self.generation_prompts = []
+        self.host = AdapterHost(key.model, prepared.num_labels, key.seed)
+
     def reload_host(self) -> None:
         """Load the base model again into a new host (benchmark switch, see ``bench/overhead.py``).
 
@@ -106,7 +137,9 @@ class Workspace:
         return self.task.generate(self.host.model, self.generation_prompts)
 
     def partition(self, client_id: int) -> list[int]:
-        """Return the corpus indices client ``client_id`` trains on."""
+        """Return the corpus indices client ``client_id`` trains on (a node's own file: all of it)."""
+        if self.key.node_data is not None:
+            return self.train
         return self.partitions[client_id]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_fedlora
+from conftest import TINY, reload_accuracy, run_fedlora
 
 pytestmark = pytest.mark.slow
 
@@ -24,25 +24,6 @@ def _run(tmp_path: Path, extra: list[str]) -> tuple[Path, dict, list[dict], str]
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, summary, rows, out.stdout + out.stderr
-
-
-def _reload_accuracy(run_dir: Path) -> float:
-    """Load the saved adapter with plain peft on the pristine base and evaluate the test set."""
-    from peft import PeftModel
-
-    from fedlora.config import workspace_key
-    from fedlora.models import load_base_model
-    from fedlora.training.local import evaluate
-    from fedlora.training.workspace import Workspace
-
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    ws = Workspace(workspace_key(cfg))
-    base = load_base_model(cfg["model"]["name"], len(ws.label_names), seed=12345)  # different head seed
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    _, acc = evaluate(model, ws.data, ws.test)
-    return acc
 
 
 def _check_common(run_dir: Path, summary: dict, rows: list[dict], log: str) -> None:
@@ -59,7 +40,7 @@ def _check_common(run_dir: Path, summary: dict, rows: list[dict], log: str) -> N
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert "round 2/2" in log and "done: final test accuracy" in log
     assert "deprecated" not in log.lower(), "our path must not print deprecation warnings"
-    assert _reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+    assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
 
 
 def test_fedavg_end_to_end(tmp_path: Path) -> None:
@@ -88,7 +69,7 @@ def test_flora_end_to_end_merges_persist_across_rounds(tmp_path: Path) -> None:
     assert rows[2]["bytes_down_total"] > 10 * rows[1]["bytes_down_total"]
     # the saved adapter folds the 3 merges in: it loads on the pristine base and scores the same
     assert summary["adapter_rank"] == 8 + 3 * 14
-    assert _reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+    assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
 
 
 def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:
@@ -129,7 +110,7 @@ def test_compeft_composes_and_cuts_the_uplink(tmp_path: Path) -> None:
 def test_centralized_upper_bound(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=centralized"])
     assert [r["round"] for r in rows] == [0, 1, 2] and summary["bytes_up_total"] == 0
-    assert _reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+    assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
 
 
 def test_sweep_and_report(tmp_path: Path) -> None:

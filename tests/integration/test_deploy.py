@@ -1,0 +1,169 @@
+"""Deployment end to end: a real SuperLink and real SuperNodes on 127.0.0.1, driven by fedlora-deploy.
+
+Each SuperNode starts a fresh ``flwr-clientapp`` process per message, so these runs check what
+survives between rounds in a deployment (FLoRA's base merges, ComPEFT's error feedback, both in
+``context.state``): the deployed run must equal the same config run in simulation. Also: a node
+training on its own file with its own rank, TLS with node authentication (an unregistered node
+is refused), and a node killed in the middle of a round.
+
+Tiny settings (3 nodes, 2 rounds, 1 local step, 32 tokens, 32 test articles); every process is
+killed by PID when a test ends (tests/integration/flower_cluster.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import TINY, reload_accuracy, run_fedlora
+from flower_cluster import ONE_THREAD, LocalCluster
+
+pytestmark = pytest.mark.slow
+
+SMALL = [*TINY, "num_rounds=2", "train.local_steps=1", "model.max_length=32", "data.max_test_examples=32",
+         "logging.tensorboard=false", "connect_timeout=120"]
+TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    local = LocalCluster(tmp_path / "cluster")
+    yield local
+    local.close()
+
+
+@pytest.fixture
+def secure_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    local = LocalCluster(tmp_path / "cluster", tls=True, auth=True)
+    yield local
+    local.close()
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(value):  # noqa: ANN001, ANN202 - JSON in, JSON out
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _start_nodes(cluster: LocalCluster, configs: list[str]) -> None:
+    cluster.start_superlink()
+    for i, node_config in enumerate(configs):
+        cluster.start_supernode(f"node{i}", node_config)
+
+
+def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
+    """Rounds, statuses, bytes and summary of a finished run; the saved adapter reproduces it."""
+    rows, summary = _rows(run_dir), json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["num_ok"] == num_clients and row["num_failed"] == row["num_rejected"] == 0
+        assert [c["client"] for c in row["clients"]] == list(range(num_clients))
+        assert all(c["status"] == "ok" and c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in row["clients"])
+    assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]
+    assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+    return rows, summary
+
+
+def test_flora_compeft_deployed_equals_simulated(cluster: LocalCluster, tmp_path: Path) -> None:
+    """FLoRA's merges and ComPEFT's residual survive between rounds in a deployment, exactly."""
+    overrides = [*SMALL, "strategy=flora", "compression=compeft"]
+    state = tmp_path / "node_state"
+    _start_nodes(cluster, [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)])
+    deployed = tmp_path / "deployed"
+    log = cluster.deploy(overrides, deployed)
+    rows, summary = _check_run(deployed, 3)
+    assert "round 2/2" in log and "done: final test accuracy" in log
+    assert summary["base_merges"] == 2
+    for row in rows[1:]:  # every client trained on all merges so far (kept in context.state)
+        assert [c["base_version"] for c in row["clients"]] == [row["round"] - 1] * 3
+    for cid in range(3):  # the residual of each node, on the node's side, one directory per run
+        assert sorted(p.name for p in (state / deployed.name / str(cid)).iterdir()) == \
+            ["round_00001.safetensors", "round_00002.safetensors"]
+    simulated = tmp_path / "simulated"
+    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # Same seed, one torch thread everywhere: the same numbers to the last bit, bytes included.
+    assert _untimed(_rows(simulated)) == _untimed(rows)
+    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Node 2 trains on its own csv (without 'business' or 'tech': numbered by the run's labels)."""
+    from fedlora.data.datasets import load_bbc_news
+
+    bbc = load_bbc_news()
+    keep = [i for i, y in enumerate(bbc.labels) if bbc.label_names[y] in ("entertainment", "sports")][::20]
+    own = tmp_path / "node2.csv"
+    pd.DataFrame({"text": [bbc.texts[i] for i in keep],
+                  "label": [bbc.label_names[bbc.labels[i]] for i in keep]}).to_csv(own, index=False)
+    _start_nodes(cluster, ["partition-id=0 num-partitions=3", "partition-id=1",
+                           f'partition-id=2 rank=6 data-path="{own}"'])
+    run_dir = tmp_path / "run"
+    cluster.deploy([*SMALL, "strategy=ffa_lora"], run_dir)
+    rows, _ = _check_run(run_dir, 3)
+    node2 = [row["clients"][2] for row in rows[1:]]
+    assert all(c["rank"] == 6 and c["num_examples"] == len(keep) for c in node2)
+    assert [c["rank"] for c in rows[1]["clients"][:2]] == [2, 4]  # the run's rank tiers for the others
+    full = 12 * 6 * (384 + 384) * 4  # A and B of a rank-6 adapter in fp32; FFA-LoRA sends B (and the head)
+    assert all(0.45 * full < c["bytes_up"] < 0.6 * full for c in node2)
+
+
+def test_tls_and_authentication_admit_only_registered_nodes(secure_cluster: LocalCluster, tmp_path: Path) -> None:
+    cluster = secure_cluster
+    cluster.start_superlink()
+    registered = cluster.flwr("supernode", "register", str(cluster.certs / "node-1.pub"), "test")
+    assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered.stdout
+    stranger = cluster.start_supernode("stranger", "partition-id=0", key="node-2.key")  # a key never registered
+    stranger.wait(timeout=120)
+    assert stranger.returncode != 0
+    assert "Failed to activate SuperNode" in cluster.log("stranger")
+    assert "No SuperNode found with the given public key" in cluster.log("superlink")
+    cluster.start_supernode("member", "partition-id=0", key="node-1.key")
+    run_dir = tmp_path / "run"
+    log = cluster.deploy([*SMALL, "num_clients=1", "num_rounds=1", "ranks.tiers=[4]"], run_dir)
+    assert "1 clients connected" in log
+    rows = _rows(run_dir)
+    assert [c["client"] for c in rows[1]["clients"]] == [0] and rows[1]["clients"][0]["status"] == "ok"
+    listed = cluster.flwr("supernode", "list", "test", "--format", "json")
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert len(nodes) == 1, nodes  # the stranger never joined
+    assert "https://127.0.0.1" in cluster.log("superlink")
+
+
+def test_a_node_killed_mid_round_fails_that_round_and_the_run_goes_on(cluster: LocalCluster, tmp_path: Path) -> None:
+    _start_nodes(cluster, [f"partition-id={i} num-partitions=3" for i in range(3)])
+    run_dir = tmp_path / "run"
+    deploy = cluster.spawn("deploy", cluster.deploy_command([*SMALL, "strategy=fedavg", "round_timeout=600"],
+                                                            run_dir))
+    deadline = time.monotonic() + 600
+    while "Receiving: train message" not in cluster.log("node1"):  # node 1 got its round-1 message
+        assert deploy.poll() is None, cluster.log("deploy")[-3000:]
+        assert time.monotonic() < deadline, "round 1 never started"
+        time.sleep(0.2)
+    cluster.kill("node1")  # the SuperNode and its flwr-clientapp, no goodbye
+    deploy.wait(timeout=600)
+    assert deploy.returncode == 0, cluster.log("deploy")[-4000:]
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        by_client = {c["client"]: c for c in row["clients"]}
+        assert row["num_ok"] == 2 and row["num_failed"] == 1
+        assert by_client[0]["status"] == by_client[2]["status"] == "ok"
+        assert by_client[1]["status"] == "failed"
+        # the SuperLink reports the dead node when its heartbeats stop: the round does not wait for
+        # round_timeout (600 s)
+        assert "Node Unavailable" in by_client[1]["error"], by_client[1]
+        assert row["round_seconds"] < 300
+    assert json.loads((run_dir / "summary.json").read_text())["num_rounds"] == 2

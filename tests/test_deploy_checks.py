@@ -1,0 +1,297 @@
+"""Deployment pieces without a SuperLink: node config, a node's own data, certificates, fedlora-deploy.
+
+The real processes (SuperLink, SuperNodes, TLS, authentication) are in
+tests/integration/test_deploy.py; here each piece is checked on its own, fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, TINY, compose
+
+from fedlora import certs
+from fedlora.data import datasets as ds
+from fedlora.flower.node import NodeConfigError, NodeSettings, node_workspace_key, read_node_config
+
+BBC_NAMES = ("business", "entertainment", "politics", "sports", "tech")
+DEPLOY = str(Path(sys.executable).parent / "fedlora-deploy")
+
+
+@pytest.fixture(scope="module")
+def cfg() -> dict:
+    return compose([*TINY])
+
+
+def _csv(path: Path, labels: list) -> Path:
+    pd.DataFrame({"text": [f"article {i}" for i in range(len(labels))], "label": labels}).to_csv(path, index=False)
+    return path
+
+
+# -- node config ------------------------------------------------------------------------------
+def test_node_config_of_a_demo_node(cfg: dict) -> None:
+    assert read_node_config(cfg, {"partition-id": 2, "num-partitions": 3}) == NodeSettings(2)
+    node = read_node_config(cfg, {"partition-id": 0, "rank": 6, "state-dir": "/var/lib/fedlora"})
+    assert node == NodeSettings(0, rank=6, state_dir="/var/lib/fedlora")
+
+
+def test_every_node_config_problem_names_key_value_and_fix(cfg: dict, tmp_path: Path) -> None:
+    bad = {"partition-id": 3, "num-partitions": 10, "rank": 0, "datapath": "x.csv", "state-dir": ""}
+    with pytest.raises(NodeConfigError) as err:
+        read_node_config(cfg, bad)
+    text = str(err.value)
+    assert "5 problem(s) in this SuperNode's --node-config" in text
+    assert "partition-id=3: the run has num_clients=3, so client ids are 0..2" in text
+    assert "num-partitions=10: the run has num_clients=3: set num-partitions=3 or leave it out" in text
+    assert "rank=0: a LoRA rank is an integer >= 1" in text
+    assert "datapath='x.csv': not a fedlora node-config key; the keys are partition-id" in text
+    assert "state-dir='': give a directory in quotes" in text
+
+
+@pytest.mark.parametrize("node_config, expected", [
+    ({}, "partition-id=None: every node needs its own client id"),
+    ({"partition-id": -1}, "partition-id=-1: use an integer >= 0"),
+    ({"partition-id": True}, "partition-id=True: use an integer >= 0"),
+    ({"partition-id": 0, "rank": 2.5}, "rank=2.5: a LoRA rank is an integer >= 1"),
+    ({"partition-id": 0, "data-path": "/nonexistent/train.csv"}, "data-path='/nonexistent/train.csv': no such file"),
+    ({"partition-id": 0, "data-path": "train.txt"}, "data-path='train.txt': use a csv/json/jsonl/parquet file"),
+])
+def test_node_config_single_problems(cfg: dict, node_config: dict, expected: str) -> None:
+    with pytest.raises(NodeConfigError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        read_node_config(cfg, node_config)
+
+
+def test_node_data_file_must_have_the_runs_columns(cfg: dict, tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    pd.DataFrame({"body": ["x"], "topic": ["tech"]}).to_json(path, orient="records", lines=True)
+    with pytest.raises(NodeConfigError, match=r"has no column\(s\) \['text', 'label'\] \(its columns are "
+                                              r"\['body', 'topic'\]\)"):
+        read_node_config(cfg, {"partition-id": 0, "data-path": str(path)})
+
+
+# -- a node's own data --------------------------------------------------------------------------
+def test_a_file_lacking_a_class_is_numbered_by_the_runs_labels(tmp_path: Path) -> None:
+    # sorted by itself the file would number entertainment 0 and sports 1; the run numbers them 1 and 3
+    path = _csv(tmp_path / "node.csv", ["sports", "entertainment", "sports"])
+    corpus = ds.load_local(str(path), "text", "label", BBC_NAMES)
+    assert corpus.labels == (3, 1, 3) and corpus.label_names == BBC_NAMES
+    assert ds.load_local(str(path), "text", "label").labels == (1, 0, 1)  # without the run's names
+
+
+def test_an_unknown_label_names_the_file_the_value_and_the_fix(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "node.csv", ["sports", "weather", "cooking"])
+    with pytest.raises(ds.DataError) as err:
+        ds.load_local(str(path), "text", "label", BBC_NAMES)
+    text = str(err.value)
+    assert str(path) in text and "['cooking', 'weather']" in text and "relabel those rows" in text
+
+
+def test_integer_labels_match_the_runs_names_as_strings(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "node.csv", [2, 0, 2])
+    assert ds.load_local(str(path), "text", "label", ("0", "1", "2")).labels == (2, 0, 2)
+
+
+def test_node_workspace_trains_on_all_of_its_own_file(cfg: dict, tmp_path: Path) -> None:
+    from fedlora.training.workspace import Workspace
+
+    path = _csv(tmp_path / "node.csv", ["tech", "politics", "tech", "business"])
+    node = read_node_config(cfg, {"partition-id": 1, "data-path": str(path)})
+    ws = Workspace(node_workspace_key(cfg, node, BBC_NAMES))
+    assert ws.partition(1) == ws.partition(0) == [0, 1, 2, 3] and ws.test == []
+    assert ws.data.labels.tolist() == [4, 2, 4, 0] and ws.num_labels == 5
+    assert node_workspace_key(cfg, read_node_config(cfg, {"partition-id": 1}), None).node_data is None
+    with pytest.raises(RuntimeError, match="did not receive the run's label names"):
+        node_workspace_key(cfg, node, None)
+
+
+# -- the server's side -------------------------------------------------------------------------
+def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None:
+    """The SuperLink answers for a node whose heartbeats stopped; the row must say so, not 'timeout'."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedlora.flower.server_app import ClientInfo, Federation, _Sent
+    from fedlora.types import ClientPlan
+
+    fed = Federation.__new__(Federation)
+    fed.cfg, fed.history, fed.acked, fed.compressor = {"max_norm_ratio": None}, [], {}, None
+    start = {"l.lora_A.weight": torch.zeros(2, 4), "l.lora_B.weight": torch.zeros(6, 2)}
+    clients = {0: ClientInfo(node_id=100, client_id=0, rank=2, num_examples=10)}
+    sent = {0: _Sent(ClientPlan(rank=2, adapter=start, init_seed=0), start, 1000)}
+    reason = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its interval."
+    from_superlink = SimpleNamespace(metadata=SimpleNamespace(src_node_id=0, reply_to_message_id="m-100"),
+                                     error=SimpleNamespace(reason=reason), has_error=lambda: True)
+    rows, updates, _ = fed._collect([from_superlink], clients, sent, 600.0, {"m-100": 0})
+    assert rows[0]["status"] == "failed" and rows[0]["error"] == reason and updates == []
+    rows, _, _ = fed._collect([from_superlink], clients, sent, 600.0)  # without the ids: a timeout
+    assert rows[0]["error"] == "no reply within round_timeout=600 s"
+
+
+def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp process has: its run, node, task
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    from fedlora import keys
+    from fedlora.flower.server_app import discover_clients
+
+    class Grid:
+        """Three nodes: one answers, one raises on the node, one is answered for by the SuperLink."""
+
+        def get_node_ids(self) -> list[int]:
+            return [11, 12, 13]
+
+        def send_and_receive(self, messages: list, timeout: float) -> list:
+            assert all(list(m.content[keys.CONFIG][keys.LABEL_NAMES]) == list(BBC_NAMES) for m in messages)
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"hello-{i}"
+            ok = SimpleNamespace(metadata=SimpleNamespace(src_node_id=11, reply_to_message_id="hello-0"),
+                                 has_error=lambda: False, content=RecordDict({keys.METRICS: MetricRecord(
+                                     {keys.PARTITION_ID: 0, keys.RANK: 4, keys.NUM_EXAMPLES: 7})}))
+            bad = SimpleNamespace(metadata=SimpleNamespace(src_node_id=12, reply_to_message_id="hello-1"),
+                                  has_error=lambda: True, error=SimpleNamespace(
+                                      reason="<class 'NodeConfigError'>:<'rank=0: a LoRA rank is an integer'>"))
+            lost = SimpleNamespace(metadata=SimpleNamespace(src_node_id=0, reply_to_message_id="hello-2"),
+                                   has_error=lambda: True, error=SimpleNamespace(reason="Error: Node Unavailable"))
+            return [ok, bad, lost]
+
+    with pytest.raises(RuntimeError) as err:
+        discover_clients(Grid(), expected=3, timeout=5, label_names=BBC_NAMES)
+    assert str(err.value) == ("2 node(s) failed the hello; fix them and start the run again:\n"
+                              "node 12: rank=0: a LoRA rank is an integer\nnode 13: Error: Node Unavailable")
+
+
+def test_clean_reason_of_a_deployed_client_exception() -> None:
+    from fedlora.flower.server_app import clean_reason
+
+    wrapped = "<class 'fedlora.flower.node.NodeConfigError'>:<'1 problem(s) in this SuperNode's --node-config:\n  - x'>"
+    assert clean_reason(wrapped) == "1 problem(s) in this SuperNode's --node-config:\n  - x"
+
+
+# -- certificates -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    assert certs.main([str(directory), "--nodes", "2", "--name", "superlink.example.org"]) == 0
+    return directory
+
+
+def _serve_once(directory: Path, port_holder: list[int], ready: threading.Event) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(directory / "server.crt", directory / "server.key")
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port_holder.append(sock.getsockname()[1])
+        ready.set()
+        conn, _ = sock.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"ok")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_server_certificate_passes_a_real_tls_handshake(cert_dir: Path, host: str) -> None:
+    port: list[int] = []
+    ready = threading.Event()
+    server = threading.Thread(target=_serve_once, args=(cert_dir, port, ready), daemon=True)
+    server.start()
+    assert ready.wait(10)
+    client = ssl.create_default_context(cafile=str(cert_dir / "ca.crt"))  # hostname checking on
+    with socket.create_connection(("127.0.0.1", port[0]), timeout=10) as raw, \
+            client.wrap_socket(raw, server_hostname=host) as tls:
+        assert tls.recv(2) == b"ok"
+    server.join(10)
+
+
+def test_certificate_names_keys_and_permissions(cert_dir: Path) -> None:
+    assert set(certs.server_names(cert_dir)) == {"127.0.0.1", "::1", "localhost", "superlink.example.org"}
+    for name in ("ca.key", "server.key", "node-1.key", "node-2.key"):
+        assert (cert_dir / name).stat().st_mode & 0o777 == 0o600
+    # the formats flower-supernode --auth-supernode-private-key and `flwr supernode register` read
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    private = load_ssh_private_key((cert_dir / "node-1.key").read_bytes(), None)
+    public = load_ssh_public_key((cert_dir / "node-1.pub").read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
+
+
+def test_running_again_keeps_everything_and_adds_new_nodes(tmp_path: Path) -> None:
+    assert certs.main([str(tmp_path), "--nodes", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert certs.create(tmp_path, nodes=2, names=[], days=30) == ["node-2.key", "node-2.pub"]
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+    with pytest.raises(ValueError, match=r"not valid for \['10.0.0.5'\]: delete server.crt"):
+        certs.create(tmp_path, nodes=0, names=["10.0.0.5"], days=30)
+
+
+# -- fedlora-deploy -----------------------------------------------------------------------------
+def _deploy(args: list[str], flwr_home: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FLWR_HOME=str(flwr_home))
+    return subprocess.run([DEPLOY, *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT, env=env)
+
+
+def test_deploy_rejects_bad_config_and_connection_before_contacting_anything(tmp_path: Path) -> None:
+    out = _deploy(["--superlink", "prod", "num_clients=0", "strategy=centralized"], tmp_path / "home", tmp_path / "r")
+    assert out.returncode == 2, out.stderr
+    assert "num_clients=0: must be a positive integer" in out.stderr
+    assert "strategy='centralized': the centralized upper bound pools" in out.stderr
+    assert f"--superlink='prod': {tmp_path / 'home' / 'config.toml'} does not exist" in out.stderr
+    assert not (tmp_path / "r" / "flwr-run.log").exists() and (tmp_path / "r" / "FAILED").exists()
+
+
+def test_connection_problems_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlora.deploy import read_connection
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:9093"\n'
+                                          'root-certificates = "/nonexistent/ca.crt"\n\n[superlink.local]\n'
+                                          'address = ":local:"\n')
+    problems: list[str] = []
+    assert read_connection("other", problems) == ("other", {})
+    assert problems == [f"--superlink='other': {tmp_path / 'config.toml'} has no [superlink.other] table; known "
+                        "connections: ['local', 'tls']"]
+    problems.clear()
+    name, table = read_connection(None, problems)  # the default
+    assert name == "tls" and table["address"] == "127.0.0.1:9093"
+    assert problems == ["[superlink.tls] root-certificates='/nonexistent/ca.crt': no such file; point it at the CA "
+                        "certificate that signed the SuperLink's certificate (fedlora-certs writes ca.crt)"]
+    problems.clear()
+    read_connection("local", problems)
+    assert problems and problems[0].startswith("[superlink.local] address=':local:': give the SuperLink's host:port")
+
+
+def test_deploy_dry_run_writes_the_config_that_the_apps_will_read(tmp_path: Path) -> None:
+    from fedlora.flower.settings import resolve_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "loop"\n\n[superlink.loop]\n'
+                                      'address = "127.0.0.1:9093"\ninsecure = true\n')
+    run_dir = tmp_path / "run"
+    out = _deploy(["--dry-run", *TINY, "strategy=flora"], home, run_dir)
+    assert out.returncode == 0, out.stderr
+    toml = tomllib.loads((run_dir / "run_config.toml").read_text())
+    cfg = resolve_config(None, toml)
+    assert cfg["strategy"]["_target_"] == "strategies.flora.FLoRA" and cfg["num_clients"] == 3
+    assert cfg["output_dir"] == str(run_dir) and Path(cfg["output_dir"]).is_absolute()
+    assert cfg["deployment"] == {"superlink": "loop", "address": "127.0.0.1:9093", "tls": False, "app": str(ROOT)}
+    assert f"flwr run {ROOT} loop --run-config {run_dir / 'run_config.toml'} --stream" in out.stdout
+    assert json.loads(toml["fedlora-config"]) == cfg
+    assert (run_dir / "config.yaml").exists() and not (run_dir / "flwr-run.log").exists()
