@@ -85,3 +85,22 @@ def reload_accuracy(run_dir: Path) -> float:
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     _, acc = evaluate(model, ws.data, ws.test)
     return acc
+
+
+TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
+
+
+def jsonl_rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The records of a run's JSON-lines file (``metrics.jsonl`` by default)."""
+    import json
+
+    return [json.loads(x) for x in (Path(run_dir) / name).read_text().splitlines()]
+
+
+def untimed(value):  # noqa: ANN001, ANN201 - JSON in, JSON out
+    """``value`` without the wall-clock keys (:data:`TIMING`), at any depth: what a rerun must repeat."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value

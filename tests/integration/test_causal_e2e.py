@@ -18,22 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FEDLORA, ROOT, TINY_CAUSAL, run_fedlora
+from conftest import FEDLORA, ROOT, TINY_CAUSAL, jsonl_rows, run_fedlora, untimed
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
 
 
 def _run(run_dir: Path, extra: list[str]) -> tuple[dict, list[dict], str]:
     out = run_fedlora([*TINY_CAUSAL, *extra], run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return summary, _rows(run_dir), out.stdout + out.stderr
-
-
-def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
+    return summary, jsonl_rows(run_dir), out.stdout + out.stderr
 
 
 def _reload(run_dir: Path):  # noqa: ANN202 - (workspace, peft model)
@@ -67,7 +62,7 @@ def _check(run_dir: Path, summary: dict, rows: list[dict], log: str, rounds: int
     assert "deprecated" not in log.lower(), "our path must not print deprecation warnings"
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    generations = _rows(run_dir, "generations.jsonl")
+    generations = jsonl_rows(run_dir, "generations.jsonl")
     assert [g["round"] for g in generations] == [r for r in range(rounds + 1) for _ in range(3)]
     assert {g["category"] for g in generations} == {"arithmetic", "copy", "reverse"}  # categories in turn
     assert all(g["reference"] and isinstance(g["output"], str) for g in generations)
@@ -150,7 +145,7 @@ def flora_compeft(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_compeft_causal_lm(flora_compeft: Path) -> None:
-    summary, rows = json.loads((flora_compeft / "summary.json").read_text()), _rows(flora_compeft)
+    summary, rows = json.loads((flora_compeft / "summary.json").read_text()), jsonl_rows(flora_compeft)
     for client in rows[1]["clients"]:  # vs the fp32 LoRA factors of 8 projections (64 x 64) at its rank
         raw = 8 * client["rank"] * (64 + 64) * 4
         # rank 8 compresses 6x and more; the tiny rank-2 tensors are dominated by key names
@@ -159,14 +154,6 @@ def test_compeft_causal_lm(flora_compeft: Path) -> None:
     assert summary["error_feedback"] is False and not (flora_compeft / "client_state").exists()
     _check(flora_compeft, summary, rows, "round 3/3: test perplexity done: final test perplexity", rounds=3,
            rel=1e-4, drop=0.1)
-
-
-def _untimed(value):  # noqa: ANN001, ANN202 - JSON in, JSON out
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k not in TIMING}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
 
 
 def test_causal_lm_killed_mid_round_then_resumed_equals_uninterrupted(flora_compeft: Path, tmp_path: Path,
@@ -192,12 +179,12 @@ def test_causal_lm_killed_mid_round_then_resumed_equals_uninterrupted(flora_comp
                          timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming after round 1" in out.stdout
-    resumed, reference = _untimed(_rows(run_dir)), _untimed(_rows(flora_compeft))
+    resumed, reference = untimed(jsonl_rows(run_dir)), untimed(jsonl_rows(flora_compeft))
     for row in (resumed[2], reference[2]):  # the first round after a resume resends every base merge
         row.pop("bytes_down_total")
         for client in row["clients"]:
             client.pop("bytes_down")
     assert resumed == reference
-    assert _rows(run_dir, "generations.jsonl") == _rows(flora_compeft, "generations.jsonl")
+    assert jsonl_rows(run_dir, "generations.jsonl") == jsonl_rows(flora_compeft, "generations.jsonl")
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == (
         flora_compeft / "adapter" / "adapter_model.safetensors").read_bytes()

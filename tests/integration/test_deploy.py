@@ -1,8 +1,9 @@
 """Deployment end to end: a real SuperLink and real SuperNodes on 127.0.0.1, driven by fedlora-deploy.
 
 Each SuperNode starts a fresh ``flwr-clientapp`` process per message, so these runs check what
-survives between rounds in a deployment (FLoRA's base merges, ComPEFT's error feedback, both in
-``context.state``): the deployed run must equal the same config run in simulation. Also: a node
+survives between rounds in a deployment (FLoRA's base merges; ComPEFT's error-feedback residual,
+which FedAvg keeps and FLoRA does not; both in ``context.state``): the deployed run must equal the
+same config run in simulation. Also: a node
 training on its own file with its own rank, TLS with node authentication (an unregistered node
 is refused), and a node killed in the middle of a round.
 
@@ -20,14 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, reload_accuracy, run_fedlora
+from conftest import TINY, jsonl_rows, reload_accuracy, run_fedlora, untimed
 from flower_cluster import ONE_THREAD, LocalCluster
 
 pytestmark = pytest.mark.slow
 
 SMALL = [*TINY, "num_rounds=2", "train.local_steps=1", "model.max_length=32", "data.max_test_examples=32",
          "logging.tensorboard=false", "connect_timeout=120"]
-TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
 
 
 @pytest.fixture
@@ -44,18 +44,6 @@ def secure_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     local.close()
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _untimed(value):  # noqa: ANN001, ANN202 - JSON in, JSON out
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k not in TIMING}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
-
-
 def _start_nodes(cluster: LocalCluster, configs: list[str]) -> None:
     cluster.start_superlink()
     for i, node_config in enumerate(configs):
@@ -64,7 +52,7 @@ def _start_nodes(cluster: LocalCluster, configs: list[str]) -> None:
 
 def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
     """Rounds, statuses, bytes and summary of a finished run; the saved adapter reproduces it."""
-    rows, summary = _rows(run_dir), json.loads((run_dir / "summary.json").read_text())
+    rows, summary = jsonl_rows(run_dir), json.loads((run_dir / "summary.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["num_ok"] == num_clients and row["num_failed"] == row["num_rejected"] == 0
@@ -75,26 +63,31 @@ def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
     return rows, summary
 
 
-def test_flora_compeft_deployed_equals_simulated(cluster: LocalCluster, tmp_path: Path) -> None:
-    """FLoRA's merges and ComPEFT's residual survive between rounds in a deployment, exactly."""
-    overrides = [*SMALL, "strategy=flora", "compression=compeft"]
+@pytest.mark.parametrize("strategy", ["flora", "fedavg"])
+def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster, tmp_path: Path) -> None:
+    """FLoRA's merges and FedAvg's ComPEFT residual survive between rounds in a deployment, exactly."""
+    overrides = [*SMALL, f"strategy={strategy}", "compression=compeft"]
     state = tmp_path / "node_state"
     _start_nodes(cluster, [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)])
     deployed = tmp_path / "deployed"
     log = cluster.deploy(overrides, deployed)
     rows, summary = _check_run(deployed, 3)
     assert "round 2/2" in log and "done: final test accuracy" in log
-    assert summary["base_merges"] == 2
-    for row in rows[1:]:  # every client trained on all merges so far (kept in context.state)
-        assert [c["base_version"] for c in row["clients"]] == [row["round"] - 1] * 3
-    for cid in range(3):  # the residual of each node, on the node's side, one directory per run
-        assert sorted(p.name for p in (state / deployed.name / str(cid)).iterdir()) == \
-            ["round_00001.safetensors", "round_00002.safetensors"]
+    if strategy == "flora":
+        assert summary["base_merges"] == 2 and summary["error_feedback"] is False
+        for row in rows[1:]:  # every client trained on all merges so far (kept in context.state)
+            assert [c["base_version"] for c in row["clients"]] == [row["round"] - 1] * 3
+        assert not state.exists()  # a fresh adapter every round: no residual to keep
+    else:
+        assert summary["base_merges"] == 0 and summary["error_feedback"] is True
+        for cid in range(3):  # the residual of each node, on the node's side, one directory per run
+            assert sorted(p.name for p in (state / deployed.name / str(cid)).iterdir()) == \
+                ["round_00001.safetensors", "round_00002.safetensors"]
     simulated = tmp_path / "simulated"
     out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # Same seed, one torch thread everywhere: the same numbers to the last bit, bytes included.
-    assert _untimed(_rows(simulated)) == _untimed(rows)
+    assert untimed(jsonl_rows(simulated)) == untimed(rows)
     assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
 
@@ -134,7 +127,7 @@ def test_tls_and_authentication_admit_only_registered_nodes(secure_cluster: Loca
     run_dir = tmp_path / "run"
     log = cluster.deploy([*SMALL, "num_clients=1", "num_rounds=1", "ranks.tiers=[4]"], run_dir)
     assert "1 clients connected" in log
-    rows = _rows(run_dir)
+    rows = jsonl_rows(run_dir)
     assert [c["client"] for c in rows[1]["clients"]] == [0] and rows[1]["clients"][0]["status"] == "ok"
     listed = cluster.flwr("supernode", "list", "test", "--format", "json")
     nodes = json.loads(listed.stdout)["nodes"]
@@ -155,7 +148,7 @@ def test_a_node_killed_mid_round_fails_that_round_and_the_run_goes_on(cluster: L
     cluster.kill("node1")  # the SuperNode and its flwr-clientapp, no goodbye
     deploy.wait(timeout=600)
     assert deploy.returncode == 0, cluster.log("deploy")[-4000:]
-    rows = _rows(run_dir)
+    rows = jsonl_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         by_client = {c["client"]: c for c in row["clients"]}
