@@ -62,7 +62,7 @@ QUICK_VARIANTS = {
 
 # -- the bare loop (runs in its own process) ---------------------------------------------------------
 def sample(client_ids: list[int], fraction: float, server_round: int, seed: int, min_clients: int) -> list[int]:
-    """Same as ``fedlora.flower.server_app.sample_clients`` (copied: the bare loop imports no Flower)."""
+    """Same as ``fedlora.flower.clients.sample_clients`` (copied: the bare loop imports no Flower)."""
     import random  # noqa: PLC0415
 
     k = min(len(client_ids), max(min_clients, int(round(fraction * len(client_ids)))))

@@ -121,7 +121,8 @@ def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None
 
     import torch
 
-    from fedlora.flower.server_app import ClientInfo, Federation, _Sent
+    from fedlora.flower.clients import ClientInfo
+    from fedlora.flower.server_app import Federation, _Sent
     from fedlora.types import ClientPlan
 
     fed = Federation.__new__(Federation)
@@ -149,7 +150,7 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
     from fedlora import keys
-    from fedlora.flower.server_app import discover_clients
+    from fedlora.flower.clients import discover_clients
 
     class Grid:
         """Three nodes: one answers, one raises on the node, one is answered for by the SuperLink."""
@@ -178,7 +179,7 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch
 
 
 def test_clean_reason_of_a_deployed_client_exception() -> None:
-    from fedlora.flower.server_app import clean_reason
+    from fedlora.flower.clients import clean_reason
 
     wrapped = "<class 'fedlora.flower.node.NodeConfigError'>:<'1 problem(s) in this SuperNode's --node-config:\n  - x'>"
     assert clean_reason(wrapped) == "1 problem(s) in this SuperNode's --node-config:\n  - x"

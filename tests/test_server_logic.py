@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapters import lora_math as lm
-from fedlora.flower.server_app import sample_clients
+from fedlora.flower.clients import sample_clients
 
 
 def test_sampling_is_seeded_sorted_and_sized() -> None:
@@ -79,7 +79,8 @@ def _content(state: dict, rank: int, loss: float = 1.0):  # noqa: ANN202
 
 
 def _round(order: list[int]):  # noqa: ANN202
-    from fedlora.flower.server_app import ClientInfo, _Sent
+    from fedlora.flower.clients import ClientInfo
+    from fedlora.flower.server_app import _Sent
     from fedlora.types import ClientPlan
 
     torch.manual_seed(0)
@@ -116,7 +117,8 @@ def test_collect_records_every_outcome_and_ignores_arrival_order() -> None:
 
 
 def test_collect_fills_in_a_that_stayed_on_the_client_after_checking() -> None:
-    from fedlora.flower.server_app import ClientInfo, _Sent
+    from fedlora.flower.clients import ClientInfo
+    from fedlora.flower.server_app import _Sent
     from fedlora.types import ClientPlan
 
     start = {"l.lora_A.weight": torch.randn(2, 4), "l.lora_B.weight": torch.zeros(6, 2)}
@@ -131,7 +133,7 @@ def test_collect_fills_in_a_that_stayed_on_the_client_after_checking() -> None:
 
 
 def test_clean_reason_keeps_the_clients_message() -> None:
-    from fedlora.flower.server_app import clean_reason
+    from fedlora.flower.clients import clean_reason
 
     assert clean_reason("<class 'X'>:<'\nException ClientAppException occurred. Message: boom'>") == "boom"
     assert clean_reason("plain") == "plain"

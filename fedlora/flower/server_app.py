@@ -9,7 +9,6 @@ because bytes are measured per client and per direction from the serialized mess
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 import traceback
@@ -28,6 +27,7 @@ from fedlora.adapters import lora_math as lm
 from fedlora.adapters import validation
 from fedlora.config import compressor, instantiate, workspace_key
 from fedlora.flower import records
+from fedlora.flower.clients import ClientInfo, clean_reason, discover_clients, sample_clients
 from fedlora.flower.settings import resolve_config
 from fedlora.metrics import ACCURACY, Metric
 from fedlora.models import save_peft_adapter, save_reload_base
@@ -35,16 +35,6 @@ from fedlora.results import (RunRecorder, final_metrics, log_generations, plot_r
                              truncate_generations)
 from fedlora.training.workspace import get_workspace
 from fedlora.types import AdapterState, BaseMerge, ClientPlan, ClientUpdate
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """A connected client: its node, partition id, rank and training-set size."""
-
-    node_id: int
-    client_id: int
-    rank: int
-    num_examples: int
 
 
 @dataclass(frozen=True)
@@ -69,73 +59,6 @@ def _say_round(record: Mapping[str, Any], num_rounds: int, metric: Metric = ACCU
          f"train loss {tl if tl is None else round(tl, 4)}, {r['num_ok']} clients{problems}{skipped}, "
          f"up {r['bytes_up_total'] / 1e6:.2f} MB, down {r['bytes_down_total'] / 1e6:.2f} MB, "
          f"{r['round_seconds']:.1f} s (elapsed {r['wall_time']:.0f} s)")
-
-
-def clean_reason(reason: str) -> str:
-    """Shorten Flower's error reason to the client's own message.
-
-    In simulation Flower wraps a ClientApp exception as ``"<class '...ClientAppException'>:<'\\n
-    Exception ClientAppException occurred. Message: <text>'>"``, in a deployment as
-    ``"<class '<the exception's class>'>:<'<text>'>"``; we keep ``<text>``.
-    """
-    marker = "Message: "
-    if marker in reason:
-        text = reason[reason.rfind(marker) + len(marker):]
-    elif reason.startswith("<class '") and "'>:<'" in reason:
-        text = reason[reason.index("'>:<'") + len("'>:<'"):]
-    else:
-        text = reason
-    while text.endswith("'>"):
-        text = text[:-2]
-    return text.strip()[:500]
-
-
-def discover_clients(grid: Grid, expected: int, timeout: float,
-                     label_names: tuple[str, ...] = ()) -> dict[int, ClientInfo]:
-    """Wait for ``expected`` nodes, ask each who it is, return ``{client_id: ClientInfo}``.
-
-    The hello carries the run's ``label_names`` (a deployed node with its own file numbers its
-    classes by them). A node that fails the hello (in a deployment: a bad ``--node-config`` or
-    data file on that node) stops the run here, before any round, with every node's reason.
-    """
-    deadline = time.monotonic() + timeout
-    node_ids = sorted(grid.get_node_ids())
-    while len(node_ids) < expected and time.monotonic() < deadline:
-        time.sleep(1.0)
-        node_ids = sorted(grid.get_node_ids())
-    if not node_ids:
-        raise RuntimeError(f"no client connected within {timeout:.0f} s")
-    conf = ConfigRecord({keys.ACTION: keys.HELLO, keys.LABEL_NAMES: list(label_names)})
-    hello = [Message(RecordDict({keys.CONFIG: conf}), node_id, "query", group_id="hello")
-             for node_id in node_ids]
-    clients: dict[int, ClientInfo] = {}
-    failed = []
-    replies = grid.send_and_receive(hello, timeout=timeout)
-    # the SuperLink answers for a node it lost: name that node through the message it answers
-    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
-    for reply in replies:
-        if reply.has_error():
-            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            failed.append(f"node {node}: {clean_reason(str(reply.error.reason))}")
-            continue
-        m = reply.content[keys.METRICS]
-        info = ClientInfo(reply.metadata.src_node_id, int(m[keys.PARTITION_ID]), int(m[keys.RANK]),
-                          int(m[keys.NUM_EXAMPLES]))
-        if info.client_id in clients:
-            raise RuntimeError(f"two nodes claim partition-id {info.client_id}; give each node its own")
-        clients[info.client_id] = info
-    if failed:
-        raise RuntimeError(f"{len(failed)} node(s) failed the hello; fix them and start the run again:\n"
-                           + "\n".join(failed))
-    return clients
-
-
-def sample_clients(client_ids: list[int], fraction: float, server_round: int, seed: int,
-                   min_clients: int = 1) -> list[int]:
-    """Sample ``max(min_clients, round(fraction * N))`` clients, seeded by (seed, round)."""
-    k = min(len(client_ids), max(min_clients, int(round(fraction * len(client_ids)))))
-    rng = random.Random(seed * 7919 + server_round)
-    return sorted(rng.sample(sorted(client_ids), k))
 
 
 class Federation:
