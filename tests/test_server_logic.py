@@ -139,6 +139,22 @@ def test_clean_reason_keeps_the_clients_message() -> None:
     assert clean_reason("plain") == "plain"
 
 
+def test_describe_ranks_lists_small_federations_and_counts_large_ones() -> None:
+    from fedlora.flower.clients import describe_ranks
+    assert describe_ranks({1: 4, 0: 2}) == "ranks {0: 2, 1: 4}"
+    big = {i: (2, 4, 8, 16)[i % 4] for i in range(1000)}
+    assert describe_ranks(big) == "ranks 2 x250, 4 x250, 8 x250, 16 x250"
+
+
+def test_describe_rank_change_names_the_clients_that_differ() -> None:
+    from fedlora.flower.clients import describe_rank_change
+    old = {i: 4 for i in range(10)}
+    assert describe_rank_change(old, {**old, 3: 8}) == "client 3: 4 -> 8"
+    assert describe_rank_change({0: 2}, {1: 2}) == "client 0: 2 -> absent; client 1: absent -> 2"
+    many = describe_rank_change(old, {i: 16 for i in range(10)}, limit=2)
+    assert many == "client 0: 4 -> 16; client 1: 4 -> 16 and 8 more"
+
+
 def test_resume_points_hydra_at_the_run(tmp_path) -> None:  # noqa: ANN001
     from fedlora.main import resume_arguments
 

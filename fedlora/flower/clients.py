@@ -28,6 +28,25 @@ class ClientInfo:
     num_examples: int
 
 
+def describe_ranks(ranks: dict[int, int], limit: int = 16) -> str:
+    """The clients' ranks for the run's first line: each client's rank for a small federation, the
+    number of clients at each rank for a large one (a thousand client ids say nothing at a glance)."""
+    if len(ranks) <= limit:
+        return f"ranks {dict(sorted(ranks.items()))}"
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    return "ranks " + ", ".join(f"{rank} x{n}" for rank, n in sorted(counts.items()))
+
+
+def describe_rank_change(old: dict[int, int], new: dict[int, int], limit: int = 5) -> str:
+    """What differs between two clients-to-ranks maps, naming at most ``limit`` clients."""
+    ids = sorted(set(old) | set(new))
+    diff = [f"client {i}: {old.get(i, 'absent')} -> {new.get(i, 'absent')}" for i in ids
+            if old.get(i) != new.get(i)]
+    more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
+    return "; ".join(diff[:limit]) + more
+
 
 def clean_reason(reason: str) -> str:
     """Shorten Flower's error reason to the client's own message.

@@ -27,7 +27,8 @@ from fedlora.adapters import lora_math as lm
 from fedlora.adapters import validation
 from fedlora.config import compressor, instantiate, workspace_key
 from fedlora.flower import records
-from fedlora.flower.clients import ClientInfo, clean_reason, discover_clients, sample_clients
+from fedlora.flower.clients import (ClientInfo, clean_reason, describe_rank_change, describe_ranks,
+                                    discover_clients, sample_clients)
 from fedlora.flower.settings import resolve_config
 from fedlora.metrics import ACCURACY, Metric
 from fedlora.models import save_peft_adapter, save_reload_base
@@ -195,7 +196,7 @@ class Federation:
         log = cfg.get("logging", {})
         recorder = RunRecorder(self.run_dir, tensorboard=bool(log.get("tensorboard", True)),
                                wandb=log.get("wandb"), config=cfg)
-        _say(f"{len(clients)} clients connected, ranks {dict(sorted(ranks.items()))}; "
+        _say(f"{len(clients)} clients connected, {describe_ranks(ranks)}; "
              f"strategy {type(self.strategy).__name__}"
              + (f" + {type(self.compressor).__name__} (error feedback "
                 f"{'on' if self.compressor.error_feedback else 'off'})" if self.compressor else "")
@@ -239,8 +240,9 @@ class Federation:
             return init.adapter, dict(init.state), 1, 0.0
         state = ckpt.load_checkpoint(self.run_dir)
         if state.ranks != ranks:
-            raise RuntimeError(f"resume: the checkpoint's client ranks {state.ranks} differ from the connected "
-                               f"clients' ranks {ranks}; resume with the same clients and rank settings")
+            raise RuntimeError(f"resume: the connected clients' ranks differ from the checkpoint's "
+                               f"({describe_rank_change(state.ranks, ranks)}); resume with the same clients "
+                               f"and rank settings")
         self.history = list(state.merges)
         self.merges_saved = len(self.history)
         self.acked = {}
