@@ -55,6 +55,7 @@ from fedlora.main import CONF_DIR, _mark_failed, prepare  # noqa: E402
 APP_DIR = Path(__file__).resolve().parent.parent
 RUN_CONFIG = "run_config.toml"
 FLWR_LOG = "flwr-run.log"
+INTERRUPTED = 130  # the exit status of a command stopped with Ctrl-C
 
 
 def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -196,7 +197,7 @@ def launch(command: list[str], run_dir: Path) -> int:
             proc.terminate()
             print("fedlora-deploy: stopped following the run; it goes on on the SuperLink "
                   "(`flwr ls` lists runs, `flwr stop <run-id>` stops one)", file=sys.stderr)
-            return 130
+            return INTERRUPTED
         return proc.wait()
 
 
@@ -218,15 +219,27 @@ def deploy_job(cfg: DictConfig, opts: argparse.Namespace) -> None:
         return
     for stale in ("summary.json", "FAILED"):  # left by an earlier run in this directory: not this run's verdict
         (run_dir / stale).unlink(missing_ok=True)
-    code = launch(command, run_dir)
+    finish(launch(command, run_dir), run_dir)
+
+
+def finish(code: int, run_dir: Path) -> None:
+    """Exit with the run's verdict: 0 only if the ServerApp wrote ``summary.json``.
+
+    Ctrl-C (``code`` 130) stops following the run, not the run: it goes on on the SuperLink and
+    may still write ``summary.json`` here, so it must not be marked FAILED (fedlora-report would
+    then list a finished run as failed).
+    """
+    if code == INTERRUPTED:
+        sys.exit(code)
     if code != 0:
         _mark_failed(run_dir, f"`flwr run` exited with status {code}; see {run_dir / FLWR_LOG}")
         sys.exit(code)
     if not (run_dir / "summary.json").is_file():
         failed = run_dir / "FAILED"
         where = (f"the ServerApp's error is above and in {failed}" if failed.is_file()
-                 else f"no summary.json and no FAILED in {run_dir}: run fedlora-deploy on the SuperLink's "
-                      "machine (the ServerApp writes there), or see the log above")
+                 else f"no summary.json and no FAILED in {run_dir}: the run was stopped (`flwr stop`), its "
+                      "ServerApp was killed, or fedlora-deploy runs on another machine than the SuperLink "
+                      "(the ServerApp writes there); `flwr ls` shows the run's status")
         print(f"fedlora-deploy: the run did not finish; {where}", file=sys.stderr)
         sys.exit(1)
 

@@ -296,3 +296,14 @@ def test_deploy_dry_run_writes_the_config_that_the_apps_will_read(tmp_path: Path
     assert f"flwr run {ROOT} loop --run-config {run_dir / 'run_config.toml'} --stream" in out.stdout
     assert json.loads(toml["fedlora-config"]) == cfg
     assert (run_dir / "config.yaml").exists() and not (run_dir / "flwr-run.log").exists()
+
+
+def test_ctrl_c_stops_following_without_marking_the_run_failed(tmp_path: Path) -> None:
+    from fedlora.deploy import INTERRUPTED, finish
+
+    with pytest.raises(SystemExit) as stopped:
+        finish(INTERRUPTED, tmp_path)
+    assert stopped.value.code == INTERRUPTED and not (tmp_path / "FAILED").exists()
+    with pytest.raises(SystemExit) as broken:
+        finish(1, tmp_path)
+    assert broken.value.code == 1 and "exited with status 1" in (tmp_path / "FAILED").read_text()
