@@ -160,8 +160,9 @@ def load_run(run_dir: Path) -> Run:
         run.status, run.error = "incomplete", "no metrics.jsonl records (killed before round 0?)"
     elif not run.summary:
         last = run.rows[-1].get("round")
-        run.status, run.error = "incomplete", (f"no summary.json after round {last} (still running, or killed: "
-                                               f"`fedlora resume={run.path}`)")
+        again = ("a deployed run cannot be resumed: run it again" if run.config.get("deployment")
+                 else f"`fedlora resume={run.path}`")
+        run.status, run.error = "incomplete", f"no summary.json after round {last} (still running, or killed: {again})"
     return run
 
 

@@ -134,7 +134,7 @@ def test_report_lists_failed_and_missing_jobs(sweep: Path) -> None:
     runs = report.load_runs(sweep)
     lines = "\n".join(report.problem_lines(runs, sweep))
     assert "**failed** `5_flora_seed=2` (flora, seed 2): RuntimeError: CUDA out of memory" in lines
-    assert "**incomplete** `6_fedavg_seed=3`" in lines
+    assert "**incomplete** `6_fedavg_seed=3`" in lines and "fedlora resume=" in lines
     assert "**missing** fedavg: no job for seed 2" in lines
     assert "**missing** flora+compeft(d=0.1): no job for seed 1, 2, 3" in lines
 
@@ -231,3 +231,13 @@ def test_mixed_tasks_are_flagged(sweep: Path) -> None:
     make_causal_run(sweep / "9_flora_causal", FLORA, 0, [900.0, 11.0])
     lines = "\n".join(report.problem_lines(report.load_runs(sweep), sweep))
     assert "different tasks (test accuracy, test perplexity)" in lines
+
+
+def test_an_incomplete_deployed_run_is_not_offered_resume(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "deployed", FEDAVG, 0, [0.2, 0.3], up=1, down=1)
+    (run_dir / "summary.json").unlink()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "deployment": {"federation": "fedlora"}}))
+    run = report.load_run(run_dir)
+    assert run.status == "incomplete" and "a deployed run cannot be resumed" in run.error
+    assert "fedlora resume" not in run.error
