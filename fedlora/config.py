@@ -108,12 +108,16 @@ def compression_node(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """Return ``cfg["compression"]`` with ``error_feedback: auto`` resolved against the strategy.
 
     Error feedback adds last round's compression residual to this round's update, which is only
-    meaningful when the client continues from the adapter the residual belongs to. Strategies
-    whose clients start a fresh adapter every round (``fresh_adapters = True``: FLoRA) get ``False``.
+    meaningful for a tensor the client continues from the global adapter. Strategies whose clients
+    start fresh LoRA factors every round (``fresh_adapters = True``: FLoRA) keep error feedback for
+    the other tensors (a classifier head) only: ``auto`` becomes ``error_feedback=True,
+    fresh_factors=True`` for them and ``error_feedback=True`` for every other strategy.
     """
     node = dict(cfg.get("compression") or {})
     if node.get("error_feedback") == "auto":
-        node["error_feedback"] = not getattr(strategy_class(cfg), "fresh_adapters", False)
+        node["error_feedback"] = True
+        if getattr(strategy_class(cfg), "fresh_adapters", False):
+            node["fresh_factors"] = True
     return node or None
 
 
@@ -277,8 +281,8 @@ def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
     if feedback is True and getattr(strategy_class(cfg), "fresh_adapters", False):
         name = str(cfg["strategy"]["_target_"]).rpartition(".")[2]
         p.add("compression.error_feedback", True,
-              f"{name} starts a fresh adapter every round, so a residual kept in last round's factors has "
-              "nothing to be added to; use auto (off for this strategy) or false")
+              f"{name} starts fresh LoRA factors every round, so a residual kept in last round's factors "
+              "has nothing to be added to; use auto (error feedback for the classifier head only) or false")
 
 
 def _check_logging(cfg: Mapping[str, Any], p: _Problems) -> None:

@@ -52,6 +52,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from fedlora.adapters.lora_math import is_lora_key
 from fedlora.types import AdapterState
 
 SEP = "|"
@@ -147,10 +148,16 @@ class ComPEFT:
         1.0 with ``scale="none"``.
     error_feedback:
         Carry ``v - decoded(v)`` to the next round (nothing is lost over time); ``False`` drops it.
+    fresh_factors:
+        The strategy starts fresh LoRA factors every round (FLoRA; set from the strategy by
+        ``fedlora.config.compression_node``, not by hand): a residual kept in last round's factors
+        would be added to a new random ``A`` and a zero ``B`` it has nothing to do with, so only the
+        tensors that continue from the global adapter (a classifier head) keep theirs.
     """
 
     def __init__(
-        self, *, density: float = 0.1, scale: str = "std", alpha: float = 1.0, error_feedback: bool = True
+        self, *, density: float = 0.1, scale: str = "std", alpha: float = 1.0, error_feedback: bool = True,
+        fresh_factors: bool = False,
     ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
             raise ValueError(
@@ -174,10 +181,23 @@ class ComPEFT:
             )
         if not isinstance(error_feedback, bool):
             raise ValueError(f"compression.error_feedback={error_feedback!r} must be true or false")
+        if not isinstance(fresh_factors, bool):
+            raise ValueError(f"compression.fresh_factors={fresh_factors!r} must be true or false")
         self.density = float(density)
         self.scale = scale
         self.alpha = float(alpha)
         self.error_feedback = error_feedback
+        self.fresh_factors = fresh_factors
+
+    def feedback_scope(self) -> str:
+        """Which tensors carry a residual, in words (the run's first line and ``summary.json``)."""
+        if not self.error_feedback:
+            return "none"
+        return "all but the fresh LoRA factors" if self.fresh_factors else "all"
+
+    def carries(self, key: str) -> bool:
+        """Whether the residual of tensor ``key`` is kept for the next round."""
+        return self.error_feedback and not (self.fresh_factors and is_lora_key(key))
 
     def num_kept(self, numel: int) -> int:
         """Return ``k = max(1, round(density * numel))`` (at most ``numel``; 0 for an empty tensor)."""
@@ -233,24 +253,27 @@ class ComPEFT:
         delta:
             The round's update per tensor (trained minus start).
         residual:
-            The error-feedback memory from the previous round (``None``: zeros). Must have the same
-            keys and shapes as ``delta``.
+            The error-feedback memory from the previous round (``None``: zeros). Must have the keys
+            of ``delta`` that carry a residual (:meth:`carries`), with their shapes.
 
         Returns
         -------
         payload:
             ``{f"{key}|{part}": numpy array}`` (see the module docstring).
         residual:
-            ``v - decoded(v)`` per tensor in float32 (zeros when ``error_feedback`` is off).
+            ``v - decoded(v)`` in float32 for every tensor that carries a residual; empty when
+            ``error_feedback`` is off (or when every tensor is a fresh factor).
 
         Raises
         ------
         ValueError
             On a key containing ``"|"``, a residual that does not match ``delta``, or non-finite values.
         """
-        if residual is not None and set(residual) != set(delta):
+        carried = {key for key in delta if self.carries(key)}
+        if residual is not None and set(residual) != carried:
             raise ValueError(
-                f"ComPEFT residual keys {sorted(residual)} do not match the update keys {sorted(delta)}"
+                f"ComPEFT residual keys {sorted(residual)} do not match the update keys that carry one "
+                f"{sorted(carried)}"
             )
         payload: dict[str, np.ndarray] = {}
         new_residual: AdapterState = {}
@@ -260,7 +283,7 @@ class ComPEFT:
             tensor = delta[key]
             shape = tuple(int(d) for d in tensor.shape)
             v = _to_numpy(tensor)
-            if residual is not None:
+            if residual is not None and key in carried:
                 if tuple(residual[key].shape) != shape:
                     raise ValueError(
                         f"ComPEFT residual for {key!r} has shape {tuple(residual[key].shape)}, update {shape}"
@@ -271,8 +294,9 @@ class ComPEFT:
             arrays, decoded = self._encode_one(v, shape)
             for part, arr in arrays.items():
                 payload[f"{key}{SEP}{part}"] = arr
-            res = (v - decoded) if self.error_feedback else np.zeros_like(v)
-            new_residual[key] = torch.from_numpy(res.astype(np.float32, copy=False).reshape(shape))
+            if key in carried:
+                res = v - decoded
+                new_residual[key] = torch.from_numpy(res.astype(np.float32, copy=False).reshape(shape))
         return payload, new_residual
 
     # -- decoding -------------------------------------------------------------------------------

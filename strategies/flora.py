@@ -76,7 +76,8 @@ class FLoRA:
 
     # Every round's client adapter is a fresh pair (new random A, B = 0), not a continuation of the
     # last one: a compression residual kept in last round's factors has no coordinates to return to,
-    # so error feedback is off for FLoRA (fedlora.config.compressor resolves ``error_feedback: auto``).
+    # so ComPEFT keeps error feedback only for the tensors that continue from the global adapter (the
+    # classifier head): fedlora.config.compression_node resolves ``error_feedback: auto`` so.
     fresh_adapters = True
 
     def __init__(self, *, weighting: str = "examples") -> None:

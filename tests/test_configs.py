@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, compose, run_fedlora
 
-from fedlora.config import assign_ranks, compression_node, validate
+from fedlora.config import assign_ranks, compression_node, compressor, validate
 from fedlora.errors import ConfigError
 
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
@@ -80,7 +80,7 @@ BAD = [
     (["+faults.crash=true"], "faults=['crash']", "unknown fault option"),
     (["resume=/nonexistent/run"], "resume='/nonexistent/run'", "no such directory"),
     (["strategy=flora", "compression=compeft", "compression.error_feedback=true"],
-     "compression.error_feedback=True", "fresh adapter every round"),
+     "compression.error_feedback=True", "fresh LoRA factors every round"),
     # tasks: causal-LM data, models, prompts, generation, decoder options
     (["task=causal_lm", "data=bbc_news"], "data.name='bbc_news'", "data=synthetic_instructions"),
     (["task=causal_lm", "model=minilm"], "model.name='all-MiniLM-L6-v2'", "model=tiny_decoder"),
@@ -160,15 +160,16 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
     assert (tmp_path / "run" / "FAILED").exists()
 
 
-@pytest.mark.parametrize("strategy,setting,expected", [
-    ("fedavg", "auto", True), ("ffa_lora", "auto", True), ("lora_fair", "auto", True), ("flora", "auto", False),
-    ("fedavg", "false", False), ("flora", "false", False), ("fedavg", "true", True),
+@pytest.mark.parametrize("strategy,setting,scope", [
+    ("fedavg", "auto", "all"), ("ffa_lora", "auto", "all"), ("lora_fair", "auto", "all"),
+    ("flora", "auto", "all but the fresh LoRA factors"),
+    ("fedavg", "false", "none"), ("flora", "false", "none"), ("fedavg", "true", "all"),
 ])
-def test_error_feedback_auto_is_off_only_for_fresh_adapter_strategies(strategy: str, setting: str,
-                                                                      expected: bool) -> None:
+def test_error_feedback_auto_skips_only_fresh_factors(strategy: str, setting: str, scope: str) -> None:
     cfg = compose([f"strategy={strategy}", "compression=compeft", f"compression.error_feedback={setting}"])
     validate(cfg, check_model=False, check_data=False)
-    assert compression_node(cfg)["error_feedback"] is expected
+    assert compressor(cfg).feedback_scope() == scope
+    assert compression_node(cfg)["error_feedback"] is (scope != "none")
     assert cfg["compression"]["error_feedback"] == {"auto": "auto", "true": True, "false": False}[setting]
 
 

@@ -184,13 +184,15 @@ def handle_train(msg: Message, context: Context, cfg: Mapping[str, Any]) -> Mess
         reply[keys.ADAPTER] = records.state_to_record({k: trained[k] for k in sent_keys})
     else:
         delta = {k: trained[k] - start[k] for k in sent_keys}
-        # error_feedback is off for strategies that start a fresh adapter every round
-        # (config.compression_node): then no residual is kept or written.
+        # The residual holds only the tensors that carry one (ComPEFT.carries): none when error
+        # feedback is off, only the classifier head for FLoRA (fresh factors every round; a decoder
+        # has no head, so nothing is kept or written then).
         state_dir = client_state_dir(cfg, context, cid)
         resume_round = int(conf.get(keys.RESUME_ROUND, 0))
-        residual = _residual(context, state_dir, resume_round) if comp.error_feedback else None
+        carried = any(comp.carries(k) for k in delta)
+        residual = _residual(context, state_dir, resume_round) if carried else None
         payload, residual = comp.compress(delta, residual)
-        if comp.error_feedback:
+        if residual:
             context.state[_RESIDUAL] = records.state_to_record(residual)
             save_client_state(state_dir, server_round, residual)
         reply[keys.COMPRESSED] = records.numpy_to_record(records.pack_payload(payload, sorted(sent_keys)))

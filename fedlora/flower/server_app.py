@@ -51,6 +51,15 @@ def _say(text: str) -> None:
     print(f"[fedlora] {text}", flush=True)
 
 
+def _feedback_words(compressor: Any) -> str:
+    """``error feedback on|off``, or which tensors carry it when not all do (FLoRA: the head only)."""
+    scope = compressor.feedback_scope()
+    if scope in ("all", "none"):
+        return f"error feedback {'on' if scope == 'all' else 'off'}"
+    return ("error feedback on for the tensors that continue from the global adapter (a classifier head); "
+            "not for the LoRA factors, which start fresh every round")
+
+
 def _say_round(record: Mapping[str, Any], num_rounds: int, metric: Metric = ACCURACY) -> None:
     """Print the one-line summary of a round."""
     r, tl = record, record["train_loss"]
@@ -198,8 +207,8 @@ class Federation:
                                wandb=log.get("wandb"), config=cfg)
         _say(f"{len(clients)} clients connected, {describe_ranks(ranks)}; "
              f"strategy {type(self.strategy).__name__}"
-             + (f" + {type(self.compressor).__name__} (error feedback "
-                f"{'on' if self.compressor.error_feedback else 'off'})" if self.compressor else "")
+             + (f" + {type(self.compressor).__name__} ({_feedback_words(self.compressor)})"
+                if self.compressor else "")
              + f"; {num_rounds} rounds"
              + (f"; resuming after round {self.resumed_from}" if self.resumed_from else ""))
         if self.ws.truncated:
@@ -396,6 +405,7 @@ class Federation:
             "name": self.cfg.get("name"), "strategy": type(self.strategy).__name__,
             "compression": type(self.compressor).__name__ if self.compressor else None,
             "error_feedback": bool(self.compressor.error_feedback) if self.compressor else None,
+            "error_feedback_tensors": self.compressor.feedback_scope() if self.compressor else None,
             "num_rounds": int(self.cfg["num_rounds"]), "num_clients": int(self.cfg["num_clients"]),
             **final_metrics(metric, last, best),
             "wall_time_seconds": time.perf_counter() - self.start_wall,

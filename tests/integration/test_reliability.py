@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import FEDLORA, ROOT, TINY, jsonl_rows, run_fedlora, untimed
 
+from fedlora.adapters.lora_math import is_lora_key
+from fedlora.checkpoint import load_client_state
 from fedlora.faults import FaultSettings, decide
 
 pytestmark = pytest.mark.slow
@@ -130,11 +132,13 @@ def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tuple
     assert summary["final_test_accuracy"] == expected["final_test_accuracy"]
     a = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (uninterrupted_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-    if name == "flora":
-        assert summary["base_merges"] == 4 and summary["error_feedback"] is False
-        assert not (run_dir / "client_state").exists()  # nothing to keep: no residual
-    else:
-        assert summary["error_feedback"] is True
+    assert summary["error_feedback"] is True
+    if name == "flora":  # fresh LoRA factors every round: only the classifier head keeps a residual
+        assert summary["base_merges"] == 4
+        assert summary["error_feedback_tensors"] == "all but the fresh LoRA factors"
+        for cid in range(3):
+            kept = load_client_state(run_dir / "client_state" / str(cid), at_most=4)
+            assert kept and not any(is_lora_key(k) for k in kept), sorted(kept or {})
 
 
 def _fault_seed(settings: dict, wanted) -> int:  # noqa: ANN001

@@ -224,10 +224,36 @@ def test_error_feedback_loses_nothing_over_rounds():
         assert torch.allclose(total_sent[k] + residual[k], total_delta[k], atol=1e-5)
 
 
-def test_without_error_feedback_the_residual_is_zero():
-    comp = ComPEFT(density=0.1, error_feedback=False)
-    _, res = comp.compress({"w": gaussian(8, 100)}, {"w": gaussian(9, 100)})
-    assert torch.all(res["w"] == 0)
+def test_without_error_feedback_nothing_is_kept_and_the_encoding_is_the_same():
+    delta = {"w": gaussian(8, 100)}
+    off = ComPEFT(density=0.1, error_feedback=False)
+    payload_off, res = off.compress(delta, None)
+    assert res == {} and off.feedback_scope() == "none"
+    payload_on, res_on = ComPEFT(density=0.1).compress(delta, None)
+    assert payload_off.keys() == payload_on.keys()
+    assert all(np.array_equal(payload_off[k], payload_on[k]) for k in payload_on) and set(res_on) == {"w"}
+    with pytest.raises(ValueError, match="residual"):  # a residual where none is carried is a caller's bug
+        off.compress(delta, {"w": gaussian(9, 100)})
+
+
+def test_fresh_factors_keep_the_heads_residual_only():
+    """FLoRA starts fresh LoRA factors every round: their residual would land on a new random A and a
+    zero B, so it is dropped; the classifier head continues from the global adapter and keeps its own,
+    so nothing of the head's updates is lost over the rounds."""
+    comp = ComPEFT(density=0.05, fresh_factors=True)
+    assert comp.feedback_scope() == "all but the fresh LoRA factors"
+    shapes = {"a.lora_A.weight": (4, 30), "a.lora_B.weight": (20, 4), "classifier.weight": (5, 40)}
+    head_total, head_sent = torch.zeros(5, 40), torch.zeros(5, 40)
+    residual = None
+    for rnd in range(10):
+        delta = {k: gaussian(50 * rnd + i, *s) for i, (k, s) in enumerate(shapes.items())}
+        payload, residual = comp.compress(delta, residual)
+        assert set(residual) == {"classifier.weight"}
+        head_total += delta["classifier.weight"]
+        head_sent += comp.decode(payload)["classifier.weight"]
+    assert torch.allclose(head_sent + residual["classifier.weight"], head_total, atol=1e-5)
+    with pytest.raises(ValueError, match="carry one"):  # a residual of a fresh factor is refused
+        comp.compress(delta, {**residual, "a.lora_A.weight": torch.zeros(4, 30)})
 
 
 def test_residual_none_equals_zero_residual_and_mismatches_raise():
