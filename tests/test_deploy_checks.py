@@ -177,6 +177,20 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch
     assert str(err.value) == ("2 node(s) failed the hello; fix them and start the run again:\n"
                               "node 12: rank=0: a LoRA rank is an integer\nnode 13: Error: Node Unavailable")
 
+    class Silent(Grid):
+        """Node 14 does not answer within the timeout: its reply is simply not there."""
+
+        def get_node_ids(self) -> list[int]:
+            return [11, 14]
+
+        def send_and_receive(self, messages: list, timeout: float) -> list:
+            return super().send_and_receive(messages, timeout)[:1]
+
+    with pytest.raises(RuntimeError) as err:
+        discover_clients(Silent(), expected=2, timeout=5, label_names=BBC_NAMES)
+    assert str(err.value).startswith("1 node(s) failed the hello; fix them and start the run again:\n"
+                                     "node 14: no answer within connect_timeout=5 s")
+
 
 def test_clean_reason_of_a_deployed_client_exception() -> None:
     from fedlora.flower.clients import clean_reason

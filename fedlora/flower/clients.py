@@ -90,6 +90,10 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     replies = grid.send_and_receive(hello, timeout=timeout)
     # the SuperLink answers for a node it lost: name that node through the message it answers
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
+    answered = {node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+    failed += [f"node {node}: no answer within connect_timeout={timeout:g} s (a client loads the model and "
+               "its data on its first message; on a slow or busy machine raise connect_timeout)"
+               for node in node_ids if node not in answered]
     for reply in replies:
         if reply.has_error():
             node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

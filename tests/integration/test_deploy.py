@@ -30,7 +30,7 @@ from fedlora.checkpoint import load_client_state
 pytestmark = pytest.mark.slow
 
 SMALL = [*TINY, "num_rounds=2", "train.local_steps=1", "model.max_length=32", "data.max_test_examples=32",
-         "logging.tensorboard=false", "connect_timeout=120"]
+         "logging.tensorboard=false", "connect_timeout=300"]
 
 
 @pytest.fixture
