@@ -2,9 +2,10 @@
 
 Real `fedlora` commands (real MiniLM, Flower, Ray), tiny settings (3 clients, 2 local steps,
 64 test articles). Two runs are killed and resumed: FLoRA + ComPEFT (the server holds base merges
-and strategy state; every client holds the merges it applied; error feedback is off, FLoRA starting
-a fresh adapter every round) and FedAvg + ComPEFT (every client holds an error-feedback residual on
-disk, the one client state that cannot be rebuilt from the server's checkpoint).
+and strategy state; every client holds the merges it applied and the error-feedback residual of
+its classifier head, FLoRA's LoRA factors starting fresh every round) and FedAvg + ComPEFT (every
+client holds an error-feedback residual of every tensor on disk, the one client state that cannot
+be rebuilt from the server's checkpoint).
 """
 
 from __future__ import annotations
