@@ -8,24 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import assign_ranks, train_settings, workspace_key
+from fedlora.config import assign_ranks, eval_batch_size, train_settings, workspace_key
 from fedlora.models import save_peft_adapter, save_reload_base
-from fedlora.results import RunRecorder, final_metrics, log_generations, plot_run, truncate_generations
+from fedlora.results import RunRecorder, evaluate_round, final_metrics, plot_run, truncate_generations
 from fedlora.training.local import train_steps
-from fedlora.training.workspace import Workspace, get_workspace
+from fedlora.training.workspace import get_workspace
 
 
 def _say(text: str) -> None:
     print(f"[fedlora] {text}", flush=True)
-
-
-def _evaluate(ws: Workspace, cfg: Mapping[str, Any], run_dir: Path, server_round: int) -> dict[str, float]:
-    """The task's metrics of the current model; its generations (causal LM) go to the run directory."""
-    metrics = ws.evaluate(int(cfg.get("eval", {}).get("batch_size", 64)))
-    generations = ws.generate()
-    if generations:
-        log_generations(run_dir, server_round, generations)
-    return metrics
 
 
 def run_centralized(cfg: Mapping[str, Any], strategy: Any, run_dir: Path) -> dict[str, Any]:
@@ -46,7 +37,7 @@ def run_centralized(cfg: Mapping[str, Any], strategy: Any, run_dir: Path) -> dic
     rounds = int(cfg["num_rounds"])
     _say(f"centralized: rank {rank}, {len(pooled)} pooled examples, {steps} steps per round, {rounds} rounds")
     truncate_generations(run_dir, -1)
-    metrics = _evaluate(ws, cfg, run_dir, 0)
+    metrics = evaluate_round(ws, eval_batch_size(cfg), run_dir, 0)
     recorder.log_round({"round": 0, **metrics, "train_loss": None, "wall_time": time.perf_counter() - t0,
                         "clients": []})
     _say(f"round 0/{rounds}: {metric.name} {metrics[metric.key]:.4f}, loss {metrics['test_loss']:.4f}")
@@ -57,7 +48,7 @@ def run_centralized(cfg: Mapping[str, Any], strategy: Any, run_dir: Path) -> dic
         train_loss = train_steps(host.model, params, ws.data, pooled,
                                  type(settings)(**{**settings.__dict__, "local_steps": steps}),
                                  seed=int(cfg["seed"]) * 1_000_003 + r)
-        metrics = _evaluate(ws, cfg, run_dir, r)
+        metrics = evaluate_round(ws, eval_batch_size(cfg), run_dir, r)
         best = metric.best([best, metrics[metric.key]])
         recorder.log_round({"round": r, **metrics, "train_loss": train_loss,
                             "wall_time": time.perf_counter() - t0, "round_seconds": time.perf_counter() - t_round,

@@ -7,7 +7,6 @@ problem, each naming the field, the value and the fix.
 from __future__ import annotations
 
 import importlib
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import task_checks
+from fedlora.env import hub_offline
 from fedlora.errors import ConfigError
 from fedlora.metrics import task_kind
 
@@ -60,6 +60,11 @@ def train_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
     return _pick(TrainSettings, cfg["train"])
 
 
+def eval_batch_size(cfg: Mapping[str, Any]) -> int:
+    """Batch size of the held-out evaluation (``eval.batch_size``, 64 if absent)."""
+    return int((cfg.get("eval") or {}).get("batch_size", 64))
+
+
 def workspace_key(cfg: Mapping[str, Any], num_clients: int | None = None):  # noqa: ANN201
     """Return the per-process workspace key of this run."""
     from fedlora.training.workspace import WorkspaceKey  # noqa: PLC0415
@@ -94,14 +99,18 @@ def instantiate(node: Mapping[str, Any] | None) -> Any:
     return hydra_instantiate(dict(node), _convert_="all")
 
 
-def strategy_class(cfg: Mapping[str, Any]) -> type | None:
-    """Return the class named by ``cfg["strategy"]["_target_"]`` (``None`` if it cannot be imported)."""
-    target = str((cfg.get("strategy") or {}).get("_target_", ""))
-    module, _, attr = target.rpartition(".")
+def target_class(target: Any) -> type | None:
+    """Return the class a Hydra ``_target_`` names (``None`` if it cannot be imported)."""
+    module, _, attr = str(target or "").rpartition(".")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError):
         return None
+
+
+def strategy_class(cfg: Mapping[str, Any]) -> type | None:
+    """Return the class named by ``cfg["strategy"]["_target_"]`` (``None`` if it cannot be imported)."""
+    return target_class((cfg.get("strategy") or {}).get("_target_"))
 
 
 def compression_node(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -200,7 +209,7 @@ def _check_model(cfg: Mapping[str, Any], ranks: list[int], p: _Problems) -> None
     try:
         layers = probe_layers(name, tuple(model.get("target_modules") or ()), task_kind(cfg))
     except Exception as exc:  # noqa: BLE001 - any load failure is the user's model name
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        offline = hub_offline()
         builtin = "model=tiny_decoder" if task_kind(cfg) == "causal_lm" else "all-MiniLM-L6-v2"
         hint = (f"hub access is off (HF_HUB_OFFLINE=1): set offline=false to download it, or use {builtin}, "
                 "a local model directory, or a name already in the Hugging Face cache" if offline else
@@ -253,9 +262,9 @@ def _check_data(cfg: Mapping[str, Any], p: _Problems) -> None:
             if data.get(field) not in columns:
                 p.add(f"data.{field}", data.get(field), f"not a column of {name}; its columns are {columns}")
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if hub_offline():
         p.add("data.name", name, "unknown dataset: not bbc_news nor a local file, and hub access is off "
-              "(HF_HUB_OFFLINE=1); give a local file or enable the network")
+              "(HF_HUB_OFFLINE=1); give a local file or set offline=false")
 
 
 def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
@@ -267,10 +276,7 @@ def _check_targets(cfg: Mapping[str, Any], p: _Problems) -> None:
             continue
         if not target:
             continue
-        module, _, attr = str(target).rpartition(".")
-        try:
-            getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+        if target_class(target) is None:
             p.add(f"{group}._target_", target, f"no such class; see conf/{group}/ for the available ones")
             continue
         try:

@@ -19,6 +19,11 @@ QUIET = {
 }
 
 
+def hub_offline() -> bool:
+    """Whether hub downloads are off (``HF_HUB_OFFLINE`` set to a true value, as :func:`apply` does)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
 def apply(offline: bool = True) -> None:
     """Set the quiet defaults (user-set values win) and the hub switch."""
     for key, value in QUIET.items():

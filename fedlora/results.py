@@ -110,6 +110,16 @@ def final_metrics(metric: Metric, last: Mapping[str, Any], best: float) -> dict[
     return out
 
 
+def evaluate_round(ws: Any, batch_size: int, run_dir: Path, server_round: int) -> dict[str, float]:
+    """The task's metrics of the workspace's active model (``ws``: a ``Workspace``); its generations
+    of the fixed held-out prompts (causal LM; none for classification) go to the run directory."""
+    metrics = ws.evaluate(batch_size)
+    generations = ws.generate()
+    if generations:
+        log_generations(run_dir, server_round, generations)
+    return metrics
+
+
 def log_generations(run_dir: Path, server_round: int, rows: Sequence[Mapping[str, Any]]) -> None:
     """Append one round's generations to ``generations.jsonl`` and rewrite ``generations.md``."""
     path = Path(run_dir) / GENERATIONS

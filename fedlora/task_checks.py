@@ -6,11 +6,11 @@ problem names the field, the bad value and the fix.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora.env import hub_offline
 from fedlora.metrics import TASK_METRICS, task_kind
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def check_instruction_data(cfg: Mapping[str, Any], p: _Problems) -> None:
     if name != ins.BUILTIN_SYNTHETIC and ds.is_local_file(name):
         columns = _instruction_file_columns(name, p)
     elif name != ins.BUILTIN_SYNTHETIC:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        if hub_offline():
             p.add("data.name", name, "unknown instruction data: not synthetic_instructions nor a local "
                   ".json/.jsonl file, and hub access is off (HF_HUB_OFFLINE=1); give a local file or set "
                   "offline=false")
@@ -124,8 +124,7 @@ def check_instruction_data(cfg: Mapping[str, Any], p: _Problems) -> None:
         ins.detect_format(columns, fmt)
     except ds.DataError as exc:
         field, value = ("data.name", name) if fmt == "auto" else ("data.format", fmt)
-        p.add(field, value, f"{exc}; Alpaca records have instruction/input/output, Dolly records "
-              "instruction/context/response")
+        p.add(field, value, str(exc))
     part, n = cfg.get("partition") or {}, cfg.get("num_clients")
     category = data.get("category_column", "category")
     if part.get("kind") == "dirichlet" and isinstance(n, int) and n > 1 and category not in columns:
@@ -138,7 +137,7 @@ def _instruction_file_columns(name: str, p: _Problems) -> list[str] | None:
     from fedlora.data import datasets as ds  # noqa: PLC0415
     from fedlora.data import instructions as ins  # noqa: PLC0415
 
-    if Path(name).suffix.lower() not in (".json", ".jsonl"):
+    if Path(name).suffix.lower() not in ins.INSTRUCTION_SUFFIXES:
         p.add("data.name", name, "instruction files are JSON: a .json array of records or a .jsonl file")
         return None
     if not Path(name).is_file():

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN_BBC = "bbc_news"
-_LOCAL_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+#: Local data files (their suffix) and the reader of each.
+LOCAL_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def load_bbc_news() -> Corpus:
 
 def is_local_file(name: str) -> bool:
     """Return whether ``name`` looks like a local csv/json/jsonl/parquet file."""
-    return Path(name).suffix.lower() in _LOCAL_SUFFIXES
+    return Path(name).suffix.lower() in LOCAL_SUFFIXES
 
 
 def read_columns(name: str) -> list[str]:
@@ -71,7 +72,7 @@ def read_columns(name: str) -> list[str]:
     import pandas as pd  # noqa: PLC0415
 
     path = Path(name)
-    kind = _LOCAL_SUFFIXES[path.suffix.lower()]
+    kind = LOCAL_SUFFIXES[path.suffix.lower()]
     if kind == "csv":
         return list(pd.read_csv(path, nrows=5).columns)
     if kind == "parquet":
@@ -119,7 +120,7 @@ def load_local(name: str, text_column: str, label_column: str,
     import pandas as pd  # noqa: PLC0415
 
     path = Path(name)
-    kind = _LOCAL_SUFFIXES[path.suffix.lower()]
+    kind = LOCAL_SUFFIXES[path.suffix.lower()]
     if kind == "csv":
         frame = pd.read_csv(path)
     elif kind == "parquet":

@@ -25,6 +25,8 @@ from fedlora.data.datasets import DataError, is_local_file
 
 BUILTIN_SYNTHETIC = "synthetic_instructions"
 FORMATS = ("auto", "alpaca", "dolly")
+#: Local instruction files: a JSON array of records, or JSON lines.
+INSTRUCTION_SUFFIXES = (".json", ".jsonl")
 #: Column names of each layout: (instruction, input, output); the input column is optional.
 LAYOUTS: dict[str, tuple[str, str, str]] = {
     "alpaca": ("instruction", "input", "output"),
@@ -76,7 +78,8 @@ def detect_format(columns: Sequence[str], requested: str = "auto") -> str:
         if instruction in columns and output in columns:
             return layout
     needed = " or ".join(f"{LAYOUTS[k][0]}+{LAYOUTS[k][2]} ({k})" for k in candidates)
-    raise DataError(f"the columns {list(columns)} fit no instruction layout: need {needed}")
+    raise DataError(f"the columns {list(columns)} fit no instruction layout: need {needed}; Alpaca records "
+                    "have instruction/input/output, Dolly records instruction/context/response")
 
 
 def instruction_columns(name: str) -> list[str]:

@@ -23,9 +23,9 @@ from typing import Any
 
 from fedlora import keys
 from fedlora.errors import ConfigError
+from fedlora.metrics import task_kind
 
 KNOWN_KEYS = (keys.PARTITION_ID, keys.NUM_PARTITIONS, keys.NODE_RANK, keys.NODE_DATA, keys.NODE_STATE_DIR)
-DATA_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
 
 class NodeConfigError(ConfigError):
@@ -54,8 +54,8 @@ def _check_data_path(value: Any, cfg: Mapping[str, Any], add: Any) -> None:
     from fedlora.data import instructions as ins  # noqa: PLC0415
 
     data = cfg["data"]
-    causal = (cfg.get("task") or {}).get("kind") == "causal_lm"
-    suffixes = (".json", ".jsonl") if causal else DATA_SUFFIXES
+    causal = task_kind(cfg) == "causal_lm"
+    suffixes = ins.INSTRUCTION_SUFFIXES if causal else tuple(ds.LOCAL_SUFFIXES)
     path = Path(str(value))
     if not isinstance(value, str) or not value:
         add(keys.NODE_DATA, value, "give the path of this node's training file in quotes: "
@@ -69,8 +69,7 @@ def _check_data_path(value: Any, cfg: Mapping[str, Any], add: Any) -> None:
         try:
             ins.detect_format(ins.instruction_columns(value), str(data.get("format", "auto")))
         except ds.DataError as exc:
-            add(keys.NODE_DATA, value, f"{exc}; Alpaca records have instruction/input/output, Dolly records "
-                "instruction/context/response")
+            add(keys.NODE_DATA, value, str(exc))
     else:
         columns = ds.read_columns(value)
         wanted = [data.get("text_column"), data.get("label_column")]

@@ -25,14 +25,14 @@ from fedlora import checkpoint as ckpt
 from fedlora import keys
 from fedlora.adapters import lora_math as lm
 from fedlora.adapters import validation
-from fedlora.config import compressor, instantiate, workspace_key
+from fedlora.config import compressor, eval_batch_size, instantiate, workspace_key
 from fedlora.flower import records
 from fedlora.flower.clients import (ClientInfo, clean_reason, describe_rank_change, describe_ranks,
                                     discover_clients, sample_clients)
 from fedlora.flower.settings import resolve_config
 from fedlora.metrics import ACCURACY, Metric
 from fedlora.models import save_peft_adapter, save_reload_base
-from fedlora.results import (RunRecorder, final_metrics, log_generations, plot_run, read_metrics,
+from fedlora.results import (RunRecorder, evaluate_round, final_metrics, plot_run, read_metrics,
                              truncate_generations)
 from fedlora.training.workspace import get_workspace
 from fedlora.types import AdapterState, BaseMerge, ClientPlan, ClientUpdate
@@ -158,21 +158,15 @@ class Federation:
         """Return the sum of all base merges so far, factored (``None`` before the first)."""
         return lm.concat_merges(self.history) if self.history else None
 
-    def evaluate(self, adapter: AdapterState, r_max: int) -> dict[str, float]:
-        """The task's test metrics of the global model (merged base + global adapter)."""
+    def evaluate_round(self, adapter: AdapterState, r_max: int, server_round: int,
+                       ) -> tuple[dict[str, float], float]:
+        """Metrics of the global model (merged base + global adapter), its generations written
+        (causal LM); returns the seconds too."""
+        t_eval = time.perf_counter()
         host = self.ws.host
         host.set_base(len(self.history), self.cumulative_merge())
         host.load_state(r_max, adapter)
-        return self.ws.evaluate(int(self.cfg.get("eval", {}).get("batch_size", 64)))
-
-    def evaluate_round(self, adapter: AdapterState, r_max: int, server_round: int,
-                       ) -> tuple[dict[str, float], float]:
-        """Metrics of the global model, its generations written (causal LM); returns the seconds too."""
-        t_eval = time.perf_counter()
-        metrics = self.evaluate(adapter, r_max)
-        generations = self.ws.generate()
-        if generations:
-            log_generations(self.run_dir, server_round, generations)
+        metrics = evaluate_round(self.ws, eval_batch_size(self.cfg), self.run_dir, server_round)
         return metrics, time.perf_counter() - t_eval
 
     def folded_adapter(self, adapter: AdapterState, r_max: int) -> tuple[AdapterState, int, float]:
