@@ -180,9 +180,12 @@ class ComPEFT:
                 "remove it or use scale='std'"
             )
         if not isinstance(error_feedback, bool):
-            raise ValueError(f"compression.error_feedback={error_feedback!r} must be true or false")
+            raise ValueError(f"compression.error_feedback={error_feedback!r} must be true or false, or auto "
+                             "in the config (the default: on for every tensor that continues from the global "
+                             "adapter)")
         if not isinstance(fresh_factors, bool):
-            raise ValueError(f"compression.fresh_factors={fresh_factors!r} must be true or false")
+            raise ValueError(f"compression.fresh_factors={fresh_factors!r} must be true or false; leave it out "
+                             "(it is set from the strategy)")
         self.density = float(density)
         self.scale = scale
         self.alpha = float(alpha)
