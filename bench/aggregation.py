@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedlora.adapters import lora_math as lm  # noqa: E402
-from fedlora.types import AdapterSpec, ClientUpdate  # noqa: E402
+from fedlora.core import lora_math as lm  # noqa: E402
+from fedlora.core.types import AdapterSpec, ClientUpdate  # noqa: E402
 
 SKIP = {"centralized"}  # pooled training upper bound: no server aggregation
 # Non-default variants whose aggregate takes another code path.
@@ -166,7 +166,7 @@ def bench_strategy(name: str, strategy: Any, spec: AdapterSpec, ranks: list[int]
 
 def bench_compeft(spec: AdapterSpec, rank: int, repeats: int, seed: int = 0) -> dict[str, Any]:
     from fedlora.flower import records  # noqa: PLC0415
-    from strategies.compeft import ComPEFT  # noqa: PLC0415
+    from fedlora.compression.compeft import ComPEFT  # noqa: PLC0415
 
     node = yaml.safe_load((ROOT / "conf/compression/compeft.yaml").read_text())
     node.pop("_target_")

@@ -34,8 +34,8 @@ import json, sys, time
 t0 = time.perf_counter()
 import fedlora.flower.client_app  # noqa: F401  (flwr, torch and the glue, as flwr-clientapp imports them)
 from fedlora.config import train_settings, workspace_key
-from fedlora.training.local import train_steps
-from fedlora.training.workspace import Workspace
+from fedlora.runtime.training.local import train_steps
+from fedlora.runtime.training.workspace import Workspace
 t1 = time.perf_counter()
 cfg = json.loads(sys.argv[1])
 ws = Workspace(workspace_key(cfg))

@@ -80,14 +80,14 @@ def bare_worker(cfg_path: Path, out_path: Path, threads: int) -> None:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    from fedlora import env  # noqa: PLC0415
+    from fedlora.core import env  # noqa: PLC0415
 
     env.apply(offline=True)
-    from fedlora.adapters import lora_math as lm  # noqa: PLC0415
+    from fedlora.core import lora_math as lm  # noqa: PLC0415
     from fedlora.config import assign_ranks, train_settings, workspace_key  # noqa: PLC0415
-    from fedlora.training.local import train_steps  # noqa: PLC0415
-    from fedlora.training.workspace import Workspace  # noqa: PLC0415
-    from fedlora.types import ClientUpdate  # noqa: PLC0415
+    from fedlora.runtime.training.local import train_steps  # noqa: PLC0415
+    from fedlora.runtime.training.workspace import Workspace  # noqa: PLC0415
+    from fedlora.core.types import ClientUpdate  # noqa: PLC0415
 
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("compression"):
@@ -134,7 +134,7 @@ def bare_worker(cfg_path: Path, out_path: Path, threads: int) -> None:
         round_seconds.append(time.perf_counter() - t_round)
     t_end = time.perf_counter()
     # Untimed extra: what one server-side evaluation costs on this process (for the breakdown).
-    from fedlora.training.local import evaluate  # noqa: PLC0415
+    from fedlora.runtime.training.local import evaluate  # noqa: PLC0415
 
     t_eval = time.perf_counter()
     evaluate(host.model, ws.data, ws.test, int(cfg.get("eval", {}).get("batch_size", 64)))

@@ -1,6 +1,6 @@
 """``python -m fedlora`` runs the ``fedlora`` command."""
 
-from fedlora.main import cli
+from fedlora.cli.main import cli
 
 if __name__ == "__main__":
     cli()

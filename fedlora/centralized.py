@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import assign_ranks, eval_batch_size, train_settings, workspace_key
-from fedlora.models import save_peft_adapter, save_reload_base
-from fedlora.results import RunRecorder, evaluate_round, final_metrics, plot_run, truncate_generations
-from fedlora.training.local import train_steps
-from fedlora.training.workspace import get_workspace
+from fedlora.runtime.models import save_peft_adapter, save_reload_base
+from fedlora.results.outputs import RunRecorder, evaluate_round, final_metrics, plot_run, truncate_generations
+from fedlora.runtime.training.local import train_steps
+from fedlora.runtime.training.workspace import get_workspace
 
 
 def _say(text: str) -> None:

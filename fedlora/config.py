@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import task_checks
-from fedlora.env import hub_offline
-from fedlora.errors import ConfigError
-from fedlora.metrics import task_kind
+from fedlora.core.env import hub_offline
+from fedlora.core.errors import ConfigError
+from fedlora.core.metrics import task_kind
 
 RANK_POLICIES = ("cycle", "explicit", "random")
 
@@ -28,22 +28,22 @@ def _pick(cls: type, values: Mapping[str, Any]) -> Any:
 
 
 def model_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
-    """Return :class:`fedlora.models.ModelSettings` from ``cfg["model"]``."""
-    from fedlora.models import ModelSettings  # noqa: PLC0415
+    """Return :class:`fedlora.runtime.models.ModelSettings` from ``cfg["model"]``."""
+    from fedlora.runtime.models import ModelSettings  # noqa: PLC0415
 
     return _pick(ModelSettings, {**cfg["model"], "task": task_kind(cfg)})
 
 
 def task_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
-    """Return :class:`fedlora.training.tasks.TaskSettings` from ``cfg["task"]`` (classification if absent)."""
-    from fedlora.training.tasks import TaskSettings  # noqa: PLC0415
+    """Return :class:`fedlora.runtime.training.tasks.TaskSettings` from ``cfg["task"]`` (classification if absent)."""
+    from fedlora.runtime.training.tasks import TaskSettings  # noqa: PLC0415
 
     return _pick(TaskSettings, {**(cfg.get("task") or {}), "kind": task_kind(cfg)})
 
 
 def data_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
-    """Return :class:`fedlora.training.workspace.DataSettings` from ``cfg["data"]`` and partition."""
-    from fedlora.training.workspace import DataSettings  # noqa: PLC0415
+    """Return :class:`fedlora.runtime.training.workspace.DataSettings` from ``cfg["data"]`` and partition."""
+    from fedlora.runtime.training.workspace import DataSettings  # noqa: PLC0415
 
     part = cfg.get("partition", {})
     merged = dict(cfg["data"])
@@ -54,8 +54,8 @@ def data_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
 
 
 def train_settings(cfg: Mapping[str, Any]):  # noqa: ANN201
-    """Return :class:`fedlora.training.local.TrainSettings` from ``cfg["train"]``."""
-    from fedlora.training.local import TrainSettings  # noqa: PLC0415
+    """Return :class:`fedlora.runtime.training.local.TrainSettings` from ``cfg["train"]``."""
+    from fedlora.runtime.training.local import TrainSettings  # noqa: PLC0415
 
     return _pick(TrainSettings, cfg["train"])
 
@@ -67,7 +67,7 @@ def eval_batch_size(cfg: Mapping[str, Any]) -> int:
 
 def workspace_key(cfg: Mapping[str, Any], num_clients: int | None = None):  # noqa: ANN201
     """Return the per-process workspace key of this run."""
-    from fedlora.training.workspace import WorkspaceKey  # noqa: PLC0415
+    from fedlora.runtime.training.workspace import WorkspaceKey  # noqa: PLC0415
 
     return WorkspaceKey(model_settings(cfg), data_settings(cfg),
                         num_clients if num_clients is not None else int(cfg["num_clients"]), int(cfg["seed"]),
@@ -230,13 +230,13 @@ def _check_model(cfg: Mapping[str, Any], ranks: list[int], p: _Problems) -> None
 def probe_layers(name: str, target_modules: tuple[str, ...], task: str = "classification",
                  ) -> dict[str, tuple[int, int]]:
     """Return the adapted layer shapes of model ``name`` (built for ``task``) without loading its weights."""
-    from fedlora.models import adapted_layers, model_skeleton  # noqa: PLC0415
+    from fedlora.runtime.models import adapted_layers, model_skeleton  # noqa: PLC0415
 
     return adapted_layers(model_skeleton(name, task), target_modules)
 
 
 def _check_data(cfg: Mapping[str, Any], p: _Problems) -> None:
-    from fedlora.data import datasets as ds  # noqa: PLC0415
+    from fedlora.runtime.data import datasets as ds  # noqa: PLC0415
 
     if task_kind(cfg) == "causal_lm":
         task_checks.check_instruction_data(cfg, p)
@@ -330,7 +330,7 @@ def _check_reliability(cfg: Mapping[str, Any], p: _Problems) -> None:
     if not isinstance(cfg.get("checkpoint", True), bool):
         p.add("checkpoint", cfg.get("checkpoint"), "use true or false")
     faults = cfg.get("faults") or {}
-    from fedlora.faults import CORRUPT_KINDS, FaultSettings, kind_name  # noqa: PLC0415
+    from fedlora.core.faults import CORRUPT_KINDS, FaultSettings, kind_name  # noqa: PLC0415
 
     unknown = sorted(set(faults) - set(FaultSettings.__dataclass_fields__))
     if unknown:
@@ -363,7 +363,7 @@ def _check_resume(cfg: Mapping[str, Any], p: _Problems) -> None:
     resume = cfg.get("resume")
     if resume is None:
         return
-    from fedlora.checkpoint import has_checkpoint  # noqa: PLC0415
+    from fedlora.results.checkpoint import has_checkpoint  # noqa: PLC0415
 
     path = Path(str(resume))
     if not path.is_dir():

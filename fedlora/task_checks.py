@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora.env import hub_offline
-from fedlora.metrics import TASK_METRICS, task_kind
+from fedlora.core.env import hub_offline
+from fedlora.core.metrics import TASK_METRICS, task_kind
 
 if TYPE_CHECKING:
     from fedlora.config import _Problems
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 def model_fits_task(name: Any, task: str, p: _Problems) -> bool:
     """The built-in models each serve one task; say which to use instead."""
-    from fedlora.models import MINILM_NAMES  # noqa: PLC0415
-    from fedlora.tiny_decoder import TINY_NAME  # noqa: PLC0415
+    from fedlora.runtime.models import MINILM_NAMES  # noqa: PLC0415
+    from fedlora.runtime.tiny_decoder import TINY_NAME  # noqa: PLC0415
 
     if task == "causal_lm" and name in MINILM_NAMES:
         p.add("model.name", name, "MiniLM is an encoder for classification; with task=causal_lm use a "
@@ -38,7 +38,7 @@ def check_decoder_options(cfg: Mapping[str, Any], p: _Problems) -> None:
     """dtype, gradient checkpointing and 4-bit loading (QLoRA: bitsandbytes and a CUDA GPU)."""
     import importlib.util  # noqa: PLC0415
 
-    from fedlora.models import DTYPES  # noqa: PLC0415
+    from fedlora.runtime.models import DTYPES  # noqa: PLC0415
 
     model = cfg.get("model") or {}
     dtype = model.get("dtype", "float32")
@@ -70,7 +70,7 @@ def _check_4bit(cfg: Mapping[str, Any], p: _Problems, have_bitsandbytes: bool) -
 
 def check_task(cfg: Mapping[str, Any], p: _Problems) -> None:
     """``task.kind``, and for causal_lm the prompt templates and the generation settings."""
-    from fedlora.training.sft import template_problems  # noqa: PLC0415
+    from fedlora.runtime.training.sft import template_problems  # noqa: PLC0415
 
     kind = task_kind(cfg)
     if kind not in TASK_METRICS:
@@ -94,8 +94,8 @@ def check_task(cfg: Mapping[str, Any], p: _Problems) -> None:
 
 def check_instruction_data(cfg: Mapping[str, Any], p: _Problems) -> None:
     """Instruction data for task=causal_lm: the layout, and a category when the partition is Dirichlet."""
-    from fedlora.data import datasets as ds  # noqa: PLC0415
-    from fedlora.data import instructions as ins  # noqa: PLC0415
+    from fedlora.runtime.data import datasets as ds  # noqa: PLC0415
+    from fedlora.runtime.data import instructions as ins  # noqa: PLC0415
 
     data = cfg.get("data", {})
     name, fmt = data.get("name"), data.get("format", "auto")
@@ -134,8 +134,8 @@ def check_instruction_data(cfg: Mapping[str, Any], p: _Problems) -> None:
 
 
 def _instruction_file_columns(name: str, p: _Problems) -> list[str] | None:
-    from fedlora.data import datasets as ds  # noqa: PLC0415
-    from fedlora.data import instructions as ins  # noqa: PLC0415
+    from fedlora.runtime.data import datasets as ds  # noqa: PLC0415
+    from fedlora.runtime.data import instructions as ins  # noqa: PLC0415
 
     if Path(name).suffix.lower() not in ins.INSTRUCTION_SUFFIXES:
         p.add("data.name", name, "instruction files are JSON: a .json array of records or a .jsonl file")

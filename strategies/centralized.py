@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 
 
 class Centralized:

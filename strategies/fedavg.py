@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 
 _WEIGHTINGS = ("examples", "norm")
 _PADDINGS = ("zero", "owners")
@@ -64,7 +64,7 @@ def product_gap(
     """Relative gap ``||sum p_k B_k A_k - B_avg A_avg||_F / ||sum p_k B_k A_k||_F`` over modules.
 
     Both norms share one ``A`` side, ``[p_1 A_1; ...; p_K A_K; A_avg]``: one QR of it per module
-    (:func:`fedlora.adapters.lora_math.ideal_and_gap_norms`).
+    (:func:`fedlora.core.lora_math.ideal_and_gap_norms`).
     """
     client_pairs = [lm.split_state(u.state)[0] for u in updates]
     gap_sq, ideal_sq = 0.0, 0.0

@@ -5,7 +5,7 @@ ICLR 2024, arXiv:2403.12313.
 
 Update rule (algorithms.md §3). ``A`` is drawn **once** from the run seed,
 ``A = init_lora_a(seed, module, r_max, n)`` of shape ``(r_max, n)``, and never trained. A client of
-rank ``r_k`` uses its first ``r_k`` rows, which :func:`fedlora.adapters.lora_math.init_lora_a`
+rank ``r_k`` uses its first ``r_k`` rows, which :func:`fedlora.core.lora_math.init_lora_a`
 guarantees are bit-identical to ``init_lora_a(seed, module, r_k, n)``, so ``A`` never travels: the
 client regenerates it from the seed (``send_lora_a=False``). Only ``B_k`` (``m x r_k``) and the head
 are trained and uploaded. The server averages the zero-padded ``B``:
@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 from strategies.fedavg import check_equal_scaling, product_gap
 
 SEED_KEY = "seed"  # strategy state: the seed the shared A was drawn from

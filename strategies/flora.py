@@ -36,8 +36,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 from strategies.fedavg import check_equal_scaling
 
 SEED_KEY = "seed"  # strategy state: the run seed, so ``aggregate`` can derive per-round seeds

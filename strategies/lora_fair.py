@@ -54,8 +54,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
 from strategies.fedavg import average_padded, check_equal_scaling
 
 
@@ -101,7 +101,7 @@ def _distances_sq(
     """Return ``([||ΔW - B A||_F^2 for B in bs], ||ΔW||_F^2)`` from stacked factors (no ``m x n`` matrix).
 
     Every product shares the ``A`` side ``[p_1 A_1; ...; p_K A_K; A]``, so one QR of it serves the
-    ideal and every gap (:func:`fedlora.adapters.lora_math.ideal_and_gap_norms`).
+    ideal and every gap (:func:`fedlora.core.lora_math.ideal_and_gap_norms`).
     """
     dtype = torch.float64
     b_id, a_id = lm.stack_pairs([(ak.to(dtype), bk.to(dtype)) for ak, bk in pairs], weights)

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedlora import env  # noqa: E402
+from fedlora.core import env  # noqa: E402
 
 env.apply(offline=True)
 
@@ -75,9 +75,9 @@ def reload_accuracy(run_dir: Path) -> float:
     from peft import PeftModel
 
     from fedlora.config import workspace_key
-    from fedlora.models import load_base_model
-    from fedlora.training.local import evaluate
-    from fedlora.training.workspace import Workspace
+    from fedlora.runtime.models import load_base_model
+    from fedlora.runtime.training.local import evaluate
+    from fedlora.runtime.training.workspace import Workspace
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     ws = Workspace(workspace_key(cfg))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora import checkpoint as ck
+from fedlora.results import checkpoint as ck
 
 
 def _ckpt(round_: int, merges: int) -> ck.Checkpoint:

@@ -8,7 +8,7 @@ import pytest
 from conftest import CONF_DIR, compose, run_fedlora
 
 from fedlora.config import assign_ranks, compression_node, compressor, validate
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
 REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub"), ("data", "instructions_file"),

@@ -7,8 +7,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from fedlora.data import datasets as ds
-from fedlora.data.partition import partition_indices
+from fedlora.runtime.data import datasets as ds
+from fedlora.runtime.data.partition import partition_indices
 
 
 @pytest.fixture(scope="module")

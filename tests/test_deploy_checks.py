@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 from conftest import ROOT, TINY, compose
 
-from fedlora import certs
-from fedlora.data import datasets as ds
+from fedlora.cli import certs
+from fedlora.runtime.data import datasets as ds
 from fedlora.flower.node import NodeConfigError, NodeSettings, node_workspace_key, read_node_config
 
 BBC_NAMES = ("business", "entertainment", "politics", "sports", "tech")
@@ -102,7 +102,7 @@ def test_integer_labels_match_the_runs_names_as_strings(tmp_path: Path) -> None:
 
 
 def test_node_workspace_trains_on_all_of_its_own_file(cfg: dict, tmp_path: Path) -> None:
-    from fedlora.training.workspace import Workspace
+    from fedlora.runtime.training.workspace import Workspace
 
     path = _csv(tmp_path / "node.csv", ["tech", "politics", "tech", "business"])
     node = read_node_config(cfg, {"partition-id": 1, "data-path": str(path)})
@@ -123,7 +123,7 @@ def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None
 
     from fedlora.flower.clients import ClientInfo
     from fedlora.flower.server_app import Federation, _Sent
-    from fedlora.types import ClientPlan
+    from fedlora.core.types import ClientPlan
 
     fed = Federation.__new__(Federation)
     fed.cfg, fed.history, fed.acked, fed.compressor = {"max_norm_ratio": None}, [], {}, None
@@ -149,7 +149,7 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
-    from fedlora import keys
+    from fedlora.federation import keys
     from fedlora.flower.clients import discover_clients
 
     class Grid:
@@ -272,7 +272,7 @@ def test_deploy_rejects_bad_config_and_connection_before_contacting_anything(tmp
 
 
 def test_connection_problems_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedlora.deploy import read_connection
+    from fedlora.cli.deploy import read_connection
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     (tmp_path / "config.toml").write_text('[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:9093"\n'
@@ -313,7 +313,7 @@ def test_deploy_dry_run_writes_the_config_that_the_apps_will_read(tmp_path: Path
 
 
 def test_ctrl_c_stops_following_without_marking_the_run_failed(tmp_path: Path) -> None:
-    from fedlora.deploy import INTERRUPTED, finish
+    from fedlora.cli.deploy import INTERRUPTED, finish
 
     with pytest.raises(SystemExit) as stopped:
         finish(INTERRUPTED, tmp_path)

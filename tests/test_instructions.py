@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.data.datasets import DataError
-from fedlora.data.instructions import (Instruction, detect_format, instruction_columns, load_instructions,
+from fedlora.runtime.data.datasets import DataError
+from fedlora.runtime.data.instructions import (Instruction, detect_format, instruction_columns, load_instructions,
                                        synthetic_instructions)
 
 ALPACA = [
@@ -103,7 +103,7 @@ def test_workspace_splits_by_category_and_partitions_dolly_by_it(tmp_path: Path)
     from conftest import compose
 
     from fedlora.config import workspace_key
-    from fedlora.training.workspace import Workspace
+    from fedlora.runtime.training.workspace import Workspace
 
     rows = [dict(DOLLY[k % 3], instruction=f"q{k}") for k in range(60)]
     path = write_jsonl(tmp_path / "dolly.jsonl", rows)

@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MATH_MODULES = sorted(
-    ["fedlora.types", "fedlora.keys", "fedlora.adapters.lora_math", "fedlora.adapters.validation",
-     "fedlora.faults", "fedlora.metrics"]
+    ["fedlora.core.types", "fedlora.federation.keys", "fedlora.core.lora_math", "fedlora.core.validation",
+     "fedlora.core.faults", "fedlora.core.metrics"]
     + [f"strategies.{p.stem}" for p in (ROOT / "strategies").glob("*.py") if p.stem != "__init__"]
 )
 FORBIDDEN = ("flwr", "hydra", "peft", "transformers", "ray", "omegaconf")
@@ -26,8 +26,8 @@ def test_math_module_imports_no_runtime_or_glue(module: str) -> None:
 
 
 def test_runtime_layer_imports_no_glue() -> None:
-    code = ("import sys, fedlora.models, fedlora.training.workspace, fedlora.data.datasets, "
-            "fedlora.tiny_decoder, fedlora.training.tasks, fedlora.training.sft, fedlora.data.instructions; "
+    code = ("import sys, fedlora.runtime.models, fedlora.runtime.training.workspace, fedlora.runtime.data.datasets, "
+            "fedlora.runtime.tiny_decoder, fedlora.runtime.training.tasks, fedlora.runtime.training.sft, fedlora.runtime.data.instructions; "
             "print(','.join(m for m in ('flwr', 'hydra', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == ""

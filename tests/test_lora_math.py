@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.adapters import lora_math as lm
+from fedlora.core import lora_math as lm
 
 
 def rand(gen, *shape):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.models import AdapterHost, ModelSettings
+from fedlora.core import lora_math as lm
+from fedlora.runtime.models import AdapterHost, ModelSettings
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_bf16_base_keeps_merges_factored_and_exact() -> None:
 
 
 def test_decoder_dtype_and_checkpointing_follow_the_device() -> None:
-    from fedlora.models import resolve_dtype, use_gradient_checkpointing
+    from fedlora.runtime.models import resolve_dtype, use_gradient_checkpointing
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype(DECODER, cpu) == torch.float32
@@ -110,9 +110,9 @@ def test_decoder_dtype_and_checkpointing_follow_the_device() -> None:
 
 def test_gradient_checkpointing_trains_identically() -> None:
     # the GPU default (gradient_checkpointing=auto) must change memory only, never the result
-    from fedlora.tiny_decoder import build_tiny_tokenizer
-    from fedlora.training import sft
-    from fedlora.training.local import TrainSettings, train_steps
+    from fedlora.runtime.tiny_decoder import build_tiny_tokenizer
+    from fedlora.runtime.training import sft
+    from fedlora.runtime.training.local import TrainSettings, train_steps
 
     tok = build_tiny_tokenizer()
     data = sft.SFTEncoded.from_examples(

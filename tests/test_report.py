@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlora import report
+from fedlora.results import report
 
 FEDAVG = "strategies.fedavg.FedAvg"
 FLORA = "strategies.flora.FLoRA"
-COMPEFT = {"_target_": "strategies.compeft.ComPEFT", "density": 0.1}
+COMPEFT = {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}
 
 
 def make_run(run_dir: Path, target: str, seed: int, accs: list[float], up: int, down: int, *,
@@ -178,7 +178,7 @@ def test_import_is_light() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, fedlora.report; "
+    code = ("import sys, fedlora.results.report; "
             "print(sorted({'torch', 'flwr', 'hydra', 'matplotlib'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.adapters import lora_math as lm
+from fedlora.core import lora_math as lm
 from fedlora.flower.clients import sample_clients
 
 
@@ -71,7 +71,7 @@ def _federation(max_norm_ratio: float | None = 10.0):  # noqa: ANN202
 def _content(state: dict, rank: int, loss: float = 1.0):  # noqa: ANN202
     from flwr.app import MetricRecord, RecordDict
 
-    from fedlora import keys
+    from fedlora.federation import keys
     from fedlora.flower import records
 
     return RecordDict({keys.ADAPTER: records.state_to_record(state), keys.METRICS: MetricRecord({
@@ -81,7 +81,7 @@ def _content(state: dict, rank: int, loss: float = 1.0):  # noqa: ANN202
 def _round(order: list[int]):  # noqa: ANN202
     from fedlora.flower.clients import ClientInfo
     from fedlora.flower.server_app import _Sent
-    from fedlora.types import ClientPlan
+    from fedlora.core.types import ClientPlan
 
     torch.manual_seed(0)
     start = {"l.lora_A.weight": torch.randn(2, 4), "l.lora_B.weight": torch.zeros(6, 2)}
@@ -119,7 +119,7 @@ def test_collect_records_every_outcome_and_ignores_arrival_order() -> None:
 def test_collect_fills_in_a_that_stayed_on_the_client_after_checking() -> None:
     from fedlora.flower.clients import ClientInfo
     from fedlora.flower.server_app import _Sent
-    from fedlora.types import ClientPlan
+    from fedlora.core.types import ClientPlan
 
     start = {"l.lora_A.weight": torch.randn(2, 4), "l.lora_B.weight": torch.zeros(6, 2)}
     info = {0: ClientInfo(100, 0, 2, 10)}
@@ -156,7 +156,7 @@ def test_describe_rank_change_names_the_clients_that_differ() -> None:
 
 
 def test_resume_points_hydra_at_the_run(tmp_path) -> None:  # noqa: ANN001
-    from fedlora.main import resume_arguments
+    from fedlora.cli.main import resume_arguments
 
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert resume_arguments([f"resume={tmp_path}"]) == [f"resume={tmp_path}", f"hydra.run.dir={tmp_path}",

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.models import AdapterHost, ModelSettings
-from fedlora.results import log_generations, read_generations, truncate_generations
-from fedlora.tiny_decoder import build_tiny_tokenizer
-from fedlora.training import sft
-from fedlora.training.tasks import CausalLMTask, GenerationPrompt, TaskSettings
+from fedlora.runtime.models import AdapterHost, ModelSettings
+from fedlora.results.outputs import log_generations, read_generations, truncate_generations
+from fedlora.runtime.tiny_decoder import build_tiny_tokenizer
+from fedlora.runtime.training import sft
+from fedlora.runtime.training.tasks import CausalLMTask, GenerationPrompt, TaskSettings
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -167,7 +167,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny) -> None:  # noqa
 
 
 def test_generation_prompts_take_the_categories_in_turn() -> None:
-    from fedlora.data.instructions import Instruction
+    from fedlora.runtime.data.instructions import Instruction
 
     task = CausalLMTask(TaskSettings(kind="causal_lm", num_generations=4))
     task.tokenizer, task.max_length = build_tiny_tokenizer(), 64

@@ -1,4 +1,4 @@
-"""Update checks (fedlora.adapters.validation) and fault injection (fedlora.faults), no Ray."""
+"""Update checks (fedlora.core.validation) and fault injection (fedlora.core.faults), no Ray."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fedlora.adapters import validation as v
-from fedlora.faults import CORRUPT_KINDS, FaultSettings, corrupt_state, decide, kind_name
+from fedlora.core import validation as v
+from fedlora.core.faults import CORRUPT_KINDS, FaultSettings, corrupt_state, decide, kind_name
 
 M, N = 6, 5  # layer (out, in)
 

@@ -1,1 +1,1 @@
-"""Flower glue: the only package that imports flwr (with fedlora.main and fedlora.report)."""
+"""Flower glue: the only package that imports flwr (with fedlora.cli.main and fedlora.results.outputs.report)."""

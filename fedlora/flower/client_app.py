@@ -3,7 +3,7 @@
 A client (a SuperNode; in simulation a Ray actor call) keeps, in ``context.state``, what must
 survive between rounds when client processes are short-lived: the base merges it has applied
 (FLoRA) and its compression residual (ComPEFT error feedback). The frozen base model and the
-tokenized data live in a per-process cache (:func:`fedlora.training.workspace.get_workspace`).
+tokenized data live in a per-process cache (:func:`fedlora.runtime.training.workspace.get_workspace`).
 
 In a deployment every message is handled by a new ``flwr-clientapp`` process (Flower 1.41, in
 both isolation modes), so nothing in the per-process cache survives between rounds; what
@@ -19,7 +19,7 @@ written after every round to ``<state dir>/round_<t>.safetensors`` (see
 :func:`client_state_dir`), and a client of a resumed run that has no residual in
 ``context.state`` loads the newest file at or before the round the server resumed from.
 
-Fault injection (``faults`` config group, :mod:`fedlora.faults`): before training the client may
+Fault injection (``faults`` config group, :mod:`fedlora.core.faults`): before training the client may
 raise (Flower turns it into an error reply), sleep (a straggler), and after training send a
 malformed update, always uncompressed, so that the server's checks see exactly the defect.
 """
@@ -35,16 +35,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import keys
-from fedlora.adapters import lora_math as lm
-from fedlora.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
+from fedlora.federation import keys
+from fedlora.core import lora_math as lm
+from fedlora.results.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
 from fedlora.config import assign_ranks, compressor, train_settings
-from fedlora.faults import FaultSettings, InjectedFault, corrupt_state, decide
+from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.flower import records
 from fedlora.flower.node import NodeSettings, node_workspace_key, read_node_config
 from fedlora.flower.settings import resolve_config
-from fedlora.training.local import train_steps
-from fedlora.training.workspace import get_workspace
+from fedlora.runtime.training.local import train_steps
+from fedlora.runtime.training.workspace import get_workspace
 
 _HISTORY = "fedlora-base-history"
 _RESIDUAL = "fedlora-ef-residual"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import keys
+from fedlora.federation import keys
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ deployment the operator of each SuperNode writes it by hand, on a machine the se
 so a mistake there must be reported by that node, naming the key, the value and the fix; the
 server turns the failed hello into an error that stops the run before round 1.
 
-Keys (``fedlora.keys``): ``partition-id`` (required: the client id, ``0..num_clients-1``, unique
+Keys (``fedlora.federation.keys``): ``partition-id`` (required: the client id, ``0..num_clients-1``, unique
 in the run: it picks the built-in partition, seeds the client and names it in
 ``metrics.jsonl``), ``num-partitions`` (optional, must equal the run's ``num_clients``),
 ``rank``, ``data-path`` (the node's own training file; without it the node trains on its
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora import keys
-from fedlora.errors import ConfigError
-from fedlora.metrics import task_kind
+from fedlora.federation import keys
+from fedlora.core.errors import ConfigError
+from fedlora.core.metrics import task_kind
 
 KNOWN_KEYS = (keys.PARTITION_ID, keys.NUM_PARTITIONS, keys.NODE_RANK, keys.NODE_DATA, keys.NODE_STATE_DIR)
 
@@ -50,8 +50,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_data_path(value: Any, cfg: Mapping[str, Any], add: Any) -> None:
-    from fedlora.data import datasets as ds  # noqa: PLC0415
-    from fedlora.data import instructions as ins  # noqa: PLC0415
+    from fedlora.runtime.data import datasets as ds  # noqa: PLC0415
+    from fedlora.runtime.data import instructions as ins  # noqa: PLC0415
 
     data = cfg["data"]
     causal = task_kind(cfg) == "causal_lm"
@@ -130,7 +130,7 @@ def node_workspace_key(cfg: Mapping[str, Any], node: NodeSettings,  # noqa: ANN2
     numbers them (sent in the hello), never by the labels that happen to occur in the file.
     """
     from fedlora.config import workspace_key  # noqa: PLC0415
-    from fedlora.training.workspace import NodeData  # noqa: PLC0415
+    from fedlora.runtime.training.workspace import NodeData  # noqa: PLC0415
 
     key = workspace_key(cfg)
     if node.data_path is None:

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-from fedlora.types import AdapterState, BaseMerge
+from fedlora.core.types import AdapterState, BaseMerge
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

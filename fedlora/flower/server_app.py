@@ -21,21 +21,21 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint as ckpt
-from fedlora import keys
-from fedlora.adapters import lora_math as lm
-from fedlora.adapters import validation
+from fedlora.results import checkpoint as ckpt
+from fedlora.federation import keys
+from fedlora.core import lora_math as lm
+from fedlora.core import validation
 from fedlora.config import compressor, eval_batch_size, instantiate, workspace_key
 from fedlora.flower import records
 from fedlora.flower.clients import (ClientInfo, clean_reason, describe_rank_change, describe_ranks,
                                     discover_clients, sample_clients)
 from fedlora.flower.settings import resolve_config
-from fedlora.metrics import ACCURACY, Metric
-from fedlora.models import save_peft_adapter, save_reload_base
-from fedlora.results import (RunRecorder, evaluate_round, final_metrics, plot_run, read_metrics,
+from fedlora.core.metrics import ACCURACY, Metric
+from fedlora.runtime.models import save_peft_adapter, save_reload_base
+from fedlora.results.outputs import (RunRecorder, evaluate_round, final_metrics, plot_run, read_metrics,
                              truncate_generations)
-from fedlora.training.workspace import get_workspace
-from fedlora.types import AdapterState, BaseMerge, ClientPlan, ClientUpdate
+from fedlora.runtime.training.workspace import get_workspace
+from fedlora.core.types import AdapterState, BaseMerge, ClientPlan, ClientUpdate
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Federation:
                      send_lora_a: bool = True) -> tuple[ClientUpdate | None, str | None]:
         """Decode and check a client's reply: ``(update, None)`` or ``(None, why it is rejected)``.
 
-        The tensors the client sent are checked (:func:`fedlora.adapters.validation.check_update`)
+        The tensors the client sent are checked (:func:`fedlora.core.validation.check_update`)
         against the keys and shapes of the adapter it started from at its assigned ``rank``
         *before* anything is filled in; only then does ``A`` that stayed on the client (FFA-LoRA)
         come from the start state. A compressed reply is decoded first.
@@ -262,7 +262,7 @@ class Federation:
 
     def save_checkpoint(self, server_round: int, adapter: AdapterState, sstate: Mapping[str, Any],
                         ranks: dict[int, int], best: float) -> None:
-        """Write the checkpoint of ``server_round`` (see :mod:`fedlora.checkpoint`)."""
+        """Write the checkpoint of ``server_round`` (see :mod:`fedlora.results.checkpoint`)."""
         if not self.checkpointing:
             return
         metrics = (self.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -13,7 +13,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora import env, keys
+from fedlora.core import env
+from fedlora.federation import keys
 
 
 def resolve_config(closure: Mapping[str, Any] | None, run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -21,7 +22,7 @@ def resolve_config(closure: Mapping[str, Any] | None, run_config: Mapping[str, A
 
     In a deployment the apps run in ``flwr-serverapp`` / ``flwr-clientapp`` processes that the
     SuperLink and SuperNodes start with their own environment, so the offline and quiet
-    settings (:mod:`fedlora.env`) are applied here, from the run's ``offline`` setting.
+    settings (:mod:`fedlora.core.env`) are applied here, from the run's ``offline`` setting.
     """
     if closure is not None:
         return dict(closure)

@@ -101,7 +101,7 @@ class LocalCluster:
     def start_superlink(self) -> None:
         """Start the SuperLink (TLS and node authentication as configured) and write config.toml."""
         if self.tls:
-            from fedlora import certs
+            from fedlora.cli import certs
 
             certs.create(self.certs, nodes=2, names=[], days=1)
             security = ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile",

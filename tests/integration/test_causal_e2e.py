@@ -38,7 +38,7 @@ def _reload(run_dir: Path):  # noqa: ANN202 - (workspace, peft model)
     from transformers import AutoModelForCausalLM
 
     from fedlora.config import workspace_key
-    from fedlora.training.workspace import Workspace
+    from fedlora.runtime.training.workspace import Workspace
 
     ws = Workspace(workspace_key(yaml.safe_load((run_dir / "config.yaml").read_text())))
     base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base"))
@@ -109,7 +109,7 @@ def test_ffa_lora_causal_lm_keeps_a_frozen(tmp_path: Path) -> None:
     _check(run_dir, summary, rows, log, drop=0.2)  # only B learns: slower at 3 steps a round
     from safetensors.torch import load_file
 
-    from fedlora.adapters.lora_math import init_lora_a
+    from fedlora.core.lora_math import init_lora_a
 
     weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     for key in (k for k in weights if "lora_A" in k):

@@ -24,8 +24,8 @@ import pytest
 from conftest import TINY, jsonl_rows, reload_accuracy, run_fedlora, untimed
 from flower_cluster import ONE_THREAD, LocalCluster
 
-from fedlora.adapters.lora_math import is_lora_key
-from fedlora.checkpoint import load_client_state
+from fedlora.core.lora_math import is_lora_key
+from fedlora.results.checkpoint import load_client_state
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster,
 
 def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tmp_path: Path) -> None:
     """Node 2 trains on its own csv (without 'business' or 'tech': numbered by the run's labels)."""
-    from fedlora.data.datasets import load_bbc_news
+    from fedlora.runtime.data.datasets import load_bbc_news
 
     bbc = load_bbc_news()
     keep = [i for i, y in enumerate(bbc.labels) if bbc.label_names[y] in ("entertainment", "sports")][::20]

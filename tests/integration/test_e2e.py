@@ -77,7 +77,7 @@ def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:
     _check_common(run_dir, summary, rows, log)
     from safetensors.torch import load_file
 
-    from fedlora.adapters.lora_math import init_lora_a
+    from fedlora.core.lora_math import init_lora_a
 
     weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     a_keys = [k for k in weights if "lora_A" in k]

@@ -22,8 +22,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, AggregateResult, ClientPlan, ClientUpdate, Strategy
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, AggregateResult, ClientPlan, ClientUpdate, Strategy
 
 ROOT = Path(__file__).resolve().parents[2]
 S = 2.0

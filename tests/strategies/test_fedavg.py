@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import ClientUpdate
+from fedlora.core import lora_math as lm
+from fedlora.core.types import ClientUpdate
 from strategies.fedavg import FedAvg, average_padded, check_equal_scaling, norm_weights, product_gap
 
 S = 2.0  # alpha = 2 r at every rank

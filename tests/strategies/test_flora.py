@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, ClientUpdate
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, ClientUpdate
 from strategies.flora import FLoRA, derive_seed
 
 S = 2.0  # alpha = 2 r (FLoRA's heterogeneous runs)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterSpec, ClientUpdate
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterSpec, ClientUpdate
 from strategies.fedavg import FedAvg
 from strategies.lora_fair import LoRAFAIR, fair_correction
 

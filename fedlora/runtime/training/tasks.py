@@ -10,7 +10,7 @@ Two tasks share the platform (models, strategies, training loop and Flower glue)
   held-out prompts, so a user can read how the model changes from round to round.
 
 The glue sees only :func:`make_task` and the methods ``prepare``, ``evaluate``, ``generation_prompts``
-and ``generate``, and the task's :class:`fedlora.metrics.Metric`.
+and ``generate``, and the task's :class:`fedlora.core.metrics.Metric`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlora.data import datasets as ds
-from fedlora.data import instructions as ins
-from fedlora.metrics import ACCURACY, PERPLEXITY, Metric
-from fedlora.models import ModelSettings, load_tokenizer
-from fedlora.training import sft
-from fedlora.training.local import Encoded, evaluate
+from fedlora.runtime.data import datasets as ds
+from fedlora.runtime.data import instructions as ins
+from fedlora.core.metrics import ACCURACY, PERPLEXITY, Metric
+from fedlora.runtime.models import ModelSettings, load_tokenizer
+from fedlora.runtime.training import sft
+from fedlora.runtime.training.local import Encoded, evaluate
 
 if TYPE_CHECKING:
-    from fedlora.training.workspace import DataSettings, NodeData
+    from fedlora.runtime.training.workspace import DataSettings, NodeData
 
 
 @dataclass(frozen=True)

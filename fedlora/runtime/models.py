@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.tiny_decoder import TINY_NAME, build_tiny_decoder, build_tiny_tokenizer, save_tiny_base
-from fedlora.types import AdapterSpec, AdapterState, BaseMerge
+from fedlora.core import lora_math as lm
+from fedlora.runtime.tiny_decoder import TINY_NAME, build_tiny_decoder, build_tiny_tokenizer, save_tiny_base
+from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge
 
 BUILTIN_MINILM = "all-MiniLM-L6-v2"
 MINILM_NAMES = (BUILTIN_MINILM, "minilm", "sentence-transformers/all-MiniLM-L6-v2")  # the packaged model

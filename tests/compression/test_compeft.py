@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.compeft import ComPEFT, encoded_bits, rice_parameter
+from fedlora.compression.compeft import ComPEFT, encoded_bits, rice_parameter
 
 
 def gaussian(seed, *shape):
@@ -315,7 +315,7 @@ def test_bits_shrink_with_density():
 def test_composes_with_ffa_lora_uplink():
     # With FFA-LoRA only B (and the head) go up: the server adds the decoded delta to the start
     # state and fills A in from the plan, so the shared A stays bit-identical and FFA accepts it.
-    from fedlora.types import AdapterSpec, ClientUpdate
+    from fedlora.core.types import AdapterSpec, ClientUpdate
     from strategies.ffa_lora import FFALoRA
 
     strat = FFALoRA()

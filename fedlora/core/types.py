@@ -35,7 +35,7 @@ class ClientPlan:
         The client's LoRA rank ``r_k`` (its resource tier).
     adapter:
         The adapter the client starts from, already at ``rank``. ``None`` means "start a fresh
-        adapter": ``A`` drawn by :func:`fedlora.adapters.lora_math.init_lora_a` from
+        adapter": ``A`` drawn by :func:`fedlora.core.lora_math.init_lora_a` from
         ``init_seed`` and ``B = 0``; the non-LoRA tensors (head) then come from ``head``.
     init_seed:
         Seed of the fresh or shared ``A`` (FLoRA re-initialisation, FFA-LoRA's frozen ``A``).

@@ -40,7 +40,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedlora import env
+from fedlora.core import env
 
 env.apply(offline="offline=false" not in sys.argv)
 
@@ -48,11 +48,11 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedlora import keys  # noqa: E402
-from fedlora.errors import ConfigError  # noqa: E402
-from fedlora.main import CONF_DIR, _mark_failed, prepare  # noqa: E402
+from fedlora.federation import keys  # noqa: E402
+from fedlora.core.errors import ConfigError  # noqa: E402
+from fedlora.cli.main import CONF_DIR, _mark_failed, prepare  # noqa: E402
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parent.parent.parent
 RUN_CONFIG = "run_config.toml"
 FLWR_LOG = "flwr-run.log"
 INTERRUPTED = 130  # the exit status of a command stopped with Ctrl-C

@@ -52,8 +52,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedlora.adapters.lora_math import is_lora_key
-from fedlora.types import AdapterState
+from fedlora.core.lora_math import is_lora_key
+from fedlora.core.types import AdapterState
 
 SEP = "|"
 _VERSION = 1

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fedlora import env
+from fedlora.core import env
 
 env.apply(offline="offline=false" not in sys.argv)
 
@@ -22,9 +22,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.core.errors import ConfigError  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 
 
 def resume_arguments(argv: list[str]) -> list[str]:

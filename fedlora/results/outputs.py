@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.metrics import ACCURACY, Metric
+from fedlora.core.metrics import ACCURACY, Metric
 
 GENERATIONS = "generations.jsonl"
 GENERATIONS_MD = "generations.md"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlora.types import AdapterState, BaseMerge
+from fedlora.core.types import AdapterState, BaseMerge
 
 CHECKPOINT_DIR = "checkpoint"
 CLIENT_STATE_DIR = "client_state"

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.types import AdapterState, BaseMerge, Tensor
+from fedlora.core.types import AdapterState, BaseMerge, Tensor
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"

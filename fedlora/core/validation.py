@@ -25,8 +25,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlora.adapters import lora_math as lm
-from fedlora.types import AdapterState, Tensor
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterState, Tensor
 
 _SHOWN = 3  # how many offending keys a reason names
 

@@ -3,7 +3,7 @@
 Ray actors and the server process each build one :class:`Workspace` per distinct
 :class:`WorkspaceKey` and reuse it across clients and rounds (``functools.lru_cache``; the cache
 lives per process, which is what we want: one base model per worker). The task
-(:mod:`fedlora.training.tasks`) decides how the data are read and tokenized; the split and the
+(:mod:`fedlora.runtime.training.tasks`) decides how the data are read and tokenized; the split and the
 partitions follow each example's group (its class, or its instruction category).
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from fedlora.data import datasets as ds
-from fedlora.data.partition import partition_indices
-from fedlora.models import AdapterHost, ModelSettings
-from fedlora.training.tasks import TaskSettings, make_task
+from fedlora.runtime.data import datasets as ds
+from fedlora.runtime.data.partition import partition_indices
+from fedlora.runtime.models import AdapterHost, ModelSettings
+from fedlora.runtime.training.tasks import TaskSettings, make_task
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedlora.metrics import ACCURACY, Metric, metric_of
+from fedlora.core.metrics import ACCURACY, Metric, metric_of
 
 #: Share of the best final accuracy that "rounds to target" measures (perplexity: best / share).
 TARGET_SHARE = 0.9
@@ -226,7 +226,7 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     Examples
     --------
     >>> method_label({"strategy": {"_target_": "strategies.flora.FLoRA"},
-    ...               "compression": {"_target_": "strategies.compeft.ComPEFT", "density": 0.1}})
+    ...               "compression": {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}})
     ('flora', 'flora+compeft(d=0.1)')
     """
     target = str((config.get("strategy") or {}).get("_target_", "?"))

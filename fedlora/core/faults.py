@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from fedlora.types import AdapterState
+from fedlora.core.types import AdapterState
 
-# What a corrupted reply looks like; each is rejected by fedlora.adapters.validation.
+# What a corrupted reply looks like; each is rejected by fedlora.core.validation.
 CORRUPT_KINDS = ("nan", "inf", "shape", "rank", "missing_key", "extra_key", "scale")
 SCALE = 1e4  # the "scale" corruption multiplies the client's change by this
 

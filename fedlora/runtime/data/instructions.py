@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.data.datasets import DataError, is_local_file
+from fedlora.runtime.data.datasets import DataError, is_local_file
 
 BUILTIN_SYNTHETIC = "synthetic_instructions"
 FORMATS = ("auto", "alpaca", "dolly")

@@ -1,1 +1,0 @@
-"""Pure adapter math (torch only): key handling, rank padding, stacking, initialisation."""

@@ -1,0 +1,1 @@
+"""The console commands: fedlora, fedlora-deploy, fedlora-certs."""

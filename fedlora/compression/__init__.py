@@ -1,0 +1,1 @@
+"""Layer 1: compressors of client updates, one module each (``_target_`` in ``conf/compression/``)."""

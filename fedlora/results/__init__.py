@@ -1,0 +1,1 @@
+"""What a run leaves behind: the round records, checkpoints, plots and the cross-run report."""
