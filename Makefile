@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine (Python 3.11 or 3.12):
 #   make run    set up .venv if needed, then run the default experiment
-#   make test   set up .venv if needed, then run the whole test suite (fast + end-to-end)
+#   make test   set up .venv if needed, then lint (ruff, mypy) and run the whole test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedlora-installed
 
-.PHONY: run test test-fast setup clean-runs
+.PHONY: run test test-fast lint setup clean-runs
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fedlora $(ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check fedlora strategies tests bench
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/pytest -q -m "slow or not slow" $(ARGS)
 
 test-fast: $(STAMP)

@@ -49,7 +49,6 @@ if str(ROOT) not in sys.path:
 from fedlora.core import lora_math as lm  # noqa: E402
 from fedlora.core.types import AdapterSpec, ClientUpdate  # noqa: E402
 
-SKIP = {"centralized"}  # pooled training upper bound: no server aggregation
 # Non-default variants whose aggregate takes another code path.
 VARIANTS = {"fedavg": [{"weighting": "norm"}, {"padding": "owners"}]}
 
@@ -66,9 +65,9 @@ def load_strategies(conf_dir: Path) -> dict[str, Any]:
     """Instantiate every ``conf/strategy/*.yaml`` (``_target_`` + kwargs) and the variants."""
     out = {}
     for path in sorted(conf_dir.glob("*.yaml")):
-        if path.stem in SKIP:
-            continue
         node = yaml.safe_load(path.read_text()) or {}
+        if "_target_" not in node:  # centralized: the pooled bound, FedAvg of one learner, no aggregation to time
+            continue
         target = node.pop("_target_")
         module, _, attr = target.rpartition(".")
         cls = getattr(importlib.import_module(module), attr)
@@ -165,12 +164,12 @@ def bench_strategy(name: str, strategy: Any, spec: AdapterSpec, ranks: list[int]
 
 
 def bench_compeft(spec: AdapterSpec, rank: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    from fedlora.flower import records  # noqa: PLC0415
     from fedlora.compression.compeft import ComPEFT  # noqa: PLC0415
+    from fedlora.federation import wire  # noqa: PLC0415
 
     node = yaml.safe_load((ROOT / "conf/compression/compeft.yaml").read_text())
     node.pop("_target_")
-    node["error_feedback"] = True  # ``auto`` is resolved per strategy by the platform; time the residual path
+    node["error_feedback"] = True  # every tensor continues (FedAvg-like): time the residual path
     comp = ComPEFT(**node)
     gen = torch.Generator().manual_seed(seed)
     delta = {}
@@ -181,9 +180,9 @@ def bench_compeft(spec: AdapterSpec, rank: int, repeats: int, seed: int = 0) -> 
     residual = {k: torch.zeros_like(v) for k, v in delta.items()}
     payload, _ = comp.compress(delta, residual)
     t_comp = time_call(lambda: comp.compress(delta, residual), repeats)
-    t_pack = time_call(lambda: records.pack_payload(payload, keys), repeats)
-    packed = records.pack_payload(payload, keys)
-    t_unpack = time_call(lambda: records.unpack_payload(packed, keys), repeats)
+    t_pack = time_call(lambda: wire.pack_payload(payload, keys), repeats)
+    packed = wire.pack_payload(payload, keys)
+    t_unpack = time_call(lambda: wire.unpack_payload(packed, keys), repeats)
     t_dec = time_call(lambda: comp.decode(payload), repeats)
     raw = sum(v.numel() * 4 for v in delta.values())
     return {
@@ -233,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             row["setting"] = setting
             results["rows"].append(row)
             flag = "over target" if row["seconds_best"] > args.target else ""
-            print(f"{setting:7s} {name:26s} {row['seconds_best']:8.3f} {row['seconds_median']:9.3f} {row['cpu_seconds_best']:7.3f}  "
+            print(f"{setting:7s} {name:26s} {row['seconds_best']:8.3f} {row['seconds_median']:9.3f} "
+                  f"{row['cpu_seconds_best']:7.3f}  "
                   f"{'YES' if row['dense_mxn'] else 'no'} (largest tensor {row['largest_tensor_numel']:,} "
                   f"from {row['largest_tensor_op']}) {flag}", flush=True)
             if "profile" in row:

@@ -145,7 +145,8 @@ def machine() -> dict[str, Any]:
 
 def warm_up() -> float:
     """Import the stack and read the model files once (page cache), so no timed run starts cold."""
-    code = ("from fedlora.core import env; env.apply(); from fedlora.runtime.models import load_base_model, load_tokenizer; "
+    code = ("from fedlora.core import env; env.apply(); "
+            "from fedlora.runtime.models import load_base_model, load_tokenizer; "
             "load_tokenizer('all-MiniLM-L6-v2'); load_base_model('all-MiniLM-L6-v2', 5, 0); "
             "import ray, flwr, datasets, flwr_datasets")
     t0 = time.perf_counter()

@@ -33,19 +33,19 @@ WORKER = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import fedlora.flower.client_app  # noqa: F401  (flwr, torch and the glue, as flwr-clientapp imports them)
-from fedlora.config import train_settings, workspace_key
+from fedlora.config.settings import Settings
 from fedlora.runtime.training.local import train_steps
 from fedlora.runtime.training.workspace import Workspace
 t1 = time.perf_counter()
-cfg = json.loads(sys.argv[1])
-ws = Workspace(workspace_key(cfg))
+run = Settings.from_config(json.loads(sys.argv[1]))
+ws = Workspace(run.workspace_key())
 t2 = time.perf_counter()
 times = []
 for _ in range(2):
     start = time.perf_counter()
     ws.host.activate(8)
     params = ws.host.set_trainable(8, True)
-    train_steps(ws.host.model, params, ws.data, ws.partition(0), train_settings(cfg), seed=1)
+    train_steps(ws.host.model, params, ws.data, ws.partition(0), run.train, seed=1)
     times.append(time.perf_counter() - start)
 print(json.dumps({"import": t1 - t0, "workspace": t2 - t1, "train": times[0], "train_again": times[1]}))
 """

@@ -63,19 +63,9 @@ QUICK_VARIANTS = {
 
 
 # -- the bare loop (runs in its own process) ---------------------------------------------------------
-def sample(client_ids: list[int], fraction: float, server_round: int, seed: int, min_clients: int) -> list[int]:
-    """Same as ``fedlora.flower.clients.sample_clients`` (copied: the bare loop imports no Flower)."""
-    import random  # noqa: PLC0415
-
-    k = min(len(client_ids), max(min_clients, int(round(fraction * len(client_ids)))))
-    rng = random.Random(seed * 7919 + server_round)
-    return sorted(rng.sample(sorted(client_ids), k))
-
-
 def bare_worker(cfg_path: Path, out_path: Path, threads: int) -> None:
     """The bare loop: same model, batches and steps as the simulation's clients, one process."""
     t0 = time.perf_counter()
-    import importlib  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
@@ -83,45 +73,43 @@ def bare_worker(cfg_path: Path, out_path: Path, threads: int) -> None:
     from fedlora.core import env  # noqa: PLC0415
 
     env.apply(offline=True)
+    from fedlora.config.settings import Settings  # noqa: PLC0415
     from fedlora.core import lora_math as lm  # noqa: PLC0415
-    from fedlora.config import assign_ranks, train_settings, workspace_key  # noqa: PLC0415
+    from fedlora.core import seeds  # noqa: PLC0415
+    from fedlora.core.types import ClientUpdate  # noqa: PLC0415
+    from fedlora.federation.sampling import sample_clients  # noqa: PLC0415
     from fedlora.runtime.training.local import train_steps  # noqa: PLC0415
     from fedlora.runtime.training.workspace import Workspace  # noqa: PLC0415
-    from fedlora.core.types import ClientUpdate  # noqa: PLC0415
 
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("compression"):
         raise SystemExit("the bare loop supports compression=none only")
+    run = Settings.from_config(cfg)
     t_import = time.perf_counter()
-    ws = Workspace(workspace_key(cfg))  # model + tokenizer + tokenized corpus + partitions
+    ws = Workspace(run.workspace_key())  # model + tokenizer + tokenized corpus + partitions
     host = ws.host
     t_load = time.perf_counter()
-    node = dict(cfg["strategy"])
-    module, _, attr = node.pop("_target_").rpartition(".")
-    strategy = getattr(importlib.import_module(module), attr)(**node)
-    seed, n = int(cfg["seed"]), int(cfg["num_clients"])
-    ranks = assign_ranks(n, cfg["ranks"], seed)
+    strategy = run.strategy.build()
+    seed, n = run.seed, run.loop.num_clients
+    ranks = run.client_ranks()
     spec = host.spec(max(ranks))
     init = strategy.init(spec, seed)
     adapter, sstate, history = init.adapter, dict(init.state), []
-    settings = train_settings(cfg)
+    settings = run.train
     losses: dict[str, float] = {}
     train_seconds, round_seconds = 0.0, []
     for rnd in range(1, int(cfg["num_rounds"]) + 1):
         t_round = time.perf_counter()
         updates = []
-        for cid in sample(list(range(n)), float(cfg["fraction_train"]), rnd, seed, int(cfg.get("min_clients", 1))):
+        for cid in sample_clients(list(range(n)), run.loop.fraction_train, rnd, seed, run.loop.min_clients):
             rank = ranks[cid]
             plan = strategy.plan(adapter, sstate, client_id=cid, rank=rank, server_round=rnd, seed=seed)
-            if plan.adapter is None:
-                start = lm.fresh_state(spec.modules, rank, plan.init_seed, plan.head)
-            else:
-                start = {k: v.clone() for k, v in plan.adapter.items()}
+            start = lm.plan_start(plan, spec.modules)
             host.load_state(rank, start)
             params = host.set_trainable(rank, plan.train_lora_a)
             t_train = time.perf_counter()
             loss = train_steps(host.model, params, ws.data, ws.partition(cid), settings,
-                               seed * 1_000_003 + rnd * 1009 + cid)
+                               seeds.client_training(seed, rnd, cid))
             train_seconds += time.perf_counter() - t_train
             losses[f"{rnd}/{cid}"] = float(loss)
             updates.append(ClientUpdate(cid, rank, host.settings.scaling(rank), len(ws.partition(cid)),
@@ -137,7 +125,7 @@ def bare_worker(cfg_path: Path, out_path: Path, threads: int) -> None:
     from fedlora.runtime.training.local import evaluate  # noqa: PLC0415
 
     t_eval = time.perf_counter()
-    evaluate(host.model, ws.data, ws.test, int(cfg.get("eval", {}).get("batch_size", 64)))
+    evaluate(host.model, ws.data, ws.test, run.eval_batch_size)
     eval_once = time.perf_counter() - t_eval
     out_path.write_text(json.dumps({
         "import_seconds": t_import - t0, "load_seconds": t_load - t_import, "train_seconds": train_seconds,
@@ -179,7 +167,8 @@ def breakdown(sim: dict[str, Any]) -> dict[str, float]:
     return {
         "outside_server": sim["wall"] - server,  # python + imports + validation + Ray start/stop + server model
         "until_round0": float(rows[0]["wall_time"]),  # clients connect (actors build their workspace) + eval 0
-        "eval_total": evals, "rounds_total": rounds, "rounds_minus_eval": rounds - (evals - float(rows[0].get("eval_seconds", 0.0))),
+        "eval_total": evals, "rounds_total": rounds,
+        "rounds_minus_eval": rounds - (evals - float(rows[0].get("eval_seconds", 0.0))),
         "finish": server - float(rows[-1]["wall_time"]),  # save the adapter (loads the base), plot, summary
         "client_train_seconds_sum": client_train,
     }

@@ -1,10 +1,12 @@
 """fedlora: federated fine-tuning of foundation models with heterogeneous-rank LoRA.
 
-Layers (imports only point downwards):
+Layers, imports pointing down only (``tests/test_layering.py`` checks every module):
 
-1. math     ``fedlora.core.types``, ``fedlora.federation.keys``, ``fedlora.adapters``, root ``strategies``: torch only.
-2. runtime  ``fedlora.runtime.models``, ``fedlora.runtime.data``, ``fedlora.runtime.training``: transformers, peft, datasets.
-3. glue     ``fedlora.flower``, ``fedlora.cli.main``, ``fedlora.results.report``: flwr, hydra, ray.
+1. math      ``fedlora.core``, ``fedlora.compression``, root ``strategies``: torch, numpy, stdlib.
+2. runtime   ``fedlora.runtime`` (transformers, peft, datasets); outputs ``fedlora.results``.
+3. the loop  ``fedlora.federation``: the round loop, its transports and wire codec, without Flower.
+4. settings  ``fedlora.config`` (validation, typed settings), ``fedlora.serving`` (a run assembled).
+5. glue      ``fedlora.flower`` (flwr), ``fedlora.cli`` (hydra): the apps and the commands.
 
 This file stays import-light so that the math layer can be used without the others.
 """

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from fedlora.core import lora_math as lm
-from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
 
 _WEIGHTINGS = ("examples", "norm")
 _PADDINGS = ("zero", "owners")
@@ -59,7 +57,7 @@ def norm_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 
 def product_gap(
-    updates: Sequence[ClientUpdate], weights: Sequence[float], averaged: Mapping[str, tuple[Tensor, Tensor]]
+    updates: Sequence[ClientUpdate], weights: Sequence[float], averaged: Mapping[str, LoraPair]
 ) -> float:
     """Relative gap ``||sum p_k B_k A_k - B_avg A_avg||_F / ||sum p_k B_k A_k||_F`` over modules.
 
@@ -69,8 +67,8 @@ def product_gap(
     client_pairs = [lm.split_state(u.state)[0] for u in updates]
     gap_sq, ideal_sq = 0.0, 0.0
     for module, (a_avg, b_avg) in averaged.items():
-        b_id, a_id = lm.stack_pairs([cp[module] for cp in client_pairs], weights)
-        ideal, (gap,) = lm.ideal_and_gap_norms(b_id, a_id, a_avg, [b_avg])
+        ideal_pair = lm.stack_pairs([cp[module] for cp in client_pairs], weights)
+        ideal, (gap,) = lm.ideal_and_gap_norms(ideal_pair, a_avg, [b_avg])
         ideal_sq += ideal**2
         gap_sq += gap**2
     return (gap_sq**0.5) / (ideal_sq**0.5) if ideal_sq > 0 else 0.0
@@ -83,7 +81,7 @@ def average_padded(
     *,
     rank: int,
     padding: str = "zero",
-) -> dict[str, tuple[Tensor, Tensor]]:
+) -> dict[str, LoraPair]:
     """Average every module's factors after zero-padding each client to ``rank``.
 
     With ``padding="owners"`` slot ``i`` is averaged over the clients with ``r_k > i`` only
@@ -99,7 +97,7 @@ def average_padded(
             b = lm.weighted_sum([p[1] for p in padded], weights)
         else:
             a, b = _owner_average(padded, [u.rank for u in updates], weights, prev_pairs[module])
-        out[module] = (a, b)
+        out[module] = LoraPair(a, b)
     return out
 
 
@@ -107,8 +105,8 @@ def _owner_average(
     padded: Sequence[tuple[Tensor, Tensor]],
     ranks: Sequence[int],
     weights: Sequence[float],
-    previous: tuple[Tensor, Tensor],
-) -> tuple[Tensor, Tensor]:
+    previous: LoraPair,
+) -> LoraPair:
     a_prev, b_prev = previous  # (R, n), (m, R)
     a_out, b_out = a_prev.clone(), b_prev.clone()
     for slot in range(a_prev.shape[0]):
@@ -121,7 +119,7 @@ def _owner_average(
         w = [weights[k] / total for k in owners]
         a_out[slot] = lm.weighted_sum([padded[k][0][slot] for k in owners], w)
         b_out[:, slot] = lm.weighted_sum([padded[k][1][:, slot] for k in owners], w)
-    return a_out, b_out
+    return LoraPair(a_out, b_out)
 
 
 class FedAvg:
@@ -134,6 +132,8 @@ class FedAvg:
     padding:
         ``"zero"`` (naive zero-padding, the HeteroLoRA baseline) or ``"owners"``.
     """
+
+    fresh_adapters = False  # clients continue from the first r_k slots of the global factors
 
     def __init__(self, *, weighting: str = "examples", padding: str = "zero") -> None:
         if weighting not in _WEIGHTINGS:
@@ -180,5 +180,7 @@ class FedAvg:
         r_max = lm.rank_of(global_adapter)
         averaged = average_padded(updates, weights, global_adapter, rank=r_max, padding=self.padding)
         head = lm.average_others([u.state for u in updates], weights)
-        metrics = {"product_gap_rel": product_gap(updates, weights, averaged)}
+        # one update: the average is that update, there is no gap (and no rounding noise to log)
+        gap = product_gap(updates, weights, averaged) if len(updates) > 1 else 0.0
+        metrics = {"product_gap_rel": gap}
         return AggregateResult(adapter=lm.join_state(averaged, head), metrics=metrics)

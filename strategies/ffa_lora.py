@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlora.core import lora_math as lm
-from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
 from strategies.fedavg import check_equal_scaling, product_gap
 
 SEED_KEY = "seed"  # strategy state: the seed the shared A was drawn from
@@ -45,6 +45,8 @@ class FFALoRA:
         ``"examples"`` (``p_k = n_k / sum_j n_j``) or ``"uniform"`` (FedEx-LoRA's
         ``aggregate_models_ffa`` uses a plain mean).
     """
+
+    fresh_adapters = False  # clients continue from the global B (and the one shared A)
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)
@@ -115,7 +117,7 @@ class FFALoRA:
         r_max = lm.rank_of(global_adapter)
         global_pairs, _ = lm.split_state(global_adapter)
         client_pairs = [lm.split_state(u.state)[0] for u in updates]
-        averaged = {}
+        averaged: dict[str, LoraPair] = {}
         for module, (a_glob, b_glob) in global_pairs.items():  # (r_max, n), (m, r_max)
             padded_b = []
             for u, cp in zip(updates, client_pairs, strict=True):
@@ -127,9 +129,9 @@ class FFALoRA:
                         f"from the shared frozen A (its first {r_k} rows); A must stay frozen and be "
                         "regenerated from the shared seed, never re-drawn per client or round"
                     )
-                padded_b.append(lm.pad_pair(a_k, b_k, r_max)[1])  # (m, r_max)
+                padded_b.append(lm.pad_pair(a_k, b_k, r_max).b)  # (m, r_max)
             b_avg = lm.weighted_sum(padded_b, weights).to(b_glob.dtype)
-            averaged[module] = (a_glob.clone(), b_avg)
+            averaged[module] = LoraPair(a_glob.clone(), b_avg)
         head = lm.average_others([u.state for u in updates], weights)
         metrics = {
             # sum p_k B_k A_k vs B_avg A: zero up to rounding (the point of freezing A)

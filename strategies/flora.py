@@ -31,26 +31,24 @@ Pitfalls of the reference code that this module avoids (each has a regression te
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from fedlora.core import lora_math as lm
-from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
+from fedlora.core import seeds
+from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
 from strategies.fedavg import check_equal_scaling
 
 SEED_KEY = "seed"  # strategy state: the run seed, so ``aggregate`` can derive per-round seeds
 
 
 def derive_seed(seed: int, server_round: int, client_id: int) -> int:
-    """Return a stable 62-bit seed for ``(run seed, round, client)``.
+    """The seed of client ``client_id``'s fresh ``A`` in ``server_round`` (``-1``: the server's own).
 
-    ``client_id = -1`` is used for the server's own fresh global adapter. blake2b is the same on
-    every machine and Python version (unlike :func:`hash`).
+    :func:`fedlora.core.seeds.fresh_adapter`.
     """
-    digest = hashlib.blake2b(f"flora/{seed}/{server_round}/{client_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+    return seeds.fresh_adapter(seed, server_round, client_id)
 
 
 def module_shapes(adapter: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
@@ -76,8 +74,8 @@ class FLoRA:
 
     # Every round's client adapter is a fresh pair (new random A, B = 0), not a continuation of the
     # last one: a compression residual kept in last round's factors has no coordinates to return to,
-    # so ComPEFT keeps error feedback only for the tensors that continue from the global adapter (the
-    # classifier head): fedlora.config.compression_node resolves ``error_feedback: auto`` so.
+    # so error feedback keeps only the residual of the tensors that continue from the global adapter
+    # (the classifier head; fedlora.core.lora_math.continues), and error_feedback=true is refused.
     fresh_adapters = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
@@ -134,7 +132,7 @@ class FLoRA:
 
         shapes = module_shapes(global_adapter)
         client_pairs = [lm.split_state(u.state)[0] for u in updates]
-        merge = {}
+        merge: dict[str, LoraPair] = {}
         merge_sq = 0.0
         for module in sorted(shapes):
             pairs = []
@@ -149,9 +147,9 @@ class FLoRA:
                     )
                 dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
                 pairs.append((a.to(dtype), b.to(dtype)))
-            b_st, a_st = lm.stack_pairs(pairs, coefficients)  # (m, R), (R, n)
-            merge[module] = (b_st, a_st)
-            merge_sq += lm.factored_fro_norm(b_st, a_st) ** 2
+            stacked = lm.stack_pairs(pairs, coefficients)  # A_st (R, n), B_st (m, R)
+            merge[module] = stacked
+            merge_sq += lm.factored_fro_norm(stacked.b, stacked.a) ** 2
 
         stacked_rank = sum(u.rank for u in updates)
         seed = _seed_from_state(state)

@@ -92,7 +92,8 @@ def fair_correction(
     lam_eff = lam * trace / r
     system = gram + lam_eff * torch.eye(r, dtype=torch.float64)  # (r, r), symmetric positive definite
     # ΔB (G + λI) = R Ā^T  <=>  (G + λI) ΔB^T = (R Ā^T)^T  (G symmetric)
-    return torch.linalg.solve(system, rat.T).T  # (m, r)
+    delta_b: Tensor = torch.linalg.solve(system, rat.T).T  # (m, r)
+    return delta_b
 
 
 def _distances_sq(
@@ -104,8 +105,8 @@ def _distances_sq(
     ideal and every gap (:func:`fedlora.core.lora_math.ideal_and_gap_norms`).
     """
     dtype = torch.float64
-    b_id, a_id = lm.stack_pairs([(ak.to(dtype), bk.to(dtype)) for ak, bk in pairs], weights)
-    ideal, gaps = lm.ideal_and_gap_norms(b_id, a_id, a, bs)
+    ideal_pair = lm.stack_pairs([(ak.to(dtype), bk.to(dtype)) for ak, bk in pairs], weights)
+    ideal, gaps = lm.ideal_and_gap_norms(ideal_pair, a, bs)
     return [g**2 for g in gaps], ideal**2
 
 
@@ -120,6 +121,8 @@ class LoRAFAIR:
         the same trade-off: larger keeps ``B`` closer to FedAvg's ``B̄``, smaller removes more of the
         in-row-space part of the aggregation error).
     """
+
+    fresh_adapters = False  # "Avg-Initial": clients continue from the corrected global factors
 
     def __init__(self, *, lam: float = 0.01) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # test helpers: federation_kit
 
 from fedlora.core import env  # noqa: E402
 
@@ -74,13 +75,13 @@ def reload_accuracy(run_dir: Path) -> float:
     import yaml
     from peft import PeftModel
 
-    from fedlora.config import workspace_key
+    from fedlora.config.settings import Settings
     from fedlora.runtime.models import load_base_model
     from fedlora.runtime.training.local import evaluate
     from fedlora.runtime.training.workspace import Workspace
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    ws = Workspace(workspace_key(cfg))
+    ws = Workspace(Settings.from_config(cfg).workspace_key())
     base = load_base_model(cfg["model"]["name"], len(ws.label_names), seed=12345)  # different head seed
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     _, acc = evaluate(model, ws.data, ws.test)

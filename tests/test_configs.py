@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, compose, run_fedlora
 
-from fedlora.config import assign_ranks, compression_node, compressor, validate
+from fedlora.config.settings import RankSettings, Settings
+from fedlora.config.validate import validate
 from fedlora.core.errors import ConfigError
 
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
@@ -31,7 +32,10 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     validate(cfg)
     if group == "method":
         strategy, _, compression = option.partition("_compeft")
-        assert cfg["strategy"]["_target_"].split(".")[1] == strategy
+        if strategy == "centralized":  # the bound: one pooled learner, FedAvg of its single update
+            assert cfg["transport"] == "pooled" and cfg["strategy"]["_target_"] == "strategies.fedavg.FedAvg"
+        else:
+            assert cfg["strategy"]["_target_"].split(".")[1] == strategy
         assert ("compeft" in cfg["compression"].get("_target_", "")) == (option.endswith("_compeft"))
 
 
@@ -134,8 +138,6 @@ def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path) -> None:
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         validate(compose([f"resume={tmp_path}"]))
-    with pytest.raises(ConfigError, match="cannot be resumed"):
-        validate(compose([f"resume={tmp_path}", "strategy=centralized"]))
 
 
 def test_reliability_problems_are_reported_together() -> None:
@@ -146,10 +148,10 @@ def test_reliability_problems_are_reported_together() -> None:
 
 
 def test_rank_policies() -> None:
-    assert assign_ranks(5, {"policy": "cycle", "tiers": [2, 8]}, 0) == [2, 8, 2, 8, 2]
-    assert assign_ranks(2, {"policy": "explicit", "explicit": [16, 4]}, 0) == [16, 4]
-    rnd = assign_ranks(50, {"policy": "random", "tiers": [2, 4]}, 1)
-    assert set(rnd) == {2, 4} and rnd == assign_ranks(50, {"policy": "random", "tiers": [2, 4]}, 1)
+    assert RankSettings("cycle", (2, 8)).assign(5, 0) == [2, 8, 2, 8, 2]
+    assert RankSettings("explicit", explicit=(16, 4)).assign(2, 0) == [16, 4]
+    rnd = RankSettings("random", (2, 4)).assign(50, 1)
+    assert set(rnd) == {2, 4} and rnd == RankSettings("random", (2, 4)).assign(50, 1)
 
 
 def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
@@ -166,10 +168,14 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
     ("fedavg", "false", "none"), ("flora", "false", "none"), ("fedavg", "true", "all"),
 ])
 def test_error_feedback_auto_skips_only_fresh_factors(strategy: str, setting: str, scope: str) -> None:
+    from fedlora.federation.loop import feedback_scope
+
     cfg = compose([f"strategy={strategy}", "compression=compeft", f"compression.error_feedback={setting}"])
     validate(cfg, check_model=False, check_data=False)
-    assert compressor(cfg).feedback_scope() == scope
-    assert compression_node(cfg)["error_feedback"] is (scope != "none")
+    settings = Settings.from_config(cfg)
+    compressor = settings.compression.build()
+    assert feedback_scope(compressor, settings.strategy.build()) == scope
+    assert compressor.error_feedback is (scope != "none")
     assert cfg["compression"]["error_feedback"] == {"auto": "auto", "true": True, "false": False}[setting]
 
 
@@ -236,3 +242,48 @@ def test_cli_rejects_a_causal_config_before_ray_starts(tmp_path) -> None:
     assert out.returncode == 2
     assert "data.name='bbc_news'" in out.stderr and "task.max_new_tokens=0" in out.stderr
     assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr
+
+
+def test_hyperparameter_errors_come_with_the_others_before_flower_or_ray_is_imported(tmp_path: Path) -> None:
+    # Stand-ins for ray and flwr that raise when imported: the command must find and report every
+    # problem, the strategy's and the compressor's hyperparameters included, without loading either.
+    import os
+
+    fake = tmp_path / "site"
+    for name in ("ray", "flwr"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} imported before the config check')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    out = run_fedlora(["strategy=lora_fair", "strategy.lam=-1", "compression=compeft", "compression.density=5",
+                       "num_clients=0"], tmp_path / "run", timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "fedlora: 3 problem(s) in the configuration:" in out.stderr
+    assert "num_clients=0: must be a positive integer" in out.stderr
+    assert "strategy.lam=-1 is invalid: the ridge strength must be a finite number > 0" in out.stderr
+    assert "compression.density=5 is not a fraction in (0, 1]" in out.stderr
+    assert "imported before the config check" not in out.stderr
+
+
+def test_the_centralized_bound_refuses_compression_and_faults() -> None:
+    validate(compose(["strategy=centralized"]), check_model=False, check_data=False)
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["strategy=centralized", "compression=compeft", "faults=flaky"]), check_model=False,
+                 check_data=False)
+    text = str(info.value)
+    assert "2 problem(s)" in text and "use compression=none with strategy=centralized" in text
+    assert "the centralized bound has no clients to fail; use faults=none" in text
+    with pytest.raises(ConfigError, match=r"transport='carrier-pigeon': use one of flower, pooled"):
+        validate(compose(["+transport=carrier-pigeon"]), check_model=False, check_data=False)
+
+
+def test_settings_are_built_once_from_a_valid_config() -> None:
+    cfg = compose(["strategy=flora", "compression=compeft", "num_clients=4", "ranks.tiers=[2,8]"])
+    settings = Settings.from_config(cfg)
+    assert settings.loop.num_clients == 4 and settings.loop.round_timeout == cfg["round_timeout"]
+    assert settings.client_ranks() == [2, 8, 2, 8] and settings.transport == "flower"
+    assert settings.strategy.target == "strategies.flora.FLoRA"
+    assert settings.strategy.options == {"weighting": "examples"}
+    assert settings.compression is not None and settings.compression.build().density == 0.1
+    assert settings.model.decoder is False and Settings.from_config(compose(["task=causal_lm"])).model.decoder
+    assert hash(settings) == hash(Settings.from_config(cfg))  # hashable: per-process caches key on it
+    assert Settings.from_config(compose(["strategy=centralized"])).transport == "pooled"

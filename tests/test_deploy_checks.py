@@ -21,16 +21,17 @@ import pytest
 from conftest import ROOT, TINY, compose
 
 from fedlora.cli import certs
-from fedlora.runtime.data import datasets as ds
+from fedlora.config.settings import Settings
 from fedlora.flower.node import NodeConfigError, NodeSettings, node_workspace_key, read_node_config
+from fedlora.runtime.data import datasets as ds
 
 BBC_NAMES = ("business", "entertainment", "politics", "sports", "tech")
 DEPLOY = str(Path(sys.executable).parent / "fedlora-deploy")
 
 
 @pytest.fixture(scope="module")
-def cfg() -> dict:
-    return compose([*TINY])
+def cfg() -> Settings:
+    return Settings.from_config(compose([*TINY]))
 
 
 def _csv(path: Path, labels: list) -> Path:
@@ -39,13 +40,13 @@ def _csv(path: Path, labels: list) -> Path:
 
 
 # -- node config ------------------------------------------------------------------------------
-def test_node_config_of_a_demo_node(cfg: dict) -> None:
+def test_node_config_of_a_demo_node(cfg: Settings) -> None:
     assert read_node_config(cfg, {"partition-id": 2, "num-partitions": 3}) == NodeSettings(2)
     node = read_node_config(cfg, {"partition-id": 0, "rank": 6, "state-dir": "/var/lib/fedlora"})
     assert node == NodeSettings(0, rank=6, state_dir="/var/lib/fedlora")
 
 
-def test_every_node_config_problem_names_key_value_and_fix(cfg: dict, tmp_path: Path) -> None:
+def test_every_node_config_problem_names_key_value_and_fix(cfg: Settings, tmp_path: Path) -> None:
     bad = {"partition-id": 3, "num-partitions": 10, "rank": 0, "datapath": "x.csv", "state-dir": ""}
     with pytest.raises(NodeConfigError) as err:
         read_node_config(cfg, bad)
@@ -66,12 +67,12 @@ def test_every_node_config_problem_names_key_value_and_fix(cfg: dict, tmp_path: 
     ({"partition-id": 0, "data-path": "/nonexistent/train.csv"}, "data-path='/nonexistent/train.csv': no such file"),
     ({"partition-id": 0, "data-path": "train.txt"}, "data-path='train.txt': use a csv/json/jsonl/parquet file"),
 ])
-def test_node_config_single_problems(cfg: dict, node_config: dict, expected: str) -> None:
+def test_node_config_single_problems(cfg: Settings, node_config: dict, expected: str) -> None:
     with pytest.raises(NodeConfigError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         read_node_config(cfg, node_config)
 
 
-def test_node_data_file_must_have_the_runs_columns(cfg: dict, tmp_path: Path) -> None:
+def test_node_data_file_must_have_the_runs_columns(cfg: Settings, tmp_path: Path) -> None:
     path = tmp_path / "mine.jsonl"
     pd.DataFrame({"body": ["x"], "topic": ["tech"]}).to_json(path, orient="records", lines=True)
     with pytest.raises(NodeConfigError, match=r"has no column\(s\) \['text', 'label'\] \(its columns are "
@@ -101,7 +102,7 @@ def test_integer_labels_match_the_runs_names_as_strings(tmp_path: Path) -> None:
     assert ds.load_local(str(path), "text", "label", ("0", "1", "2")).labels == (2, 0, 2)
 
 
-def test_node_workspace_trains_on_all_of_its_own_file(cfg: dict, tmp_path: Path) -> None:
+def test_node_workspace_trains_on_all_of_its_own_file(cfg: Settings, tmp_path: Path) -> None:
     from fedlora.runtime.training.workspace import Workspace
 
     path = _csv(tmp_path / "node.csv", ["tech", "politics", "tech", "business"])
@@ -115,42 +116,56 @@ def test_node_workspace_trains_on_all_of_its_own_file(cfg: dict, tmp_path: Path)
 
 
 # -- the server's side -------------------------------------------------------------------------
-def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None:
-    """The SuperLink answers for a node whose heartbeats stopped; the row must say so, not 'timeout'."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from fedlora.flower.clients import ClientInfo
-    from fedlora.flower.server_app import Federation, _Sent
-    from fedlora.core.types import ClientPlan
-
-    fed = Federation.__new__(Federation)
-    fed.cfg, fed.history, fed.acked, fed.compressor = {"max_norm_ratio": None}, [], {}, None
-    start = {"l.lora_A.weight": torch.zeros(2, 4), "l.lora_B.weight": torch.zeros(6, 2)}
-    clients = {0: ClientInfo(node_id=100, client_id=0, rank=2, num_examples=10)}
-    sent = {0: _Sent(ClientPlan(rank=2, adapter=start, init_seed=0), start, 1000)}
-    reason = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its interval."
-    from_superlink = SimpleNamespace(metadata=SimpleNamespace(src_node_id=0, reply_to_message_id="m-100"),
-                                     error=SimpleNamespace(reason=reason), has_error=lambda: True)
-    rows, updates, _ = fed._collect([from_superlink], clients, sent, 600.0, {"m-100": 0})
-    assert rows[0]["status"] == "failed" and rows[0]["error"] == reason and updates == []
-    rows, _, _ = fed._collect([from_superlink], clients, sent, 600.0)  # without the ids: a timeout
-    assert rows[0]["error"] == "no reply within round_timeout=600 s"
-
-
-def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
-    from flwr.app import MetricRecord, RecordDict
+@pytest.fixture
+def server_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ServerApp process has, so that Flower lets the test build messages: its run, node, task."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp process has: its run, node, task
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
+
+@pytest.mark.usefixtures("server_process")
+def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None:
+    """The SuperLink answers for a node whose heartbeats stopped: that client failed, with the reason."""
+    from types import SimpleNamespace
+
+    from fedlora.federation import wire
+    from fedlora.flower.grid import GridTransport
+
+    reason = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its interval."
+
+    class Grid:
+        def __init__(self, answer_for_message: bool) -> None:
+            self.answer_for_message = answer_for_message
+
+        def send_and_receive(self, messages: list, timeout: float) -> list:
+            (message,) = messages
+            message.metadata.__dict__["_message_id"] = "m-100"
+            to = "m-100" if self.answer_for_message else "another message"
+            return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=0, reply_to_message_id=to),
+                                    error=SimpleNamespace(reason=reason), has_error=lambda: True)]
+
+    packet = wire.Packet(config={"server-round": 1})
+    transport = GridTransport(Grid(answer_for_message=True))  # type: ignore[arg-type]
+    transport.node_of = {0: 100}
+    exchange = transport.exchange(1, {0: packet}, 600.0)
+    assert exchange.replies[0].error == reason and exchange.replies[0].packet is None
+    assert exchange.bytes_down[0] > 0
+    transport = GridTransport(Grid(answer_for_message=False))  # type: ignore[arg-type]
+    transport.node_of = {0: 100}
+    assert transport.exchange(1, {0: packet}, 600.0).replies == {}  # nobody answered for client 0: a timeout
+
+
+@pytest.mark.usefixtures("server_process")
+def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason() -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord, RecordDict
+
     from fedlora.federation import keys
-    from fedlora.flower.clients import discover_clients
+    from fedlora.flower.grid import GridTransport
 
     class Grid:
         """Three nodes: one answers, one raises on the node, one is answered for by the SuperLink."""
@@ -173,7 +188,7 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch
             return [ok, bad, lost]
 
     with pytest.raises(RuntimeError) as err:
-        discover_clients(Grid(), expected=3, timeout=5, label_names=BBC_NAMES)
+        GridTransport(Grid()).connect(3, BBC_NAMES, timeout=5)  # type: ignore[arg-type]
     assert str(err.value) == ("2 node(s) failed the hello; fix them and start the run again:\n"
                               "node 12: rank=0: a LoRA rank is an integer\nnode 13: Error: Node Unavailable")
 
@@ -187,13 +202,13 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason(monkeypatch
             return super().send_and_receive(messages, timeout)[:1]
 
     with pytest.raises(RuntimeError) as err:
-        discover_clients(Silent(), expected=2, timeout=5, label_names=BBC_NAMES)
+        GridTransport(Silent()).connect(2, BBC_NAMES, timeout=5)  # type: ignore[arg-type]
     assert str(err.value).startswith("1 node(s) failed the hello; fix them and start the run again:\n"
                                      "node 14: no answer within connect_timeout=5 s")
 
 
 def test_clean_reason_of_a_deployed_client_exception() -> None:
-    from fedlora.flower.clients import clean_reason
+    from fedlora.flower.grid import clean_reason
 
     wrapped = "<class 'fedlora.flower.node.NodeConfigError'>:<'1 problem(s) in this SuperNode's --node-config:\n  - x'>"
     assert clean_reason(wrapped) == "1 problem(s) in this SuperNode's --node-config:\n  - x"
@@ -266,7 +281,7 @@ def test_deploy_rejects_bad_config_and_connection_before_contacting_anything(tmp
     out = _deploy(["--superlink", "prod", "num_clients=0", "strategy=centralized"], tmp_path / "home", tmp_path / "r")
     assert out.returncode == 2, out.stderr
     assert "num_clients=0: must be a positive integer" in out.stderr
-    assert "strategy='centralized': the centralized upper bound pools" in out.stderr
+    assert "transport='pooled': the centralized upper bound (strategy=centralized) pools" in out.stderr
     assert f"--superlink='prod': {tmp_path / 'home' / 'config.toml'} does not exist" in out.stderr
     assert not (tmp_path / "r" / "flwr-run.log").exists() and (tmp_path / "r" / "FAILED").exists()
 
@@ -275,7 +290,8 @@ def test_connection_problems_are_named(tmp_path: Path, monkeypatch: pytest.Monke
     from fedlora.cli.deploy import read_connection
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
-    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:9093"\n'
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "tls"\n\n'
+                                          '[superlink.tls]\naddress = "127.0.0.1:9093"\n'
                                           'root-certificates = "/nonexistent/ca.crt"\n\n[superlink.local]\n'
                                           'address = ":local:"\n')
     problems: list[str] = []
@@ -293,7 +309,7 @@ def test_connection_problems_are_named(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_deploy_dry_run_writes_the_config_that_the_apps_will_read(tmp_path: Path) -> None:
-    from fedlora.flower.settings import resolve_config
+    from fedlora.flower.settings import resolve_settings
 
     home = tmp_path / "home"
     home.mkdir()
@@ -303,9 +319,10 @@ def test_deploy_dry_run_writes_the_config_that_the_apps_will_read(tmp_path: Path
     out = _deploy(["--dry-run", *TINY, "strategy=flora"], home, run_dir)
     assert out.returncode == 0, out.stderr
     toml = tomllib.loads((run_dir / "run_config.toml").read_text())
-    cfg = resolve_config(None, toml)
-    assert cfg["strategy"]["_target_"] == "strategies.flora.FLoRA" and cfg["num_clients"] == 3
-    assert cfg["output_dir"] == str(run_dir) and Path(cfg["output_dir"]).is_absolute()
+    settings = resolve_settings(None, toml)
+    assert settings.strategy.target == "strategies.flora.FLoRA" and settings.loop.num_clients == 3
+    assert settings.output_dir == str(run_dir) and settings.run_dir.is_absolute() and settings.deployment
+    cfg = settings.source
     assert cfg["deployment"] == {"superlink": "loop", "address": "127.0.0.1:9093", "tls": False, "app": str(ROOT)}
     assert f"flwr run {ROOT} loop --run-config {run_dir / 'run_config.toml'} --stream" in out.stdout
     assert json.loads(toml["fedlora-config"]) == cfg

@@ -13,9 +13,9 @@ def test_private_engine_has_the_parameters_we_pass() -> None:
 
 
 def test_backend_config_from_settings() -> None:
-    cfg = {"simulation": {"client_resources": {"num_cpus": 2, "num_gpus": 0.25}, "num_cpus": 8,
-                          "num_gpus": 1, "address": None}}
-    backend = simulation.backend_config(cfg)
+    from fedlora.config.settings import SimulationSettings
+
+    backend = simulation.backend_config(SimulationSettings(client_cpus=2, client_gpus=0.25, num_cpus=8, num_gpus=1))
     assert backend["client_resources"] == {"num_cpus": 2, "num_gpus": 0.25}
     assert backend["init_args"]["num_cpus"] == 8 and backend["init_args"]["num_gpus"] == 1.0
     assert "address" not in backend["init_args"]

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 from fedlora.runtime.data.datasets import DataError
-from fedlora.runtime.data.instructions import (Instruction, detect_format, instruction_columns, load_instructions,
-                                       synthetic_instructions)
+from fedlora.runtime.data.instructions import (
+    Instruction,
+    detect_format,
+    instruction_columns,
+    load_instructions,
+    synthetic_instructions,
+)
 
 ALPACA = [
     {"instruction": "Give a synonym.", "input": "happy", "output": "glad"},
@@ -102,14 +107,14 @@ def test_bad_jsonl_line_is_named(tmp_path: Path) -> None:
 def test_workspace_splits_by_category_and_partitions_dolly_by_it(tmp_path: Path) -> None:
     from conftest import compose
 
-    from fedlora.config import workspace_key
+    from fedlora.config.settings import Settings
     from fedlora.runtime.training.workspace import Workspace
 
     rows = [dict(DOLLY[k % 3], instruction=f"q{k}") for k in range(60)]
     path = write_jsonl(tmp_path / "dolly.jsonl", rows)
     cfg = compose(["task=causal_lm", "data=instructions_file", f"data.name={path}", "num_clients=3",
                    "partition.alpha=0.1", "partition.min_partition_size=2"])
-    ws = Workspace(workspace_key(cfg))
+    ws = Workspace(Settings.from_config(cfg).workspace_key())
     assert ws.label_names == ("brainstorming", "closed_qa", "summarization")
     assert len(ws.test) == 12 and Counter(k % 3 for k in ws.test) == {0: 4, 1: 4, 2: 4}  # stratified
     assert sorted(i for p in ws.partitions for i in p) == ws.train

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.core import lora_math as lm
+from fedlora.core.types import LoraPair
 
 
 def rand(gen, *shape):
@@ -150,9 +151,9 @@ def test_stack_pairs_is_exact_with_mixed_ranks(ranks, m, n, seed):
     gen = torch.Generator().manual_seed(seed)
     pairs = [(rand(gen, r, n), rand(gen, m, r)) for r in ranks]
     coef = torch.rand(len(ranks), generator=gen, dtype=torch.float64).tolist()
-    b_st, a_st = lm.stack_pairs(pairs, coef)
+    a_st, b_st = lm.stack_pairs(pairs, coef)
     assert b_st.shape == (m, sum(ranks)) and a_st.shape == (sum(ranks), n)
-    dense = sum(c * (b @ a) for c, (a, b) in zip(coef, pairs))
+    dense = sum(c * (b @ a) for c, (a, b) in zip(coef, pairs, strict=False))
     assert torch.allclose(b_st @ a_st, dense, atol=1e-12)
     # the coefficient is applied once, on A only: B blocks are the clients' B unchanged
     assert torch.equal(b_st, torch.cat([b for _, b in pairs], dim=1))
@@ -163,15 +164,15 @@ def test_stack_pairs_is_exact_with_mixed_ranks(ranks, m, n, seed):
 
 def test_concat_merges_product_is_the_sum():
     gen = torch.Generator().manual_seed(0)
-    m1 = {"x": (rand(gen, 5, 2), rand(gen, 2, 3)), "y": (rand(gen, 4, 1), rand(gen, 1, 4))}
-    m2 = {"x": (rand(gen, 5, 3), rand(gen, 3, 3))}
+    m1 = {"x": LoraPair(rand(gen, 2, 3), rand(gen, 5, 2)), "y": LoraPair(rand(gen, 1, 4), rand(gen, 4, 1))}
+    m2 = {"x": LoraPair(rand(gen, 3, 3), rand(gen, 5, 3))}
     cum = lm.concat_merges([m1, m2])
     assert sorted(cum) == ["x", "y"]
     assert torch.allclose(
         lm.merge_delta(cum, "x"), lm.merge_delta(m1, "x") + lm.merge_delta(m2, "x"), atol=1e-13
     )
     assert torch.allclose(lm.merge_delta(cum, "y"), lm.merge_delta(m1, "y"), atol=1e-13)
-    assert cum["x"][0].shape == (5, 5) and cum["x"][1].shape == (5, 3)
+    assert cum["x"].b.shape == (5, 5) and cum["x"].a.shape == (5, 3)
 
 
 # -- factored norms --------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_ideal_and_gap_norms_match_dense(m, n, r, k, seed):
     b_id, a_id = rand(gen, m, 2 * r), rand(gen, 2 * r, n)
     a = rand(gen, r, n)
     bs = [rand(gen, m, r) for _ in range(k)]
-    ideal, gaps = lm.ideal_and_gap_norms(b_id, a_id, a, bs)
+    ideal, gaps = lm.ideal_and_gap_norms(LoraPair(a_id, b_id), a, bs)
     dense = b_id @ a_id
     assert ideal == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-10)
     for b, gap in zip(bs, gaps, strict=True):
@@ -218,7 +219,52 @@ def test_ideal_and_gap_norms_are_accurate_for_small_gaps():
     gen = torch.Generator().manual_seed(1)
     b, a = rand(gen, 64, 4), rand(gen, 4, 48)
     d = 1e-9 * rand(gen, 64, 4)
-    ideal, (gap, exact) = lm.ideal_and_gap_norms(b, a, a, [b + d, b])
+    ideal, (gap, exact) = lm.ideal_and_gap_norms(LoraPair(a, b), a, [b + d, b])
     assert ideal == pytest.approx(float(torch.linalg.matrix_norm(b @ a)), rel=1e-12)
     assert gap == pytest.approx(float(torch.linalg.matrix_norm(d @ a)), rel=1e-5)
     assert exact < 1e-12
+
+
+# -- plans, merges, folding --------------------------------------------------------------------------------
+def test_plan_start_builds_each_kind_of_plan() -> None:
+    from fedlora.core.types import ClientPlan
+
+    modules = {"l": (5, 4)}
+    head = {"h": torch.ones(2)}
+    fresh = lm.plan_start(ClientPlan(rank=3, adapter=None, init_seed=9, head=head), modules)
+    assert torch.equal(fresh["l.lora_A.weight"], lm.init_lora_a(9, "l", 3, 4))
+    assert torch.equal(fresh["l.lora_B.weight"], torch.zeros(5, 3)) and torch.equal(fresh["h"], head["h"])
+    given = {"l.lora_A.weight": torch.randn(3, 4), "l.lora_B.weight": torch.randn(5, 3)}
+    start = lm.plan_start(ClientPlan(rank=3, adapter=given, init_seed=9), modules)
+    assert all(torch.equal(start[k], v) and start[k] is not v for k, v in given.items())  # copies
+    b_only = {"l.lora_B.weight": given["l.lora_B.weight"]}  # A stayed off the wire: drawn from the seed
+    start = lm.plan_start(ClientPlan(rank=3, adapter=b_only, init_seed=9, send_lora_a=False), modules)
+    assert torch.equal(start["l.lora_A.weight"], lm.init_lora_a(9, "l", 3, 4))
+    assert lm.continues(ClientPlan(3, None, 9), "l.lora_A.weight") is False
+    assert lm.continues(ClientPlan(3, None, 9), "h") and lm.continues(ClientPlan(3, given, 9), "l.lora_B.weight")
+
+
+def test_merges_flatten_and_come_back() -> None:
+    gen = torch.Generator().manual_seed(1)
+    merges = [(2, {"x": LoraPair(rand(gen, 3, 4), rand(gen, 5, 3))}),
+              (0, {"y": LoraPair(rand(gen, 1, 2), rand(gen, 2, 1))})]
+    flat = lm.merges_to_tensors(merges)
+    assert sorted(flat) == ["0|y|A", "0|y|B", "2|x|A", "2|x|B"]
+    back = lm.tensors_to_merges(flat)
+    assert [i for i, _ in back] == [0, 2] and torch.equal(back[1][1]["x"].b, merges[0][1]["x"].b)
+
+
+def test_fold_merges_product_equals_global_plus_merges() -> None:
+    # The saved adapter must load on the pristine base: fold s*B_g@A_g and the merges into one LoRA.
+    gen = torch.Generator().manual_seed(0)
+    m, n, r, s = 6, 5, 3, 2.0
+    adapter = {"l.lora_A.weight": rand(gen, r, n), "l.lora_B.weight": rand(gen, m, r), "head": torch.ones(2)}
+    merges = [{"l": LoraPair(rand(gen, 4, n), rand(gen, m, 4))}, {"l": LoraPair(rand(gen, 2, n), rand(gen, m, 2))}]
+    folded, rank = lm.fold_merges(adapter, s, merges)
+    assert rank == r + 6 and lm.rank_of(folded) == rank
+    expected = s * adapter["l.lora_B.weight"] @ adapter["l.lora_A.weight"] + sum(p.b @ p.a for p in
+                                                                                 (mm["l"] for mm in merges))
+    assert torch.allclose(folded["l.lora_B.weight"] @ folded["l.lora_A.weight"], expected, atol=1e-12)  # scaling 1
+    assert torch.equal(folded["head"], adapter["head"])
+    same, rank = lm.fold_merges(adapter, s, [])
+    assert rank == r and all(torch.equal(same[k], v) for k, v in adapter.items())

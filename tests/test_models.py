@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedlora.core import lora_math as lm
+from fedlora.core.types import LoraPair
 from fedlora.runtime.models import AdapterHost, ModelSettings
 
 
@@ -37,7 +38,7 @@ def test_set_base_is_w0_plus_merge_and_reversible(host: AdapterHost) -> None:
     layer = dict(host.model.named_modules())[module].base_layer
     w0 = layer.weight.detach().clone()
     b, a = torch.randn(384, 3), torch.randn(3, 384)
-    host.set_base(1, {module: (b, a)})
+    host.set_base(1, {module: LoraPair(a, b)})
     assert torch.allclose(layer.weight, w0 + b @ a, atol=1e-5)
     host.set_base(0, None)
     assert torch.equal(layer.weight, w0)
@@ -54,7 +55,7 @@ def test_freezing_a_leaves_only_b_and_head_trainable(host: AdapterHost) -> None:
 
 # -- decoders (task=causal_lm) -----------------------------------------------------------------------
 DECODER = ModelSettings(name="tiny-random-llama", target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-                        task="causal_lm", dropout=0.0)
+                        decoder=True, dropout=0.0)
 
 
 def test_tiny_decoder_is_the_same_in_every_process_and_has_no_head() -> None:
@@ -84,7 +85,7 @@ def test_bf16_base_keeps_merges_factored_and_exact() -> None:
     assert float(lost) > 0.1
     x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
     plain = layer(x).float()
-    host.set_base(1, {module: (1e-2 * b, a)})
+    host.set_base(1, {module: LoraPair(a, 1e-2 * b)})
     merged = layer(x).float()
     assert layer.weight.dtype == torch.bfloat16  # the weight itself is never written
     expected = x.float() @ (1e-2 * b @ a).T

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedlora.core.metrics import PERPLEXITY
 from fedlora.results import report
 
 FEDAVG = "strategies.fedavg.FedAvg"
@@ -192,8 +193,9 @@ def make_causal_run(run_dir: Path, target: str, seed: int, ppls: list[float]) ->
     config = {"name": name, "seed": seed, "strategy": {"_target_": target}, "compression": {},
               "task": {"kind": "causal_lm"}, "num_rounds": len(ppls) - 1, "output_dir": str(run_dir)}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    client = {"client": 0, "rank": 4, "status": "ok", "bytes_up": 100, "bytes_down": 100}
     rows = [{"round": r, "test_perplexity": p, "test_loss": math.log(p), "train_loss": None, "wall_time": 1.0,
-             "clients": [], "bytes_up_total": 100 * (r > 0), "bytes_down_total": 100 * (r > 0)}
+             "clients": [client] if r else [], "bytes_up_total": 100 * (r > 0), "bytes_down_total": 100 * (r > 0)}
             for r, p in enumerate(ppls)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"final_test_perplexity": ppls[-1], "best_test_perplexity": min(ppls),
@@ -211,7 +213,8 @@ def test_causal_runs_are_reported_by_perplexity(tmp_path: Path) -> None:
     runs = report.load_runs(root)
     assert report.report_metric(runs).key == "test_perplexity"
     rows = by_method(report.summarize(runs))
-    assert list(rows["fedavg"]) == report.columns(report.metric_of({"task": {"kind": "causal_lm"}}))
+    assert list(rows["fedavg"]) == report.columns(PERPLEXITY)
+    assert rows["fedavg"]["up_bytes_per_round"] == 100
     assert rows["fedavg"]["final_ppl_mean"] == pytest.approx(13.0)
     assert rows["fedavg"]["final_ppl_std"] == pytest.approx(math.sqrt(2.0))
     assert rows["flora"]["best_ppl_mean"] == 11.0

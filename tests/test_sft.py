@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora.results.generations import log_generations, read_generations, truncate_generations
 from fedlora.runtime.models import AdapterHost, ModelSettings
-from fedlora.results.outputs import log_generations, read_generations, truncate_generations
+from fedlora.runtime.tasks import CausalLMTask, GenerationPrompt, TaskSettings
 from fedlora.runtime.tiny_decoder import build_tiny_tokenizer
 from fedlora.runtime.training import sft
-from fedlora.runtime.training.tasks import CausalLMTask, GenerationPrompt, TaskSettings
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -99,7 +99,7 @@ def test_left_padding_for_generation() -> None:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[AdapterHost, CausalLMTask]:
-    settings = ModelSettings(name="tiny-random-llama", target_modules=("q_proj", "v_proj"), task="causal_lm",
+    settings = ModelSettings(name="tiny-random-llama", target_modules=("q_proj", "v_proj"), decoder=True,
                              max_length=64)
     host = AdapterHost(settings, 0, seed=0)
     task = CausalLMTask(TaskSettings(kind="causal_lm", max_new_tokens=6))

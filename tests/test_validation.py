@@ -88,7 +88,8 @@ def test_fault_decisions_are_deterministic_and_follow_the_probabilities() -> Non
     assert 0.16 < sum(d.delay_s == 7.0 for d in draws) / len(draws) < 0.24
     assert 0.07 < sum(d.corrupt == "nan" for d in draws) / len(draws) < 0.13
     assert draws != [decide(s, 1, r, c) for r in range(1, 101) for c in range(20)]  # the seed matters
-    assert decide(FaultSettings(seed=5, fail_prob=0.5), 0, 1, 1) == decide(FaultSettings(seed=5, fail_prob=0.5), 9, 1, 1)
+    fixed = FaultSettings(seed=5, fail_prob=0.5)
+    assert decide(fixed, 0, 1, 1) == decide(fixed, 9, 1, 1)
     none = FaultSettings()
     assert all(decide(none, 0, r, c) == decide(none, 3, 1, 1) for r in range(5) for c in range(5))
     assert not decide(none, 0, 1, 1).fail and decide(none, 0, 1, 1).corrupt is None
@@ -97,7 +98,9 @@ def test_fault_decisions_are_deterministic_and_follow_the_probabilities() -> Non
 def test_fault_settings_from_config() -> None:
     s = FaultSettings.from_config({"fail_prob": 0.5, "corrupt": {"2": float("nan"), 3: "rank"},
                                    "corrupt_kind": float("inf")})
-    assert s.corrupt == {2: "nan", 3: "rank"} and s.corrupt_kind == "inf" and s.fail_prob == 0.5
+    assert s.corrupt == ((2, "nan"), (3, "rank")) and s.corrupt_kind == "inf" and s.fail_prob == 0.5
+    assert hash(s) == hash(FaultSettings.from_config({"fail_prob": 0.5, "corrupt": {3: "rank", 2: "nan"},
+                                                      "corrupt_kind": "inf"}))  # settings are hashable
     assert decide(s, 0, 4, 3).corrupt == "rank"
     assert FaultSettings.from_config(None) == FaultSettings()
     assert kind_name(float("-inf")) == "inf" and kind_name("shape") == "shape"

@@ -48,9 +48,10 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedlora.federation import keys  # noqa: E402
+from fedlora.cli.main import _mark_failed, prepare  # noqa: E402
+from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
-from fedlora.cli.main import CONF_DIR, _mark_failed, prepare  # noqa: E402
+from fedlora.federation import keys  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parent.parent.parent
 RUN_CONFIG = "run_config.toml"
@@ -124,22 +125,13 @@ def _check_app(app: Path, problems: list[str]) -> None:
                         f"run-config key {keys.CLIENT_CONFIG!r}; give the fedlora checkout directory")
 
 
-def _pooled(strategy: Any) -> bool:
-    """Whether the strategy trains on pooled data (``centralized``); an invalid one is validate()'s."""
-    from fedlora.config import instantiate  # noqa: PLC0415
-
-    try:
-        return bool(getattr(instantiate(strategy), "pooled", False))
-    except Exception:  # noqa: BLE001 - the config check names the problem
-        return False
-
-
 def check_deployment(container: dict[str, Any], opts: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """Check what only a deployment needs: return the ``deployment`` record and the problems."""
     problems: list[str] = []
-    if _pooled(container.get("strategy")):
-        problems.append("strategy='centralized': the centralized upper bound pools every client's data in one "
-                        "process, it has no federation to deploy; run it with `fedlora strategy=centralized`")
+    if (container.get("transport") or "flower") != "flower":
+        problems.append(f"transport={container.get('transport')!r}: the centralized upper bound "
+                        "(strategy=centralized) pools every client's data in one process, it has no federation to "
+                        "deploy; run it with `fedlora strategy=centralized`")
     if container.get("resume"):
         problems.append(f"resume={container['resume']!r}: resuming a deployed run is not supported; start a new "
                         "run (`fedlora resume=...` resumes simulations)")
@@ -249,7 +241,7 @@ def cli() -> None:
     opts, rest = parse_arguments(sys.argv[1:])
     sys.argv[1:] = rest
 
-    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def job(cfg: DictConfig) -> None:
         deploy_job(cfg, opts)
 

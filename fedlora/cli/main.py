@@ -22,9 +22,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 
 
 def resume_arguments(argv: list[str]) -> list[str]:
@@ -57,7 +56,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     With ``resume=<run>`` the config is that run's ``config.yaml``: other overrides are ignored
     (a resumed run must be the same run to end with the same result).
     """
-    from fedlora.config import validate  # noqa: PLC0415
+    from fedlora.config.validate import validate  # noqa: PLC0415
 
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     container["output_dir"] = str(run_dir)
@@ -68,11 +67,31 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return container
 
 
+def simulate(settings: Any) -> dict[str, Any]:
+    """Run a federation on Flower's simulation engine (Ray) in this process; return its summary."""
+    from fedlora.flower import simulation  # noqa: PLC0415
+
+    simulation.run(settings)
+    summary_path = settings.run_dir / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without a summary in {settings.run_dir}; see the log above")
+    return dict(json.loads(summary_path.read_text()))
+
+
+def run_pooled(settings: Any) -> dict[str, Any]:
+    """Run the centralized bound (one pooled learner, no Flower); return its summary."""
+    from fedlora.serving.run import run_pooled as pooled  # noqa: PLC0415
+
+    return pooled(settings)
+
+
+#: How each ``transport`` runs a job in this process (``fedlora-deploy`` serves ``flower`` on a SuperLink).
+RUNNERS = {"flower": simulate, "pooled": run_pooled}
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Validate and run one job; return its summary."""
-    from fedlora.centralized import run_centralized  # noqa: PLC0415
-    from fedlora.config import instantiate  # noqa: PLC0415
-    from fedlora.flower import simulation  # noqa: PLC0415
+    from fedlora.config.settings import Settings  # noqa: PLC0415
 
     container = prepare(cfg, run_dir)
     run_dir = Path(container["output_dir"])  # the resumed run's directory when resuming
@@ -84,17 +103,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             print(f"fedlora: resuming {run_dir} with its own config.yaml; ignoring {ignored}", file=sys.stderr)
     else:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
-    strategy = instantiate(container["strategy"])
-    if getattr(strategy, "pooled", False):
-        return run_centralized(container, strategy, run_dir)
-    simulation.run(container)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
-    return json.loads(summary_path.read_text())
+    settings = Settings.from_config(container)
+    return RUNNERS[settings.transport](settings)
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point: run one job and return its final task metric (for sweepers).
 

@@ -47,13 +47,12 @@ Wire format (:meth:`ComPEFT.compress` returns it; ``encoded_bits`` measures it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
 
-from fedlora.core.lora_math import is_lora_key
-from fedlora.core.types import AdapterState
+from fedlora.core.types import AdapterState, Payload
 
 SEP = "|"
 _VERSION = 1
@@ -147,17 +146,15 @@ class ComPEFT:
         Multiplier of the ternary scale (ComPEFT's ``replace_factor``), finite and > 0; must stay
         1.0 with ``scale="none"``.
     error_feedback:
-        Carry ``v - decoded(v)`` to the next round (nothing is lost over time); ``False`` drops it.
-    fresh_factors:
-        The strategy starts fresh LoRA factors every round (FLoRA; set from the strategy by
-        ``fedlora.config.compression_node``, not by hand): a residual kept in last round's factors
-        would be added to a new random ``A`` and a zero ``B`` it has nothing to do with, so only the
-        tensors that continue from the global adapter (a classifier head) keep theirs.
+        Carry ``v - decoded(v)`` to the next round (nothing is lost over time) for every tensor
+        that continues from the global adapter: ``"auto"`` (the config's default) or ``True``;
+        ``False`` drops it. The LoRA factors of a strategy that starts fresh factors every round
+        (FLoRA) never carry a residual: last round's would be added to a new random ``A`` and a
+        zero ``B`` it has nothing to do with (the caller passes which tensors continue).
     """
 
     def __init__(
-        self, *, density: float = 0.1, scale: str = "std", alpha: float = 1.0, error_feedback: bool = True,
-        fresh_factors: bool = False,
+        self, *, density: float = 0.1, scale: str = "std", alpha: float = 1.0, error_feedback: bool | str = "auto",
     ) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
             raise ValueError(
@@ -179,28 +176,13 @@ class ComPEFT:
                 f"compression.alpha={alpha!r} has no effect with compression.scale='none' (exact values); "
                 "remove it or use scale='std'"
             )
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"compression.error_feedback={error_feedback!r} must be true or false, or auto "
-                             "in the config (the default: on for every tensor that continues from the global "
-                             "adapter)")
-        if not isinstance(fresh_factors, bool):
-            raise ValueError(f"compression.fresh_factors={fresh_factors!r} must be true or false; leave it out "
-                             "(it is set from the strategy)")
+        if error_feedback != "auto" and not isinstance(error_feedback, bool):
+            raise ValueError(f"compression.error_feedback={error_feedback!r} must be auto (the default: on for "
+                             "every tensor that continues from the global adapter), true or false")
         self.density = float(density)
         self.scale = scale
         self.alpha = float(alpha)
-        self.error_feedback = error_feedback
-        self.fresh_factors = fresh_factors
-
-    def feedback_scope(self) -> str:
-        """Which tensors carry a residual, in words (the run's first line and ``summary.json``)."""
-        if not self.error_feedback:
-            return "none"
-        return "all but the fresh LoRA factors" if self.fresh_factors else "all"
-
-    def carries(self, key: str) -> bool:
-        """Whether the residual of tensor ``key`` is kept for the next round."""
-        return self.error_feedback and not (self.fresh_factors and is_lora_key(key))
+        self.error_feedback = error_feedback is not False
 
     def num_kept(self, numel: int) -> int:
         """Return ``k = max(1, round(density * numel))`` (at most ``numel``; 0 for an empty tensor)."""
@@ -246,9 +228,17 @@ class ComPEFT:
         )
         return arrays, decoded
 
+    def carried(self, keys: Collection[str], continuing: Collection[str] | None = None) -> set[str]:
+        """The tensors of ``keys`` whose residual is kept: the continuing ones (all by default), with
+        error feedback."""
+        if not self.error_feedback:
+            return set()
+        return set(keys) if continuing is None else {key for key in keys if key in continuing}
+
     def compress(
-        self, delta: AdapterState, residual: AdapterState | None
-    ) -> tuple[dict[str, np.ndarray], AdapterState]:
+        self, delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
+        continuing: Collection[str] | None = None,
+    ) -> tuple[Payload, AdapterState]:
         """Encode ``delta + residual``; return the payload and the new residual.
 
         Parameters
@@ -257,7 +247,10 @@ class ComPEFT:
             The round's update per tensor (trained minus start).
         residual:
             The error-feedback memory from the previous round (``None``: zeros). Must have the keys
-            of ``delta`` that carry a residual (:meth:`carries`), with their shapes.
+            of ``delta`` that carry a residual (:meth:`carried`), with their shapes.
+        continuing:
+            The tensors that continue from the global adapter (all but fresh LoRA factors; ``None``:
+            all of them).
 
         Returns
         -------
@@ -265,14 +258,14 @@ class ComPEFT:
             ``{f"{key}|{part}": numpy array}`` (see the module docstring).
         residual:
             ``v - decoded(v)`` in float32 for every tensor that carries a residual; empty when
-            ``error_feedback`` is off (or when every tensor is a fresh factor).
+            ``error_feedback`` is off (or when no tensor continues).
 
         Raises
         ------
         ValueError
             On a key containing ``"|"``, a residual that does not match ``delta``, or non-finite values.
         """
-        carried = {key for key in delta if self.carries(key)}
+        carried = self.carried(delta, continuing)
         if residual is not None and set(residual) != carried:
             raise ValueError(
                 f"ComPEFT residual keys {sorted(residual)} do not match the update keys that carry one "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ConfigError(ValueError):
     """One or more configuration problems, all reported at once.
@@ -13,3 +15,19 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) in {subject}:\n{lines}")
+
+
+class Problems:
+    """Collects configuration problems, each as ``field=value: fix``, to raise one :class:`ConfigError`."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, field: str, value: Any, fix: str) -> None:
+        """Record that ``field`` has the bad ``value`` and how to fix it."""
+        self.items.append(f"{field}={value!r}: {fix}")
+
+    def raise_if_any(self, subject: str = "the configuration") -> None:
+        """Raise :class:`ConfigError` listing every problem, if there is one."""
+        if self.items:
+            raise ConfigError(self.items, subject)

@@ -11,13 +11,14 @@ compute in advance which client fails in which round.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedlora.core import lora_math as lm
+from fedlora.core import seeds
 from fedlora.core.types import AdapterState
 
 # What a corrupted reply looks like; each is rejected by fedlora.core.validation.
@@ -55,7 +56,7 @@ class FaultSettings:
     corrupt_kind:
         One of :data:`CORRUPT_KINDS`.
     corrupt:
-        Client id -> kind: these clients corrupt their update in every round.
+        ``(client id, kind)`` pairs: these clients corrupt their update in every round.
     seed:
         Seed of the decisions; ``None`` uses the run seed.
     """
@@ -65,14 +66,14 @@ class FaultSettings:
     straggler_delay_s: float = 0.0
     corrupt_prob: float = 0.0
     corrupt_kind: str = "nan"
-    corrupt: Mapping[int, str] = field(default_factory=dict)
+    corrupt: tuple[tuple[int, str], ...] = ()
     seed: int | None = None
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> FaultSettings:
         """Build from the ``faults`` config node (``None`` or ``{}``: no faults)."""
         node = dict(node or {})
-        corrupt = {int(k): kind_name(v) for k, v in dict(node.pop("corrupt", None) or {}).items()}
+        corrupt = tuple(sorted((int(k), kind_name(v)) for k, v in dict(node.pop("corrupt", None) or {}).items()))
         node["corrupt_kind"] = kind_name(node.get("corrupt_kind", "nan"))
         names = {f for f in cls.__dataclass_fields__ if f != "corrupt"}
         return cls(corrupt=corrupt, **{k: v for k, v in node.items() if k in names})
@@ -90,10 +91,9 @@ class FaultDecision:
 def decide(settings: FaultSettings, run_seed: int, server_round: int, client_id: int) -> FaultDecision:
     """Return the (deterministic) faults of client ``client_id`` in round ``server_round``."""
     seed = run_seed if settings.seed is None else int(settings.seed)
-    # A string seed is hashed with SHA-512 by random.Random: stable across processes and machines.
-    rng = random.Random(f"fedlora-faults/{seed}/{server_round}/{client_id}")
+    rng = seeds.faults(seed, server_round, client_id)
     fail, straggle, corrupt = rng.random(), rng.random(), rng.random()  # always three draws, in order
-    kind = settings.corrupt.get(client_id)
+    kind = dict(settings.corrupt).get(client_id)
     if kind is None and corrupt < settings.corrupt_prob:
         kind = settings.corrupt_kind
     return FaultDecision(
@@ -109,7 +109,7 @@ def corrupt_state(state: AdapterState, start: AdapterState, kind: str) -> Adapte
     ``start`` is the adapter the client started from (for ``scale``, which blows up the change).
     """
     out = {k: v.clone() for k, v in state.items()}
-    lora = sorted(k for k in out if k.endswith(".lora_B.weight"))
+    lora = sorted(k for k in out if lm.is_lora_b_key(k))
     first = lora[0] if lora else sorted(out)[0]
     if kind == "nan":
         out[first].view(-1)[0] = float("nan")
@@ -119,9 +119,9 @@ def corrupt_state(state: AdapterState, start: AdapterState, kind: str) -> Adapte
         out[first] = out[first][:-1]  # one row short
     elif kind == "rank":
         for key in list(out):  # every factor one rank larger: A (r+1, n), B (m, r+1)
-            if key.endswith(".lora_A.weight"):
+            if lm.is_lora_a_key(key):
                 out[key] = torch.cat([out[key], torch.zeros(1, out[key].shape[1])], dim=0)
-            elif key.endswith(".lora_B.weight"):
+            elif lm.is_lora_b_key(key):
                 out[key] = torch.cat([out[key], torch.zeros(out[key].shape[0], 1)], dim=1)
     elif kind == "missing_key":
         del out[first]

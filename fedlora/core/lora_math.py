@@ -7,15 +7,17 @@ Shapes follow peft and ``nn.Linear``: ``A`` is ``(r, n)``, ``B`` is ``(m, r)``, 
 from __future__ import annotations
 
 import math
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from fedlora.core.types import AdapterState, BaseMerge, Tensor
+from fedlora.core import seeds
+from fedlora.core.types import AdapterState, BaseMerge, ClientPlan, LoraPair, Tensor
 
+# The only place that spells peft's key names of the two factors.
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
+_MERGE_SEP = "|"  # merge tensor names: "<index>|<module>|A" and "...|B"
 
 
 def lora_a_key(module: str) -> str:
@@ -33,6 +35,16 @@ def is_lora_key(key: str) -> bool:
     return key.endswith(_A_SUFFIX) or key.endswith(_B_SUFFIX)
 
 
+def is_lora_a_key(key: str) -> bool:
+    """Return whether ``key`` names an ``A`` factor."""
+    return key.endswith(_A_SUFFIX)
+
+
+def is_lora_b_key(key: str) -> bool:
+    """Return whether ``key`` names a ``B`` factor."""
+    return key.endswith(_B_SUFFIX)
+
+
 def lora_modules(state: Mapping[str, Tensor]) -> list[str]:
     """Return the sorted names of the adapted modules in ``state`` (those with an ``A`` or ``B``)."""
     names = {k[: -len(_A_SUFFIX)] for k in state if k.endswith(_A_SUFFIX)}
@@ -40,24 +52,20 @@ def lora_modules(state: Mapping[str, Tensor]) -> list[str]:
     return sorted(names)
 
 
-def split_state(
-    state: Mapping[str, Tensor],
-) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
-    """Split an adapter state into ``{module: (A, B)}`` and the other trainables.
+def split_state(state: Mapping[str, Tensor]) -> tuple[dict[str, LoraPair], dict[str, Tensor]]:
+    """Split an adapter state into ``{module: LoraPair(A, B)}`` and the other trainables.
 
     Raises
     ------
     KeyError
         If a module has an ``A`` without a ``B`` or the reverse.
     """
-    pairs = {m: (state[lora_a_key(m)], state[lora_b_key(m)]) for m in lora_modules(state)}
+    pairs = {m: LoraPair(state[lora_a_key(m)], state[lora_b_key(m)]) for m in lora_modules(state)}
     others = {k: v for k, v in state.items() if not is_lora_key(k)}
     return pairs, others
 
 
-def join_state(
-    pairs: Mapping[str, tuple[Tensor, Tensor]], others: Mapping[str, Tensor]
-) -> AdapterState:
+def join_state(pairs: Mapping[str, tuple[Tensor, Tensor]], others: Mapping[str, Tensor]) -> AdapterState:
     """Inverse of :func:`split_state`."""
     out: AdapterState = {}
     for module, (a, b) in pairs.items():
@@ -76,7 +84,7 @@ def rank_of(state: Mapping[str, Tensor]) -> int:
     return ranks.pop()
 
 
-def pad_pair(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def pad_pair(a: Tensor, b: Tensor, rank: int) -> LoraPair:
     """Zero-pad ``A`` (rows) and ``B`` (columns) to ``rank``; ``B @ A`` is unchanged exactly."""
     r = a.shape[0]
     if r > rank:
@@ -85,20 +93,20 @@ def pad_pair(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     b_pad = torch.zeros((b.shape[0], rank), dtype=b.dtype)  # (m, rank)
     a_pad[:r] = a
     b_pad[:, :r] = b
-    return a_pad, b_pad
+    return LoraPair(a_pad, b_pad)
 
 
-def truncate_pair(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def truncate_pair(a: Tensor, b: Tensor, rank: int) -> LoraPair:
     """Keep the first ``rank`` slots: ``A[:rank, :]`` and ``B[:, :rank]`` (copies)."""
     if rank > a.shape[0]:
         raise ValueError(f"cannot truncate rank {a.shape[0]} up to {rank}")
-    return a[:rank].clone(), b[:, :rank].clone()
+    return LoraPair(a[:rank].clone(), b[:, :rank].clone())
 
 
 def resize_state(state: Mapping[str, Tensor], rank: int) -> AdapterState:
     """Pad or truncate every LoRA pair of ``state`` to ``rank``; other tensors are copied."""
     pairs, others = split_state(state)
-    out_pairs = {}
+    out_pairs: dict[str, LoraPair] = {}
     for module, (a, b) in pairs.items():
         if a.shape[0] <= rank:
             out_pairs[module] = pad_pair(a, b, rank)
@@ -138,22 +146,21 @@ def average_others(states: Sequence[Mapping[str, Tensor]], weights: Sequence[flo
     return {k: weighted_sum([s[k] for s in states], weights) for k in sorted(first)}
 
 
-def stack_pairs(
-    pairs: Sequence[tuple[Tensor, Tensor]], coefficients: Sequence[float]
-) -> tuple[Tensor, Tensor]:
+def stack_pairs(pairs: Sequence[tuple[Tensor, Tensor]], coefficients: Sequence[float]) -> LoraPair:
     """Stack factors so that ``B_st @ A_st == sum_k c_k * B_k @ A_k`` exactly (FLoRA).
 
-    ``A_st = [c_1 A_1; ...; c_K A_K]`` (rows) and ``B_st = [B_1, ..., B_K]`` (columns); the
-    coefficient goes on ``A`` only, exactly once. Ranks may differ.
+    ``pairs`` are ``(A_k, B_k)``. ``A_st = [c_1 A_1; ...; c_K A_K]`` (rows) and
+    ``B_st = [B_1, ..., B_K]`` (columns); the coefficient goes on ``A`` only, exactly once. Ranks
+    may differ.
     """
     a_st = torch.cat([c * a for (a, _), c in zip(pairs, coefficients, strict=True)], dim=0)
     b_st = torch.cat([b for _, b in pairs], dim=1)
-    return b_st, a_st  # (m, sum r), (sum r, n)
+    return LoraPair(a_st, b_st)  # (sum r, n), (m, sum r)
 
 
 def merge_delta(merge: BaseMerge, module: str) -> Tensor:
     """Return the dense ``(m, n)`` update of one module of a factored merge."""
-    b, a = merge[module]
+    a, b = merge[module]
     return b @ a
 
 
@@ -163,14 +170,76 @@ def concat_merges(merges: Sequence[BaseMerge]) -> BaseMerge:
     out: BaseMerge = {}
     for module in modules:
         parts = [merge[module] for merge in merges if module in merge]
-        out[module] = (torch.cat([b for b, _ in parts], dim=1), torch.cat([a for _, a in parts], dim=0))
+        out[module] = LoraPair(torch.cat([a for a, _ in parts], dim=0), torch.cat([b for _, b in parts], dim=1))
     return out
 
 
-def _row_seed(seed: int, module: str, row: int) -> int:
-    # A stable 63-bit seed per (run seed, module, row): crc32 is the same on every machine and
-    # Python version (unlike hash()), so every client draws bit-identical rows.
-    return (seed * 1_000_003 + zlib.crc32(module.encode()) * 10_007 + row) % (2**63 - 1)
+def merges_to_tensors(merges: Iterable[tuple[int, BaseMerge]]) -> dict[str, Tensor]:
+    """Flatten indexed base merges to named tensors: ``"<index>|<module>|A"`` and ``"...|B"``.
+
+    The one serialisation of merges: the wire sends it (the merges a client has not applied yet)
+    and the checkpoint writes it (one file per merge).
+    """
+    out: dict[str, Tensor] = {}
+    for index, merge in merges:
+        for module, (a, b) in merge.items():
+            out[_MERGE_SEP.join((str(index), module, "A"))] = a  # (R, n)
+            out[_MERGE_SEP.join((str(index), module, "B"))] = b  # (m, R)
+    return out
+
+
+def tensors_to_merges(tensors: Mapping[str, Tensor]) -> list[tuple[int, BaseMerge]]:
+    """Inverse of :func:`merges_to_tensors`, sorted by index."""
+    parts: dict[int, dict[str, dict[str, Tensor]]] = {}
+    for name, tensor in tensors.items():
+        index, module, factor = name.split(_MERGE_SEP)
+        parts.setdefault(int(index), {}).setdefault(module, {})[factor] = tensor
+    return [(i, {m: LoraPair(f["A"], f["B"]) for m, f in sorted(mods.items())}) for i, mods in sorted(parts.items())]
+
+
+def fold_merges(adapter: Mapping[str, Tensor], scaling: float, merges: Sequence[BaseMerge]) -> tuple[AdapterState, int]:
+    """Fold base merges into one adapter at scaling 1, so that it loads on the pristine base.
+
+    With merges ``B_cum @ A_cum`` the folded factors are ``A = [A_g; A_cum]`` and
+    ``B = [s B_g, B_cum]``, whose product is exactly ``s B_g A_g + B_cum A_cum``. Returns the
+    folded state and its rank (save it with ``lora_alpha = rank``: scaling 1). Without merges the
+    adapter is returned as it is, with its own rank (save it with its own alpha).
+    """
+    if not merges:
+        return dict(adapter), rank_of(adapter)
+    cumulative = concat_merges(merges)
+    pairs, others = split_state(adapter)
+    folded = {module: LoraPair(torch.cat([a, cumulative[module].a], dim=0),
+                               torch.cat([scaling * b, cumulative[module].b], dim=1))
+              for module, (a, b) in pairs.items()}
+    state = join_state(folded, others)
+    return state, rank_of(state)
+
+
+def continues(plan: ClientPlan, key: str) -> bool:
+    """Whether tensor ``key`` of a client's adapter continues from the global one under ``plan``.
+
+    Every tensor does, except the LoRA factors of a fresh adapter (``plan.adapter is None``: new
+    factors every round): a compression residual can be carried only for continuing tensors.
+    """
+    return plan.adapter is not None or not is_lora_key(key)
+
+
+def plan_start(plan: ClientPlan, modules: Mapping[str, tuple[int, int]]) -> AdapterState:
+    """The adapter a client starts its round from, at ``plan.rank`` (copies, never the plan's tensors).
+
+    ``plan.adapter is None`` is a fresh adapter: ``A`` drawn from ``plan.init_seed``, ``B = 0`` and
+    the plan's head. Otherwise the plan's adapter, with every ``A`` it lacks (kept off the wire,
+    ``send_lora_a=False``) drawn from ``plan.init_seed``: the sender and the receiver of a plan
+    build the same start, bit for bit.
+    """
+    if plan.adapter is None:
+        return fresh_state(modules, plan.rank, plan.init_seed, plan.head)
+    start = {k: v.clone() for k, v in plan.adapter.items()}
+    for module, (_, n) in modules.items():
+        if lora_a_key(module) not in start:
+            start[lora_a_key(module)] = init_lora_a(plan.init_seed, module, plan.rank, n)  # (r, n)
+    return start
 
 
 def init_lora_a(seed: int, module: str, rank: int, in_features: int) -> Tensor:
@@ -184,7 +253,7 @@ def init_lora_a(seed: int, module: str, rank: int, in_features: int) -> Tensor:
     bound = 1.0 / math.sqrt(in_features)
     rows = []
     for row in range(rank):
-        gen = torch.Generator().manual_seed(_row_seed(seed, module, row))
+        gen = torch.Generator().manual_seed(seeds.lora_a_row(seed, module, row))
         rows.append(torch.rand(in_features, generator=gen, dtype=torch.float32))
     a = torch.stack(rows) if rows else torch.zeros((0, in_features))
     return (a * 2.0 - 1.0) * bound  # (rank, n)
@@ -195,7 +264,7 @@ def fresh_state(
 ) -> AdapterState:
     """Return a fresh adapter at ``rank``: ``A`` from :func:`init_lora_a`, ``B = 0``, ``head``."""
     pairs = {
-        module: (init_lora_a(seed, module, rank, n), torch.zeros((m, rank)))
+        module: LoraPair(init_lora_a(seed, module, rank, n), torch.zeros((m, rank)))
         for module, (m, n) in modules.items()
     }
     return join_state(pairs, {k: v.clone() for k, v in head.items()})
@@ -218,7 +287,8 @@ def row_space_core(a: Tensor) -> Tensor:
     a64 = a.double()  # (R, n)
     if a64.numel() == 0:
         return torch.zeros((0, a64.shape[0]), dtype=torch.float64)
-    return torch.linalg.qr(a64.T, mode="r").R  # (min(n, R), R)
+    core: Tensor = torch.linalg.qr(a64.T, mode="r").R  # (min(n, R), R)
+    return core
 
 
 def fro_through_core(b: Tensor, core: Tensor) -> float:
@@ -228,9 +298,7 @@ def fro_through_core(b: Tensor, core: Tensor) -> float:
     return float(torch.linalg.matrix_norm(b.double() @ core.T))  # (m, q)
 
 
-def ideal_and_gap_norms(
-    b_id: Tensor, a_id: Tensor, a: Tensor, bs: Sequence[Tensor]
-) -> tuple[float, list[float]]:
+def ideal_and_gap_norms(ideal_pair: LoraPair, a: Tensor, bs: Sequence[Tensor]) -> tuple[float, list[float]]:
     """Return ``||B_id A_id||_F`` and ``[||B_id A_id - B A||_F for B in bs]``, never forming ``m x n``.
 
     ``B_id A_id`` is typically a stacked ideal update (:func:`stack_pairs`) and each ``B A`` an
@@ -239,6 +307,7 @@ def ideal_and_gap_norms(
     ``B_id R_id^T - B R_a^T`` (an ``(m, q)`` matrix, float64). The error stays ~1e-16 of the
     operands' norms, so a gap that vanishes exactly (FFA-LoRA) reads as zero up to rounding.
     """
+    a_id, b_id = ideal_pair
     dtype = torch.float64
     k = a_id.shape[0]
     core = row_space_core(torch.cat([a_id.to(dtype), a.to(dtype)], dim=0))  # (q, k + r)
@@ -268,12 +337,6 @@ def factored_fro_norm(b: Tensor, a: Tensor) -> float:
     r_b = torch.linalg.qr(b.double(), mode="r").R  # (min(m, R), R)
     return float(torch.linalg.matrix_norm(r_b @ a.double()))  # (q, n)
 
-
-def ideal_stack(
-    updates_pairs: Sequence[tuple[Tensor, Tensor]], coefficients: Sequence[float]
-) -> tuple[Tensor, Tensor]:
-    """Alias of :func:`stack_pairs` named for what it represents: ``sum_k c_k B_k A_k``."""
-    return stack_pairs(updates_pairs, coefficients)
 
 
 SIMPLE_WEIGHTINGS = ("examples", "uniform")

@@ -1,8 +1,9 @@
 """The metric a task is judged by, and its direction (standard library only: the report imports it).
 
 Classification is judged by test accuracy (higher is better), causal-LM fine-tuning by held-out
-perplexity (lower is better). The console line, ``summary.json``, the plots, ``fedlora-report`` and
-the Hydra return value all name the task's metric through this one table.
+perplexity (lower is better); each task names its metric (``fedlora.runtime.tasks``). The console
+line, ``summary.json``, the plots, ``fedlora-report`` and the Hydra return value name it through
+these objects.
 """
 
 from __future__ import annotations
@@ -39,14 +40,27 @@ class Metric:
 
 ACCURACY = Metric("test_accuracy", "test accuracy", "acc", higher_is_better=True)
 PERPLEXITY = Metric("test_perplexity", "test perplexity", "ppl", higher_is_better=False)
-TASK_METRICS = {"classification": ACCURACY, "causal_lm": PERPLEXITY}
+#: Every metric a task can be judged by (a task names its own: ``fedlora.runtime.tasks``).
+METRICS = (ACCURACY, PERPLEXITY)
 
 
-def task_kind(config: Mapping[str, Any]) -> str:
-    """The ``task.kind`` of a resolved config (runs made before tasks existed are classification)."""
-    return str((config.get("task") or {}).get("kind", "classification"))
+def metric_named(key: str) -> Metric:
+    """The metric whose ``metrics.jsonl`` key is ``key`` (``ValueError`` for an unknown one)."""
+    for metric in METRICS:
+        if metric.key == key:
+            return metric
+    raise ValueError(f"unknown metric {key!r}; known: {[m.key for m in METRICS]}")
 
 
-def metric_of(config: Mapping[str, Any]) -> Metric:
-    """The metric that judges runs of ``config``."""
-    return TASK_METRICS.get(task_kind(config), ACCURACY)
+def metric_of_run(summary: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> Metric:
+    """The metric that judges a run: ``summary.json``'s ``primary_metric``, else the one its records carry.
+
+    A run without either (killed before round 0) is read as classification (accuracy).
+    """
+    if summary.get("primary_metric"):
+        return metric_named(str(summary["primary_metric"]))
+    for row in rows:
+        for metric in METRICS:
+            if metric.key in row:
+                return metric
+    return ACCURACY

@@ -12,17 +12,33 @@ example the classification head), which strategies average by example weight.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
 AdapterState = dict[str, Tensor]
-# A factored update to add to the frozen base weights: module -> (B_st (m, R), A_st (R, n)),
+# An encoded update: named numpy arrays of any dtype (what a compressor puts on the wire).
+Payload = dict[str, np.ndarray]
+
+
+class LoraPair(NamedTuple):
+    """One module's LoRA factors, always in this order: ``a`` ``(r, n)``, then ``b`` ``(m, r)``.
+
+    The module's update is ``b @ a`` (times the scaling ``s`` for an adapter; a base merge has its
+    scaling folded in).
+    """
+
+    a: Tensor
+    b: Tensor
+
+
+# A factored update to add to the frozen base weights: module -> (A_st (R, n), B_st (m, R)),
 # scaling already folded in, so the dense update is exactly ``B_st @ A_st``.
-BaseMerge = dict[str, tuple[Tensor, Tensor]]
+BaseMerge = dict[str, LoraPair]
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,16 @@ class Strategy(Protocol):
     The platform calls :meth:`init` once, then every round :meth:`plan` for each sampled client
     and :meth:`aggregate` with the decoded replies. Global state is passed in and returned, never
     hidden on ``self``, so runs checkpoint and resume exactly.
+
+    Attributes
+    ----------
+    fresh_adapters:
+        Whether every round's client adapter starts with fresh LoRA factors (``plan.adapter`` is
+        ``None``: FLoRA) rather than continuing from the global ones. A compressor's error
+        feedback cannot carry a residual across fresh factors; the configuration check reads this.
     """
+
+    fresh_adapters: bool
 
     def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
         """Return the round-0 global adapter (at ``spec.r_max``) and strategy state."""
@@ -152,4 +177,38 @@ class Strategy(Protocol):
         server_round: int,
     ) -> AggregateResult:
         """Combine the clients' trained adapters into the next global adapter."""
+        ...
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    """A codec for what a client uploads: its round update, per tensor, with optional error feedback.
+
+    The client compresses ``delta`` (trained minus start) plus the residual it kept from its last
+    round; the server decodes the payload and adds it to the start adapter. Implementations live
+    in :mod:`fedlora.compression`, one module each, selected by ``_target_`` in
+    ``conf/compression/``.
+
+    Attributes
+    ----------
+    error_feedback:
+        Whether what compression dropped is carried into the next round's update.
+    """
+
+    error_feedback: bool
+
+    def compress(
+        self, delta: Mapping[str, Tensor], residual: Mapping[str, Tensor] | None,
+        continuing: Collection[str] | None = None,
+    ) -> tuple[Payload, AdapterState]:
+        """Encode ``delta + residual``; return the payload and the residual to keep.
+
+        ``continuing`` names the tensors that continue from the global adapter next round (not
+        fresh LoRA factors; ``None``: all): only their residual can be carried, and only with
+        error feedback.
+        """
+        ...
+
+    def decode(self, payload: Mapping[str, np.ndarray]) -> AdapterState:
+        """Return the update the payload encodes, per tensor, in float32."""
         ...

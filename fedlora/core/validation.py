@@ -40,9 +40,9 @@ def _lora_rank(received: Mapping[str, Tensor]) -> int | None:
     """Return the rank the LoRA tensors agree on (rows of ``A``, columns of ``B``), else ``None``."""
     ranks = set()
     for key, value in received.items():
-        if key.endswith(".lora_A.weight") and value.dim() == 2:
+        if lm.is_lora_a_key(key) and value.dim() == 2:
             ranks.add(int(value.shape[0]))  # A: (r, n)
-        elif key.endswith(".lora_B.weight") and value.dim() == 2:
+        elif lm.is_lora_b_key(key) and value.dim() == 2:
             ranks.add(int(value.shape[1]))  # B: (m, r)
     return ranks.pop() if len(ranks) == 1 else None
 

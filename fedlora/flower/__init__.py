@@ -1,1 +1,4 @@
-"""Flower glue: the only package that imports flwr (with fedlora.cli.main and fedlora.results.outputs.report)."""
+"""Flower glue: the ServerApp, the ClientApp, the Grid transport and the simulation launch.
+
+With ``fedlora.cli`` (which launches simulations and deployments), the only code that imports flwr.
+"""

@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fedlora.federation import keys
+from fedlora.config.settings import Settings
 from fedlora.core.errors import ConfigError
-from fedlora.core.metrics import task_kind
+from fedlora.federation import keys
+from fedlora.runtime.data.settings import NodeData
+from fedlora.runtime.tasks import task_class
+from fedlora.runtime.training.workspace import WorkspaceKey
 
 KNOWN_KEYS = (keys.PARTITION_ID, keys.NUM_PARTITIONS, keys.NODE_RANK, keys.NODE_DATA, keys.NODE_STATE_DIR)
 
@@ -49,38 +51,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_data_path(value: Any, cfg: Mapping[str, Any], add: Any) -> None:
-    from fedlora.runtime.data import datasets as ds  # noqa: PLC0415
-    from fedlora.runtime.data import instructions as ins  # noqa: PLC0415
-
-    data = cfg["data"]
-    causal = task_kind(cfg) == "causal_lm"
-    suffixes = ins.INSTRUCTION_SUFFIXES if causal else tuple(ds.LOCAL_SUFFIXES)
-    path = Path(str(value))
-    if not isinstance(value, str) or not value:
-        add(keys.NODE_DATA, value, "give the path of this node's training file in quotes: "
-            'data-path="/data/train.csv"')
-    elif path.suffix.lower() not in suffixes:
-        add(keys.NODE_DATA, value, f"use a {'/'.join(s[1:] for s in suffixes)} file"
-            + (" of instruction records (task=causal_lm)" if causal else ""))
-    elif not path.is_file():
-        add(keys.NODE_DATA, value, "no such file on this node; give an absolute path to an existing file")
-    elif causal:
-        try:
-            ins.detect_format(ins.instruction_columns(value), str(data.get("format", "auto")))
-        except ds.DataError as exc:
-            add(keys.NODE_DATA, value, str(exc))
-    else:
-        columns = ds.read_columns(value)
-        wanted = [data.get("text_column"), data.get("label_column")]
-        missing = [c for c in wanted if c not in columns]
-        if missing:
-            add(keys.NODE_DATA, value, f"has no column(s) {missing} (its columns are {columns}); the run reads "
-                "data.text_column / data.label_column: rename the file's columns or deploy with other names")
-
-
-def read_node_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> NodeSettings:
-    """Check ``node_config`` against the run's config; return the node's settings.
+def read_node_config(settings: Settings, node_config: Mapping[str, Any]) -> NodeSettings:
+    """Check ``node_config`` against the run's settings; return the node's settings.
 
     Raises :class:`NodeConfigError` listing every problem.
     """
@@ -91,7 +63,7 @@ def read_node_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
 
     for key in sorted(set(node_config) - set(KNOWN_KEYS)):
         add(key, node_config[key], f"not a fedlora node-config key; the keys are {', '.join(KNOWN_KEYS)}")
-    num_clients = int(cfg["num_clients"])
+    num_clients = settings.loop.num_clients
     data_path = node_config.get(keys.NODE_DATA)
     cid = node_config.get(keys.PARTITION_ID)
     if cid is None:
@@ -111,7 +83,12 @@ def read_node_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
         add(keys.NODE_RANK, rank, "a LoRA rank is an integer >= 1 (for example rank=8), or leave it out to use "
             "the run's rank policy")
     if data_path is not None:
-        _check_data_path(data_path, cfg, add)
+        if not isinstance(data_path, str) or not data_path:
+            add(keys.NODE_DATA, data_path, "give the path of this node's training file in quotes: "
+                'data-path="/data/train.csv"')
+        else:
+            task_class(settings.task.kind).check_node_file(data_path, dataclasses.asdict(settings.data),
+                                                           keys.NODE_DATA, add)
     state_dir = node_config.get(keys.NODE_STATE_DIR)
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir):
         add(keys.NODE_STATE_DIR, state_dir, 'give a directory in quotes: state-dir="/var/lib/fedlora"')
@@ -122,23 +99,22 @@ def read_node_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
                         None if state_dir is None else str(state_dir))
 
 
-def node_workspace_key(cfg: Mapping[str, Any], node: NodeSettings,  # noqa: ANN201
-                       label_names: tuple[str, ...] | None):
+def node_rank(settings: Settings, node: NodeSettings) -> int:
+    """The node-config ``rank``, else the run's rank policy for this client id."""
+    return node.rank if node.rank is not None else settings.client_ranks()[node.client_id]
+
+
+def node_workspace_key(settings: Settings, node: NodeSettings, label_names: tuple[str, ...] | None) -> WorkspaceKey:
     """Return the workspace key of this node: the run's, plus its own file when it has one.
 
     A node's own file is numbered by ``label_names``, the run's classes as the server's dataset
     numbers them (sent in the hello), never by the labels that happen to occur in the file.
     """
-    from fedlora.config import workspace_key  # noqa: PLC0415
-    from fedlora.runtime.training.workspace import NodeData  # noqa: PLC0415
-
-    key = workspace_key(cfg)
+    key = settings.workspace_key()
     if node.data_path is None:
         return key
     if not label_names:
         raise RuntimeError("this node has its own data-path but did not receive the run's label names "
                            "(they come with the server's hello); start the run again")
-    data = cfg["data"]
-    node_data = NodeData(node.data_path, str(data["text_column"]), str(data["label_column"]),
-                         tuple(label_names))
+    node_data = NodeData(node.data_path, settings.data.text_column, settings.data.label_column, tuple(label_names))
     return dataclasses.replace(key, node_data=node_data)

@@ -4,7 +4,7 @@ Decision: we call Flower's simulation engine directly (``flwr.simulation.run_sim
 engine, ``_run_simulation``) instead of the deprecated public ``run_simulation`` wrapper (which
 logs a deprecation warning on every call) or ``flwr run`` (which starts a detached SuperLink and
 SuperExec that outlive the command and passes config only as flat strings). In-process we keep:
-the resolved Hydra config handed to the apps as a Python object, Ray resources from the config,
+the run's settings handed to the apps as a Python object, Ray resources from the config,
 Hydra sweeps running one job after another in one process, and exceptions that reach the
 caller. The price is a private function: Flower is pinned (pyproject.toml) and
 ``tests/test_flower_api.py`` fails loudly if its signature changes. The same ServerApp and
@@ -16,8 +16,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any
+
+from fedlora.config.settings import Settings, SimulationSettings
 
 REQUIRED_PARAMETERS = ("num_supernodes", "exit_event", "client_app", "server_app", "backend_name",
                        "backend_config")
@@ -33,18 +34,17 @@ def engine() -> Any:
     return _run_simulation
 
 
-def backend_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Ray backend settings from ``cfg["simulation"]``: per-client CPUs/GPUs, ray.init arguments."""
-    sim = cfg.get("simulation", {})
-    resources = dict(sim.get("client_resources", {"num_cpus": 1, "num_gpus": 0.0}))
-    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": bool(sim.get("log_to_driver", True)),
+def backend_config(sim: SimulationSettings) -> dict[str, Any]:
+    """Ray backend settings: per-client CPUs/GPUs and ray.init arguments."""
+    resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": sim.log_to_driver,
                                  "include_dashboard": False}
-    if sim.get("num_cpus"):
-        init_args["num_cpus"] = int(sim["num_cpus"])
-    if sim.get("num_gpus") is not None:
-        init_args["num_gpus"] = float(sim["num_gpus"])
-    if sim.get("address"):
-        init_args["address"] = str(sim["address"])
+    if sim.num_cpus:
+        init_args["num_cpus"] = int(sim.num_cpus)
+    if sim.num_gpus is not None:
+        init_args["num_gpus"] = float(sim.num_gpus)
+    if sim.address:
+        init_args["address"] = str(sim.address)
     return {"client_resources": resources, "init_args": init_args}
 
 
@@ -57,8 +57,8 @@ def quiet_flower_console() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def run(cfg: Mapping[str, Any]) -> Any:
-    """Run the federated simulation described by the resolved config ``cfg``."""
+def run(settings: Settings) -> Any:
+    """Run the federated simulation of ``settings`` (the apps close over them)."""
     from flwr.supercore.telemetry import EventType  # noqa: PLC0415
 
     from fedlora.flower.client_app import make_client_app  # noqa: PLC0415
@@ -67,7 +67,7 @@ def run(cfg: Mapping[str, Any]) -> Any:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     quiet_flower_console()
     return engine()(
-        num_supernodes=int(cfg["num_clients"]), exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=make_client_app(cfg), server_app=make_server_app(cfg), backend_name="ray",
-        backend_config=backend_config(cfg),
+        num_supernodes=settings.loop.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=make_client_app(settings), server_app=make_server_app(settings), backend_name="ray",
+        backend_config=backend_config(settings.simulation),
     )

@@ -10,7 +10,8 @@ Server checkpoint, after every round, in ``<run_dir>/checkpoint/``::
                                 Python and NumPy RNG states, number of base merges
         metrics.jsonl           metrics.jsonl as it was after this round
     merges/merge_00002.safetensors
-                                base merges (FLoRA), each written once (they never change)
+                                base merges (FLoRA), each written once (they never change), named
+                                as on the wire (fedlora.core.lora_math.merges_to_tensors)
 
 A reader follows ``LATEST``, so a kill at any moment leaves the previous complete checkpoint
 readable: a round directory becomes visible only by a rename, ``LATEST`` only by
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedlora.core.lora_math import merges_to_tensors, tensors_to_merges
 from fedlora.core.types import AdapterState, BaseMerge
 
 CHECKPOINT_DIR = "checkpoint"
@@ -124,9 +126,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
     root = Path(run_dir) / CHECKPOINT_DIR
     (root / "merges").mkdir(parents=True, exist_ok=True)
     for index in range(merges_from, len(ckpt.merges)):
-        tensors = {}
-        for module, (b, a) in ckpt.merges[index].items():
-            tensors[f"{module}|B"], tensors[f"{module}|A"] = b, a  # B: (m, R), A: (R, n)
+        tensors = merges_to_tensors([(index, ckpt.merges[index])])
         save_tensors_atomic(root / "merges" / f"merge_{index:05d}.safetensors", tensors)
     name = f"round_{ckpt.round:05d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
@@ -172,11 +172,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     folder = root / (root / _LATEST).read_text().strip()
     meta = json.loads((folder / "meta.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
-    merges = []
-    for index in range(int(meta["num_merges"])):
-        raw = load_file(str(root / "merges" / f"merge_{index:05d}.safetensors"))
-        modules = sorted({k.rsplit("|", 1)[0] for k in raw})
-        merges.append({m: (raw[f"{m}|B"], raw[f"{m}|A"]) for m in modules})
+    merges = [_load_merge(root / "merges" / f"merge_{index:05d}.safetensors", index)
+              for index in range(int(meta["num_merges"]))]
     rng = dict(meta.get("rng", {}))
     rng["torch"] = tensors.get("rng/torch")
     return Checkpoint(
@@ -187,6 +184,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         acked={int(k): int(v) for k, v in meta["acked"].items()}, best=float(meta["best"]),
         elapsed=float(meta["elapsed"]), metrics=(folder / "metrics.jsonl").read_text().splitlines(), rng=rng,
     )
+
+
+def _load_merge(path: Path, index: int) -> BaseMerge:
+    """One merge file; files written before merges carried their index name tensors ``<module>|A``."""
+    raw = load_file(str(path))
+    named = {(k if k.count("|") == 2 else f"{index}|{k}"): v for k, v in raw.items()}
+    ((_, merge),) = tensors_to_merges(named)
+    return merge
 
 
 # -- client state -----------------------------------------------------------------------------

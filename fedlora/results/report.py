@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedlora.core.metrics import ACCURACY, Metric, metric_of
+from fedlora.core.metrics import ACCURACY, Metric, metric_of_run
+from fedlora.results.record import METRICS_FILE, RoundRecord, read_rows
 
 #: Share of the best final accuracy that "rounds to target" measures (perplexity: best / share).
 TARGET_SHARE = 0.9
@@ -63,7 +64,7 @@ class Run:
     config : dict
         The resolved config (``config.yaml``; ``.hydra/config.yaml`` when a job failed before
         writing it; ``{}`` when neither exists).
-    rows : list of dict
+    rows : list of RoundRecord
         The per-round records of ``metrics.jsonl``, round 0 first.
     summary : dict
         ``summary.json`` (``{}`` when absent).
@@ -80,7 +81,7 @@ class Run:
 
     path: Path
     config: dict[str, Any] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[RoundRecord] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     method: str = "?"
     strategy: str = "?"
@@ -96,6 +97,11 @@ class Run:
     def ok(self) -> bool:
         """Whether the run completed and enters the table."""
         return self.status == "ok"
+
+    @property
+    def metric(self) -> Metric:
+        """The metric that judges the run (its task's)."""
+        return metric_of_run(self.summary, (r.metrics for r in self.rows))
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -147,8 +153,8 @@ def load_run(run_dir: Path) -> Run:
     try:
         run.config = _read_config(run.path)
         run.strategy, run.method = method_label(run.config)
-        if (run.path / "metrics.jsonl").is_file():
-            run.rows = _read_jsonl(run.path / "metrics.jsonl")
+        if (run.path / METRICS_FILE).is_file():
+            run.rows = [RoundRecord.from_dict(row) for row in read_rows(run.path / METRICS_FILE)]
         if (run.path / "summary.json").is_file():
             run.summary = json.loads((run.path / "summary.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -159,7 +165,7 @@ def load_run(run_dir: Path) -> Run:
     elif not run.rows:
         run.status, run.error = "incomplete", "no metrics.jsonl records (killed before round 0?)"
     elif not run.summary:
-        last = run.rows[-1].get("round")
+        last = run.rows[-1].round
         again = ("a deployed run cannot be resumed: run it again" if run.config.get("deployment")
                  else f"`fedlora resume={run.path}`")
         run.status, run.error = "incomplete", f"no summary.json after round {last} (still running, or killed: {again})"
@@ -187,17 +193,6 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         if candidate.is_file():
             return yaml.safe_load(candidate.read_text()) or {}
     return {}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{path.name} line {number} is not JSON ({exc})") from None
-    return rows
 
 
 def _failure_line(text: str) -> str:
@@ -228,9 +223,13 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     >>> method_label({"strategy": {"_target_": "strategies.flora.FLoRA"},
     ...               "compression": {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}})
     ('flora', 'flora+compeft(d=0.1)')
+
+    The centralized bound (``transport: pooled``) is ``"centralized"`` whatever aggregates its learner.
     """
     target = str((config.get("strategy") or {}).get("_target_", "?"))
     strategy = target.rsplit(".", 2)[-2] if target.count(".") >= 1 else target
+    if target == "strategies.centralized.Centralized" or config.get("transport") == "pooled":
+        strategy = "centralized"  # (the first: runs made before the bound became a transport)
     compression = config.get("compression") or {}
     if not compression.get("_target_"):
         return strategy, strategy
@@ -244,12 +243,12 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------- summarize
 
 
-def per_round_bytes(rows: list[dict[str, Any]], direction: str) -> float:
+def per_round_bytes(rows: list[RoundRecord], direction: str) -> float:
     """Mean bytes per training round (all clients), rounds 1.. only.
 
     Parameters
     ----------
-    rows : list of dict
+    rows : list of RoundRecord
         A run's ``metrics.jsonl`` records.
     direction : {"up", "down"}
         Uplink (client -> server) or downlink.
@@ -259,20 +258,13 @@ def per_round_bytes(rows: list[dict[str, Any]], direction: str) -> float:
     float
         NaN if the run has no training round.
     """
-    per_round = [_round_bytes(r, direction) for r in rows if int(r.get("round", 0)) >= 1]
+    per_round = [float(r.bytes_total(direction)) for r in rows if r.round >= 1]
     return float(np.mean(per_round)) if per_round else math.nan
-
-
-def _round_bytes(row: dict[str, Any], direction: str) -> float:
-    total = row.get(f"bytes_{direction}_total")
-    if total is None:
-        total = sum(c.get(f"bytes_{direction}", 0) or 0 for c in row.get("clients") or [])
-    return float(total)
 
 
 def report_metric(runs: list[Run]) -> Metric:
     """The metric of the completed runs' task (accuracy when there is none)."""
-    metrics = [metric_of(r.config) for r in runs if r.ok]
+    metrics = [r.metric for r in runs if r.ok]
     return metrics[0] if metrics else ACCURACY
 
 
@@ -281,18 +273,18 @@ def target_value(best: float, metric: Metric = ACCURACY) -> float:
     return TARGET_SHARE * best if metric.higher_is_better else best / TARGET_SHARE
 
 
-def first_round_reaching(rows: list[dict[str, Any]], target: float, metric: Metric = ACCURACY) -> int | None:
+def first_round_reaching(rows: list[RoundRecord], target: float, metric: Metric = ACCURACY) -> int | None:
     """The first round whose metric reaches ``target`` (``>=``, or ``<=`` when lower is better)."""
     for row in rows:
-        value = row.get(metric.key)
+        value = row.metric(metric.key)
         if value is not None and (value >= target if metric.higher_is_better else value <= target):
-            return int(row["round"])
+            return row.round
     return None
 
 
 def final_value(run: Run, metric: Metric = ACCURACY) -> float:
     """``summary.json``'s final metric, else the last round's."""
-    value = run.summary.get(f"final_{metric.key}", run.rows[-1].get(metric.key) if run.rows else None)
+    value = run.summary.get(f"final_{metric.key}", run.rows[-1].metric(metric.key) if run.rows else None)
     return math.nan if value is None else float(value)
 
 
@@ -300,13 +292,13 @@ def best_value(run: Run, metric: Metric = ACCURACY) -> float:
     """``summary.json``'s best metric, else the best round's."""
     value = run.summary.get(f"best_{metric.key}")
     if value is None:
-        value = metric.best(float(r[metric.key]) for r in run.rows if r.get(metric.key) is not None)
+        value = metric.best(float(v) for r in run.rows if (v := r.metric(metric.key)) is not None)
     return float(value)
 
 
 def wall_time(run: Run) -> float:
     """``summary.json``'s wall time in seconds, else the last round's ``wall_time``."""
-    value = run.summary.get("wall_time_seconds", run.rows[-1].get("wall_time") if run.rows else None)
+    value = run.summary.get("wall_time_seconds", run.rows[-1].wall_time if run.rows else None)
     return math.nan if value is None else float(value)
 
 
@@ -370,7 +362,7 @@ def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]
         "up_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "up") for r in group])),
         "down_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "down") for r in group])),
         "wall_time_s": float(np.mean([wall_time(r) for r in group])),
-        "failed_clients": int(sum(int(row.get("num_failed") or 0) for r in group for row in r.rows)),
+        "failed_clients": int(sum(row.count("failed") for r in group for row in r.rows)),
     }
 
 
@@ -416,7 +408,7 @@ def problem_lines(runs: list[Run], root: Path) -> list[str]:
         mixed = _differing_keys([r.config for r in group])
         if mixed:
             lines.append(f"- **note** {method} averages runs whose configs differ in: {', '.join(mixed)}")
-    metrics = sorted({metric_of(r.config).name for r in runs if r.ok})
+    metrics = sorted({r.metric.name for r in runs if r.ok})
     if len(metrics) > 1:
         lines.append(f"- **note** the runs belong to different tasks ({', '.join(metrics)}); the table shows "
                      f"{report_metric(runs).name}: report each task's runs separately")
@@ -538,13 +530,13 @@ def curves(group: list[Run], metric: Metric = ACCURACY) -> dict[str, np.ndarray]
     acc = np.full((len(group), n), np.nan)
     mb = np.full((len(group), n), np.nan)
     for i, run in enumerate(group):
-        acc[i, : len(run.rows)] = [_nan_if_none(r.get(metric.key)) for r in run.rows]
-        traffic = [_round_bytes(r, "up") + _round_bytes(r, "down") for r in run.rows]
+        acc[i, : len(run.rows)] = [_nan_if_none(r.metric(metric.key)) for r in run.rows]
+        traffic = [r.bytes_total("up") + r.bytes_total("down") for r in run.rows]
         mb[i, : len(run.rows)] = np.cumsum(traffic) / 1e6
     rounds = max(group, key=lambda r: len(r.rows)).rows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        return {"round": np.array([r["round"] for r in rounds]), "mean": np.nanmean(acc, axis=0),
+        return {"round": np.array([r.round for r in rounds]), "mean": np.nanmean(acc, axis=0),
                 "min": np.nanmin(acc, axis=0), "max": np.nanmax(acc, axis=0), "mb": np.nanmean(mb, axis=0)}
 
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.core import lora_math as lm
+from fedlora.core.errors import Problems
+from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge, LoraPair
 from fedlora.runtime.tiny_decoder import TINY_NAME, build_tiny_decoder, build_tiny_tokenizer, save_tiny_base
-from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge
 
 BUILTIN_MINILM = "all-MiniLM-L6-v2"
 MINILM_NAMES = (BUILTIN_MINILM, "minilm", "sentence-transformers/all-MiniLM-L6-v2")  # the packaged model
-TASKS = ("classification", "causal_lm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # peft 0.21 reads a transformers attribute that transformers 5 deprecates, on every model wrap
@@ -51,17 +51,12 @@ class ModelSettings:
     dropout: float = 0.05
     max_length: int = 128
     device: str = "auto"  # auto: the GPU Ray gave this process (CUDA_VISIBLE_DEVICES), else the CPU
-    task: str = "classification"  # classification | causal_lm: the Auto class and peft task type
+    decoder: bool = False  # set by the task: a causal LM (peft CAUSAL_LM), else a sequence classifier
     # The defaults keep classification exactly as it was; the decoder configs set these to auto.
     dtype: str = "float32"  # auto: bfloat16 on a CUDA GPU that supports it, else float32
     gradient_checkpointing: bool | str = False  # auto: on when the model runs on a GPU
     load_in_4bit: bool = False  # QLoRA: a 4-bit NF4 base (needs bitsandbytes and a CUDA GPU)
     base_seed: int = 0  # the weights of the built-in random tiny decoder
-
-    @property
-    def causal(self) -> bool:
-        """Whether this is a decoder fine-tuned as a causal LM."""
-        return self.task == "causal_lm"
 
     def alpha(self, rank: int) -> float:
         """``lora_alpha = alpha_per_rank * r`` keeps ``s = alpha / r`` equal at every rank."""
@@ -148,15 +143,15 @@ def load_causal_lm(settings: ModelSettings, device: torch.device) -> torch.nn.Mo
     return model
 
 
-def model_skeleton(name: str, task: str = "classification") -> torch.nn.Module:
-    """Build model ``name`` for ``task`` on the meta device: its layers and shapes, no weights."""
+def model_skeleton(name: str, decoder: bool = False) -> torch.nn.Module:
+    """Build model ``name`` (a causal LM if ``decoder``, else a classifier) on the meta device: shapes, no weights."""
     if name == TINY_NAME:
         with torch.device("meta"):
             return build_tiny_decoder(0)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(resolve_model_path(name))
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if decoder else AutoModelForSequenceClassification
     with torch.device("meta"):
         return auto.from_config(config)
 
@@ -180,7 +175,7 @@ def _lora_config(settings: ModelSettings, rank: int):  # noqa: ANN202
 
 
 def _peft_task(settings: ModelSettings) -> str:
-    return "CAUSAL_LM" if settings.causal else "SEQ_CLS"
+    return "CAUSAL_LM" if settings.decoder else "SEQ_CLS"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -198,7 +193,7 @@ class AdapterHost:
 
         self.settings = settings
         self.device = pick_device(settings.device)
-        if settings.causal:
+        if settings.decoder:
             base = self._prepare_decoder(load_causal_lm(settings, self.device))
         else:
             base = load_base_model(settings.name, num_labels, seed)
@@ -218,7 +213,7 @@ class AdapterHost:
             self._state_module(path): layer.base_layer.weight.detach().clone()
             for path, layer in layers.items()
         } if self._merge_in_weights else {}
-        self._merge_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._merge_factors: dict[str, LoraPair] = {}
         if not self._merge_in_weights:
             for path, layer in layers.items():
                 layer.base_layer.register_forward_hook(self._merge_hook(self._state_module(path)))
@@ -240,7 +235,7 @@ class AdapterHost:
             factors = self._merge_factors.get(module)
             if factors is None:
                 return output
-            b, a = factors  # B: (m, R), A: (R, n), fp32
+            a, b = factors  # A: (R, n), B: (m, R), fp32
             return output + ((args[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
 
         return hook
@@ -316,8 +311,8 @@ class AdapterHost:
             return
         if not self._merge_in_weights:
             self._merge_factors = {} if not merge else {
-                module: (b.to(self.device, torch.float32), a.to(self.device, torch.float32))
-                for module, (b, a) in merge.items()}
+                module: LoraPair(a.to(self.device, torch.float32), b.to(self.device, torch.float32))
+                for module, (a, b) in merge.items()}
             self._base_version = version
             return
         with torch.no_grad():
@@ -348,14 +343,14 @@ def save_peft_adapter(
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: PLC0415
 
-    base = model_skeleton(settings.name, settings.task) if settings.causal \
+    base = model_skeleton(settings.name, decoder=True) if settings.decoder \
         else load_base_model(settings.name, num_labels, seed)
     config = LoraConfig(
         task_type=_peft_task(settings), r=rank, lora_alpha=alpha, lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
     )
     model = get_peft_model(base, config)
-    if settings.causal:
+    if settings.decoder:
         _materialize_lora(model)
     set_peft_model_state_dict(model, dict(state))
     model.save_pretrained(str(path))
@@ -380,3 +375,29 @@ def save_reload_base(path: str | os.PathLike, settings: ModelSettings) -> str | 
     if settings.name != TINY_NAME:
         return None
     return str(save_tiny_base(path, settings.base_seed))
+
+
+def check_options(model: Mapping[str, object], decoder: bool, p: Problems) -> None:
+    """``model.dtype``, ``model.gradient_checkpointing`` and 4-bit loading (QLoRA: a decoder, bitsandbytes, CUDA)."""
+    import importlib.util  # noqa: PLC0415
+
+    dtype = model.get("dtype", "float32")
+    if dtype != "auto" and dtype not in DTYPES:
+        p.add("model.dtype", dtype, "use auto (bfloat16 on a GPU, else float32) or one of " + ", ".join(DTYPES))
+    checkpointing = model.get("gradient_checkpointing", False)
+    if checkpointing != "auto" and not isinstance(checkpointing, bool):
+        p.add("model.gradient_checkpointing", checkpointing, "use auto (on for a GPU), true or false")
+    four_bit = model.get("load_in_4bit", False)
+    if not isinstance(four_bit, bool):
+        p.add("model.load_in_4bit", four_bit, "use true or false")
+        return
+    if not four_bit:
+        return
+    if not decoder:
+        p.add("model.load_in_4bit", True, "a 4-bit base is for task=causal_lm; set it to false")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        p.add("model.load_in_4bit", True, "needs the bitsandbytes package: `pip install bitsandbytes` "
+              "(on a machine with a CUDA GPU), or set it to false")
+    if not torch.cuda.is_available():
+        p.add("model.load_in_4bit", True, "needs a CUDA GPU (bitsandbytes 4-bit layers run on CUDA) and "
+              "none is visible; set it to false (model.dtype=auto gives bf16 on a GPU, fp32 on the CPU)")

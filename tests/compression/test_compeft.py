@@ -228,7 +228,7 @@ def test_without_error_feedback_nothing_is_kept_and_the_encoding_is_the_same():
     delta = {"w": gaussian(8, 100)}
     off = ComPEFT(density=0.1, error_feedback=False)
     payload_off, res = off.compress(delta, None)
-    assert res == {} and off.feedback_scope() == "none"
+    assert res == {}
     payload_on, res_on = ComPEFT(density=0.1).compress(delta, None)
     assert payload_off.keys() == payload_on.keys()
     assert all(np.array_equal(payload_off[k], payload_on[k]) for k in payload_on) and set(res_on) == {"w"}
@@ -240,20 +240,20 @@ def test_fresh_factors_keep_the_heads_residual_only():
     """FLoRA starts fresh LoRA factors every round: their residual would land on a new random A and a
     zero B, so it is dropped; the classifier head continues from the global adapter and keeps its own,
     so nothing of the head's updates is lost over the rounds."""
-    comp = ComPEFT(density=0.05, fresh_factors=True)
-    assert comp.feedback_scope() == "all but the fresh LoRA factors"
+    comp = ComPEFT(density=0.05)
+    continuing = {"classifier.weight"}  # what fedlora.core.lora_math.continues says for a fresh plan
     shapes = {"a.lora_A.weight": (4, 30), "a.lora_B.weight": (20, 4), "classifier.weight": (5, 40)}
     head_total, head_sent = torch.zeros(5, 40), torch.zeros(5, 40)
     residual = None
     for rnd in range(10):
         delta = {k: gaussian(50 * rnd + i, *s) for i, (k, s) in enumerate(shapes.items())}
-        payload, residual = comp.compress(delta, residual)
+        payload, residual = comp.compress(delta, residual, continuing)
         assert set(residual) == {"classifier.weight"}
         head_total += delta["classifier.weight"]
         head_sent += comp.decode(payload)["classifier.weight"]
     assert torch.allclose(head_sent + residual["classifier.weight"], head_total, atol=1e-5)
     with pytest.raises(ValueError, match="carry one"):  # a residual of a fresh factor is refused
-        comp.compress(delta, {**residual, "a.lora_A.weight": torch.zeros(4, 30)})
+        comp.compress(delta, {**residual, "a.lora_A.weight": torch.zeros(4, 30)}, continuing)
 
 
 def test_residual_none_equals_zero_residual_and_mismatches_raise():
@@ -308,34 +308,37 @@ def test_compress_is_fast_enough():
 def test_bits_shrink_with_density():
     v = {"w": gaussian(12, 200, 500)}
     sizes = [encoded_bits(ComPEFT(density=d).compress(v, None)[0]) for d in (0.5, 0.3, 0.2, 0.1, 0.05)]
-    assert all(x > y for x, y in zip(sizes, sizes[1:]))
+    assert all(x > y for x, y in zip(sizes, sizes[1:], strict=False))
     assert math.isclose(sizes[0] / v["w"].numel(), 1.5, rel_tol=0.05)  # §5 table: 1.500 bits/param at 50%
 
 
 def test_composes_with_ffa_lora_uplink():
-    # With FFA-LoRA only B (and the head) go up: the server adds the decoded delta to the start
-    # state and fills A in from the plan, so the shared A stays bit-identical and FFA accepts it.
-    from fedlora.core.types import AdapterSpec, ClientUpdate
+    # With FFA-LoRA only B (and the head) go up: the real client side of a round compresses what the
+    # wire codec says travels, the server decodes it onto the start adapter and fills A in, so the
+    # shared A stays bit-identical and FFA-LoRA accepts it.
+    from federation_kit import MODULES, TinyTrainer
+
+    from fedlora.core import lora_math as lm
+    from fedlora.core.types import ClientUpdate
+    from fedlora.federation import wire
+    from fedlora.federation.client import ClientSide, MemoryStore, train_round
     from strategies.ffa_lora import FFALoRA
 
     strat = FFALoRA()
-    init = strat.init(AdapterSpec({"l": (12, 10)}, 4, 2.0, {"h": torch.zeros(3)}), seed=3)
+    init = strat.init(TinyTrainer.spec(4), seed=3)
     comp = ComPEFT(density=0.2)
+    side = ClientSide(trainer=TinyTrainer(), compressor=comp)
     updates = []
     for cid in range(2):
         plan = strat.plan(init.adapter, init.state, client_id=cid, rank=4, server_round=1, seed=3)
-        start = plan.adapter
-        trained = {
-            k: v + (0 if k.endswith("lora_A.weight") else gaussian(cid, *v.shape)) for k, v in start.items()
-        }
-        sent = [k for k in trained if plan.send_lora_a or not k.endswith(".lora_A.weight")]
-        payload, _ = comp.compress({k: trained[k] - start[k] for k in sent}, None)
-        delta = comp.decode(payload)
-        state = {k: start[k] + delta[k] for k in delta}
-        for k, v in start.items():
-            state.setdefault(k, v.clone())
-        updates.append(ClientUpdate(cid, 4, 2.0, 1, state))
-    assert not any("lora_A" in name for name in payload)
+        assignment = wire.Assignment(1, plan, lm.plan_start(plan, MODULES))
+        reply = train_round(wire.encode_assignment(assignment), cid, side, MemoryStore())
+        assert set(reply.arrays) == {"compressed"}
+        received, report = wire.decode_reply(reply, assignment, comp)
+        assert not any(lm.is_lora_a_key(k) for k in received)  # A never travelled
+        updates.append(ClientUpdate(cid, 4, 2.0, report.num_examples, wire.complete(received, assignment.start)))
     res = strat.aggregate(init.adapter, init.state, updates, server_round=1)
-    assert torch.equal(res.adapter["l.lora_A.weight"], init.adapter["l.lora_A.weight"])
+    for module in MODULES:
+        key = lm.lora_a_key(module)
+        assert torch.equal(res.adapter[key], init.adapter[key])
     assert res.metrics["product_gap_rel"] < 1e-6

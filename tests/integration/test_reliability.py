@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import FEDLORA, ROOT, TINY, jsonl_rows, run_fedlora, untimed
 
+from fedlora.core.faults import FaultSettings, decide
 from fedlora.core.lora_math import is_lora_key
 from fedlora.results.checkpoint import load_client_state
-from fedlora.core.faults import FaultSettings, decide
 
 pytestmark = pytest.mark.slow
 

@@ -82,7 +82,7 @@ def round_one(strategy, ranks, counts, seed=0, r_max=None):
     init = strategy.init(spec(r_max), SEED)
     gen = torch.Generator().manual_seed(seed)
     updates, plans = [], []
-    for cid, (r, n_k) in enumerate(zip(ranks, counts)):
+    for cid, (r, n_k) in enumerate(zip(ranks, counts, strict=False)):
         plan = strategy.plan(init.adapter, init.state, client_id=cid, rank=r, server_round=1, seed=SEED)
         plans.append(plan)
         updates.append(ClientUpdate(cid, r, S, n_k, train(plan, gen)))
@@ -95,7 +95,7 @@ def effective(result: AggregateResult, module: str) -> torch.Tensor:
     b = result.adapter[lm.lora_b_key(module)].double()
     out = S * (b @ a)
     if result.merge is not None and module in result.merge:
-        b_m, a_m = result.merge[module]
+        a_m, b_m = result.merge[module]
         out = out + b_m.double() @ a_m.double()
     return out
 
@@ -170,7 +170,7 @@ def test_output_keys_shapes_dtypes_preserved_and_finite(node):
     assert all(isinstance(v, float) and math.isfinite(v) for v in res.metrics.values())
     if res.merge is not None:
         assert set(res.merge) <= set(MODULES)
-        for module, (b, a) in res.merge.items():
+        for module, (a, b) in res.merge.items():
             m, n = MODULES[module]
             assert b.shape[0] == m and a.shape[1] == n and b.shape[1] == a.shape[0]  # (m, R) @ (R, n)
             assert torch.isfinite(b).all() and torch.isfinite(a).all()
@@ -252,6 +252,6 @@ def test_aggregate_is_deterministic_and_does_not_mutate_inputs(node):
     r2 = strategy.aggregate(init.adapter, init.state, updates, server_round=1)
     for key in r1.adapter:
         assert torch.equal(r1.adapter[key], r2.adapter[key])
-    for u, snap in zip(updates, snapshot):
+    for u, snap in zip(updates, snapshot, strict=False):
         assert all(torch.equal(u.state[k], snap[k]) for k in snap)
     assert all(torch.equal(init.adapter[k], g_snapshot[k]) for k in g_snapshot)

@@ -149,12 +149,12 @@ def test_gap_equals_weighted_covariance(ranks):
     assert sum(w) == pytest.approx(1.0, abs=1e-15)
     a_bar, b_bar = pairs_of(strat.aggregate(global_at({"l": (12, 9)}, r_max), {}, ups, server_round=1))["l"]
     padded = [lm.pad_pair(*lm.split_state(u.state)[0]["l"], r_max) for u in ups]
-    ideal = sum(p * (b @ a) for p, (a, b) in zip(w, padded))
-    cov = sum(p * (b - b_bar) @ (a - a_bar) for p, (a, b) in zip(w, padded))
+    ideal = sum(p * (b @ a) for p, (a, b) in zip(w, padded, strict=False))
+    cov = sum(p * (b - b_bar) @ (a - a_bar) for p, (a, b) in zip(w, padded, strict=False))
     assert torch.allclose(ideal - b_bar @ a_bar, cov, atol=1e-12)
     # invariant to a common shift of the A_k
     shift = torch.randn(r_max, 9, generator=gen, dtype=torch.float64)
-    cov_shift = sum(p * (b - b_bar) @ (a + shift - (a_bar + shift)) for p, (a, b) in zip(w, padded))
+    cov_shift = sum(p * (b - b_bar) @ (a + shift - (a_bar + shift)) for p, (a, b) in zip(w, padded, strict=False))
     assert torch.allclose(cov_shift, cov, atol=1e-12)
     # the logged metric is this gap, relative to ||ideal||
     res = strat.aggregate(global_at({"l": (12, 9)}, r_max), {}, ups, server_round=1)
@@ -262,7 +262,7 @@ def test_average_padded_and_product_gap_helpers_agree():
     avg = average_padded(ups, w, g, rank=3)
     assert avg["l"][0].shape == (3, 5) and avg["l"][1].shape == (6, 3)
     dense_ideal = sum(
-        p * lm.split_state(u.state)[0]["l"][1] @ lm.split_state(u.state)[0]["l"][0] for p, u in zip(w, ups)
+        p * lm.split_state(u.state)[0]["l"][1] @ lm.split_state(u.state)[0]["l"][0] for p, u in zip(w, ups, strict=True)
     )
     dense_gap = dense_ideal - avg["l"][1] @ avg["l"][0]
     assert product_gap(ups, w, avg) == pytest.approx(float(dense_gap.norm() / dense_ideal.norm()), rel=1e-10)

@@ -31,7 +31,7 @@ def train(plan, gen, shift=1.0):
 
 def round_updates(strat, res, ranks, counts, gen, server_round=1):
     ups = []
-    for cid, (r, n_k) in enumerate(zip(ranks, counts)):
+    for cid, (r, n_k) in enumerate(zip(ranks, counts, strict=False)):
         plan = strat.plan(res.adapter, res.state, client_id=cid, rank=r, server_round=server_round, seed=SEED)
         ups.append(ClientUpdate(cid, r, S, n_k, train(plan, gen)))
     return ups
@@ -81,7 +81,7 @@ def test_average_of_b_is_exact_with_mixed_ranks():
         b = new.adapter[f"{module}.lora_B.weight"].double()
         target = sum(
             p * (u.state[f"{module}.lora_B.weight"].double() @ u.state[f"{module}.lora_A.weight"].double())
-            for p, u in zip(w, ups)
+            for p, u in zip(w, ups, strict=False)
         )
         assert torch.allclose(b @ a, target, atol=1e-5)
     assert new.metrics["product_gap_rel"] < 1e-6

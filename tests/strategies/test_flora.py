@@ -27,7 +27,7 @@ def global_at(modules: dict, r_max: int, head: dict | None = None):
 
 def random_clients(gen, modules, ranks, counts, head_shape=(3,)):
     ups = []
-    for k, (r, n_k) in enumerate(zip(ranks, counts)):
+    for k, (r, n_k) in enumerate(zip(ranks, counts, strict=False)):
         pairs = {mod: (rand(gen, r, n), rand(gen, m, r)) for mod, (m, n) in modules.items()}
         ups.append(update(k, pairs, n_k, head={"head.weight": rand(gen, *head_shape)}))
     return ups
@@ -35,7 +35,7 @@ def random_clients(gen, modules, ranks, counts, head_shape=(3,)):
 
 def ideal(ups, module, weights):
     out = 0
-    for u, p in zip(ups, weights):
+    for u, p in zip(ups, weights, strict=False):
         a, b = lm.split_state(u.state)[0][module]
         out = out + p * u.scaling * (b @ a)
     return out
@@ -73,7 +73,7 @@ def test_merge_is_exact_for_mixed_ranks(ranks):
     res = FLoRA().aggregate(global_at(modules, max(ranks)).adapter, {}, ups, server_round=1)
     w = lm.example_weights([u.num_examples for u in ups])
     for module, (m, n) in modules.items():
-        b_st, a_st = res.merge[module]
+        a_st, b_st = res.merge[module]
         assert b_st.shape == (m, sum(ranks)) and a_st.shape == (sum(ranks), n)
         # B_st A_st == sum_k p_k s_k B_k A_k (scaling folded in exactly once)
         assert torch.allclose(b_st @ a_st, ideal(ups, module, w), atol=1e-12)
@@ -86,7 +86,7 @@ def test_scaling_is_folded_in_exactly_once():
         res = FLoRA().aggregate(
             global_at({"l": (4, 5)}, 2).adapter, {}, [update(0, {"l": (a, b)}, scaling=s)], server_round=1
         )
-        b_st, a_st = res.merge["l"]
+        a_st, b_st = res.merge["l"]
         assert torch.allclose(b_st @ a_st, s * (b @ a), atol=1e-13)
         assert torch.equal(b_st, b)  # B blocks unscaled, c_k = p_k s_k on A only
 
@@ -100,7 +100,7 @@ def test_stacked_rank_is_the_sum_of_participants_ranks():
     ups = [ClientUpdate(7, 4, S, 1, ups[0].state), ClientUpdate(2, 2, S, 1, ups[1].state)]
     res = FLoRA().aggregate(global_at({"l": (6, 8)}, 16).adapter, {}, ups, server_round=1)
     assert res.metrics["stacked_rank"] == 6.0
-    assert res.merge["l"][0].shape == (6, 6) and res.merge["l"][1].shape == (6, 8)
+    assert res.merge["l"].b.shape == (6, 6) and res.merge["l"].a.shape == (6, 8)
     assert res.metrics["merge_params"] == 6 * (6 + 8)
 
 
@@ -113,7 +113,7 @@ def test_lora_a_and_b_are_matched_by_key_name_when_rank_equals_m_or_n():
     a6, b6 = rand(gen, 6, 6), rand(gen, 4, 6)
     ups = [update(0, {"l": (a4, b4)}, 1), update(1, {"l": (a6, b6)}, 3)]
     res = FLoRA().aggregate(global_at({"l": (4, 6)}, 6).adapter, {}, ups, server_round=1)
-    b_st, a_st = res.merge["l"]
+    a_st, b_st = res.merge["l"]
     assert b_st.shape == (4, 10) and a_st.shape == (10, 6)
     assert torch.equal(b_st, torch.cat([b4, b6], dim=1))
     assert torch.allclose(a_st, torch.cat([0.25 * S * a4, 0.75 * S * a6], dim=0), atol=1e-15)

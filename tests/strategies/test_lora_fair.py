@@ -36,7 +36,7 @@ def drifted_clients(gen, m, n, ranks, counts, drift=0.3, dtype=torch.float64):
     a0 = rand(gen, max(ranks), n, dtype=dtype)
     return [
         update(k, a0[:r] + drift * rand(gen, r, n, dtype=dtype), rand(gen, m, r, dtype=dtype), c)
-        for k, (r, c) in enumerate(zip(ranks, counts))
+        for k, (r, c) in enumerate(zip(ranks, counts, strict=False))
     ]
 
 
@@ -46,9 +46,9 @@ def dense_oracle(ups, lam):
     r_max = max(u.rank for u in ups)
     pairs = [lm.split_state(u.state)[0]["l"] for u in ups]
     padded = [lm.pad_pair(a.double(), b.double(), r_max) for a, b in pairs]
-    a_bar = sum(p * a for p, (a, _) in zip(w, padded))
-    b_bar = sum(p * b for p, (_, b) in zip(w, padded))
-    dw = sum(p * b.double() @ a.double() for p, (a, b) in zip(w, pairs))
+    a_bar = sum(p * a for p, (a, _) in zip(w, padded, strict=False))
+    b_bar = sum(p * b for p, (_, b) in zip(w, padded, strict=False))
+    dw = sum(p * b.double() @ a.double() for p, (a, b) in zip(w, pairs, strict=False))
     r = dw - b_bar @ a_bar
     gram = a_bar @ a_bar.T
     lam_eff = lam * torch.trace(gram) / r_max
@@ -107,8 +107,8 @@ def test_delta_b_norm_is_non_increasing_in_lambda_and_tends_to_fedavg():
         res = LoRAFAIR(lam=lam).aggregate(g, {}, ups, server_round=1)
         norms.append(res.metrics["delta_b_rel"])
         errors.append(res.metrics["fair_error_rel"])
-    assert all(x >= y for x, y in zip(norms, norms[1:]))
-    assert all(x <= y + 1e-12 for x, y in zip(errors, errors[1:]))  # more shrinkage, less correction
+    assert all(x >= y for x, y in zip(norms, norms[1:], strict=False))
+    assert all(x <= y + 1e-12 for x, y in zip(errors, errors[1:], strict=False))  # more shrinkage, less correction
     assert norms[-1] < 1e-6  # huge λ: plain FedAvg
     assert errors[-1] == pytest.approx(res.metrics["fedavg_error_rel"], rel=1e-6)
 
@@ -173,7 +173,9 @@ def test_never_forms_an_m_by_n_matrix():
     ]
     res = LoRAFAIR().aggregate(global_at(m, n, 2, torch.float32), {}, ups, server_round=1)
     assert res.adapter["l.lora_B.weight"].shape == (m, 2)
-    assert res.metrics["fair_error_rel"] <= res.metrics["fedavg_error_rel"]
+    # strictly closer: the code keeps FedAvg's B when a correction would not help, so "<=" alone
+    # would also pass with a wrong correction (a flipped sign, say)
+    assert res.metrics["fair_error_rel"] < res.metrics["fedavg_error_rel"] and res.metrics["delta_b_rel"] > 0
 
 
 @given(
@@ -196,6 +198,27 @@ def test_correction_never_increases_the_distance_to_the_ideal(m, n, ranks, count
     assert fro(dw - (b_bar + delta_b) @ a_bar) <= fro(dw - b_bar @ a_bar) * (1 + 1e-9) + 1e-12
     a, b = lm.split_state(res.adapter)[0]["l"]
     assert torch.isfinite(b).all() and b.shape == (m, max(ranks))
+    # the broadcast B is that closed form (the guard that keeps FedAvg's B never hides a wrong one)
+    assert torch.allclose(b, b_bar + delta_b, rtol=1e-7, atol=1e-9 * (1 + fro(b_bar + delta_b)))
+
+
+@pytest.mark.parametrize("ranks,lam", [([4, 4, 4], 0.01), ([8, 4, 2], 0.3), ([3, 1], 1e-4)])
+def test_corrected_b_solves_the_ridge_problem_by_least_squares(ranks, lam):
+    # An independent solution of min ||ΔW - (B̄ + ΔB) Ā||² + λ_eff ||ΔB||²: the stacked least-squares
+    # system [Ā^T; sqrt(λ_eff) I] ΔB^T = [R^T; 0], solved densely by QR (not the normal equations).
+    gen = torch.Generator().manual_seed(11)
+    m, n = 14, 9
+    ups = drifted_clients(gen, m, n, ranks, [3, 5, 2][: len(ranks)])
+    res = LoRAFAIR(lam=lam).aggregate(global_at(m, n, max(ranks)), {}, ups, server_round=1)
+    dw, a_bar, b_bar, _ = dense_oracle(ups, lam)
+    r = max(ranks)
+    lam_eff = lam * float(torch.trace(a_bar @ a_bar.T)) / r
+    lhs = torch.cat([a_bar.T, math.sqrt(lam_eff) * torch.eye(r, dtype=torch.float64)])  # (n + r, r)
+    rhs = torch.cat([(dw - b_bar @ a_bar).T, torch.zeros(r, m, dtype=torch.float64)])  # (n + r, m)
+    delta_b = torch.linalg.lstsq(lhs, rhs).solution.T  # (m, r)
+    _, b = lm.split_state(res.adapter)[0]["l"]
+    assert torch.allclose(b, b_bar + delta_b, atol=1e-9)
+    assert res.metrics["fair_error_rel"] < res.metrics["fedavg_error_rel"]
 
 
 def test_float32_states_keep_dtype_and_the_guarantee():
@@ -203,7 +226,7 @@ def test_float32_states_keep_dtype_and_the_guarantee():
     ups = drifted_clients(gen, 10, 8, [4, 2], [1, 1], dtype=torch.float32)
     res = LoRAFAIR().aggregate(global_at(10, 8, 4, torch.float32), {}, ups, server_round=1)
     assert all(v.dtype == torch.float32 for v in res.adapter.values())
-    assert res.metrics["fair_error_rel"] <= res.metrics["fedavg_error_rel"]
+    assert res.metrics["fair_error_rel"] < res.metrics["fedavg_error_rel"]
 
 
 def test_fair_correction_helper_handles_mixed_ranks_without_padding():
@@ -211,8 +234,8 @@ def test_fair_correction_helper_handles_mixed_ranks_without_padding():
     pairs = [(rand(gen, 3, 6), rand(gen, 5, 3)), (rand(gen, 1, 6), rand(gen, 5, 1))]
     w = [0.4, 0.6]
     padded = [lm.pad_pair(a, b, 3) for a, b in pairs]
-    a_bar = sum(p * a for p, (a, _) in zip(w, padded))
-    b_bar = sum(p * b for p, (_, b) in zip(w, padded))
+    a_bar = sum(p * a for p, (a, _) in zip(w, padded, strict=False))
+    b_bar = sum(p * b for p, (_, b) in zip(w, padded, strict=False))
     got = fair_correction(pairs, w, a_bar, b_bar, 0.1)
     same = fair_correction(padded, w, a_bar, b_bar, 0.1)
     assert got.shape == (5, 3) and got.dtype == torch.float64

@@ -173,7 +173,8 @@ def load_corpus(name: str, *, text_column: str = "text", label_column: str = "la
     return corpus
 
 
-def stratified_split(labels: tuple[int, ...] | list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(labels: tuple[int, ...] | list[int], test_fraction: float, seed: int,
+                     ) -> tuple[list[int], list[int]]:
     """Split indices into (train, test), taking ``test_fraction`` of every class (fixed seed)."""
     rng = random.Random(seed)
     train, test = [], []

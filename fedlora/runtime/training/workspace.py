@@ -3,7 +3,7 @@
 Ray actors and the server process each build one :class:`Workspace` per distinct
 :class:`WorkspaceKey` and reuse it across clients and rounds (``functools.lru_cache``; the cache
 lives per process, which is what we want: one base model per worker). The task
-(:mod:`fedlora.runtime.training.tasks`) decides how the data are read and tokenized; the split and the
+(:mod:`fedlora.runtime.tasks`) decides how the data are read and tokenized; the split and the
 partitions follow each example's group (its class, or its instruction category).
 """
 
@@ -14,38 +14,9 @@ from dataclasses import dataclass
 
 from fedlora.runtime.data import datasets as ds
 from fedlora.runtime.data.partition import partition_indices
+from fedlora.runtime.data.settings import DataSettings, NodeData
 from fedlora.runtime.models import AdapterHost, ModelSettings
-from fedlora.runtime.training.tasks import TaskSettings, make_task
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Data, split and partition settings (hashable)."""
-
-    name: str = ds.BUILTIN_BBC
-    text_column: str = "text"
-    label_column: str = "label"
-    split: str = "train"
-    max_examples: int | None = None
-    test_fraction: float = 0.2
-    split_seed: int = 42
-    max_test_examples: int | None = None
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    partition_seed: int = 42
-    min_partition_size: int = 10
-    format: str = "auto"  # instruction layout: auto | alpaca | dolly (causal_lm only)
-    category_column: str | None = "category"  # what a Dirichlet partition of instructions skews by
-
-
-@dataclass(frozen=True)
-class NodeData:
-    """A deployed node's own training file: every row trains, labels numbered by the run's names."""
-
-    path: str
-    text_column: str
-    label_column: str
-    label_names: tuple[str, ...]
+from fedlora.runtime.tasks import TaskSettings, make_task
 
 
 @dataclass(frozen=True)

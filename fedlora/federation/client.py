@@ -1,0 +1,146 @@
+"""A client's side of a round, without Flower: decode the assignment, train, encode the reply.
+
+:func:`train_round` is what every client runs for a training message, whatever carries it: the
+Flower ClientApp (:mod:`fedlora.flower.client_app`, in simulation and deployment) and the in-process
+transports (:mod:`fedlora.federation.memory`). It keeps what must survive between rounds in a
+:class:`ClientStore` (the base merges it applied, the compression residual), trains through a
+:class:`Trainer` (the runtime's model and data; :mod:`fedlora.serving.runtime`) and injects the
+faults the run asks for (:mod:`fedlora.core.faults`): it may fail (raise), straggle (sleep), or send
+a malformed update, always uncompressed, so that the server's checks see exactly the defect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fedlora.core import lora_math as lm
+from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
+from fedlora.core.types import AdapterState, BaseMerge, Compressor
+from fedlora.federation import wire
+
+
+class Trainer(Protocol):
+    """The runtime of one client process: its model and data (one instance serves many clients)."""
+
+    def modules(self) -> Mapping[str, tuple[int, int]]:
+        """The adapted modules: name -> ``(m, n)``."""
+        ...
+
+    def num_examples(self, client_id: int) -> int:
+        """How many training examples client ``client_id`` holds."""
+        ...
+
+    def train(self, client_id: int, assignment: wire.Assignment, merges: Sequence[BaseMerge],
+              ) -> tuple[AdapterState, float]:
+        """Train from ``assignment.start`` on the base plus ``merges``; return the trained adapter and mean loss."""
+        ...
+
+
+class ClientStore(Protocol):
+    """What one client keeps between its rounds."""
+
+    def merges(self) -> list[tuple[int, BaseMerge]]:
+        """The base merges it has applied, ``(index, merge)`` in order."""
+        ...
+
+    def set_merges(self, merges: list[tuple[int, BaseMerge]]) -> None:
+        """Replace the base merges it has applied."""
+        ...
+
+    def residual(self, resume_round: int) -> AdapterState | None:
+        """Its compression residual; in a resumed run (``resume_round > 0``) from disk if need be."""
+        ...
+
+    def save_residual(self, server_round: int, residual: AdapterState) -> None:
+        """Keep the residual left after ``server_round`` (and write it where a kill cannot lose it)."""
+        ...
+
+
+@dataclass
+class MemoryStore:
+    """A :class:`ClientStore` in a dict (in-process clients; nothing survives the process)."""
+
+    applied: list[tuple[int, BaseMerge]] = field(default_factory=list)
+    kept: AdapterState | None = None
+
+    def merges(self) -> list[tuple[int, BaseMerge]]:
+        """The merges applied so far."""
+        return list(self.applied)
+
+    def set_merges(self, merges: list[tuple[int, BaseMerge]]) -> None:
+        """Replace the merges applied so far."""
+        self.applied = list(merges)
+
+    def residual(self, resume_round: int) -> AdapterState | None:  # noqa: ARG002 - nothing on disk
+        """The residual kept in memory."""
+        return self.kept
+
+    def save_residual(self, server_round: int, residual: AdapterState) -> None:  # noqa: ARG002
+        """Keep the residual in memory."""
+        self.kept = residual
+
+
+@dataclass(frozen=True)
+class ClientSide:
+    """What a client process needs for every training message; built once per process."""
+
+    trainer: Trainer
+    compressor: Compressor | None = None
+    faults: FaultSettings = field(default_factory=FaultSettings)
+    seed: int = 0  # the run seed (fault decisions)
+
+
+def apply_merges(store: ClientStore, incoming: Sequence[tuple[int, BaseMerge]]) -> list[BaseMerge]:
+    """Append the merges this client has not applied yet; return all of them, in order.
+
+    A merge it already holds (a resend after the server resumed) is skipped; a gap is an error.
+    """
+    history = store.merges()
+    for index, merge in incoming:
+        if index < len(history):
+            continue
+        if index != len(history):
+            raise RuntimeError(f"base merge {index} arrived but this client holds only {len(history)}")
+        history.append((index, merge))
+    if incoming:
+        store.set_merges(history)
+    return [m for _, m in history]
+
+
+def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: ClientStore) -> wire.Packet:
+    """Handle one training message: the reply packet (raises for an injected failure)."""
+    t0 = time.perf_counter()
+    assignment = wire.decode_assignment(packet, side.trainer.modules())
+    decision = decide(side.faults, side.seed, assignment.server_round, client_id)
+    if decision.fail:
+        raise InjectedFault(f"injected failure (faults.fail_prob={side.faults.fail_prob:g}, round "
+                            f"{assignment.server_round}, client {client_id})")
+    if decision.delay_s > 0:
+        time.sleep(decision.delay_s)
+    merges = apply_merges(store, assignment.merges)
+    trained, loss = side.trainer.train(client_id, assignment, merges)
+    plan, start = assignment.plan, assignment.start
+    sent = wire.uplink_keys(plan, start)
+    report = wire.Report(num_examples=side.trainer.num_examples(client_id), train_loss=float(loss),
+                         train_seconds=0.0, rank=plan.rank, base_version=len(merges))
+    if decision.corrupt is not None or side.compressor is None:
+        state = {k: trained[k] for k in sent}
+        if decision.corrupt is not None:
+            state = corrupt_state(state, start, decision.corrupt)
+        return wire.encode_update(state, _timed(report, t0))
+    comp = side.compressor
+    delta = {k: trained[k] - start[k] for k in sent}
+    continuing = {k for k in sent if lm.continues(plan, k)}
+    residual = store.residual(assignment.resume_round) if comp.error_feedback and continuing else None
+    payload, residual = comp.compress(delta, residual, continuing)
+    if residual:
+        store.save_residual(assignment.server_round, residual)
+    return wire.encode_compressed(payload, sent, _timed(report, t0))
+
+
+def _timed(report: wire.Report, t0: float) -> wire.Report:
+    return wire.Report(report.num_examples, report.train_loss, time.perf_counter() - t0, report.rank,
+                       report.base_version)

@@ -1,0 +1,373 @@
+"""The round loop of a federated run, in plain Python: no Flower, no model code.
+
+One round::
+
+    sample (seeded) -> plan each client (strategy) -> encode (wire) -> send and receive (transport)
+    -> decode and check every reply -> aggregate (strategy) -> adopt only a finite aggregate
+    -> evaluate the global model (server model) -> record -> checkpoint
+
+Everything it talks to is a small protocol: the :class:`~fedlora.core.types.Strategy`, the
+optional :class:`~fedlora.core.types.Compressor` (to decode compressed replies), a
+:class:`~fedlora.federation.transport.Transport` and a :class:`ServerModel` (the runtime's
+evaluation and saving). The same loop runs a simulation on Ray, a deployment, the centralized
+bound and the unit tests' in-memory federations.
+
+Replies are handled in client order, never arrival order, so that every sum comes out bitwise the
+same in every run; sampling, plans and fault decisions are seeded (:mod:`fedlora.core.seeds`); the
+checkpoint after each round holds everything the server knows, so a resumed run computes exactly
+what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedlora.core import lora_math as lm
+from fedlora.core import validation
+from fedlora.core.metrics import Metric
+from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge, ClientUpdate, Compressor, Strategy, Tensor
+from fedlora.federation import wire
+from fedlora.federation.sampling import describe_rank_change, sample_clients
+from fedlora.federation.transport import ClientInfo, Exchange, Transport
+from fedlora.results import checkpoint as ckpt
+from fedlora.results.generations import truncate_generations
+from fedlora.results.plots import plot_run
+from fedlora.results.record import METRICS_FILE, ClientRow, RoundRecord, read_records
+from fedlora.results.recorder import RunRecorder
+from fedlora.results.summary import final_metrics, write_summary
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The run-level settings the loop reads (built once from the config: ``fedlora.config.settings``)."""
+
+    name: str
+    seed: int
+    num_clients: int
+    num_rounds: int
+    fraction_train: float = 1.0
+    min_clients: int = 1  # never sample fewer
+    min_fit_clients: int = 1  # aggregate only with at least this many valid updates
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies
+    connect_timeout: float = 600.0  # seconds to wait for the clients to connect
+    max_norm_ratio: float | None = 10.0  # reject updates moving more than this x the others' median
+    checkpoint: bool = True
+    resume: bool = False  # continue from the run directory's checkpoint
+
+
+class ServerModel(Protocol):
+    """The runtime behind the loop on the server: the global model it evaluates and saves."""
+
+    metric: Metric
+    label_names: tuple[str, ...]
+
+    def spec(self, r_max: int) -> AdapterSpec:
+        """The adapted modules' shapes and the initial head, for the strategy's ``init``."""
+        ...
+
+    def scaling(self, rank: int) -> float:
+        """The LoRA scaling ``s = alpha / r`` of a rank-``rank`` adapter."""
+        ...
+
+    def alpha(self, rank: int) -> float:
+        """``lora_alpha`` of a rank-``rank`` adapter."""
+        ...
+
+    def evaluate(self, server_round: int, adapter: AdapterState, rank: int,
+                 merges: Sequence[BaseMerge]) -> dict[str, float]:
+        """The task's held-out metrics of the base (plus ``merges``) with ``adapter`` at ``rank``."""
+        ...
+
+    def save(self, adapter: AdapterState, rank: int, alpha: float) -> dict[str, Any]:
+        """Save the final adapter (peft format); return the summary's entries about what was saved."""
+        ...
+
+    def notes(self) -> list[str]:
+        """Lines worth printing before round 0 (for example how many examples were truncated)."""
+        ...
+
+
+@dataclass
+class ServerState:
+    """Everything the server holds between rounds; all of it goes into the checkpoint."""
+
+    adapter: AdapterState
+    strategy_state: dict[str, Tensor]
+    round: int = 0  # the last complete round
+    best: float = 0.0  # the best value of the task's metric so far
+    merges: list[BaseMerge] = field(default_factory=list)  # base merges, in order
+    acked: dict[int, int] = field(default_factory=dict)  # client -> number of merges it has applied
+
+
+def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | None:
+    """Which tensors carry a compression residual: ``all``, ``none``, or all but the fresh LoRA factors.
+
+    ``None`` without compression. A strategy whose clients start fresh LoRA factors every round
+    (``fresh_adapters``: FLoRA) keeps error feedback for the tensors that continue (a classifier head).
+    """
+    if compressor is None:
+        return None
+    if not compressor.error_feedback:
+        return "none"
+    return "all but the fresh LoRA factors" if strategy.fresh_adapters else "all"
+
+
+def console(text: str) -> None:
+    """Print one line of the run's progress."""
+    print(f"[fedlora] {text}", flush=True)
+
+
+class Federation:
+    """One federated run: its loop, its state and its outputs in ``run_dir``."""
+
+    def __init__(self, settings: LoopSettings, *, strategy: Strategy, transport: Transport, model: ServerModel,
+                 run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
+                 say: Callable[[str], None] = console) -> None:
+        self.settings = settings
+        self.strategy = strategy
+        self.compressor = compressor
+        self.transport = transport
+        self.model = model
+        self.run_dir = Path(run_dir)
+        self.recorder = recorder
+        self.say = say
+        self.start_wall = time.perf_counter()
+        self.resumed_from = 0  # the checkpoint round this run continued from (0: a fresh run)
+        self.merges_saved = 0  # base merges already in the checkpoint directory
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every round (from the checkpoint when resuming); write the adapter, plot and summary."""
+        s = self.settings
+        clients = self.transport.connect(s.num_clients, self.model.label_names, s.connect_timeout)
+        ranks = {cid: c.rank for cid, c in clients.items()}
+        r_max = max(ranks.values())
+        state = self._resume(ranks) if s.resume else self._fresh(r_max)
+        self.say(self._first_line(clients))
+        for note in self.model.notes():
+            self.say(note)
+        if not s.resume:
+            self._round_zero(state, ranks, r_max)
+        for server_round in range(state.round + 1, s.num_rounds + 1):
+            record = self.train_round(clients, state, server_round, r_max)
+            state.best = self.model.metric.best([state.best, record.metrics[self.model.metric.key]])
+            self.recorder.log_round(record)
+            self._checkpoint(state, ranks)
+            self._say_round(record)
+        self.recorder.close()
+        return self.finish(state, r_max)
+
+    def _round_zero(self, state: ServerState, ranks: Mapping[int, int], r_max: int) -> None:
+        """Evaluate the initial global model (round 0) and checkpoint it."""
+        metrics, eval_seconds = self._evaluate(state, 0, r_max)
+        state.best = metrics[self.model.metric.key]
+        self.recorder.log_round(RoundRecord(0, metrics, None, self.elapsed(), eval_seconds=eval_seconds))
+        self._checkpoint(state, ranks)
+        m = self.model.metric
+        self.say(f"round 0/{self.settings.num_rounds}: {m.name} {metrics[m.key]:.4f}, loss {metrics['test_loss']:.4f}")
+
+    # -- one round ----------------------------------------------------------------------------------
+    def train_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int,
+                    r_max: int) -> RoundRecord:
+        """Run round ``server_round``: update ``state`` and return the round's record."""
+        s, t_round = self.settings, time.perf_counter()
+        sampled = sample_clients(sorted(clients), s.fraction_train, server_round, s.seed, s.min_clients)
+        assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round) for cid in sampled}
+        packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
+        exchange = self.transport.exchange(server_round, packets, s.round_timeout)
+        rows, updates = self._collect(assignments, exchange, state)
+        skipped, strategy_metrics = self._aggregate(state, updates, server_round)
+        metrics, eval_seconds = self._evaluate(state, server_round, r_max)
+        state.round = server_round
+        ok = [rows[c] for c in sorted(rows) if rows[c].status == "ok"]
+        examples = sum(r.num_examples or 0 for r in ok)
+        train_loss = sum((r.train_loss or 0.0) * (r.num_examples or 0) for r in ok) / examples if ok else None
+        return RoundRecord(server_round, metrics, train_loss, self.elapsed(), eval_seconds=eval_seconds,
+                           round_seconds=time.perf_counter() - t_round, clients=[rows[c] for c in sorted(rows)],
+                           strategy=strategy_metrics, aggregation_skipped=skipped)
+
+    def _assign(self, state: ServerState, cid: int, rank: int, server_round: int) -> wire.Assignment:
+        """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks."""
+        plan = self.strategy.plan(state.adapter, state.strategy_state, client_id=cid, rank=rank,
+                                  server_round=server_round, seed=self.settings.seed)
+        start = lm.plan_start(plan, self.model.spec(rank).modules)
+        first = state.acked.get(cid, 0)
+        pending = tuple((i, state.merges[i]) for i in range(first, len(state.merges)))
+        return wire.Assignment(server_round, plan, start, pending, self.resumed_from)
+
+    def _collect(self, assignments: Mapping[int, wire.Assignment], exchange: Exchange, state: ServerState,
+                 ) -> tuple[dict[int, ClientRow], list[ClientUpdate]]:
+        """Each sampled client's row, and the updates that passed every check (in client order).
+
+        A client is ``failed`` for an error reply or no reply in time, ``rejected`` for a reply that
+        cannot be decoded, fails :func:`fedlora.core.validation.check_update` against what it was
+        sent, or moves far more than the others (``max_norm_ratio``).
+        """
+        rows: dict[int, ClientRow] = {}
+        accepted: dict[int, ClientUpdate] = {}
+        for cid in sorted(assignments):
+            rows[cid] = row = ClientRow(client=cid, rank=assignments[cid].plan.rank,
+                                        bytes_down=int(exchange.bytes_down[cid]))
+            update = self._check_reply(row, assignments[cid], exchange, state)
+            if update is not None:
+                accepted[cid] = update
+        norms = {cid: validation.change_norm(u.state, assignments[cid].start) for cid, u in accepted.items()}
+        for cid, reason in validation.norm_outliers(norms, self.settings.max_norm_ratio).items():
+            rows[cid].reject(reason)
+            del accepted[cid]
+        return rows, [accepted[c] for c in sorted(accepted)]
+
+    def _check_reply(self, row: ClientRow, assignment: wire.Assignment, exchange: Exchange,
+                     state: ServerState) -> ClientUpdate | None:
+        """Fill ``row`` from the client's reply; return its update if it is well-formed."""
+        delivery = exchange.replies.get(row.client)
+        if delivery is None:
+            row.fail(f"no reply within round_timeout={self.settings.round_timeout:g} s")
+            return None
+        if delivery.packet is None:
+            row.fail(delivery.error or "failed without a reason")
+            return None
+        state.acked[row.client] = len(state.merges)  # it applied every merge it was sent
+        row.bytes_up = delivery.bytes_up
+        try:
+            received, report = wire.decode_reply(delivery.packet, assignment, self.compressor)
+        except wire.WireError as exc:
+            row.reject(str(exc))
+            return None
+        rank = assignment.plan.rank
+        reason = validation.check_update(wire.uplink_shapes(assignment), received, rank, report.rank)
+        if reason is not None:
+            row.reject(reason)
+            return None
+        row.num_examples, row.train_loss = report.num_examples, report.train_loss
+        row.train_seconds, row.base_version = report.train_seconds, report.base_version
+        return ClientUpdate(row.client, rank, self.model.scaling(rank), report.num_examples,
+                            wire.complete(received, assignment.start))
+
+    def _aggregate(self, state: ServerState, updates: Sequence[ClientUpdate], server_round: int,
+                   ) -> tuple[str | None, dict[str, float]]:
+        """Adopt the strategy's aggregate when enough updates arrived and it is finite.
+
+        Returns why the global adapter was kept (``None``: it was replaced) and the strategy's metrics.
+        """
+        min_fit = self.settings.min_fit_clients
+        if len(updates) < min_fit:
+            return (f"{len(updates)} valid update(s), fewer than min_fit_clients={min_fit}: the global adapter "
+                    "is kept"), {}
+        result = self.strategy.aggregate(state.adapter, state.strategy_state, updates, server_round=server_round)
+        merge_tensors = [t for pair in (result.merge or {}).values() for t in pair]
+        if not validation.is_finite_state(result.adapter) or not all(bool(t.isfinite().all()) for t in merge_tensors):
+            return "aggregation produced non-finite values: the global adapter is kept", {}
+        state.adapter, state.strategy_state = result.adapter, dict(result.state)
+        if result.merge is not None:
+            state.merges.append(result.merge)
+        return None, {k: float(v) for k, v in result.metrics.items()}
+
+    def _evaluate(self, state: ServerState, server_round: int, r_max: int) -> tuple[dict[str, float], float]:
+        """The global model's metrics (merged base + global adapter) and the seconds it took."""
+        t_eval = time.perf_counter()
+        metrics = self.model.evaluate(server_round, state.adapter, r_max, state.merges)
+        return metrics, time.perf_counter() - t_eval
+
+    # -- start, resume, checkpoint ------------------------------------------------------------------
+    def _fresh(self, r_max: int) -> ServerState:
+        """The strategy's round-0 state; clear what an earlier run may have left in the directory."""
+        for name in (ckpt.CHECKPOINT_DIR, ckpt.CLIENT_STATE_DIR):
+            shutil.rmtree(self.run_dir / name, ignore_errors=True)
+        (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        truncate_generations(self.run_dir, -1)
+        init = self.strategy.init(self.model.spec(r_max), self.settings.seed)
+        return ServerState(adapter=init.adapter, strategy_state=dict(init.state))
+
+    def _resume(self, ranks: Mapping[int, int]) -> ServerState:
+        """The checkpoint's state; ``metrics.jsonl`` and the random-number state as they were then.
+
+        Which merges the clients hold is forgotten: their processes are new, so the next message to
+        each resends every base merge.
+        """
+        saved = ckpt.load_checkpoint(self.run_dir)
+        if saved.ranks != dict(ranks):
+            raise RuntimeError(f"resume: the connected clients' ranks differ from the checkpoint's "
+                               f"({describe_rank_change(saved.ranks, ranks)}); resume with the same clients "
+                               f"and rank settings")
+        self.merges_saved = len(saved.merges)
+        self.resumed_from = saved.round
+        self.start_wall = time.perf_counter() - saved.elapsed
+        ckpt.write_atomic(self.run_dir / METRICS_FILE, "".join(x + "\n" for x in saved.metrics).encode())
+        truncate_generations(self.run_dir, saved.round)
+        ckpt.restore_rng(saved.rng, saved.rng.get("torch"))
+        return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
+                           best=saved.best, merges=list(saved.merges))
+
+    def _checkpoint(self, state: ServerState, ranks: Mapping[int, int]) -> None:
+        """Write the checkpoint of the last complete round (see :mod:`fedlora.results.checkpoint`)."""
+        if not self.settings.checkpoint:
+            return
+        lines = (self.run_dir / METRICS_FILE).read_text().splitlines()
+        saved = ckpt.Checkpoint(round=state.round, adapter=state.adapter, strategy_state=dict(state.strategy_state),
+                                merges=state.merges, ranks=dict(ranks), acked=dict(state.acked), best=state.best,
+                                elapsed=self.elapsed(), metrics=lines)
+        ckpt.save_checkpoint(self.run_dir, saved, merges_from=self.merges_saved)
+        self.merges_saved = len(state.merges)
+
+    def elapsed(self) -> float:
+        """Seconds of run time so far (across resumes)."""
+        return time.perf_counter() - self.start_wall
+
+    # -- the end ------------------------------------------------------------------------------------
+    def finish(self, state: ServerState, r_max: int) -> dict[str, Any]:
+        """Save the global adapter (base merges folded in), plot, write ``summary.json``."""
+        metric, last = self.model.metric, read_records(self.run_dir)
+        folded, rank = lm.fold_merges(state.adapter, self.model.scaling(r_max), state.merges)
+        alpha = float(rank) if state.merges else self.model.alpha(r_max)  # folded: scaling 1
+        saved = self.model.save(folded, rank, alpha)
+        plot = plot_run(self.run_dir, title=self.settings.name, metric=metric)
+        summary = {
+            "name": self.settings.name, "strategy": type(self.strategy).__name__,
+            **self._compression_summary(),
+            "num_rounds": self.settings.num_rounds, "num_clients": self.settings.num_clients,
+            **final_metrics(metric, last[-1].metrics, state.best),
+            "wall_time_seconds": self.elapsed(),
+            "bytes_up_total": sum(r.bytes_total("up") for r in last),
+            "bytes_down_total": sum(r.bytes_total("down") for r in last),
+            **saved, "adapter_rank": rank, "adapter_lora_alpha": alpha, "base_merges": len(state.merges),
+            "plot": str(plot), "label_names": list(self.model.label_names),
+        }
+        write_summary(self.run_dir, summary)
+        self.say(f"done: final {metric.name} {last[-1].metrics[metric.key]:.4f} (best {state.best:.4f}) in "
+                 f"{summary['wall_time_seconds']:.0f} s; outputs in {self.run_dir}")
+        return summary
+
+    # -- words --------------------------------------------------------------------------------------
+    def _compression_summary(self) -> dict[str, Any]:
+        comp = self.compressor
+        return {"compression": type(comp).__name__ if comp else None,
+                "error_feedback": bool(comp.error_feedback) if comp else None,
+                "error_feedback_tensors": feedback_scope(comp, self.strategy)}
+
+    def _first_line(self, clients: Mapping[int, ClientInfo]) -> str:
+        text = f"{self.transport.describe(clients)}; strategy {type(self.strategy).__name__}"
+        if self.compressor is not None:
+            scope = feedback_scope(self.compressor, self.strategy)
+            words = (f"error feedback {'on' if scope == 'all' else 'off'}" if scope in ("all", "none") else
+                     "error feedback on for the tensors that continue from the global adapter (a classifier "
+                     "head); not for the LoRA factors, which start fresh every round")
+            text += f" + {type(self.compressor).__name__} ({words})"
+        text += f"; {self.settings.num_rounds} rounds"
+        return text + (f"; resuming after round {self.resumed_from}" if self.resumed_from else "")
+
+    def _say_round(self, record: RoundRecord) -> None:
+        """Print the one-line summary of a round."""
+        m, r, loss = self.model.metric, record, record.train_loss
+        problems = "".join(f", {n} {status}" for status in ("failed", "rejected") if (n := r.count(status)))
+        skipped = " (aggregation skipped)" if r.aggregation_skipped else ""
+        self.say(f"round {r.round}/{self.settings.num_rounds}: {m.name} {r.metrics[m.key]:.4f}, "
+                 f"loss {r.metrics['test_loss']:.4f}, train loss {loss if loss is None else round(loss, 4)}, "
+                 f"{r.num_ok} clients{problems}{skipped}, up {r.bytes_total('up') / 1e6:.2f} MB, "
+                 f"down {r.bytes_total('down') / 1e6:.2f} MB, {r.round_seconds or 0.0:.1f} s "
+                 f"(elapsed {r.wall_time:.0f} s)")

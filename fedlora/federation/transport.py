@@ -1,0 +1,69 @@
+"""How the round loop reaches its clients: the :class:`Transport` protocol and what it carries.
+
+The loop encodes each sampled client's round with the wire codec (:mod:`fedlora.federation.wire`),
+hands the packets to a transport and gets back, per client, its reply packet or why there is
+none. A transport moves packets and measures them; it decides nothing about training. Three
+implement it:
+
+* :class:`fedlora.flower.grid.GridTransport`: Flower's Grid, in simulation (Ray) and deployment;
+* :class:`fedlora.federation.memory.InMemoryTransport`: clients as objects in this process (the
+  loop's unit tests, no Ray);
+* :class:`fedlora.serving.runtime.PooledTransport`: the centralized bound, one learner on the
+  pooled data of every client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedlora.federation.wire import Packet
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A connected client: its id (the partition it holds), its LoRA rank and its training-set size."""
+
+    client_id: int
+    rank: int
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One client's answer to a round: its reply, or the error it failed with (``packet`` is then ``None``)."""
+
+    packet: Packet | None = None
+    error: str | None = None
+    bytes_up: int = 0  # the reply's size as this transport carries it
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A round's traffic: bytes sent to each client, and the answers that came back in time.
+
+    A sampled client missing from ``replies`` did not answer within the timeout.
+    """
+
+    bytes_down: Mapping[int, int]
+    replies: Mapping[int, Delivery]
+
+
+class Transport(Protocol):
+    """Carries the loop's packets to clients and their replies back."""
+
+    def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:
+        """Wait for ``expected`` clients (at most ``timeout`` seconds), greet them, return who they are.
+
+        Raises ``RuntimeError`` naming every client that failed the greeting.
+        """
+        ...
+
+    def exchange(self, server_round: int, packets: Mapping[int, Packet], timeout: float) -> Exchange:
+        """Send each client its packet and collect the replies that arrive within ``timeout`` seconds."""
+        ...
+
+    def describe(self, clients: Mapping[int, ClientInfo]) -> str:
+        """Who takes part, for the run's first console line."""
+        ...

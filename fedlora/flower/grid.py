@@ -1,0 +1,124 @@
+"""Flower's Grid as the loop's transport, in simulation (Ray) and in a deployment (SuperLink).
+
+We drive the Grid directly instead of Flower's ``Strategy.start`` because every client gets its own
+message (its rank's slice of the global adapter, the base merges it has not applied yet, possibly
+no ``A`` at all), because client sampling must be seeded for reproducible runs, and because bytes
+are measured per client and per direction from the serialized messages.
+
+The hello is a ``query`` message to every node: each answers with its partition id (the client
+id), its LoRA rank and its number of training examples, and receives the run's label names (a
+deployed node that trains on its own file numbers its classes by them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedlora.federation import wire
+from fedlora.federation.sampling import describe_ranks
+from fedlora.federation.transport import ClientInfo, Delivery, Exchange
+from fedlora.flower.records import content_bytes, to_content, to_packet
+
+
+def clean_reason(reason: str) -> str:
+    """Shorten Flower's error reason to the client's own message.
+
+    In simulation Flower wraps a ClientApp exception as ``"<class '...ClientAppException'>:<'\\n
+    Exception ClientAppException occurred. Message: <text>'>"``, in a deployment as
+    ``"<class '<the exception's class>'>:<'<text>'>"``; we keep ``<text>``.
+    """
+    marker = "Message: "
+    if marker in reason:
+        text = reason[reason.rfind(marker) + len(marker):]
+    elif reason.startswith("<class '") and "'>:<'" in reason:
+        text = reason[reason.index("'>:<'") + len("'>:<'"):]
+    else:
+        text = reason
+    while text.endswith("'>"):
+        text = text[:-2]
+    return text.strip()[:500]
+
+
+class GridTransport:
+    """The loop's :class:`~fedlora.federation.transport.Transport` over a Flower ``Grid``."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+
+    def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:
+        """Wait for ``expected`` nodes, greet each, return ``{client_id: ClientInfo}``.
+
+        A node that fails the hello (in a deployment: a bad ``--node-config`` or data file on that
+        node) stops the run here, before any round, with every node's reason.
+        """
+        node_ids = self._wait_for_nodes(expected, timeout)
+        hello = [Message(to_content(wire.encode_hello(label_names)), node_id, "query", group_id="hello")
+                 for node_id in node_ids]
+        replies = self.grid.send_and_receive(hello, timeout=timeout)
+        # the SuperLink answers for a node it lost: name that node through the message it answers
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
+        answered = {node_of_message.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        failed = [f"node {node}: no answer within connect_timeout={timeout:g} s (a client loads the model and "
+                  "its data on its first message; on a slow or busy machine raise connect_timeout)"
+                  for node in node_ids if node not in answered]
+        clients: dict[int, ClientInfo] = {}
+        for reply in replies:
+            if reply.has_error():
+                node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                failed.append(f"node {node}: {clean_reason(str(reply.error.reason))}")
+                continue
+            cid, rank, examples = wire.decode_hello_reply(to_packet(reply.content))
+            if cid in clients:
+                raise RuntimeError(f"two nodes claim partition-id {cid}; give each node its own")
+            clients[cid] = ClientInfo(cid, rank, examples)
+            self.node_of[cid] = reply.metadata.src_node_id
+        if failed:
+            raise RuntimeError(f"{len(failed)} node(s) failed the hello; fix them and start the run again:\n"
+                               + "\n".join(failed))
+        return clients
+
+    def _wait_for_nodes(self, expected: int, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        node_ids = sorted(self.grid.get_node_ids())
+        while len(node_ids) < expected and time.monotonic() < deadline:
+            time.sleep(1.0)
+            node_ids = sorted(self.grid.get_node_ids())
+        if not node_ids:
+            raise RuntimeError(f"no client connected within {timeout:.0f} s")
+        return node_ids
+
+    def exchange(self, server_round: int, packets: Mapping[int, wire.Packet], timeout: float) -> Exchange:
+        """One ``train`` message per client; the replies that arrive within ``timeout``, by client.
+
+        In a deployment the SuperLink itself answers for a node whose heartbeats stopped (an error
+        reply from the SuperLink, ``reply_to`` our message): that reply names the client only
+        through the message it answers.
+        """
+        contents = {cid: to_content(packet) for cid, packet in packets.items()}
+        sizes = {cid: content_bytes(content) for cid, content in contents.items()}
+        messages = {cid: Message(content, self.node_of[cid], "train", group_id=str(server_round))
+                    for cid, content in contents.items()}
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=timeout)
+        client_of_node = {node: cid for cid, node in self.node_of.items()}
+        client_of_message = {m.metadata.message_id: cid for cid, m in messages.items()}
+        delivered: dict[int, Delivery] = {}
+        for reply in replies:
+            cid = client_of_node.get(reply.metadata.src_node_id)
+            if cid is None:
+                cid = client_of_message.get(reply.metadata.reply_to_message_id)
+            if cid is None or cid not in packets:
+                continue
+            if reply.has_error():
+                delivered[cid] = Delivery(error=clean_reason(str(reply.error.reason)))
+            else:
+                delivered[cid] = Delivery(packet=to_packet(reply.content), bytes_up=content_bytes(reply.content))
+        return Exchange(sizes, delivered)
+
+    def describe(self, clients: Mapping[int, ClientInfo]) -> str:
+        """How many clients connected and their ranks."""
+        return f"{len(clients)} clients connected, {describe_ranks({c: i.rank for c, i in clients.items()})}"

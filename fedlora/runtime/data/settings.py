@@ -1,0 +1,37 @@
+"""What data a run reads and how it is split and partitioned (hashable settings, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedlora.runtime.data.datasets import BUILTIN_BBC
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Data, split and partition settings (hashable)."""
+
+    name: str = BUILTIN_BBC
+    text_column: str = "text"
+    label_column: str = "label"
+    split: str = "train"
+    max_examples: int | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 42
+    max_test_examples: int | None = None
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    partition_seed: int = 42
+    min_partition_size: int = 10
+    format: str = "auto"  # instruction layout: auto | alpaca | dolly (causal_lm only)
+    category_column: str | None = "category"  # what a Dirichlet partition of instructions skews by
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """A deployed node's own training file: every row trains, labels numbered by the run's names."""
+
+    path: str
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...]

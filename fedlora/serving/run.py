@@ -1,0 +1,41 @@
+"""Wire a run's server side from its settings and run the loop over a transport.
+
+Both ways a run is served go through :func:`serve`: the Flower ServerApp (simulation and
+deployment) with its Grid transport, and the centralized bound (:func:`run_pooled`) with its pooled
+learner in this process. The strategy, the compressor and the workspace are built here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fedlora.config.settings import Settings
+from fedlora.federation.loop import Federation, LoopSettings
+from fedlora.federation.sampling import sample_size
+from fedlora.federation.transport import Transport
+from fedlora.results.recorder import RunRecorder
+from fedlora.runtime.training.workspace import get_workspace
+from fedlora.serving.runtime import PooledTrainer, PooledTransport, WorkspaceModel
+
+
+def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = None) -> dict[str, Any]:
+    """Run the federation of ``settings`` over ``transport`` (with ``loop`` instead of its own loop settings)."""
+    ws = get_workspace(settings.workspace_key())
+    model = WorkspaceModel(ws, settings.run_dir, eval_batch_size=settings.eval_batch_size, seed=settings.seed)
+    recorder = RunRecorder(settings.run_dir, tensorboard=settings.logging.tensorboard,
+                           wandb=settings.logging.wandb(), config=settings.source)
+    compressor = settings.compression.build() if settings.compression else None
+    federation = Federation(loop or settings.loop, strategy=settings.strategy.build(), compressor=compressor,
+                            transport=transport, model=model, run_dir=settings.run_dir, recorder=recorder)
+    return federation.run()
+
+
+def run_pooled(settings: Settings) -> dict[str, Any]:
+    """The centralized bound: one learner on the pooled data, the federation's step budget, no Flower."""
+    loop = settings.loop
+    per_round = sample_size(loop.num_clients, loop.fraction_train, loop.min_clients)
+    trainer = PooledTrainer(settings.workspace_key(), settings.train, settings.seed, clients_per_round=per_round)
+    # one learner: every round samples it, and it alone is aggregated
+    one = dataclasses.replace(loop, fraction_train=1.0, min_clients=1, min_fit_clients=1)
+    return serve(settings, PooledTransport(trainer, max(settings.client_ranks())), one)

@@ -1,0 +1,111 @@
+"""The wire codec: both ends hold the same start adapter, only what must travel travels, bad replies are named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from federation_kit import MODULES, TinyTrainer
+
+from fedlora.compression.compeft import ComPEFT
+from fedlora.core import lora_math as lm
+from fedlora.core.types import LoraPair
+from fedlora.federation import keys, wire
+from fedlora.federation.client import ClientSide, MemoryStore, train_round
+from strategies.fedavg import FedAvg
+from strategies.ffa_lora import FFALoRA
+from strategies.flora import FLoRA
+
+STRATEGIES = {"fedavg": FedAvg, "flora": FLoRA, "ffa_lora": FFALoRA}
+
+
+def assignment(name: str, rank: int = 4, merges: tuple = ()) -> wire.Assignment:
+    strategy = STRATEGIES[name]()
+    init = strategy.init(TinyTrainer.spec(8), 7)
+    plan = strategy.plan(init.adapter, init.state, client_id=1, rank=rank, server_round=3, seed=7)
+    return wire.Assignment(3, plan, lm.plan_start(plan, MODULES), merges, resume_round=2)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_client_rebuilds_the_servers_start_bit_for_bit(name: str) -> None:
+    merge = {"enc.q": LoraPair(torch.randn(3, 6), torch.randn(8, 3))}
+    sent = assignment(name, merges=((0, merge),))
+    got = wire.decode_assignment(wire.encode_assignment(sent), MODULES)
+    assert got.server_round == 3 and got.resume_round == 2 and got.plan.rank == 4
+    assert (got.plan.init_seed, got.plan.train_lora_a, got.plan.send_lora_a) == (
+        sent.plan.init_seed, sent.plan.train_lora_a, sent.plan.send_lora_a)
+    assert (got.plan.adapter is None) == (sent.plan.adapter is None)
+    assert got.start.keys() == sent.start.keys()
+    assert all(torch.equal(got.start[k], sent.start[k]) for k in sent.start)
+    ((index, back),) = got.merges
+    assert index == 0 and torch.equal(back["enc.q"].a, merge["enc.q"].a)
+    assert torch.equal(back["enc.q"].b, merge["enc.q"].b)
+
+
+def test_only_what_the_client_cannot_rebuild_goes_down() -> None:
+    head = sorted(k for k in assignment("fedavg").start if not lm.is_lora_key(k))
+    down = {name: sorted(wire.encode_assignment(assignment(name)).arrays[keys.ADAPTER]) for name in STRATEGIES}
+    assert down["flora"] == head  # fresh factors: drawn on the client from the seed
+    assert down["ffa_lora"] == sorted(head + [lm.lora_b_key(m) for m in MODULES])  # A regenerated
+    assert down["fedavg"] == sorted(assignment("fedavg").start)
+    assert wire.uplink_keys(assignment("ffa_lora").plan, assignment("ffa_lora").start) == down["ffa_lora"]
+    assert wire.uplink_keys(assignment("flora").plan, assignment("flora").start) == sorted(assignment("flora").start)
+
+
+def test_a_client_reply_decodes_to_what_it_trained() -> None:
+    a = assignment("fedavg")
+    trained, _ = TinyTrainer().train(1, a, [])
+    reply = train_round(wire.encode_assignment(a), 1, ClientSide(trainer=TinyTrainer()), MemoryStore())
+    received, report = wire.decode_reply(reply, a, None)
+    assert all(torch.equal(received[k], trained[k]) for k in trained)
+    assert (report.num_examples, report.rank, report.base_version) == (20, 4, 0)
+    assert report.train_loss == pytest.approx(1 / 3 + 0.01) and report.train_seconds >= 0
+
+
+def test_a_compressed_reply_decodes_onto_the_start() -> None:
+    a = assignment("fedavg")
+    exact = ComPEFT(density=1.0, scale="none")
+    reply = train_round(wire.encode_assignment(a), 1, ClientSide(trainer=TinyTrainer(), compressor=exact),
+                        MemoryStore())
+    assert list(reply.arrays) == [keys.COMPRESSED]
+    received, _ = wire.decode_reply(reply, a, exact)
+    trained, _ = TinyTrainer().train(1, a, [])
+    assert all(torch.allclose(received[k], trained[k], atol=1e-6) for k in trained)
+
+
+def test_undecodable_replies_are_named() -> None:
+    a = assignment("fedavg")
+    with pytest.raises(wire.WireError, match=r"malformed reply: records \['config'\]; expected an adapter"):
+        wire.decode_reply(wire.Packet(config={"x": 1}), a, None)
+    compressed = wire.Packet(arrays={keys.COMPRESSED: {}}, metrics={keys.NUM_EXAMPLES: 1})
+    with pytest.raises(wire.WireError, match="cannot decode the update: ValueError: a compressed update, but"):
+        wire.decode_reply(compressed, a, None)
+    no_loss = wire.encode_update(a.start, wire.Report(1, 0.5, 0.1))
+    del no_loss.metrics[keys.TRAIN_LOSS]
+    with pytest.raises(wire.WireError, match="cannot decode the update: KeyError: 'train-loss'"):
+        wire.decode_reply(no_loss, a, None)
+
+
+def test_complete_fills_in_only_what_stayed_on_the_client() -> None:
+    a = assignment("ffa_lora")
+    b_only = {k: v + 1 for k, v in a.start.items() if not lm.is_lora_a_key(k)}
+    state = wire.complete(b_only, a.start)
+    assert all(torch.equal(state[lm.lora_a_key(m)], a.start[lm.lora_a_key(m)]) for m in MODULES)
+    assert all(torch.equal(state[k], v) for k, v in b_only.items())
+
+
+def test_hello_both_ways() -> None:
+    assert wire.decode_hello(wire.encode_hello(("a", "b"))) == ("a", "b")
+    assert wire.decode_hello(wire.Packet()) is None
+    assert wire.decode_hello_reply(wire.encode_hello_reply(3, 8, 120)) == (3, 8, 120)
+
+
+def test_payload_packing_round_trip_and_fingerprint() -> None:
+    payload = {"a|hdr": np.arange(4, dtype=np.int64), "a|sign": np.array([1, 2], dtype=np.uint8),
+               "b|hdr": np.arange(3, dtype=np.int64)}
+    packed = wire.pack_payload(payload, ["a", "b"])
+    back = wire.unpack_payload(packed, ["a", "b"])
+    assert set(back) == {"a|hdr", "a|sign", "b|hdr", "b|sign"}
+    assert all(np.array_equal(back[k], payload[k]) for k in payload) and back["b|sign"].size == 0
+    with pytest.raises(ValueError, match="other tensors"):
+        wire.unpack_payload(packed, ["a", "c"])
