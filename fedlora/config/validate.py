@@ -16,11 +16,12 @@ from fedlora.config import CONF_DIR
 from fedlora.config.settings import RANK_POLICIES, TRANSPORTS, Component, import_target
 from fedlora.core.env import hub_offline
 from fedlora.core.errors import Problems
-from fedlora.runtime.tasks import TASKS, Task
+from fedlora.runtime.tasks import TASKS, Task, TaskSettings
 
 
 def _task(cfg: Mapping[str, Any]) -> type[Task] | None:
-    return TASKS.get(str((cfg.get("task") or {}).get("kind", "classification")))
+    """The config's task class (``None`` for an unknown kind; configs without one are the default task)."""
+    return TASKS.get(str((cfg.get("task") or {}).get("kind", TaskSettings.kind)))
 
 
 def options(group: str) -> list[str]:
