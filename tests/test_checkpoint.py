@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fedlora.results import checkpoint as ck
@@ -92,3 +93,73 @@ def test_client_state_keeps_two_files_and_loads_at_most_a_round(tmp_path: Path) 
     assert float(ck.load_client_state(tmp_path, at_most=9)["x"][0]) == 5.0
     assert ck.load_client_state(tmp_path, at_most=3) is None
     assert ck.load_client_state(tmp_path / "none", at_most=3) is None
+
+
+# -- integrity: every damaged file is found before a resume, and named --------------------------------
+def _damage(tmp_path: Path, how: str) -> Path:
+    """Save a round-2 checkpoint with two merges and a client state, then damage one file ``how``."""
+    ck.save_checkpoint(tmp_path, _ckpt(2, merges=2))
+    ck.save_client_state(tmp_path / ck.CLIENT_STATE_DIR / "0", 2, {"x": torch.ones(3)})
+    root = tmp_path / ck.CHECKPOINT_DIR
+    round_dir = root / "round_00002"
+    target = {
+        "meta garbage": round_dir / "meta.json", "state truncated": round_dir / "state.safetensors",
+        "state flipped": round_dir / "state.safetensors", "metrics line": round_dir / "metrics.jsonl",
+        "merge flipped": root / "merges" / "merge_00001.safetensors", "merge missing": root / "merges" /
+        "merge_00000.safetensors", "client truncated": tmp_path / ck.CLIENT_STATE_DIR / "0" / "round_00002.safetensors",
+        "latest elsewhere": root / "LATEST",
+    }[how]
+    data = target.read_bytes()
+    if how == "meta garbage":
+        target.write_text("{garbage")
+    elif how in ("state truncated", "client truncated"):
+        target.write_bytes(data[: len(data) // 2])
+    elif how in ("state flipped", "merge flipped"):
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    elif how == "metrics line":
+        target.write_bytes(data + b"{not json\n")
+    elif how == "merge missing":
+        target.unlink()
+    elif how == "latest elsewhere":
+        target.write_text("round_00099")
+    return target
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("meta garbage", "cannot be read (JSONDecodeError"),
+    ("state truncated", "differs from what was written"),
+    ("state flipped", "differs from what was written"),
+    ("metrics line", "differs from what was written"),
+    ("merge flipped", "differs from what was written"),
+    ("merge missing", "is missing"),
+    ("client truncated", "cannot be read"),
+    ("latest elsewhere", "names 'round_00099', which holds no meta.json"),
+])
+def test_a_damaged_checkpoint_is_found_and_the_file_named(tmp_path: Path, how: str, expected: str) -> None:
+    latest = tmp_path / "missing" / "checkpoint" / "LATEST"
+    assert ck.verify_checkpoint(tmp_path / "missing") == [f"{latest} is missing"]
+    target = _damage(tmp_path, how)
+    (problem,) = ck.verify_checkpoint(tmp_path)
+    assert str(target.name) in problem and expected in problem, problem
+
+
+def test_an_intact_checkpoint_passes(tmp_path: Path) -> None:
+    ck.save_checkpoint(tmp_path, _ckpt(1, merges=1))
+    ck.save_checkpoint(tmp_path, _ckpt(2, merges=2), merges_from=1)
+    assert ck.verify_checkpoint(tmp_path) == [] and ck.checkpoint_round(tmp_path) == 2
+    assert (tmp_path / ck.CHECKPOINT_DIR / "merges" / "merge_00000.sha256").is_file()
+
+
+def test_a_damaged_checkpoint_refuses_the_resume_before_anything_starts(tmp_path: Path) -> None:
+    import yaml
+    from conftest import TINY, compose
+
+    from fedlora.config.validate import validate
+    from fedlora.core.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(compose(TINY)))
+    _damage(tmp_path, "state flipped")
+    with pytest.raises(ConfigError) as info:
+        validate(compose([*TINY, f"resume={tmp_path}"]), check_model=False, check_data=False)
+    assert "the checkpoint cannot be resumed from:" in str(info.value)
+    assert "state.safetensors differs from what was written" in str(info.value)

@@ -7,11 +7,15 @@ Server checkpoint, after every round, in ``<run_dir>/checkpoint/``::
         state.safetensors       global adapter ("adapter/..."), strategy state ("strategy/..."),
                                 the torch RNG state ("rng/torch")
         meta.json               round, client ranks, acked merges, best accuracy, elapsed time,
-                                Python and NumPy RNG states, number of base merges
+                                Python and NumPy RNG states, number of base merges, and the
+                                SHA-256 of state.safetensors and metrics.jsonl
         metrics.jsonl           metrics.jsonl as it was after this round
     merges/merge_00002.safetensors
                                 base merges (FLoRA), each written once (they never change), named
-                                as on the wire (fedlora.core.lora_math.merges_to_tensors)
+                                as on the wire (fedlora.core.lora_math.merges_to_tensors), with its
+                                SHA-256 in merge_00002.sha256
+
+:func:`verify_checkpoint` reads and checks all of it before a resume starts anything.
 
 A reader follows ``LATEST``, so a kill at any moment leaves the previous complete checkpoint
 readable: a round directory becomes visible only by a rename, ``LATEST`` only by
@@ -25,6 +29,7 @@ two newest files are kept: a kill can leave at most one file newer than the serv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -41,6 +46,7 @@ from fedlora.core.lora_math import merges_to_tensors, tensors_to_merges
 from fedlora.core.types import AdapterState, BaseMerge
 
 CHECKPOINT_DIR = "checkpoint"
+CHECKED_FILES = ("state.safetensors", "metrics.jsonl")  # a round's files whose SHA-256 meta.json records
 CLIENT_STATE_DIR = "client_state"
 _LATEST = "LATEST"
 _KEEP_CLIENT_FILES = 2
@@ -127,7 +133,11 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
     (root / "merges").mkdir(parents=True, exist_ok=True)
     for index in range(merges_from, len(ckpt.merges)):
         tensors = merges_to_tensors([(index, ckpt.merges[index])])
-        save_tensors_atomic(root / "merges" / f"merge_{index:05d}.safetensors", tensors)
+        path = root / "merges" / f"merge_{index:05d}.safetensors"
+        save_tensors_atomic(path, tensors)
+        side = path.with_suffix(".sha256")  # the merge's SHA-256, checked before a resume
+        _write(side.with_name(f".{side.name}.tmp-{os.getpid()}"), sha256(path).encode())
+        os.replace(side.with_name(f".{side.name}.tmp-{os.getpid()}"), side)
     name = f"round_{ckpt.round:05d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,11 +148,12 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
     tensors["rng/torch"] = torch_rng
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
               str(tmp / "state.safetensors"))
+    _write(tmp / "metrics.jsonl", "".join(line + "\n" for line in ckpt.metrics).encode())
     meta = {"round": ckpt.round, "ranks": {str(k): v for k, v in sorted(ckpt.ranks.items())},
             "acked": {str(k): v for k, v in sorted(ckpt.acked.items())}, "best": ckpt.best,
-            "elapsed": ckpt.elapsed, "num_merges": len(ckpt.merges), "rng": rng}
+            "elapsed": ckpt.elapsed, "num_merges": len(ckpt.merges), "rng": rng,
+            "sha256": {name: sha256(tmp / name) for name in CHECKED_FILES}}
     _write(tmp / "meta.json", json.dumps(meta).encode())
-    _write(tmp / "metrics.jsonl", "".join(line + "\n" for line in ckpt.metrics).encode())
     with open(tmp / "state.safetensors", "rb") as f:
         os.fsync(f.fileno())
     final = root / name
@@ -155,6 +166,77 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(run_dir: Path) -> list[str]:
+    """What is damaged in ``run_dir``'s newest checkpoint, one line per file (empty: nothing).
+
+    Each file is read as a resume would read it, and compared with the SHA-256 recorded when it was
+    written (checkpoints written before checksums are only read): ``LATEST``, the round's
+    ``meta.json``, ``state.safetensors`` and ``metrics.jsonl``, every base merge, and each client's
+    newest state file at or before the round (simulation).
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    latest = root / _LATEST
+    if not latest.is_file():
+        return [f"{latest} is missing"]
+    folder = root / latest.read_text(errors="replace").strip()
+    if not (folder / "meta.json").is_file():
+        return [f"{latest} names {folder.name!r}, which holds no meta.json"]
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        round_, merges = int(meta["round"]), int(meta["num_merges"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{folder / 'meta.json'} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"]
+    recorded = meta.get("sha256") or {}
+    problems = [_check_file(folder / name, recorded.get(name)) for name in CHECKED_FILES]
+    for index in range(merges):
+        path = root / "merges" / f"merge_{index:05d}.safetensors"
+        side = path.with_suffix(".sha256")
+        problems.append(_check_file(path, side.read_text().strip() if side.is_file() else None))
+    for state_dir in sorted((Path(run_dir) / CLIENT_STATE_DIR).glob("*")):
+        newest = _newest_client_file(state_dir, round_)
+        if newest is not None:
+            problems.append(_check_file(newest, None))
+    return [p for p in problems if p]
+
+
+def _check_file(path: Path, expected_sha256: str | None) -> str | None:
+    """Why ``path`` cannot serve a resume (missing, changed, unreadable), or ``None``."""
+    if not path.is_file():
+        return f"{path} is missing"
+    if expected_sha256 is not None and sha256(path) != expected_sha256:
+        return f"{path} differs from what was written (its SHA-256 does not match): it was changed or damaged"
+    try:
+        if path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.suffix == ".jsonl":
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError:
+                        return f"{path} line {number} is not JSON"
+    except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file cannot be used
+        return f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
+def checkpoint_round(run_dir: Path) -> int | None:
+    """The round of ``run_dir``'s newest complete checkpoint (``None``: there is none)."""
+    if not has_checkpoint(run_dir):
+        return None
+    root = Path(run_dir) / CHECKPOINT_DIR
+    return int(json.loads((root / (root / _LATEST).read_text().strip() / "meta.json").read_text())["round"])
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -205,10 +287,15 @@ def save_client_state(state_dir: Path, server_round: int, tensors: dict[str, tor
         old.unlink(missing_ok=True)
 
 
-def load_client_state(state_dir: Path, at_most: int) -> dict[str, torch.Tensor] | None:
-    """Return the client's state of the newest round ``<= at_most``, or ``None``."""
+def _newest_client_file(state_dir: Path, at_most: int) -> Path | None:
     best = None
     for path in sorted(Path(state_dir).glob("round_*.safetensors")):
         if int(path.stem.split("_")[1]) <= at_most:
             best = path
+    return best
+
+
+def load_client_state(state_dir: Path, at_most: int) -> dict[str, torch.Tensor] | None:
+    """Return the client's state of the newest round ``<= at_most``, or ``None``."""
+    best = _newest_client_file(state_dir, at_most)
     return load_file(str(best)) if best is not None else None
