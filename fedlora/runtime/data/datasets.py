@@ -13,6 +13,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUILTIN_BBC = "bbc_news"
 #: Local data files (their suffix) and the reader of each.
@@ -67,19 +68,112 @@ def is_local_file(name: str) -> bool:
     return Path(name).suffix.lower() in LOCAL_SUFFIXES
 
 
-def read_columns(name: str) -> list[str]:
-    """Return the column names of a local file without loading all of it."""
+def read_table(name: str, nrows: int | None = None) -> Any:
+    """Read a local csv/json/jsonl/parquet file into a pandas DataFrame, or say clearly why not.
+
+    Raises
+    ------
+    DataError
+        Naming the file and the fix: not UTF-8, empty, not a table of records (a JSON object where
+        a list of records is expected), or not parseable.
+    """
     import pandas as pd  # noqa: PLC0415
 
     path = Path(name)
     kind = LOCAL_SUFFIXES[path.suffix.lower()]
-    if kind == "csv":
-        return list(pd.read_csv(path, nrows=5).columns)
-    if kind == "parquet":
+    where = f"data file {name!r}"
+    try:
+        if kind == "csv":
+            return pd.read_csv(path, nrows=nrows, encoding="utf-8")
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{where} is empty; give a file with a header row and one row per example")
+        if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+            raise DataError(f"{where} holds a JSON object, not a list of records; write an array of objects "
+                            '([{"text": ..., "label": ...}, ...]) or one object per line in a .jsonl file')
+        return pd.read_json(io.StringIO(text), lines=path.suffix.lower() == ".jsonl")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                        "save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{where} is empty; give a file with a header row and one row per example") from None
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{where} cannot be read as {kind} ({str(exc)[:160]}); check its format") from None
+
+
+def read_columns(name: str) -> list[str]:
+    """Return the column names of a local file without loading all of it."""
+    path = Path(name)
+    if LOCAL_SUFFIXES[path.suffix.lower()] == "parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415
 
         return list(pq.read_schema(path).names)
-    return list(pd.read_json(path, lines=path.suffix.lower() == ".jsonl").columns)
+    return [str(c) for c in read_table(name, nrows=5).columns]
+
+
+def _missing(value: Any) -> bool:
+    """A missing cell: ``None``, NaN or blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _rows(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:5])
+    return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+
+
+def complete_rows(name: str, texts: list[Any], labels: list[Any], *, drop_incomplete: bool = False,
+                  ) -> tuple[list[Any], list[Any], int]:
+    """Check a table's text and label columns; return them (without incomplete rows) and how many were dropped.
+
+    Rows are numbered from 1 after the header. A missing text or label is an error naming the rows,
+    unless ``drop_incomplete`` (then those rows are dropped and counted); labels that mix numbers and
+    text (``3`` and ``"sports"``) are always an error.
+
+    Raises
+    ------
+    DataError
+        Naming the file, the rows and the fix.
+    """
+    if not texts:
+        raise DataError(f"data file {name!r} has a header but no rows; give one row per example")
+    bad = [i + 1 for i, (t, y) in enumerate(zip(texts, labels, strict=True)) if _missing(t) or _missing(y)]
+    if bad and not drop_incomplete:
+        raise DataError(f"data file {name!r}: row(s) {_rows(bad)} have no text or no label (counting rows from 1 "
+                        "after the header); fill or remove them, or set data.drop_incomplete=true to train "
+                        "without them")
+    keep = [i for i in range(len(texts)) if i + 1 not in set(bad)]
+    texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    if not texts:
+        raise DataError(f"data file {name!r}: no row has both a text and a label")
+    # a number column with a missing cell is read as floats: 3.0 is the label 3
+    labels = [int(y) if isinstance(y, float) and y.is_integer() else y for y in labels]
+    numeric = [_numeric(y) for y in labels]
+    if any(numeric) and not all(numeric):
+        number = next(y for y, n in zip(labels, numeric, strict=True) if n)
+        word = next(y for y, n in zip(labels, numeric, strict=True) if not n)
+        raise DataError(f"data file {name!r}: the labels mix numbers (e.g. {number!r}) and text (e.g. {word!r}); "
+                        "use one kind for every row (names like 'sports', or numbers)")
+    return texts, labels, len(bad)
 
 
 def _from_table(texts: list, labels: list, label_names: list[str] | None) -> Corpus:
@@ -110,34 +204,29 @@ def _numbered_by(name: str, labels: list, label_names: tuple[str, ...]) -> list[
 
 
 def load_local(name: str, text_column: str, label_column: str,
-               label_names: tuple[str, ...] | None = None) -> Corpus:
+               label_names: tuple[str, ...] | None = None, *, drop_incomplete: bool = False) -> Corpus:
     """Load a local csv/json/jsonl/parquet file with a text and a label column.
 
-    Labels may be strings or integers. Without ``label_names`` they are numbered in sorted order
-    of their string form; with them (a node's own file in a deployment), by position in
-    ``label_names``, so that every node numbers classes like the server does.
+    Labels may be strings or integers (not both). Without ``label_names`` they are numbered in
+    sorted order of their string form; with them (a node's own file in a deployment), by position
+    in ``label_names``, so that every node numbers classes like the server does. Rows without a
+    text or a label are an error (:func:`complete_rows`), or dropped with ``drop_incomplete``.
     """
-    import pandas as pd  # noqa: PLC0415
-
-    path = Path(name)
-    kind = LOCAL_SUFFIXES[path.suffix.lower()]
-    if kind == "csv":
-        frame = pd.read_csv(path)
-    elif kind == "parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
+    frame = read_table(name)
     missing = [c for c in (text_column, label_column) if c not in frame.columns]
     if missing:
         raise DataError(
             f"data.path={name!r} has no column(s) {missing}; it has {list(frame.columns)}. "
             "Set data.text_column / data.label_column to the right names."
         )
-    labels = list(frame[label_column])
+    texts, labels, dropped = complete_rows(name, list(frame[text_column]), list(frame[label_column]),
+                                           drop_incomplete=drop_incomplete)
+    if dropped:
+        print(f"[fedlora] {name}: {dropped} row(s) without a text or a label dropped (data.drop_incomplete=true)",
+              flush=True)
     if label_names is None:
-        return _from_table(list(frame[text_column]), labels, None)
-    texts = tuple(str(t) for t in frame[text_column])
-    return Corpus(texts, tuple(_numbered_by(name, labels, label_names)), tuple(label_names))
+        return _from_table(texts, labels, None)
+    return Corpus(tuple(str(t) for t in texts), tuple(_numbered_by(name, labels, label_names)), tuple(label_names))
 
 
 def load_hub(name: str, split: str, text_column: str, label_column: str) -> Corpus:
@@ -157,12 +246,12 @@ def load_hub(name: str, split: str, text_column: str, label_column: str) -> Corp
 
 
 def load_corpus(name: str, *, text_column: str = "text", label_column: str = "label",
-                split: str = "train", max_examples: int | None = None) -> Corpus:
+                split: str = "train", max_examples: int | None = None, drop_incomplete: bool = False) -> Corpus:
     """Load the corpus named by ``data.name``: ``bbc_news``, a local file, or a hub dataset."""
     if name == BUILTIN_BBC:
         corpus = load_bbc_news()
     elif is_local_file(name):
-        corpus = load_local(name, text_column, label_column)
+        corpus = load_local(name, text_column, label_column, drop_incomplete=drop_incomplete)
     else:
         corpus = load_hub(name, split, text_column, label_column)
     if max_examples is not None and max_examples < len(corpus.texts):

@@ -86,19 +86,43 @@ def instruction_columns(name: str) -> list[str]:
     """Return the column names of the instruction data named ``name`` (built-in or local file)."""
     if name == BUILTIN_SYNTHETIC:
         return list(SYNTHETIC_COLUMNS)
-    rows = _read_local(Path(name))
-    return list(rows[0]) if rows else []
+    return _columns(_read_local(Path(name)))
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every key that some record has, in order of first appearance (a record may lack one)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON array, or JSON lines (``.jsonl``, or a ``.json`` that is not one array)."""
-    text = path.read_text(encoding="utf-8")
+    """Read a JSON array, or JSON lines (``.jsonl``, or a ``.json`` that is not one array).
+
+    Raises
+    ------
+    DataError
+        Naming the file (and line) and the fix: not UTF-8, empty, a JSON object instead of a list
+        of records, a line or an array item that is not a record.
+    """
+    where = f"data.name={str(path)!r}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                        "save it as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{where} is empty; give a JSON array of records or one record per line")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None  # JSON lines with a .json name
+        if isinstance(data, dict):
+            raise DataError(f"{where} holds one JSON object, not a list of records; write an array of records "
+                            '([{"instruction": ..., "output": ...}, ...]) or one record per line in a .jsonl file')
         if isinstance(data, list):
+            bad = [i + 1 for i, row in enumerate(data) if not isinstance(row, dict)]
+            if bad:
+                raise DataError(f"{where}: item(s) {bad[:5]} of the array are not records (JSON objects)")
             return [dict(row) for row in data]
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -119,9 +143,26 @@ def _text(value: Any) -> str:
 
 
 def records_from_rows(rows: Sequence[Mapping[str, Any]], layout: str, category_column: str | None,
-                      ) -> tuple[Instruction, ...]:
-    """Turn table rows of ``layout`` into :class:`Instruction` records (categories when present)."""
+                      *, name: str = "the data", drop_incomplete: bool = False) -> tuple[Instruction, ...]:
+    """Turn table rows of ``layout`` into :class:`Instruction` records (categories when present).
+
+    A record without an instruction or a response (missing, null or blank) would train on nothing:
+    an error naming the records (numbered from 1), or, with ``drop_incomplete``, dropped and counted.
+    """
     instruction, input_col, output = LAYOUTS[layout]
+    bad = [i + 1 for i, row in enumerate(rows) if not _text(row.get(instruction)).strip()
+           or not _text(row.get(output)).strip()]
+    if bad and not drop_incomplete:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{name}: record(s) {shown} have no {instruction!r} or no {output!r}; fill or remove them, "
+                        "or set data.drop_incomplete=true to train without them")
+    if bad:
+        print(f"[fedlora] {name}: {len(bad)} record(s) without an instruction or a response dropped "
+              "(data.drop_incomplete=true)", flush=True)
+        skip = set(bad)
+        rows = [row for i, row in enumerate(rows) if i + 1 not in skip]
+    if not rows:
+        raise DataError(f"{name}: no record has both an instruction and a response")
     use_category = bool(category_column) and all(category_column in row for row in rows)
     return tuple(
         Instruction(_text(row.get(instruction)), _text(row.get(input_col)), _text(row.get(output)),
@@ -132,7 +173,7 @@ def records_from_rows(rows: Sequence[Mapping[str, Any]], layout: str, category_c
 
 def load_instructions(name: str, *, fmt: str = "auto", split: str = "train",
                       category_column: str | None = "category", max_examples: int | None = None,
-                      seed: int = 0) -> InstructionSet:
+                      seed: int = 0, drop_incomplete: bool = False) -> InstructionSet:
     """Load the instruction data named by ``data.name``.
 
     ``synthetic_instructions`` generates ``max_examples`` (default 2,000) records from ``seed``;
@@ -148,11 +189,12 @@ def load_instructions(name: str, *, fmt: str = "auto", split: str = "train",
         rows = list(datasets.load_dataset(name, split=split))
     if not rows:
         raise DataError(f"data.name={name!r} holds no records")
-    layout = detect_format(list(rows[0].keys()), fmt)
+    layout = detect_format(_columns(rows), fmt)
     if max_examples is not None and max_examples < len(rows):
         keep = sorted(random.Random(0).sample(range(len(rows)), max_examples))
         rows = [rows[i] for i in keep]
-    return InstructionSet(records_from_rows(rows, layout, category_column), layout)
+    return InstructionSet(records_from_rows(rows, layout, category_column, name=f"data.name={name!r}",
+                                            drop_incomplete=drop_incomplete), layout)
 
 
 # -- the synthetic instruction set -------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
+
+from fedlora.runtime.data.datasets import DataError
 
 
 def partition_indices(
@@ -27,7 +30,18 @@ def partition_indices(
     else:
         raise ValueError(f"partition.kind={kind!r} is not one of ('dirichlet', 'iid')")
     partitioner.dataset = Dataset.from_dict({"label": list(labels), "pos": list(range(len(labels)))})
-    return [sorted(partitioner.load_partition(pid)["pos"]) for pid in range(num_clients)]
+    try:
+        with warnings.catch_warnings():
+            # each failed draw warns; the outcome is what counts (an error below, or the partitions)
+            warnings.simplefilter("ignore", UserWarning)
+            return [sorted(partitioner.load_partition(pid)["pos"]) for pid in range(num_clients)]
+    except ValueError as exc:
+        if kind != "dirichlet":
+            raise
+        raise DataError(f"partition.min_partition_size={min_partition_size}: no Dirichlet draw (alpha={alpha:g}, 10 "
+                        f"attempts) gave each of the {num_clients} clients at least {min_partition_size} of the "
+                        f"{len(labels)} training examples ({exc}); lower partition.min_partition_size, raise "
+                        "partition.alpha, use fewer clients, or partition=iid") from None
 
 
 def label_histogram(labels: list[int], indices: list[int]) -> dict[int, int]:

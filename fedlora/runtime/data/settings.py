@@ -25,6 +25,7 @@ class DataSettings:
     min_partition_size: int = 10
     format: str = "auto"  # instruction layout: auto | alpaca | dolly (causal_lm only)
     category_column: str | None = "category"  # what a Dirichlet partition of instructions skews by
+    drop_incomplete: bool = False  # drop rows with a missing text, label or response (counted) instead of failing
 
 
 @dataclass(frozen=True)

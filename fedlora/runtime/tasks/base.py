@@ -99,6 +99,14 @@ class Task:
         """A deployed node's own training file (node config ``data-path``), checked on the node."""
 
     # -- data, evaluation, generation --------------------------------------------------------------
+    def groups(self, data: DataSettings) -> tuple[tuple[int, ...], bool]:
+        """Each example's group (its class or category) and whether there are groups, without tokenizing.
+
+        What the test split and the partitions follow; the configuration check partitions with it
+        before anything starts.
+        """
+        raise NotImplementedError
+
     def prepare(self, data: DataSettings, model: ModelSettings) -> Prepared:
         """Load and tokenize the run's data."""
         raise NotImplementedError

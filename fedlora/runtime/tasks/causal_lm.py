@@ -128,10 +128,29 @@ class CausalLMTask(Task):
         """A deployed node's own instruction file (JSON/JSONL, the run's ``data.format``): all of it trains."""
         return self.prepare(dataclasses.replace(data, name=node.path, max_examples=None), model)
 
+    @staticmethod
+    def _records(data: DataSettings) -> ins.InstructionSet:
+        return ins.load_instructions(data.name, fmt=data.format, split=data.split,
+                                     category_column=data.category_column, max_examples=data.max_examples,
+                                     drop_incomplete=data.drop_incomplete)
+
+    @staticmethod
+    def _grouped(iset: ins.InstructionSet) -> tuple[tuple[int, ...], tuple[str, ...], bool]:
+        """Each record's category index, the category names, and whether the records have categories."""
+        names = iset.categories
+        if names is None:
+            return (0,) * len(iset.records), ("all",), False
+        index = {name: i for i, name in enumerate(names)}
+        return tuple(index[str(r.category)] for r in iset.records), names, True
+
+    def groups(self, data: DataSettings) -> tuple[tuple[int, ...], bool]:
+        """The category of each record (all zeros without categories)."""
+        groups, _, has = self._grouped(self._records(data))
+        return groups, has
+
     def prepare(self, data: DataSettings, model: ModelSettings) -> Prepared:
         """Load the instruction records, render their prompts, tokenize with response-only labels."""
-        iset = ins.load_instructions(data.name, fmt=data.format, split=data.split,
-                                     category_column=data.category_column, max_examples=data.max_examples)
+        iset = self._records(data)
         self.records, self.max_length = iset.records, model.max_length
         self.tokenizer = load_tokenizer(model.name)
         examples, truncated = [], 0
@@ -141,12 +160,8 @@ class CausalLMTask(Task):
             examples.append((ids, labels))
             truncated += cut
         encoded = sft.SFTEncoded.from_examples(examples, self.tokenizer.pad_token_id)
-        names = iset.categories
-        if names is None:
-            return Prepared(encoded, (0,) * len(self.records), ("all",), False, 0, truncated)
-        index = {name: i for i, name in enumerate(names)}
-        groups = tuple(index[str(r.category)] for r in self.records)
-        return Prepared(encoded, groups, names, True, 0, truncated)
+        groups, names, has = self._grouped(iset)
+        return Prepared(encoded, groups, names, has, 0, truncated)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, data: sft.SFTEncoded, indices: list[int], batch_size: int,

@@ -58,7 +58,11 @@ class ClassificationTask(Task):
                 p.add("data.name", name, "the file does not exist; give an existing path (absolute, or relative "
                       "to where you run fedlora)")
                 return
-            columns = ds.read_columns(name)
+            try:
+                columns = ds.read_columns(name)
+            except ds.DataError as exc:
+                p.add("data.name", name, str(exc))
+                return
             for field in ("text_column", "label_column"):
                 if data.get(field) not in columns:
                     p.add(f"data.{field}", data.get(field), f"not a column of {name}; its columns are {columns}")
@@ -76,22 +80,34 @@ class ClassificationTask(Task):
         elif not Path(path).is_file():
             add(key, path, "no such file on this node; give an absolute path to an existing file")
         else:
-            columns = ds.read_columns(path)
+            try:
+                columns = ds.read_columns(path)
+            except ds.DataError as exc:
+                add(key, path, str(exc))
+                return
             missing = [c for c in (data.get("text_column"), data.get("label_column")) if c not in columns]
             if missing:
                 add(key, path, f"has no column(s) {missing} (its columns are {columns}); the run reads "
                     "data.text_column / data.label_column: rename the file's columns or deploy with other names")
 
     # -- data and evaluation -------------------------------------------------------------------------
+    @staticmethod
+    def _corpus(data: DataSettings) -> ds.Corpus:
+        return ds.load_corpus(data.name, text_column=data.text_column, label_column=data.label_column,
+                              split=data.split, max_examples=data.max_examples, drop_incomplete=data.drop_incomplete)
+
+    def groups(self, data: DataSettings) -> tuple[tuple[int, ...], bool]:
+        """The class of each example."""
+        return self._corpus(data).labels, True
+
     def prepare(self, data: DataSettings, model: ModelSettings) -> Prepared:
         """Load the corpus and tokenize it to ``model.max_length`` (padded, truncated)."""
-        corpus = ds.load_corpus(data.name, text_column=data.text_column, label_column=data.label_column,
-                                split=data.split, max_examples=data.max_examples)
-        return self._tokenized(corpus, model)
+        return self._tokenized(self._corpus(data), model)
 
-    def prepare_node(self, node: NodeData, data: DataSettings, model: ModelSettings) -> Prepared:  # noqa: ARG002
+    def prepare_node(self, node: NodeData, data: DataSettings, model: ModelSettings) -> Prepared:
         """A deployed node's own file, its labels numbered by the run's label names (not the file's)."""
-        corpus = ds.load_local(node.path, node.text_column, node.label_column, node.label_names)
+        corpus = ds.load_local(node.path, node.text_column, node.label_column, node.label_names,
+                               drop_incomplete=data.drop_incomplete)
         return self._tokenized(corpus, model)
 
     @staticmethod

@@ -35,6 +35,55 @@ class WorkspaceKey:
     node_data: NodeData | None = None
 
 
+@dataclass(frozen=True)
+class Split:
+    """Which examples are held out for the test set, and which each client trains on (corpus indices)."""
+
+    train: list[int]
+    test: list[int]
+    partitions: list[list[int]]
+
+
+def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSettings, num_clients: int) -> Split:
+    """The stratified test split (capped at ``data.max_test_examples``) and the clients' partitions.
+
+    The same function serves the workspace and the configuration check, which runs it before
+    anything starts so that an impossible partition is a configuration error, not a traceback later.
+
+    Raises
+    ------
+    DataError
+        When there are fewer training examples than clients, when a Dirichlet partition has no
+        group to skew by, or when no draw gives every client ``min_partition_size`` examples.
+    """
+    train, test = ds.stratified_split(groups, data.test_fraction, data.split_seed)
+    if data.max_test_examples is not None and data.max_test_examples < len(test):
+        # a seeded, stratified subsample (a prefix of the sorted indices would be one class)
+        labels = [groups[i] for i in test]
+        _, keep = ds.stratified_split(labels, data.max_test_examples / len(test), data.split_seed)
+        test = sorted(test[i] for i in keep)
+    if len(train) < num_clients:
+        raise ds.DataError(f"num_clients={num_clients}: the training split of data.name={data.name!r} holds only "
+                           f"{len(train)} examples (after the test split); use at most {len(train)} clients, or more "
+                           "data")
+    train_labels = [groups[i] for i in train]
+    if num_clients == 1:
+        parts = [list(range(len(train)))]
+    else:
+        if data.partition == "dirichlet" and not has_groups:
+            raise ds.DataError(f"partition.kind='dirichlet' needs a category to skew by, and data.name="
+                               f"{data.name!r} has no {data.category_column!r} column; use "
+                               "partition=iid or set data.category_column")
+        need = num_clients * data.min_partition_size
+        if data.partition == "dirichlet" and need > len(train):
+            raise ds.DataError(f"partition.min_partition_size={data.min_partition_size}: {num_clients} clients x "
+                               f"{data.min_partition_size} = {need} examples, but the training split holds "
+                               f"{len(train)}; lower partition.min_partition_size or use fewer clients")
+        parts = partition_indices(train_labels, num_clients, kind=data.partition, alpha=data.alpha,
+                                  seed=data.partition_seed, min_partition_size=data.min_partition_size)
+    return Split(train, test, [[train[i] for i in part] for part in parts])
+
+
 class Workspace:
     """The loaded model host and data of one process."""
 
@@ -48,30 +97,10 @@ class Workspace:
         self.data = prepared.data
         self.label_names = prepared.group_names
         self.truncated = prepared.truncated
-        groups = prepared.groups
-        train, test = ds.stratified_split(groups, key.data.test_fraction, key.data.split_seed)
-        if key.data.max_test_examples is not None and key.data.max_test_examples < len(test):
-            # a seeded, stratified subsample (a prefix of the sorted indices would be one class)
-            labels = [groups[i] for i in test]
-            _, keep = ds.stratified_split(labels, key.data.max_test_examples / len(test), key.data.split_seed)
-            test = sorted(test[i] for i in keep)
-        self.test = test
-        self.train = train
-        train_labels = [groups[i] for i in train]
-        if key.num_clients == 1:
-            parts = [list(range(len(train)))]
-        else:
-            if key.data.partition == "dirichlet" and not prepared.has_groups:
-                raise ds.DataError(f"partition.kind='dirichlet' needs a category to skew by, and data.name="
-                                   f"{key.data.name!r} has no {key.data.category_column!r} column; use "
-                                   "partition=iid or set data.category_column")
-            parts = partition_indices(
-                train_labels, key.num_clients, kind=key.data.partition, alpha=key.data.alpha,
-                seed=key.data.partition_seed, min_partition_size=key.data.min_partition_size,
-            )
-        self.partitions = [[train[i] for i in part] for part in parts]
+        split = split_and_partition(prepared.groups, prepared.has_groups, key.data, key.num_clients)
+        self.train, self.test, self.partitions = split.train, split.test, split.partitions
         self.num_labels = prepared.num_labels
-        self.generation_prompts = self.task.generation_prompts(test)
+        self.generation_prompts = self.task.generation_prompts(self.test)
         self.host = AdapterHost(key.model, prepared.num_labels, key.seed)
 
     def _init_node_data(self, key: WorkspaceKey, node: NodeData) -> None:
