@@ -23,6 +23,11 @@ CAUSAL_ONLY = {("model", "tiny_decoder"), ("data", "synthetic_instructions"), *H
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
     prefix = "+" if group == "method" else ""  # `method` has no default: it is added by sweeps
     task = ["task=causal_lm"] if (group, option) in CAUSAL_ONLY else []
+    if (group, option) == ("simulation", "gpu"):
+        import torch
+
+        if not torch.cuda.is_available():  # without a GPU, declare one to Ray (else: "no client could start")
+            task.append("simulation.num_gpus=1")
     cfg = compose([*task, f"{prefix}{group}={option}"])
     if (group, option) in HUB_MODELS:  # offline (the tests' setting) a hub model cannot even be probed
         with pytest.raises(ConfigError, match=r"(?s)model\.name=.*HF_HUB_OFFLINE=1.*offline=false"):
@@ -191,7 +196,7 @@ def test_instruction_files_are_checked_before_anything_starts(tmp_path: Path) ->
     dolly = _write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "a", "context": "", "response": "b",
                                                      "category": "qa"}] * 20)
     other = _write_jsonl(tmp_path / "other.jsonl", [{"text": "a", "label": 1}] * 20)
-    base = ["task=causal_lm", "data=instructions_file"]
+    base = ["task=causal_lm", "data=instructions_file", "num_clients=2", "partition.min_partition_size=2"]
     validate(compose([*base, f"data.name={dolly}"]))  # Dolly has a category: Dirichlet is fine
     validate(compose([*base, f"data.name={alpaca}", "partition=iid"]))
     with pytest.raises(ConfigError) as info:  # Alpaca has no category to skew clients by

@@ -8,15 +8,18 @@ strategy's or compressor's hyperparameters by its own constructor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedlora.config import CONF_DIR
-from fedlora.config.settings import RANK_POLICIES, TRANSPORTS, Component, import_target
+from fedlora.config.fields import check_fields
+from fedlora.config.settings import RANK_POLICIES, TRANSPORTS, Component, Settings, import_target
 from fedlora.core.env import hub_offline
 from fedlora.core.errors import Problems
-from fedlora.runtime.tasks import TASKS, Task, TaskSettings
+from fedlora.runtime.data.settings import DataSettings
+from fedlora.runtime.tasks import TASKS, Task, TaskSettings, make_task
 
 
 def _task(cfg: Mapping[str, Any]) -> type[Task] | None:
@@ -29,39 +32,10 @@ def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _check_numbers(cfg: Mapping[str, Any], p: Problems) -> None:
-    n = cfg.get("num_clients")
-    if not isinstance(n, int) or n < 1:
-        p.add("num_clients", n, "must be a positive integer (for example num_clients=10)")
-    rounds = cfg.get("num_rounds")
-    if not isinstance(rounds, int) or rounds < 1:
-        p.add("num_rounds", rounds, "must be a positive integer (for example num_rounds=5)")
-    frac = cfg.get("fraction_train")
-    if not isinstance(frac, int | float) or not 0 < frac <= 1:
-        p.add("fraction_train", frac, "must be in (0, 1]; 1.0 samples every client each round")
+def _check_partition_kind(cfg: Mapping[str, Any], p: Problems) -> None:
     part = cfg.get("partition", {})
     if part.get("kind") not in ("dirichlet", "iid"):
         p.add("partition.kind", part.get("kind"), "use partition=dirichlet or partition=iid")
-    if part.get("kind") == "dirichlet":
-        alpha = part.get("alpha")
-        if not isinstance(alpha, int | float) or alpha <= 0:
-            p.add("partition.alpha", alpha, "the Dirichlet concentration must be > 0 (0.5 is strongly non-IID)")
-    train = cfg.get("train", {})
-    for key in ("local_steps", "batch_size"):
-        v = train.get(key)
-        if not isinstance(v, int) or v < 1:
-            p.add(f"train.{key}", v, "must be a positive integer")
-    lr = train.get("lr")
-    if not isinstance(lr, int | float) or lr <= 0:
-        p.add("train.lr", lr, "the learning rate must be > 0 (3e-3 works for the default task)")
-    data = cfg.get("data", {})
-    tf = data.get("test_fraction")
-    if not isinstance(tf, int | float) or not 0 < tf < 1:
-        p.add("data.test_fraction", tf, "must be in (0, 1), for example 0.2")
-    model = cfg.get("model", {})
-    apr = model.get("alpha_per_rank")
-    if not isinstance(apr, int | float) or apr <= 0:
-        p.add("model.alpha_per_rank", apr, "lora_alpha = alpha_per_rank * r; use a positive number (2.0)")
 
 
 def _check_ranks(cfg: Mapping[str, Any], p: Problems) -> list[int]:
@@ -80,7 +54,7 @@ def _check_ranks(cfg: Mapping[str, Any], p: Problems) -> list[int]:
         values = list(ranks.get("tiers") or [])
         if not values:
             p.add("ranks.tiers", values, "give at least one rank tier, for example [2,4,8,16]")
-    bad = [r for r in values if not isinstance(r, int) or r < 1]
+    bad = [r for r in values if not isinstance(r, int) or isinstance(r, bool) or r < 1]
     if bad:
         p.add("ranks", bad, "every rank must be an integer >= 1")
         return []
@@ -172,55 +146,54 @@ def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:
 
 def _check_logging(cfg: Mapping[str, Any], p: Problems) -> None:
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
-    if wandb.get("enabled"):
+    if wandb.get("enabled") is True:
         import importlib.util  # noqa: PLC0415
 
         if importlib.util.find_spec("wandb") is None:
             p.add("logging.wandb.enabled", True, "wandb is not installed: `pip install wandb`, or set it to false")
+
+
+def _check_resources(cfg: Mapping[str, Any], p: Problems) -> None:
+    """A local simulation whose clients need more CPUs or GPUs than Ray may use would start no client."""
+    import os  # noqa: PLC0415
+
     sim = cfg.get("simulation") or {}
+    if sim.get("address"):
+        return  # a cluster's resources are known only once connected
     res = sim.get("client_resources") or {}
-    if not isinstance(res.get("num_cpus"), int | float) or res.get("num_cpus", 0) <= 0:
-        p.add("simulation.client_resources.num_cpus", res.get("num_cpus"), "CPUs per client must be > 0")
-    gpus = res.get("num_gpus", 0)
-    if not isinstance(gpus, int | float) or gpus < 0:
-        p.add("simulation.client_resources.num_gpus", gpus, "use 0 (CPU) or a GPU share such as 0.25 or 1")
+    cpus, gpus = res.get("num_cpus"), res.get("num_gpus", 0)
+    cap = sim.get("num_cpus")
+    have_cpus = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else os.cpu_count() or 1
+    if isinstance(cpus, int | float) and not isinstance(cpus, bool) and cpus > have_cpus:
+        p.add("simulation.client_resources.num_cpus", cpus, f"each client needs {cpus:g} CPUs but Ray may use "
+              f"{have_cpus} here (simulation.num_cpus, else this machine's CPUs): no client could start; lower it")
+    if not isinstance(gpus, int | float) or isinstance(gpus, bool) or gpus <= 0:
+        return
+    have_gpus = sim.get("num_gpus")
+    if not isinstance(have_gpus, int | float) or isinstance(have_gpus, bool):
+        import torch  # noqa: PLC0415
 
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+        have_gpus = torch.cuda.device_count()
+    if gpus > have_gpus:
+        p.add("simulation.client_resources.num_gpus", gpus, f"each client needs {gpus:g} GPU but Ray sees "
+              f"{have_gpus:g} here: no client could start; use simulation=cpu, or declare GPUs with "
+              "simulation.num_gpus")
 
 
 def _check_reliability(cfg: Mapping[str, Any], p: Problems) -> None:
-    """Client minimums, timeout, the norm bound, checkpointing and the ``faults`` group."""
+    """Client minimums against the client count, and the ``faults`` group's options and kinds."""
     n = cfg.get("num_clients")
-    n = n if isinstance(n, int) and n >= 1 else None
-    for key, default in (("min_clients", 1), ("min_fit_clients", 1)):
-        v = cfg.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            p.add(key, v, "must be an integer >= 1")
-        elif n is not None and v > n:
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+    for key in ("min_clients", "min_fit_clients"):
+        v = cfg.get(key, 1)
+        if isinstance(v, int) and not isinstance(v, bool) and n is not None and v > n:
             p.add(key, v, f"cannot exceed num_clients={n}; lower it or add clients")
-    timeout = cfg.get("round_timeout", 3600)
-    if not _is_number(timeout) or timeout <= 0:
-        p.add("round_timeout", timeout, "seconds the server waits for a round's replies: use a number > 0")
-    ratio = cfg.get("max_norm_ratio")
-    if ratio is not None and (not _is_number(ratio) or ratio <= 1):
-        p.add("max_norm_ratio", ratio, "use a number > 1 (10 rejects only gross outliers), or null to turn it off")
-    if not isinstance(cfg.get("checkpoint", True), bool):
-        p.add("checkpoint", cfg.get("checkpoint"), "use true or false")
     faults = cfg.get("faults") or {}
     from fedlora.core.faults import CORRUPT_KINDS, FaultSettings, kind_name  # noqa: PLC0415
 
     unknown = sorted(set(faults) - set(FaultSettings.__dataclass_fields__))
     if unknown:
         p.add("faults", unknown, f"unknown fault option(s); known: {sorted(FaultSettings.__dataclass_fields__)}")
-    for key in ("fail_prob", "straggler_prob", "corrupt_prob"):
-        v = faults.get(key, 0.0)
-        if not _is_number(v) or not 0 <= v <= 1:
-            p.add(f"faults.{key}", v, "a probability: use a number in [0, 1]")
-    delay = faults.get("straggler_delay_s", 0.0)
-    if not _is_number(delay) or delay < 0:
-        p.add("faults.straggler_delay_s", delay, "seconds a straggler sleeps: use a number >= 0")
     if kind_name(faults.get("corrupt_kind", "nan")) not in CORRUPT_KINDS:
         p.add("faults.corrupt_kind", faults.get("corrupt_kind"), f"use one of {', '.join(CORRUPT_KINDS)}")
     corrupt = faults.get("corrupt") or {}
@@ -232,9 +205,34 @@ def _check_reliability(cfg: Mapping[str, Any], p: Problems) -> None:
             p.add(f"faults.corrupt.{cid}", kind, f"the key must be a client id in 0..{(n or 1) - 1}")
         if kind_name(kind) not in CORRUPT_KINDS:
             p.add(f"faults.corrupt.{cid}", kind, f"use one of {', '.join(CORRUPT_KINDS)}")
-    seed = faults.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        p.add("faults.seed", seed, "use an integer, or null for the run seed")
+
+
+def _check_data_split(cfg: Mapping[str, Any], p: Problems) -> None:
+    """Read the data (built-in or local, never a hub) and split and partition it as the run will."""
+    from fedlora.runtime.data import datasets as ds  # noqa: PLC0415
+    from fedlora.runtime.data import instructions as ins  # noqa: PLC0415
+
+    name = str((cfg.get("data") or {}).get("name"))
+    if name not in (ds.BUILTIN_BBC, ins.BUILTIN_SYNTHETIC) and not ds.is_local_file(name):
+        return  # a hub dataset is checked when it is loaded
+    settings = Settings.from_config(cfg)
+    problem = data_split_problem(settings.task, settings.data, settings.loop.num_clients)
+    if problem:
+        p.note(problem)
+
+
+@functools.lru_cache(maxsize=32)
+def data_split_problem(task: TaskSettings, data: DataSettings, num_clients: int) -> str | None:
+    """Why the data cannot be read, split and partitioned as configured (``None``: they can)."""
+    from fedlora.runtime.data.datasets import DataError  # noqa: PLC0415
+    from fedlora.runtime.training.workspace import split_and_partition  # noqa: PLC0415
+
+    try:
+        groups, has_groups = make_task(task).groups(data)
+        split_and_partition(groups, has_groups, data, num_clients)
+    except DataError as exc:
+        return str(exc)
+    return None
 
 
 def _check_resume(cfg: Mapping[str, Any], p: Problems) -> None:
@@ -242,22 +240,27 @@ def _check_resume(cfg: Mapping[str, Any], p: Problems) -> None:
     resume = cfg.get("resume")
     if resume is None:
         return
-    from fedlora.results.checkpoint import has_checkpoint  # noqa: PLC0415
+    from fedlora.results.checkpoint import verify_checkpoint  # noqa: PLC0415
 
     path = Path(str(resume))
     if not path.is_dir():
         p.add("resume", resume, "no such directory; give a run directory, for example resume=runs/<date>_<time>_fedavg")
     elif not (path / "config.yaml").is_file():
         p.add("resume", resume, "has no config.yaml: it is not a fedlora run directory")
-    elif not has_checkpoint(path):
+    elif not (path / "checkpoint" / "LATEST").is_file():
         p.add("resume", resume, "has no complete checkpoint/ (the run stopped before round 0 ended, or ran "
               "with checkpoint=false); start it again instead")
+    else:
+        for damage in verify_checkpoint(path):
+            p.add("resume", resume, f"the checkpoint cannot be resumed from: {damage}; restore that file, or start "
+                  "the run again")
 
 
 def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bool = True) -> None:
     """Raise :class:`~fedlora.core.errors.ConfigError` listing every problem in ``cfg`` (nothing is started)."""
     p = Problems()
-    _check_numbers(cfg, p)
+    check_fields(cfg, p)
+    _check_partition_kind(cfg, p)
     task = _task(cfg)
     if task is None:
         kind = (cfg.get("task") or {}).get("kind")
@@ -270,11 +273,14 @@ def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bo
     _check_reliability(cfg, p)
     _check_resume(cfg, p)
     _check_logging(cfg, p)
+    _check_resources(cfg, p)
     ranks = _check_ranks(cfg, p)
     _check_targets(cfg, p)
     _check_transport(cfg, p)
     if check_data and task is not None:
         task.check_data(cfg, p)
+        if not p.items:  # the data can be read: check that they make the split and the partitions asked for
+            _check_data_split(cfg, p)
     if check_model and task is not None:
         _check_model(cfg, ranks, task, p)
     p.raise_if_any()

@@ -17,6 +17,10 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in {subject}:\n{lines}")
 
 
+class RunError(RuntimeError):
+    """A run cannot go on, for a reason its message gives in full (the command prints it, no traceback)."""
+
+
 class Problems:
     """Collects configuration problems, each as ``field=value: fix``, to raise one :class:`ConfigError`."""
 
@@ -26,6 +30,10 @@ class Problems:
     def add(self, field: str, value: Any, fix: str) -> None:
         """Record that ``field`` has the bad ``value`` and how to fix it."""
         self.items.append(f"{field}={value!r}: {fix}")
+
+    def note(self, text: str) -> None:
+        """Record a problem whose text already names the field, the value and the fix."""
+        self.items.append(text)
 
     def raise_if_any(self, subject: str = "the configuration") -> None:
         """Raise :class:`ConfigError` listing every problem, if there is one."""
