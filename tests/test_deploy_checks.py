@@ -126,6 +126,21 @@ def server_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
+class FakeGrid:
+    """Flower's Grid for GridTransport: ``answer(messages)`` gives the replies, pulled all at once."""
+
+    def answer(self, messages: list) -> list:
+        raise NotImplementedError
+
+    def push_messages(self, messages: list) -> list[str]:
+        self.replies = self.answer(list(messages))
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: set) -> list:
+        replies, self.replies = self.replies, []
+        return replies
+
+
 @pytest.mark.usefixtures("server_process")
 def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None:
     """The SuperLink answers for a node whose heartbeats stopped: that client failed, with the reason."""
@@ -136,11 +151,11 @@ def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None
 
     reason = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its interval."
 
-    class Grid:
+    class Grid(FakeGrid):
         def __init__(self, answer_for_message: bool) -> None:
             self.answer_for_message = answer_for_message
 
-        def send_and_receive(self, messages: list, timeout: float) -> list:
+        def answer(self, messages: list) -> list:
             (message,) = messages
             message.metadata.__dict__["_message_id"] = "m-100"
             to = "m-100" if self.answer_for_message else "another message"
@@ -155,7 +170,7 @@ def test_a_reply_the_superlink_sends_for_a_dead_node_fails_that_client() -> None
     assert exchange.bytes_down[0] > 0
     transport = GridTransport(Grid(answer_for_message=False))  # type: ignore[arg-type]
     transport.node_of = {0: 100}
-    assert transport.exchange(1, {0: packet}, 600.0).replies == {}  # nobody answered for client 0: a timeout
+    assert transport.exchange(1, {0: packet}, 0.3).replies == {}  # nobody answered for client 0: a timeout
 
 
 @pytest.mark.usefixtures("server_process")
@@ -167,13 +182,13 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason() -> None:
     from fedlora.federation import keys
     from fedlora.flower.grid import GridTransport
 
-    class Grid:
+    class Grid(FakeGrid):
         """Three nodes: one answers, one raises on the node, one is answered for by the SuperLink."""
 
         def get_node_ids(self) -> list[int]:
             return [11, 12, 13]
 
-        def send_and_receive(self, messages: list, timeout: float) -> list:
+        def answer(self, messages: list) -> list:
             assert all(list(m.content[keys.CONFIG][keys.LABEL_NAMES]) == list(BBC_NAMES) for m in messages)
             for i, m in enumerate(messages):
                 m.metadata.__dict__["_message_id"] = f"hello-{i}"
@@ -198,13 +213,13 @@ def test_a_node_that_fails_the_hello_stops_the_run_with_every_reason() -> None:
         def get_node_ids(self) -> list[int]:
             return [11, 14]
 
-        def send_and_receive(self, messages: list, timeout: float) -> list:
-            return super().send_and_receive(messages, timeout)[:1]
+        def answer(self, messages: list) -> list:
+            return super().answer(messages)[:1]
 
     with pytest.raises(RuntimeError) as err:
-        GridTransport(Silent()).connect(2, BBC_NAMES, timeout=5)  # type: ignore[arg-type]
+        GridTransport(Silent()).connect(2, BBC_NAMES, timeout=1)  # type: ignore[arg-type]
     assert str(err.value).startswith("1 node(s) failed the hello; fix them and start the run again:\n"
-                                     "node 14: no answer within connect_timeout=5 s")
+                                     "node 14: no answer within connect_timeout=1 s")
 
 
 def test_clean_reason_of_a_deployed_client_exception() -> None:

@@ -48,7 +48,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedlora.cli.main import _mark_failed, prepare  # noqa: E402
+from fedlora.cli.main import prepare  # noqa: E402
+from fedlora.cli.rundir import mark_failed  # noqa: E402
 from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
 from fedlora.federation import keys  # noqa: E402
@@ -200,7 +201,7 @@ def deploy_job(cfg: DictConfig, opts: argparse.Namespace) -> None:
         container = prepare_deployment(cfg, run_dir, opts)
     except ConfigError as exc:
         print(f"fedlora-deploy: {exc}", file=sys.stderr)
-        _mark_failed(run_dir, str(exc))
+        mark_failed(run_dir, str(exc))
         sys.exit(2)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
@@ -224,7 +225,7 @@ def finish(code: int, run_dir: Path) -> None:
     if code == INTERRUPTED:
         sys.exit(code)
     if code != 0:
-        _mark_failed(run_dir, f"`flwr run` exited with status {code}; see {run_dir / FLWR_LOG}")
+        mark_failed(run_dir, f"`flwr run` exited with status {code}; see {run_dir / FLWR_LOG}")
         sys.exit(code)
     if not (run_dir / "summary.json").is_file():
         failed = run_dir / "FAILED"

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedlora.core import env
 
@@ -22,8 +24,11 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from fedlora.cli.rundir import FAILED, mark_failed, register_resolvers  # noqa: E402
 from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
+
+register_resolvers()
 
 
 def resume_arguments(argv: list[str]) -> list[str]:
@@ -67,44 +72,56 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return container
 
 
-def simulate(settings: Any) -> dict[str, Any]:
+def simulate(settings: Any, stop: threading.Event) -> dict[str, Any]:
     """Run a federation on Flower's simulation engine (Ray) in this process; return its summary."""
     from fedlora.flower import simulation  # noqa: PLC0415
 
-    simulation.run(settings)
+    simulation.run(settings, stop)
     summary_path = settings.run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without a summary in {settings.run_dir}; see the log above")
     return dict(json.loads(summary_path.read_text()))
 
 
-def run_pooled(settings: Any) -> dict[str, Any]:
+def run_pooled(settings: Any, stop: threading.Event) -> dict[str, Any]:
     """Run the centralized bound (one pooled learner, no Flower); return its summary."""
     from fedlora.serving.run import run_pooled as pooled  # noqa: PLC0415
+    from fedlora.serving.signals import stop_on_signals  # noqa: PLC0415
 
-    return pooled(settings)
+    with stop_on_signals(stop):
+        return pooled(settings, stop)
 
 
 #: How each ``transport`` runs a job in this process (``fedlora-deploy`` serves ``flower`` on a SuperLink).
 RUNNERS = {"flower": simulate, "pooled": run_pooled}
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Validate and run one job; return its summary."""
+def run(container: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+    """Run one validated job; return its summary."""
     from fedlora.config.settings import Settings  # noqa: PLC0415
 
-    container = prepare(cfg, run_dir)
     run_dir = Path(container["output_dir"])  # the resumed run's directory when resuming
     run_dir.mkdir(parents=True, exist_ok=True)
     if container.get("resume"):
-        (run_dir / "FAILED").unlink(missing_ok=True)
+        (run_dir / FAILED).unlink(missing_ok=True)
         ignored = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
         if ignored:
             print(f"fedlora: resuming {run_dir} with its own config.yaml; ignoring {ignored}", file=sys.stderr)
     else:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
     settings = Settings.from_config(container)
-    return RUNNERS[settings.transport](settings)
+    return RUNNERS[settings.transport](settings, stop)
+
+
+def _stopped(run_dir: Path, stop: Any) -> NoReturn:
+    """Say where a stopped run can be resumed, and exit with the status of an interrupted command."""
+    from fedlora.results.checkpoint import checkpoint_round  # noqa: PLC0415
+    from fedlora.serving.signals import exit_stopped  # noqa: PLC0415
+
+    last = checkpoint_round(run_dir)
+    where = (f"round {last} is its last complete round; resume with: fedlora resume={run_dir}" if last is not None
+             else "it stopped before its first checkpoint; start it again")
+    exit_stopped(f"fedlora: stopped by {stop.signal}; {where}")
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -114,22 +131,53 @@ def hydra_main(cfg: DictConfig) -> float:
     That is test accuracy for classification (maximise it) and held-out perplexity for
     causal_lm (minimise it); ``summary.json`` names it under ``primary_metric``.
     """
+    from fedlora.core.errors import RunError  # noqa: PLC0415
+    from fedlora.serving.signals import Stop  # noqa: PLC0415
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resuming = bool(OmegaConf.select(cfg, "resume"))
     try:
-        summary = run(cfg, run_dir)
+        container = prepare(cfg, run_dir)
+    except KeyboardInterrupt:
+        sys.exit(130)  # Ctrl-C while the configuration was being checked: nothing started
     except ConfigError as exc:
         print(f"fedlora: {exc}", file=sys.stderr)
-        _mark_failed(run_dir, str(exc))
+        if not resuming:  # a refused resume never writes into the run it refused
+            mark_failed(run_dir, str(exc))
         sys.exit(2)
+    finished = finished_run(container)
+    if finished:
+        print(f"fedlora: {finished}", file=sys.stderr)
+        summary = json.loads((Path(container["output_dir"]) / "summary.json").read_text())
+        return float(summary.get(f"final_{summary.get('primary_metric', 'test_accuracy')}", math.nan))
+    stop = Stop()
+    try:
+        summary = run(container, stop)
+    except RunError as exc:  # the message says all: no traceback
+        if stop.signal:
+            _stopped(run_dir, stop)
+        print(f"fedlora: {exc}", file=sys.stderr)
+        mark_failed(run_dir, str(exc))
+        sys.exit(1)
     except Exception:
-        _mark_failed(run_dir, traceback.format_exc())
+        if stop.signal:  # whatever the engine raised after a Ctrl-C: the run was stopped, not broken
+            _stopped(run_dir, stop)
+        mark_failed(run_dir, traceback.format_exc())
         raise
     return float(summary[f"final_{summary.get('primary_metric', 'test_accuracy')}"])
 
 
-def _mark_failed(run_dir: Path, text: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "FAILED").write_text(text)
+def finished_run(container: dict[str, Any]) -> str | None:
+    """Why resuming ``container``'s run would do nothing (it finished), or ``None``."""
+    from fedlora.results.checkpoint import checkpoint_round  # noqa: PLC0415
+
+    if not container.get("resume"):
+        return None
+    run_dir = Path(container["output_dir"])
+    last = checkpoint_round(run_dir)
+    if (run_dir / "summary.json").is_file() and last is not None and last >= int(container["num_rounds"]):
+        return f"{run_dir} finished all its {container['num_rounds']} rounds; nothing to resume (it is left as it is)"
+    return None
 
 
 def cli() -> None:

@@ -24,6 +24,17 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
+def actor_environment(offline: bool = True) -> dict[str, str]:
+    """The environment a run's worker processes need on any machine: quiet, and offline when asked.
+
+    A user's own setting of a quiet variable wins (as in :func:`apply`).
+    """
+    variables = {key: os.environ.get(key, value) for key, value in QUIET.items()}
+    if offline:
+        variables.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return variables
+
+
 def apply(offline: bool = True) -> None:
     """Set the quiet defaults (user-set values win) and the hub switch."""
     for key, value in QUIET.items():

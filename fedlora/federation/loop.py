@@ -21,6 +21,7 @@ what the uninterrupted one would have.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 from fedlora.core import lora_math as lm
 from fedlora.core import validation
+from fedlora.core.errors import RunError
 from fedlora.core.metrics import Metric
 from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge, ClientUpdate, Compressor, Strategy, Tensor
 from fedlora.federation import wire
@@ -40,6 +42,22 @@ from fedlora.results.plots import plot_run
 from fedlora.results.record import METRICS_FILE, ClientRow, RoundRecord, read_records
 from fedlora.results.recorder import RunRecorder
 from fedlora.results.summary import final_metrics, write_summary
+
+
+class RunInterrupted(Exception):  # noqa: N818 - a stop, not an error
+    """The run was asked to stop (its stop event: Ctrl-C, SIGTERM, or the engine failed).
+
+    ``last_round`` is the last complete, checkpointed round: the resume point (``-1``: none yet).
+    """
+
+    def __init__(self, last_round: int) -> None:
+        where = f"after round {last_round}" if last_round >= 0 else "before round 0"
+        super().__init__(f"the run was stopped {where}")
+        self.last_round = last_round
+
+
+class NoProgress(RunError):
+    """No round aggregated an update: the run learned nothing and its adapter is not saved."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +145,7 @@ class Federation:
 
     def __init__(self, settings: LoopSettings, *, strategy: Strategy, transport: Transport, model: ServerModel,
                  run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
-                 say: Callable[[str], None] = console) -> None:
+                 say: Callable[[str], None] = console, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.strategy = strategy
         self.compressor = compressor
@@ -136,6 +154,7 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.recorder = recorder
         self.say = say
+        self.stop = stop or threading.Event()  # set by the glue on Ctrl-C or SIGTERM: stop at the next safe point
         self.start_wall = time.perf_counter()
         self.resumed_from = 0  # the checkpoint round this run continued from (0: a fresh run)
         self.merges_saved = 0  # base merges already in the checkpoint directory
@@ -145,22 +164,32 @@ class Federation:
         """Run every round (from the checkpoint when resuming); write the adapter, plot and summary."""
         s = self.settings
         clients = self.transport.connect(s.num_clients, self.model.label_names, s.connect_timeout)
+        self._check_stop(-1)
         ranks = {cid: c.rank for cid, c in clients.items()}
         r_max = max(ranks.values())
         state = self._resume(ranks) if s.resume else self._fresh(r_max)
         self.say(self._first_line(clients))
         for note in self.model.notes():
             self.say(note)
-        if not s.resume:
-            self._round_zero(state, ranks, r_max)
-        for server_round in range(state.round + 1, s.num_rounds + 1):
-            record = self.train_round(clients, state, server_round, r_max)
-            state.best = self.model.metric.best([state.best, record.metrics[self.model.metric.key]])
-            self.recorder.log_round(record)
-            self._checkpoint(state, ranks)
-            self._say_round(record)
-        self.recorder.close()
+        try:
+            if not s.resume:
+                self._round_zero(state, ranks, r_max)
+            for server_round in range(state.round + 1, s.num_rounds + 1):
+                self._check_stop(state.round)
+                record = self.train_round(clients, state, server_round, r_max)
+                state.best = self.model.metric.best([state.best, record.metrics[self.model.metric.key]])
+                self.recorder.log_round(record)
+                self._checkpoint(state, ranks)
+                self._say_round(record)
+            self._check_stop(state.round)
+        finally:
+            self.recorder.close()
         return self.finish(state, r_max)
+
+    def _check_stop(self, last_round: int) -> None:
+        """Raise :class:`RunInterrupted` when the run was asked to stop."""
+        if self.stop.is_set():
+            raise RunInterrupted(last_round)
 
     def _round_zero(self, state: ServerState, ranks: Mapping[int, int], r_max: int) -> None:
         """Evaluate the initial global model (round 0) and checkpoint it."""
@@ -180,6 +209,7 @@ class Federation:
         assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round) for cid in sampled}
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
         exchange = self.transport.exchange(server_round, packets, s.round_timeout)
+        self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
         rows, updates = self._collect(assignments, exchange, state)
         skipped, strategy_metrics = self._aggregate(state, updates, server_round)
         metrics, eval_seconds = self._evaluate(state, server_round, r_max)
@@ -292,7 +322,7 @@ class Federation:
         """
         saved = ckpt.load_checkpoint(self.run_dir)
         if saved.ranks != dict(ranks):
-            raise RuntimeError(f"resume: the connected clients' ranks differ from the checkpoint's "
+            raise RunError(f"resume: the connected clients' ranks differ from the checkpoint's "
                                f"({describe_rank_change(saved.ranks, ranks)}); resume with the same clients "
                                f"and rank settings")
         self.merges_saved = len(saved.merges)
@@ -323,6 +353,10 @@ class Federation:
     def finish(self, state: ServerState, r_max: int) -> dict[str, Any]:
         """Save the global adapter (base merges folded in), plot, write ``summary.json``."""
         metric, last = self.model.metric, read_records(self.run_dir)
+        if self.settings.num_rounds and not any(r.round >= 1 and r.aggregation_skipped is None for r in last):
+            raise NoProgress(f"no round aggregated an update: every one of the {self.settings.num_rounds} rounds kept "
+                             "the global adapter (too few valid updates, or a non-finite aggregate; each client's "
+                             f"status and error are in {self.run_dir / METRICS_FILE}); the adapter was not saved")
         folded, rank = lm.fold_merges(state.adapter, self.model.scaling(r_max), state.merges)
         alpha = float(rank) if state.merges else self.model.alpha(r_max)  # folded: scaling 1
         saved = self.model.save(folded, rank, alpha)
@@ -371,3 +405,10 @@ class Federation:
                  f"{r.num_ok} clients{problems}{skipped}, up {r.bytes_total('up') / 1e6:.2f} MB, "
                  f"down {r.bytes_total('down') / 1e6:.2f} MB, {r.round_seconds or 0.0:.1f} s "
                  f"(elapsed {r.wall_time:.0f} s)")
+        trouble = [c for c in r.clients if c.status != "ok"]
+        if trouble:  # the first reason on the console; every client's in metrics.jsonl
+            first = trouble[0]
+            reason = (first.error or "no reason given").strip().splitlines()[0][:200]
+            more = (f" (and {len(trouble) - 1} more; each client's reason is in {METRICS_FILE})"
+                    if len(trouble) > 1 else "")
+            self.say(f"  client {first.client} {first.status}: {reason}{more}")

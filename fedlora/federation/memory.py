@@ -9,6 +9,7 @@ trainer, in milliseconds; the centralized bound uses it for its one pooled learn
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from fedlora.federation.client import ClientSide, MemoryStore, train_round
@@ -30,15 +31,18 @@ class InMemoryTransport:
         Report each packet's array bytes as its size (``False``: 0, nothing is communicated).
     silent:
         ``(round, client) -> True`` for a client that does not answer that round (a lost reply).
+    stop:
+        The run's stop event: once set, no further client of the round is run.
     """
 
     def __init__(self, ranks: Mapping[int, int], side: ClientSide, *, measure: bool = True,
-                 silent: Callable[[int, int], bool] | None = None) -> None:
+                 silent: Callable[[int, int], bool] | None = None, stop: threading.Event | None = None) -> None:
         self.ranks = dict(ranks)
         self.side = side
         self.measure = measure
         self.silent = silent or (lambda server_round, client_id: False)
         self.stores = {cid: MemoryStore() for cid in self.ranks}
+        self.stop = stop or threading.Event()
 
     def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:  # noqa: ARG002
         """Every client is there at once."""
@@ -48,6 +52,8 @@ class InMemoryTransport:
         """Run each client's round in turn; an exception is that client's error reply."""
         replies: dict[int, Delivery] = {}
         for cid in sorted(packets):
+            if self.stop.is_set():
+                break
             if self.silent(server_round, cid):
                 continue
             try:

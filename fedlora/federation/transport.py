@@ -61,7 +61,11 @@ class Transport(Protocol):
         ...
 
     def exchange(self, server_round: int, packets: Mapping[int, Packet], timeout: float) -> Exchange:
-        """Send each client its packet and collect the replies that arrive within ``timeout`` seconds."""
+        """Send each client its packet and collect the replies that arrive within ``timeout`` seconds.
+
+        A transport built with the run's stop event returns early once it is set (the loop then
+        discards the round).
+        """
         ...
 
     def describe(self, clients: Mapping[int, ClientInfo]) -> str:

@@ -42,6 +42,7 @@ from fedlora.federation.client import ClientSide, train_round
 from fedlora.flower import records
 from fedlora.flower.node import NodeSettings, node_rank, node_workspace_key, read_node_config
 from fedlora.flower.settings import resolve_settings
+from fedlora.flower.simulation import prepare_actor
 from fedlora.results.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
 from fedlora.runtime.training.workspace import get_workspace
 from fedlora.serving.runtime import WorkspaceTrainer
@@ -159,17 +160,25 @@ def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
     return Message(records.to_content(reply), reply_to=msg)
 
 
+def _settings(closure: Settings | None, context: Context) -> Settings:
+    """The run's settings; a simulation's actor leaves Ctrl-C to the driver, which stops the run cleanly."""
+    settings = resolve_settings(closure, context.run_config)
+    if not settings.deployment:
+        prepare_actor()
+    return settings
+
+
 def make_client_app(settings: Settings | None = None) -> ClientApp:
     """Build the ClientApp; ``settings`` of the run (``None``: read them from the run config)."""
     app = ClientApp()
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_hello(msg, context, resolve_settings(settings, context.run_config))
+        return handle_hello(msg, context, _settings(settings, context))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, resolve_settings(settings, context.run_config))
+        return handle_train(msg, context, _settings(settings, context))
 
     return app
 

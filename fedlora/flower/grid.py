@@ -12,12 +12,14 @@ deployed node that trains on its own file numbers its classes by them).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedlora.core.errors import RunError
 from fedlora.federation import wire
 from fedlora.federation.sampling import describe_ranks
 from fedlora.federation.transport import ClientInfo, Delivery, Exchange
@@ -43,23 +45,51 @@ def clean_reason(reason: str) -> str:
     return text.strip()[:500]
 
 
-class GridTransport:
-    """The loop's :class:`~fedlora.federation.transport.Transport` over a Flower ``Grid``."""
+POLL_SECONDS = 0.1  # how often replies are pulled (Flower's own send_and_receive polls as often)
 
-    def __init__(self, grid: Grid) -> None:
+
+class GridTransport:
+    """The loop's :class:`~fedlora.federation.transport.Transport` over a Flower ``Grid``.
+
+    Replies are pulled in a loop (as Flower's ``send_and_receive`` does) that also watches the
+    run's stop event, so that Ctrl-C or a failed engine ends a wait at once instead of after
+    ``round_timeout`` or ``connect_timeout``.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event | None = None) -> None:
         self.grid = grid
+        self.stop = stop or threading.Event()
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push ``messages``, pull replies until all arrived, ``timeout`` passed or the run is stopped."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and time.monotonic() < deadline and not self.stop.is_set():
+            got: Iterable[Message] = self.grid.pull_messages(pending)
+            for reply in got:
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return replies
 
     def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:
         """Wait for ``expected`` nodes, greet each, return ``{client_id: ClientInfo}``.
 
         A node that fails the hello (in a deployment: a bad ``--node-config`` or data file on that
-        node) stops the run here, before any round, with every node's reason.
+        node) stops the run here, before any round, with every node's reason. When the run is
+        stopped meanwhile, nobody is returned.
         """
         node_ids = self._wait_for_nodes(expected, timeout)
+        if self.stop.is_set():
+            return {}  # the loop raises RunInterrupted
         hello = [Message(to_content(wire.encode_hello(label_names)), node_id, "query", group_id="hello")
                  for node_id in node_ids]
-        replies = self.grid.send_and_receive(hello, timeout=timeout)
+        replies = self.send_and_receive(hello, timeout)
+        if self.stop.is_set():
+            return {}
         # the SuperLink answers for a node it lost: name that node through the message it answers
         node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
         answered = {node_of_message.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
@@ -74,22 +104,23 @@ class GridTransport:
                 continue
             cid, rank, examples = wire.decode_hello_reply(to_packet(reply.content))
             if cid in clients:
-                raise RuntimeError(f"two nodes claim partition-id {cid}; give each node its own")
+                raise RunError(f"two nodes claim partition-id {cid}; give each node its own")
             clients[cid] = ClientInfo(cid, rank, examples)
             self.node_of[cid] = reply.metadata.src_node_id
         if failed:
-            raise RuntimeError(f"{len(failed)} node(s) failed the hello; fix them and start the run again:\n"
+            raise RunError(f"{len(failed)} node(s) failed the hello; fix them and start the run again:\n"
                                + "\n".join(failed))
         return clients
 
     def _wait_for_nodes(self, expected: int, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
         node_ids = sorted(self.grid.get_node_ids())
-        while len(node_ids) < expected and time.monotonic() < deadline:
+        while len(node_ids) < expected and time.monotonic() < deadline and not self.stop.is_set():
             time.sleep(1.0)
             node_ids = sorted(self.grid.get_node_ids())
-        if not node_ids:
-            raise RuntimeError(f"no client connected within {timeout:.0f} s")
+        if not node_ids and not self.stop.is_set():
+            raise RunError(f"no client connected within connect_timeout={timeout:g} s; start the SuperNodes "
+                           "(docs/deployment.md) or raise connect_timeout")
         return node_ids
 
     def exchange(self, server_round: int, packets: Mapping[int, wire.Packet], timeout: float) -> Exchange:
@@ -103,7 +134,7 @@ class GridTransport:
         sizes = {cid: content_bytes(content) for cid, content in contents.items()}
         messages = {cid: Message(content, self.node_of[cid], "train", group_id=str(server_round))
                     for cid, content in contents.items()}
-        replies = self.grid.send_and_receive(list(messages.values()), timeout=timeout)
+        replies = self.send_and_receive(list(messages.values()), timeout)
         client_of_node = {node: cid for cid, node in self.node_of.items()}
         client_of_message = {m.metadata.message_id: cid for cid, m in messages.items()}
         delivered: dict[int, Delivery] = {}

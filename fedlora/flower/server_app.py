@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import traceback
 
 from flwr.app import Context
@@ -13,15 +14,18 @@ from fedlora.flower.settings import resolve_settings
 from fedlora.serving.run import serve
 
 
-def make_server_app(settings: Settings | None = None) -> ServerApp:
-    """Build the ServerApp; ``settings`` of the run (``None``: read them from the run config)."""
+def make_server_app(settings: Settings | None = None, stop: threading.Event | None = None) -> ServerApp:
+    """Build the ServerApp; ``settings`` of the run (``None``: read them from the run config).
+
+    ``stop`` is the run's stop event (simulation: set on Ctrl-C, SIGTERM or when the engine ends).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run = resolve_settings(settings, context.run_config)
         try:
-            serve(run, GridTransport(grid))
+            serve(run, GridTransport(grid, stop), stop=stop)
         except Exception:
             if settings is None:  # deployment: no `fedlora` process around to record the failure
                 run.run_dir.mkdir(parents=True, exist_ok=True)

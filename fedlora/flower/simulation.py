@@ -13,12 +13,19 @@ ClientApp run unchanged under ``flwr run`` in a deployment (docs/deployment.md).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import signal
+import sys
+import threading
 from typing import Any
 
 from fedlora.config.settings import Settings, SimulationSettings
+from fedlora.core import env
+from fedlora.core.errors import RunError
+from fedlora.serving.signals import ignore_interrupts, stop_on_signals
 
 REQUIRED_PARAMETERS = ("num_supernodes", "exit_event", "client_app", "server_app", "backend_name",
                        "backend_config")
@@ -55,19 +62,166 @@ def quiet_flower_console() -> None:
     logger = logging.getLogger("flwr")
     logger.removeHandler(console_handler)
     logger.setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, TracebacksToLogFile)
+                                                                for f in handler.filters):
+            handler.addFilter(TracebacksToLogFile())
 
 
-def run(settings: Settings) -> Any:
-    """Run the federated simulation of ``settings`` (the apps close over them)."""
+class TracebacksToLogFile(logging.Filter):
+    """Keep Flower's tracebacks of a client's failure off the console (the job's log file keeps them).
+
+    The round's line and ``metrics.jsonl`` already say which client failed and why; the remote
+    traceback Flower logs with it is for whoever debugs the client.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("flwr") or record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        return record.exc_info is None and "Traceback (most recent call last)" not in text and '  File "' not in text
+
+
+def start_ray(settings: Settings) -> None:
+    """Start a local Ray instance (or join ``simulation.address``) before Flower's engine would.
+
+    Three reasons to do it ourselves (Flower's backend keeps a Ray that is already running):
+
+    * without an address a fresh local instance starts (``address="local"``): never a cluster that
+      ``RAY_ADDRESS`` or a stale state file of a killed ``ray start`` happens to name;
+    * the actors get the run's quiet and offline environment on every node of a cluster
+      (``runtime_env``), not only those this process forked;
+    * ``ray.init`` replaces the driver's SIGTERM handler: ours are installed after it.
+    """
+    import ray  # noqa: PLC0415
+
+    init = backend_config(settings.simulation)["init_args"]
+    address = init.pop("address", None) or "local"
+    # Ray subprocesses inherit the environment, not this driver's sys.path (as Flower's backend does)
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **env.actor_environment(settings.offline)}}
+    unreachable = "" if address in ("local", "auto") else cluster_unreachable(address)
+    try:
+        if unreachable:
+            raise ConnectionError(unreachable)
+        ray.init(address=address, runtime_env=runtime_env, **init)
+    except ConnectionError as exc:
+        raise RunError(f"simulation.address={address!r}: no Ray cluster answers there ({exc}); start one "
+                           "(`ray start --head`) or leave simulation.address unset to start a local one") from exc
+
+
+def cluster_unreachable(address: str, timeout: float = 5.0) -> str:
+    """Why nothing listens at a Ray ``host:port`` address (``ray://`` included), or ``""``.
+
+    ``ray.init`` retries an address where nothing listens for minutes; a TCP connection says at once.
+    """
+    import socket  # noqa: PLC0415
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return ""  # not host:port: Ray's own parsing says what is wrong
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return ""
+    except OSError as exc:
+        return f"connecting to {host}:{port}: {exc.strerror or exc}"
+
+
+ACTOR_TITLE = "ray::ClientAppActor"  # the process title Ray gives Flower's client actors
+
+
+def local_client_actors(busy: bool = False) -> list[Any]:
+    """This process's descendant Ray workers that host Flower's client actors (``busy``: in a task).
+
+    Ray titles a worker process ``ray::<actor class>`` and, while it runs a method,
+    ``ray::<actor class>.<method>()``.
+    """
+    import psutil  # noqa: PLC0415
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(proc.cmdline()[:1])
+            if title.startswith(ACTOR_TITLE) and (not busy or title.startswith(ACTOR_TITLE + ".")):
+                found.append(proc)
+    return found
+
+
+def prepare_actor() -> None:
+    """In a client actor: Ctrl-C is the driver's to handle, SIGTERM ends the actor as intended.
+
+    The driver (:func:`end_clients_on_signal`) sends SIGTERM to the actors busy in a stopped round;
+    ``ray.actor.exit_actor`` makes that an intended exit, which Ray does not report as a crash.
+    """
+    import ray  # noqa: PLC0415
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    ignore_interrupts()
+
+    def leave(signum: int, frame: Any) -> None:  # noqa: ARG001
+        ray.actor.exit_actor()
+
+    signal.signal(signal.SIGTERM, leave)
+
+
+def end_clients_on_signal(stop: threading.Event) -> threading.Thread:
+    """Once a signal sets ``stop``, end the busy client actors of a local Ray at once.
+
+    Flower's engine waits for every client task in flight before it returns, which can be a whole
+    round of training; a stopped round is never kept (the resume point is the last checkpoint, and
+    clients write their state atomically), so its work is ended instead: SIGTERM, which the actors
+    turn into an intended exit (:func:`prepare_actor`), then SIGKILL for any still there after 5 s.
+    Flower reports the ended tasks as errors; nobody waits for them, so its log is silenced first.
+    On a Ray cluster (``simulation.address``) the actors are not this process's children: the
+    command waits for their current task.
+    """
+    import psutil  # noqa: PLC0415
+
+    def watch() -> None:
+        stop.wait()
+        if not getattr(stop, "signal", None):
+            return  # the run ended by itself
+        logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
+        busy = local_client_actors(busy=True)
+        for proc in busy:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        for proc in psutil.wait_procs(busy, timeout=5)[1]:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+    watcher = threading.Thread(target=watch, name="fedlora-end-clients", daemon=True)
+    watcher.start()
+    return watcher
+
+
+def run(settings: Settings, stop: threading.Event | None = None) -> Any:
+    """Run the federated simulation of ``settings`` (the apps close over them).
+
+    ``stop`` (set on Ctrl-C or SIGTERM here, and whatever way the engine ends) stops the round loop
+    at its next safe point; the ServerApp thread never outlives the engine.
+    """
+    import ray  # noqa: PLC0415
     from flwr.supercore.telemetry import EventType  # noqa: PLC0415
 
     from fedlora.flower.client_app import make_client_app  # noqa: PLC0415
     from fedlora.flower.server_app import make_server_app  # noqa: PLC0415
 
+    stop = stop or threading.Event()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     quiet_flower_console()
-    return engine()(
-        num_supernodes=settings.loop.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=make_client_app(settings), server_app=make_server_app(settings), backend_name="ray",
-        backend_config=backend_config(settings.simulation),
-    )
+    start_ray(settings)
+    try:
+        with stop_on_signals(stop):
+            end_clients_on_signal(stop)
+            return engine()(
+                num_supernodes=settings.loop.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=make_client_app(settings), server_app=make_server_app(settings, stop),
+                backend_name="ray", backend_config=backend_config(settings.simulation),
+            )
+    finally:
+        stop.set()
+        if ray.is_initialized():
+            ray.shutdown()

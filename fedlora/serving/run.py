@@ -8,6 +8,7 @@ learner in this process. The strategy, the compressor and the workspace are buil
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 from fedlora.config.settings import Settings
@@ -19,23 +20,28 @@ from fedlora.runtime.training.workspace import get_workspace
 from fedlora.serving.runtime import PooledTrainer, PooledTransport, WorkspaceModel
 
 
-def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = None) -> dict[str, Any]:
-    """Run the federation of ``settings`` over ``transport`` (with ``loop`` instead of its own loop settings)."""
+def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = None,
+          stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run the federation of ``settings`` over ``transport`` (with ``loop`` instead of its own loop settings).
+
+    ``stop``: the run's stop event (Ctrl-C): the loop raises ``RunInterrupted`` at its next safe point.
+    """
     ws = get_workspace(settings.workspace_key())
     model = WorkspaceModel(ws, settings.run_dir, eval_batch_size=settings.eval_batch_size, seed=settings.seed)
     recorder = RunRecorder(settings.run_dir, tensorboard=settings.logging.tensorboard,
                            wandb=settings.logging.wandb(), config=settings.source)
     compressor = settings.compression.build() if settings.compression else None
     federation = Federation(loop or settings.loop, strategy=settings.strategy.build(), compressor=compressor,
-                            transport=transport, model=model, run_dir=settings.run_dir, recorder=recorder)
+                            transport=transport, model=model, run_dir=settings.run_dir, recorder=recorder,
+                            stop=stop)
     return federation.run()
 
 
-def run_pooled(settings: Settings) -> dict[str, Any]:
+def run_pooled(settings: Settings, stop: threading.Event | None = None) -> dict[str, Any]:
     """The centralized bound: one learner on the pooled data, the federation's step budget, no Flower."""
     loop = settings.loop
     per_round = sample_size(loop.num_clients, loop.fraction_train, loop.min_clients)
     trainer = PooledTrainer(settings.workspace_key(), settings.train, settings.seed, clients_per_round=per_round)
     # one learner: every round samples it, and it alone is aggregated
     one = dataclasses.replace(loop, fraction_train=1.0, min_clients=1, min_fit_clients=1)
-    return serve(settings, PooledTransport(trainer, max(settings.client_ranks())), one)
+    return serve(settings, PooledTransport(trainer, max(settings.client_ranks()), stop), one, stop)

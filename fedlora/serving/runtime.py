@@ -18,6 +18,7 @@ loop's protocols:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,8 @@ class PooledTrainer(WorkspaceTrainer):
 class PooledTransport(InMemoryTransport):
     """The centralized bound as a transport: one in-process learner (client 0) at the largest rank."""
 
-    def __init__(self, trainer: PooledTrainer, rank: int) -> None:
-        super().__init__({0: rank}, ClientSide(trainer=trainer), measure=False)
+    def __init__(self, trainer: PooledTrainer, rank: int, stop: threading.Event | None = None) -> None:
+        super().__init__({0: rank}, ClientSide(trainer=trainer), measure=False, stop=stop)
         self.trainer = trainer
 
     def describe(self, clients: Mapping[int, ClientInfo]) -> str:

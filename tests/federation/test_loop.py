@@ -127,7 +127,10 @@ def test_every_kind_of_failure_is_recorded_and_only_good_updates_count(tmp_path:
     assert row.num_ok == 2 and row.count("failed") == 2 and row.count("rejected") == 3
     rejected = row.clients[4]
     assert rejected.train_loss is None and rejected.num_examples is None and (rejected.bytes_up or 0) > 0
-    assert lines[-2].startswith("round 1/1:") and ", 2 clients, 2 failed, 3 rejected," in lines[-2]
+    at = next(i for i, line in enumerate(lines) if line.startswith("round 1/1:"))
+    assert ", 2 clients, 2 failed, 3 rejected," in lines[at]
+    # the console names the first reason; metrics.jsonl keeps every client's
+    assert lines[at + 1] == "  client 2 failed: disk full (and 4 more; each client's reason is in metrics.jsonl)"
     # only clients 0 and 1 were aggregated: the same as a federation of those two alone
     alone = tmp_path / "alone"
     run(alone, FedAvg(), [4] * 7, num_rounds=1, silent=lambda server_round, cid: cid >= 2)
@@ -273,3 +276,57 @@ def test_flora_with_compression_keeps_no_residual_of_its_fresh_factors(tmp_path:
     assert summary["error_feedback_tensors"] == "all but the fresh LoRA factors"
     for store in transport.stores.values():
         assert store.kept is not None and not any(lm.is_lora_key(k) for k in store.kept)
+
+
+# -- stopping: a round cut short is never aggregated nor checkpointed ------------------------------------
+class StopsTheRun(TinyTrainer):
+    """Sets the run's stop event while client 1 trains in round ``when`` (as a Ctrl-C would, mid-round)."""
+
+    def __init__(self, stop: Any, when: int) -> None:
+        super().__init__()
+        self.stop, self.when = stop, when
+
+    def train(self, client_id: int, assignment: wire.Assignment, merges: Any) -> Any:
+        if assignment.server_round == self.when and client_id == 1:
+            self.stop.set()
+        return super().train(client_id, assignment, merges)
+
+
+@pytest.mark.parametrize("strategy", [FedAvg, FLoRA])
+def test_a_stop_mid_round_keeps_the_last_checkpoint_and_resumes_exactly(tmp_path: Path, strategy: Any) -> None:
+    import threading
+
+    from fedlora.federation.loop import RunInterrupted
+
+    run(tmp_path / "straight", strategy(), num_rounds=3)
+    stop = threading.Event()
+    side = ClientSide(trainer=StopsTheRun(stop, when=2))
+    transport = InMemoryTransport(dict(enumerate(RANKS)), side, stop=stop)
+    killed = tmp_path / "stopped"
+    settings = LoopSettings(name="test", seed=0, num_clients=3, num_rounds=3, round_timeout=30.0)
+    federation = Federation(settings, strategy=strategy(), transport=transport, model=TinyModel(killed),
+                            run_dir=killed, recorder=RunRecorder(killed, tensorboard=False), say=lambda _: None,
+                            stop=stop)
+    with pytest.raises(RunInterrupted) as info:
+        federation.run()
+    assert info.value.last_round == 1 and "after round 1" in str(info.value)
+    assert (killed / "checkpoint" / "LATEST").read_text() == "round_00001"  # round 2 was not kept
+    assert [r["round"] for r in rows(killed)] == [0, 1] and not (killed / "summary.json").exists()
+    assert [(r, c) for r, c, _ in side.trainer.calls if r == 2] == [(2, 0), (2, 1)]  # client 2 never started
+    run(killed, strategy(), num_rounds=3, resume=True)
+    resumed, straight = rows(killed), rows(tmp_path / "straight")
+    for row in (resumed[2], straight[2]):  # the resent merges after a resume (FLoRA)
+        row.pop("bytes_down_total")
+        for client in row["clients"]:
+            client.pop("bytes_down")
+    assert resumed == straight
+    assert all(torch.equal(adapter(killed)[k], v) for k, v in adapter(tmp_path / "straight").items())
+
+
+def test_a_run_that_never_aggregates_fails_and_saves_no_adapter(tmp_path: Path) -> None:
+    from fedlora.federation.loop import NoProgress
+
+    with pytest.raises(NoProgress, match="no round aggregated an update: every one of the 2 rounds kept"):
+        run(tmp_path, FedAvg(), num_rounds=2, silent=lambda server_round, cid: True)
+    assert [r.aggregation_skipped is not None for r in read_records(tmp_path)[1:]] == [True, True]
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "summary.json").exists()

@@ -51,3 +51,30 @@ def test_content_bytes_counts_the_serialized_payload() -> None:
     size = records.content_bytes(records.to_content(packet))
     assert 4000 <= size < 4000 + 400  # 4 bytes per float32 plus a small protobuf envelope
     assert records.content_bytes(RecordDict()) == 0
+
+
+def test_a_stopped_run_stops_waiting_at_once() -> None:
+    # Nobody ever answers; the stop event (Ctrl-C, a failed engine) must end the waits well before
+    # round_timeout or connect_timeout.
+    import threading
+    import time
+
+    from fedlora.flower.grid import GridTransport
+
+    class Silent:
+        def get_node_ids(self) -> list[int]:
+            return []
+
+        def push_messages(self, messages: list) -> list[str]:
+            return ["m-1"]
+
+        def pull_messages(self, ids: set) -> list:
+            return []
+
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    transport = GridTransport(Silent(), stop)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    assert transport.send_and_receive([], timeout=600) == []
+    assert transport.connect(3, ("a",), timeout=600) == {}
+    assert time.monotonic() - t0 < 5

@@ -83,9 +83,28 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:  # noq
         time.sleep(0.2)
 
 
-def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tuple[str, Path],
-                                                           tmp_path: Path) -> None:
+# How the run is stopped in the middle of round 3: killed outright, or asked to stop (Ctrl-C in a terminal
+# sends SIGINT to the whole process group, Ray's actors included; a service manager sends SIGTERM to the
+# process), after which it must exit with status 130, keep round 2 as its last checkpoint and say how to
+# resume. Either way the resumed run must equal the uninterrupted one.
+STOPS = {"flora": ["SIGKILL", "SIGINT to the group"], "fedavg": ["SIGKILL", "SIGTERM to the process"]}
+
+
+def _stop(proc: subprocess.Popen, how: str) -> None:
+    if how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)
+    elif how == "SIGINT to the group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT to the group", "SIGTERM to the process"])
+def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tuple[str, Path], how: str,
+                                                            tmp_path: Path) -> None:
     name, uninterrupted_dir = uninterrupted
+    if how not in STOPS[name]:
+        pytest.skip(f"{how} is checked on the other strategy's run")
     run_dir = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen([FEDLORA, *RESUMABLE[name], f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=log,
@@ -104,12 +123,23 @@ def test_killed_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tuple
 
     try:
         _wait_for(in_round_3, proc, timeout=500)
+        _stop(proc, how)
+        code = proc.wait(timeout=120)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = (tmp_path / "killed.log").read_text()
+    if how != "SIGKILL":  # a clean stop: status 130, the resume point named, no FAILED, Ray gone
+        assert code == 130, output[-3000:]
+        signame = how.split()[0]
+        assert f"fedlora: stopped by {signame}; round 2 is its last complete round; resume with: " \
+               f"fedlora resume={run_dir}" in output, output[-3000:]
+        assert not (run_dir / "FAILED").exists() and "Traceback" not in output
+    assert (run_dir / "checkpoint" / "LATEST").read_text() == "round_00002"
     assert not (run_dir / "summary.json").exists()
     assert [r["round"] for r in jsonl_rows(run_dir)] == [0, 1, 2]
-    if name == "fedavg":  # the kill came after client 0's round-3 residual, before client 2's
+    if name == "fedavg" and how == "SIGKILL":  # the kill came after client 0's round-3 residual, before client 2's
         assert not (run_dir / "client_state" / "2" / "round_00003.safetensors").exists()
 
     # the real command line: `fedlora resume=<run>` continues in the same directory
@@ -221,3 +251,28 @@ def test_every_malformed_update_kind_is_rejected_and_the_run_goes_on(tmp_path: P
 
     weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert all(bool(v.isfinite().all()) for v in weights.values())
+
+
+def test_ctrl_c_during_a_long_round_stops_within_seconds(tmp_path: Path) -> None:
+    # Every client sleeps 30 s in round 1 (round_timeout 600 s): the run must not wait for them.
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen([FEDLORA, *TINY, "num_rounds=3", "faults.straggler_prob=1.0",
+                             "faults.straggler_delay_s=30", "round_timeout=600", f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: (run_dir / "checkpoint" / "LATEST").exists(), proc, timeout=300)
+        time.sleep(2.0)  # round 1 is under way: every client asleep
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = (tmp_path / "run.log").read_text()
+    assert "SIGINT received: stopping" in output and "round 0 is its last complete round" in output
+    assert (run_dir / "checkpoint" / "LATEST").read_text() == "round_00000"
+    assert [r["round"] for r in jsonl_rows(run_dir)] == [0]

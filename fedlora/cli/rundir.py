@@ -1,0 +1,46 @@
+"""Run directories that two runs never share, and the marks a run leaves in its directory.
+
+``conf/config.yaml`` names a run's directory ``${claim:runs/<date>_<time>_<name>}``: the ``claim``
+resolver creates the directory atomically (``mkdir`` fails when it exists) and, when another run
+took that name first (two runs started in the same second), takes ``<name>-2``, ``<name>-3``, ...
+instead. A process claims each name once (Hydra resolves the directory more than once, and every
+job of a sweep shares the sweep's directory), so resolving again returns the same directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+FAILED = "FAILED"
+_claimed: dict[str, str] = {}
+
+
+def claim(candidate: str) -> str:
+    """Create a fresh directory named ``candidate`` (or ``candidate-<n>``) and return its path."""
+    if candidate in _claimed:
+        return _claimed[candidate]
+    path, n = Path(candidate), 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            path = Path(f"{candidate}-{n}")
+    _claimed[candidate] = str(path)
+    return str(path)
+
+
+def register_resolvers() -> None:
+    """Make ``${claim:...}`` available to Hydra's config (call before composing it)."""
+    if not OmegaConf.has_resolver("claim"):
+        OmegaConf.register_new_resolver("claim", claim)
+
+
+def mark_failed(run_dir: Path, text: str) -> None:
+    """Leave ``FAILED`` with ``text`` (the traceback or the config errors) in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).write_text(text)

@@ -1,0 +1,29 @@
+"""Run directories are claimed atomically: two runs never share one, even when started in the same second."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_claim_takes_the_next_free_name_and_remembers_it(tmp_path: Path) -> None:
+    from fedlora.cli import rundir
+
+    base = str(tmp_path / "runs" / "2026-12-02_10-00-00_fedavg")
+    first = rundir.claim(base)
+    assert first == base and Path(first).is_dir()
+    assert rundir.claim(base) == first  # Hydra resolves the directory more than once: the same answer
+    rundir._claimed.clear()  # as another process would see it
+    assert rundir.claim(base) == base + "-2"
+
+
+def test_two_processes_in_the_same_second_get_two_directories(tmp_path: Path) -> None:
+    code = ("import sys; from fedlora.cli import rundir; print(rundir.claim(sys.argv[1]))")
+    base = str(tmp_path / "same_second")
+    procs = [subprocess.Popen([sys.executable, "-c", code, base], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(4)]
+    claimed = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert claimed == sorted([base, base + "-2", base + "-3", base + "-4"])
