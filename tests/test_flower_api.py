@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fedlora.flower import simulation
+from fedlora.flower import actors, simulation
 
 
 def test_private_engine_has_the_parameters_we_pass() -> None:
@@ -68,20 +68,20 @@ def test_a_signal_ends_the_busy_client_actors_and_only_after_a_signal() -> None:
     from fedlora.serving.signals import Stop
 
     # Stand-ins for Ray's worker processes, titled as Ray titles them: one in a task, one idle.
-    busy = subprocess.Popen([f"{simulation.ACTOR_TITLE}.run", "60"], executable="/bin/sleep")
-    idle = subprocess.Popen([simulation.ACTOR_TITLE, "60"], executable="/bin/sleep")
+    busy = subprocess.Popen([f"{actors.ACTOR_TITLE}.run", "60"], executable="/bin/sleep")
+    idle = subprocess.Popen([actors.ACTOR_TITLE, "60"], executable="/bin/sleep")
     try:
-        assert {p.pid for p in simulation.local_client_actors()} == {busy.pid, idle.pid}
-        assert [p.pid for p in simulation.local_client_actors(busy=True)] == [busy.pid]
+        assert {p.pid for p in actors.local_client_actors()} == {busy.pid, idle.pid}
+        assert [p.pid for p in actors.local_client_actors(busy=True)] == [busy.pid]
 
         ended_by_itself = Stop()
-        watcher = simulation.end_clients_on_signal(ended_by_itself)
+        watcher = actors.end_clients_on_signal(ended_by_itself)
         ended_by_itself.set()  # set by the program, not a signal: nothing is touched
         watcher.join(timeout=5)
         assert busy.poll() is None and idle.poll() is None
 
         stopped = Stop()
-        watcher = simulation.end_clients_on_signal(stopped)
+        watcher = actors.end_clients_on_signal(stopped)
         stopped.signal = "SIGINT"
         started = time.monotonic()
         stopped.set()

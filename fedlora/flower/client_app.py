@@ -40,9 +40,9 @@ from fedlora.core.types import AdapterState, BaseMerge
 from fedlora.federation import keys, wire
 from fedlora.federation.client import ClientSide, train_round
 from fedlora.flower import records
+from fedlora.flower.actors import prepare_actor
 from fedlora.flower.node import NodeSettings, node_rank, node_workspace_key, read_node_config
 from fedlora.flower.settings import resolve_settings
-from fedlora.flower.simulation import prepare_actor
 from fedlora.results.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
 from fedlora.runtime.training.workspace import get_workspace
 from fedlora.serving.runtime import WorkspaceTrainer
