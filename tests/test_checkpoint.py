@@ -59,8 +59,12 @@ def test_latest_moves_only_when_a_round_is_complete(tmp_path: Path, monkeypatch)
     assert ck.load_checkpoint(tmp_path).round == 1
 
     # a kill after round 2's directory appeared but before LATEST moved: readers still get round 1
-    def killed(path: Path, data: bytes) -> None:
-        raise KeyboardInterrupt("killed")
+    write_atomic = ck.write_atomic
+
+    def killed(path: Path, data: bytes) -> None:  # the kill lands just before LATEST moves
+        if path.name == "LATEST":
+            raise KeyboardInterrupt("killed")
+        write_atomic(path, data)
 
     with monkeypatch.context() as m:
         m.setattr(ck, "write_atomic", killed)

@@ -93,7 +93,7 @@ def test_instruction_records_without_a_response(tmp_path: Path, records: list, e
     ("object.json", json.dumps({"instruction": "a", "output": "b"}), "holds one JSON object, not a list of records"),
     ("empty.jsonl", "", "is empty"),
     ("latin1.jsonl", '{"instruction": "caf\xe9", "output": "b"}\n'.encode("latin-1"), "is not UTF-8 text"),
-    ("items.json", json.dumps([{"instruction": "a", "output": "b"}, "oops"]), "item(s) [2] of the array are not"),
+    ("items.json", json.dumps([{"instruction": "a", "output": "b"}, "oops"]), "item(s) 2 of the array are not"),
 ])
 def test_unreadable_instruction_files(tmp_path: Path, name: str, content: str | bytes, expected: str) -> None:
     path = write(tmp_path / name, content)

@@ -139,7 +139,9 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         container = prepare(cfg, run_dir)
     except KeyboardInterrupt:
-        sys.exit(130)  # Ctrl-C while the configuration was being checked: nothing started
+        print("\nfedlora: stopped by Ctrl-C while the configuration was being checked; nothing was started",
+              file=sys.stderr)
+        sys.exit(130)
     except ConfigError as exc:
         print(f"fedlora: {exc}", file=sys.stderr)
         if not resuming:  # a refused resume never writes into the run it refused

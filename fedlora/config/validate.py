@@ -240,14 +240,14 @@ def _check_resume(cfg: Mapping[str, Any], p: Problems) -> None:
     resume = cfg.get("resume")
     if resume is None:
         return
-    from fedlora.results.checkpoint import verify_checkpoint  # noqa: PLC0415
+    from fedlora.results.checkpoint import latest_marker, verify_checkpoint  # noqa: PLC0415
 
     path = Path(str(resume))
     if not path.is_dir():
         p.add("resume", resume, "no such directory; give a run directory, for example resume=runs/<date>_<time>_fedavg")
     elif not (path / "config.yaml").is_file():
         p.add("resume", resume, "has no config.yaml: it is not a fedlora run directory")
-    elif not (path / "checkpoint" / "LATEST").is_file():
+    elif not latest_marker(path).is_file():
         p.add("resume", resume, "has no complete checkpoint/ (the run stopped before round 0 ended, or ran "
               "with checkpoint=false); start it again instead")
     else:

@@ -135,9 +135,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
         tensors = merges_to_tensors([(index, ckpt.merges[index])])
         path = root / "merges" / f"merge_{index:05d}.safetensors"
         save_tensors_atomic(path, tensors)
-        side = path.with_suffix(".sha256")  # the merge's SHA-256, checked before a resume
-        _write(side.with_name(f".{side.name}.tmp-{os.getpid()}"), sha256(path).encode())
-        os.replace(side.with_name(f".{side.name}.tmp-{os.getpid()}"), side)
+        write_atomic(path.with_suffix(".sha256"), sha256(path).encode())  # checked before a resume
     name = f"round_{ckpt.round:05d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -185,11 +183,10 @@ def verify_checkpoint(run_dir: Path) -> list[str]:
     ``meta.json``, ``state.safetensors`` and ``metrics.jsonl``, every base merge, and each client's
     newest state file at or before the round (simulation).
     """
-    root = Path(run_dir) / CHECKPOINT_DIR
-    latest = root / _LATEST
+    root, latest = Path(run_dir) / CHECKPOINT_DIR, latest_marker(run_dir)
     if not latest.is_file():
         return [f"{latest} is missing"]
-    folder = root / latest.read_text(errors="replace").strip()
+    folder = _latest_folder(run_dir)
     if not (folder / "meta.json").is_file():
         return [f"{latest} names {folder.name!r}, which holds no meta.json"]
     try:
@@ -231,19 +228,26 @@ def _check_file(path: Path, expected_sha256: str | None) -> str | None:
     return None
 
 
+def latest_marker(run_dir: Path) -> Path:
+    """The file naming ``run_dir``'s newest complete checkpoint (it exists once round 0 is saved)."""
+    return Path(run_dir) / CHECKPOINT_DIR / _LATEST
+
+
+def _latest_folder(run_dir: Path) -> Path:
+    """The round directory that :func:`latest_marker` names (the marker must exist)."""
+    return Path(run_dir) / CHECKPOINT_DIR / latest_marker(run_dir).read_text(errors="replace").strip()
+
+
 def checkpoint_round(run_dir: Path) -> int | None:
     """The round of ``run_dir``'s newest complete checkpoint (``None``: there is none)."""
     if not has_checkpoint(run_dir):
         return None
-    root = Path(run_dir) / CHECKPOINT_DIR
-    return int(json.loads((root / (root / _LATEST).read_text().strip() / "meta.json").read_text())["round"])
+    return int(json.loads((_latest_folder(run_dir) / "meta.json").read_text())["round"])
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Return whether ``run_dir`` holds a complete checkpoint."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    latest = root / _LATEST
-    return latest.is_file() and (root / latest.read_text().strip() / "meta.json").is_file()
+    return latest_marker(run_dir).is_file() and (_latest_folder(run_dir) / "meta.json").is_file()
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
@@ -251,7 +255,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not has_checkpoint(run_dir):
         raise FileNotFoundError(f"{root} holds no complete checkpoint")
-    folder = root / (root / _LATEST).read_text().strip()
+    folder = _latest_folder(run_dir)
     meta = json.loads((folder / "meta.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
     merges = [_load_merge(root / "merges" / f"merge_{index:05d}.safetensors", index)

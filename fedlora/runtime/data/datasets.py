@@ -87,9 +87,7 @@ def read_table(name: str, nrows: int | None = None) -> Any:
             return pd.read_csv(path, nrows=nrows, encoding="utf-8")
         if kind == "parquet":
             return pd.read_parquet(path)
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise DataError(f"{where} is empty; give a file with a header row and one row per example")
+        text = read_text_file(path, where, "give a file with a header row and one row per example")
         if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
             raise DataError(f"{where} holds a JSON object, not a list of records; write an array of objects "
                             '([{"text": ..., "label": ...}, ...]) or one object per line in a .jsonl file')
@@ -103,6 +101,18 @@ def read_table(name: str, nrows: int | None = None) -> Any:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{where} cannot be read as {kind} ({str(exc)[:160]}); check its format") from None
+
+
+def read_text_file(path: Path, where: str, fix_if_empty: str) -> str:
+    """A local data file's text; a clear :class:`DataError` (``where`` names it) when not UTF-8 or empty."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                        "save it as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{where} is empty; {fix_if_empty}")
+    return text
 
 
 def read_columns(name: str) -> list[str]:
@@ -136,7 +146,8 @@ def _numeric(value: Any) -> bool:
     return True
 
 
-def _rows(numbers: list[int]) -> str:
+def numbered(numbers: list[int]) -> str:
+    """Row or record numbers for a message: the first five, then how many more."""
     shown = ", ".join(str(n) for n in numbers[:5])
     return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
@@ -158,10 +169,11 @@ def complete_rows(name: str, texts: list[Any], labels: list[Any], *, drop_incomp
         raise DataError(f"data file {name!r} has a header but no rows; give one row per example")
     bad = [i + 1 for i, (t, y) in enumerate(zip(texts, labels, strict=True)) if _missing(t) or _missing(y)]
     if bad and not drop_incomplete:
-        raise DataError(f"data file {name!r}: row(s) {_rows(bad)} have no text or no label (counting rows from 1 "
+        raise DataError(f"data file {name!r}: row(s) {numbered(bad)} have no text or no label (counting rows from 1 "
                         "after the header); fill or remove them, or set data.drop_incomplete=true to train "
                         "without them")
-    keep = [i for i in range(len(texts)) if i + 1 not in set(bad)]
+    skip = set(bad)
+    keep = [i for i in range(len(texts)) if i + 1 not in skip]
     texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     if not texts:
         raise DataError(f"data file {name!r}: no row has both a text and a label")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.runtime.data.datasets import DataError, is_local_file
+from fedlora.runtime.data.datasets import DataError, is_local_file, numbered, read_text_file
 
 BUILTIN_SYNTHETIC = "synthetic_instructions"
 FORMATS = ("auto", "alpaca", "dolly")
@@ -104,13 +104,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         of records, a line or an array item that is not a record.
     """
     where = f"data.name={str(path)!r}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{where} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
-                        "save it as UTF-8") from None
-    if not text.strip():
-        raise DataError(f"{where} is empty; give a JSON array of records or one record per line")
+    text = read_text_file(path, where, "give a JSON array of records or one record per line")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -122,7 +116,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         if isinstance(data, list):
             bad = [i + 1 for i, row in enumerate(data) if not isinstance(row, dict)]
             if bad:
-                raise DataError(f"{where}: item(s) {bad[:5]} of the array are not records (JSON objects)")
+                raise DataError(f"{where}: item(s) {numbered(bad)} of the array are not records (JSON objects)")
             return [dict(row) for row in data]
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -130,8 +124,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(dict(json.loads(line)))
             except (json.JSONDecodeError, TypeError, ValueError) as exc:
-                raise DataError(f"data.name={str(path)!r} line {number} is not a JSON object ({exc})",
-                                ) from None
+                raise DataError(f"{where} line {number} is not a JSON object ({exc})") from None
     return rows
 
 
@@ -153,9 +146,8 @@ def records_from_rows(rows: Sequence[Mapping[str, Any]], layout: str, category_c
     bad = [i + 1 for i, row in enumerate(rows) if not _text(row.get(instruction)).strip()
            or not _text(row.get(output)).strip()]
     if bad and not drop_incomplete:
-        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{name}: record(s) {shown} have no {instruction!r} or no {output!r}; fill or remove them, "
-                        "or set data.drop_incomplete=true to train without them")
+        raise DataError(f"{name}: record(s) {numbered(bad)} have no {instruction!r} or no {output!r}; fill or "
+                        "remove them, or set data.drop_incomplete=true to train without them")
     if bad:
         print(f"[fedlora] {name}: {len(bad)} record(s) without an instruction or a response dropped "
               "(data.drop_incomplete=true)", flush=True)
