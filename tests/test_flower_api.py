@@ -151,3 +151,16 @@ def test_flower_client_tracebacks_stay_off_the_console_but_in_the_log_file(tmp_p
         root.removeHandler(console)
         root.removeHandler(log_file)
         log_file.close()
+
+
+def test_the_installed_flower_is_the_pinned_one() -> None:
+    # The engine guard above checks a private signature against what this pin was verified with;
+    # a different flwr installed beside it would make that guard, and every test here, say nothing.
+    import re
+    from pathlib import Path
+
+    import flwr
+
+    requirements = (Path(__file__).parent.parent / "requirements.txt").read_text()
+    pin = re.search(r"^flwr\[simulation\]==(\S+)$", requirements, re.M)
+    assert pin is not None and flwr.__version__ == pin.group(1), (flwr.__version__, pin)

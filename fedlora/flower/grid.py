@@ -24,6 +24,7 @@ from fedlora.federation import wire
 from fedlora.federation.sampling import describe_ranks
 from fedlora.federation.transport import ClientInfo, Delivery, Exchange
 from fedlora.flower.records import content_bytes, to_content, to_packet
+from fedlora.serving.progress import RoundProgress
 
 
 def clean_reason(reason: str) -> str:
@@ -53,26 +54,34 @@ class GridTransport:
 
     Replies are pulled in a loop (as Flower's ``send_and_receive`` does) that also watches the
     run's stop event, so that Ctrl-C or a failed engine ends a wait at once instead of after
-    ``round_timeout`` or ``connect_timeout``.
+    ``round_timeout`` or ``connect_timeout``, and that shows the wait's progress on the console
+    (:class:`~fedlora.serving.progress.RoundProgress`: how many clients reported, time so far).
     """
 
-    def __init__(self, grid: Grid, stop: threading.Event | None = None) -> None:
+    def __init__(self, grid: Grid, stop: threading.Event | None = None,
+                 progress: RoundProgress | None = None) -> None:
         self.grid = grid
         self.stop = stop or threading.Event()
+        self.progress = progress or RoundProgress()
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
 
-    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+    def send_and_receive(self, messages: list[Message], timeout: float, label: str = "") -> list[Message]:
         """Push ``messages``, pull replies until all arrived, ``timeout`` passed or the run is stopped."""
         pending = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + timeout
         replies: list[Message] = []
-        while pending and time.monotonic() < deadline and not self.stop.is_set():
-            got: Iterable[Message] = self.grid.pull_messages(pending)
-            for reply in got:
-                replies.append(reply)
-                pending.discard(reply.metadata.reply_to_message_id)
-            if pending:
-                time.sleep(POLL_SECONDS)
+        self.progress.begin(label, len(messages))
+        try:
+            while pending and time.monotonic() < deadline and not self.stop.is_set():
+                got: Iterable[Message] = self.grid.pull_messages(pending)
+                for reply in got:
+                    replies.append(reply)
+                    pending.discard(reply.metadata.reply_to_message_id)
+                self.progress.update(len(messages) - len(pending))
+                if pending:
+                    time.sleep(POLL_SECONDS)
+        finally:
+            self.progress.end()
         return replies
 
     def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:
@@ -87,7 +96,7 @@ class GridTransport:
             return {}  # the loop raises RunInterrupted
         hello = [Message(to_content(wire.encode_hello(label_names)), node_id, "query", group_id="hello")
                  for node_id in node_ids]
-        replies = self.send_and_receive(hello, timeout)
+        replies = self.send_and_receive(hello, timeout, label="hello")
         if self.stop.is_set():
             return {}
         # the SuperLink answers for a node it lost: name that node through the message it answers
@@ -115,9 +124,15 @@ class GridTransport:
     def _wait_for_nodes(self, expected: int, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
         node_ids = sorted(self.grid.get_node_ids())
-        while len(node_ids) < expected and time.monotonic() < deadline and not self.stop.is_set():
-            time.sleep(1.0)
-            node_ids = sorted(self.grid.get_node_ids())
+        if len(node_ids) < expected:  # a deployment's nodes connect one by one; a simulation's are there
+            self.progress.begin("waiting for nodes", expected, what="nodes connected")
+        try:
+            while len(node_ids) < expected and time.monotonic() < deadline and not self.stop.is_set():
+                self.progress.update(len(node_ids))
+                time.sleep(1.0)
+                node_ids = sorted(self.grid.get_node_ids())
+        finally:
+            self.progress.end()
         if not node_ids and not self.stop.is_set():
             raise RunError(f"no client connected within connect_timeout={timeout:g} s; start the SuperNodes "
                            "(docs/deployment.md) or raise connect_timeout")
@@ -134,7 +149,7 @@ class GridTransport:
         sizes = {cid: content_bytes(content) for cid, content in contents.items()}
         messages = {cid: Message(content, self.node_of[cid], "train", group_id=str(server_round))
                     for cid, content in contents.items()}
-        replies = self.send_and_receive(list(messages.values()), timeout)
+        replies = self.send_and_receive(list(messages.values()), timeout, label=f"round {server_round}")
         client_of_node = {node: cid for cid, node in self.node_of.items()}
         client_of_message = {m.metadata.message_id: cid for cid, m in messages.items()}
         delivered: dict[int, Delivery] = {}
