@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from typing import Any
 
 from fedlora.serving.signals import ignore_interrupts
 
 ACTOR_TITLE = "ray::ClientAppActor"  # the process title Ray gives Flower's client actors
+# Set by the driver in the actors' environment (the run's model.device) when each actor should say
+# once where it runs: on a Ray cluster (simulation.address) and when clients take GPUs.
+PLACEMENT_VARIABLE = "FEDLORA_REPORT_PLACEMENT"
+PLACEMENT_PREFIX = "fedlora client actor"
+_prepared: list[int] = []  # this process's pid once it has been prepared as an actor
 
 
 def local_client_actors(busy: bool = False) -> list[Any]:
@@ -50,6 +57,46 @@ def prepare_actor() -> None:
         ray.actor.exit_actor()
 
     signal.signal(signal.SIGTERM, leave)
+    if os.getpid() not in _prepared:
+        _prepared.append(os.getpid())
+        logging.getLogger("flwr").addFilter(DropTerminationNotice())
+        device = os.environ.get(PLACEMENT_VARIABLE)
+        if device:
+            print(placement_line(device), file=sys.stderr, flush=True)
+
+
+class DropTerminationNotice(logging.Filter):
+    """Drop Flower's "Manually terminating ClientAppActor" warning: every actor logs it at the end of a run.
+
+    On a cluster Ray forwards it to the driver's console (a local Ray is shut down before it arrives);
+    it reports nothing wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Manually terminating")
+
+
+def placement_line(device_setting: str = "auto") -> str:
+    """Where this Ray actor runs: pid, node, the GPUs Ray gave it, torch threads, the device it trains on.
+
+    Called inside an actor; the device is what ``model.device=device_setting`` picks here (a GPU that
+    torch cannot use makes :func:`fedlora.runtime.models.pick_device` say so on a line of its own).
+    """
+    import ray  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from fedlora.runtime.models import pick_device  # noqa: PLC0415
+
+    context = ray.get_runtime_context()
+    device = pick_device(device_setting)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{PLACEMENT_PREFIX} pid {os.getpid()} on node {context.get_node_id()} "
+            f"({ray.util.get_node_ip_address()}): GPU ids [{', '.join(gpus)}] "
+            f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}), "
+            f"{torch.get_num_threads()} torch threads -> device {device}")
 
 
 def end_clients_on_signal(stop: threading.Event) -> threading.Thread:

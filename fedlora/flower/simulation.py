@@ -23,7 +23,7 @@ from typing import Any
 from fedlora.config.settings import Settings, SimulationSettings
 from fedlora.core import env
 from fedlora.core.errors import RunError
-from fedlora.flower.actors import end_clients_on_signal
+from fedlora.flower.actors import PLACEMENT_VARIABLE, end_clients_on_signal
 from fedlora.serving.signals import stop_on_signals
 
 REQUIRED_PARAMETERS = ("num_supernodes", "exit_event", "client_app", "server_app", "backend_name",
@@ -99,7 +99,8 @@ def start_ray(settings: Settings) -> None:
     # Ray subprocesses inherit the environment, not this driver's sys.path (as Flower's backend does)
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **env.actor_environment(settings.offline)}}
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **env.actor_environment(settings.offline),
+                                **placement_report(settings)}}
     unreachable = "" if address in ("local", "auto") else cluster_unreachable(address)
     try:
         if unreachable:
@@ -108,6 +109,18 @@ def start_ray(settings: Settings) -> None:
     except ConnectionError as exc:
         raise RunError(f"simulation.address={address!r}: no Ray cluster answers there ({exc}); start one "
                            "(`ray start --head`) or leave simulation.address unset to start a local one") from exc
+
+
+def placement_report(settings: Settings) -> dict[str, str]:
+    """Actor environment that makes each client actor say once where it runs (:func:`actors.placement_line`).
+
+    Asked for on a Ray cluster and when clients take GPUs, where placement is a question; a local CPU
+    run stays as quiet as before.
+    """
+    sim = settings.simulation
+    if not sim.address and not sim.client_gpus:
+        return {}
+    return {PLACEMENT_VARIABLE: settings.model.device}
 
 
 def cluster_unreachable(address: str, timeout: float = 5.0) -> str:

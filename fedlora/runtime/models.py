@@ -16,6 +16,7 @@ bf16 weight would round most of a merge away and a 4-bit weight cannot be writte
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -179,10 +180,31 @@ def _peft_task(settings: ModelSettings) -> str:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """Return ``cuda`` when asked for or (``auto``) when this process sees a GPU, else ``cpu``."""
+    """Return ``cuda`` when asked for or (``auto``) when this process sees a GPU, else ``cpu``.
+
+    ``auto`` in a process that was given GPUs (``CUDA_VISIBLE_DEVICES``, as Ray sets it for an actor
+    with ``num_gpus``) that torch cannot use falls back to the CPU and says so, once per process.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        _say_gpu_fallback()
+        return torch.device("cpu")
     return torch.device(name)
+
+
+_GPU_FALLBACK_SAID: list[str] = []
+
+
+def _say_gpu_fallback() -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible in ("", "-1", "NoDevFiles") or _GPU_FALLBACK_SAID:
+        return
+    why = "a CPU-only build" if torch.version.cuda is None else "no CUDA driver or device is visible"
+    _GPU_FALLBACK_SAID.append(visible)
+    logging.getLogger(__name__).warning(
+        "pid %d was given GPU %s (CUDA_VISIBLE_DEVICES) but torch %s cannot use it (%s): model.device=auto "
+        "falls back to the CPU", os.getpid(), visible, torch.__version__, why)
 
 
 class AdapterHost:
