@@ -164,3 +164,19 @@ def test_the_installed_flower_is_the_pinned_one() -> None:
     requirements = (Path(__file__).parent.parent / "requirements.txt").read_text()
     pin = re.search(r"^flwr\[simulation\]==(\S+)$", requirements, re.M)
     assert pin is not None and flwr.__version__ == pin.group(1), (flwr.__version__, pin)
+
+
+def test_the_engine_registers_nodes_where_recording_nodes_looks() -> None:
+    # recording_nodes wraps this private function to learn which node holds which partition.
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedlora.flower.grid import NodeDirectory
+
+    assert list(inspect.signature(vce_api._register_nodes).parameters) == ["num_nodes", "state_factory"]
+    directory = NodeDirectory()
+    original = vce_api._register_nodes
+    with simulation.recording_nodes(directory):
+        assert vce_api._register_nodes is not original
+    assert vce_api._register_nodes is original

@@ -8,13 +8,20 @@ are measured per client and per direction from the serialized messages.
 The hello is a ``query`` message to every node: each answers with its partition id (the client
 id), its LoRA rank and its number of training examples, and receives the run's label names (a
 deployed node that trains on its own file numbers its classes by them).
+
+In simulation the engine itself knows which node holds which partition (a :class:`NodeDirectory`
+filled by :mod:`fedlora.flower.simulation`), and every client's rank and data follow from the
+run's settings, so the server does not greet every node: Flower's in-process engine looks up each
+node's waiting messages by walking every stored message, so a hello to 10,000 nodes costs minutes
+(bench/README.md, item 6). It greets only as many as a round samples (which also has that many
+actors load the model before round 1) and checks that their answers equal what it computed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -49,6 +56,27 @@ def clean_reason(reason: str) -> str:
 POLL_SECONDS = 0.1  # how often replies are pulled (Flower's own send_and_receive polls as often)
 
 
+class NodeDirectory:
+    """Which Flower node holds which partition (client id), once the simulation engine has registered them."""
+
+    def __init__(self) -> None:
+        self._partition_of: dict[int, int] = {}
+        self._ready = threading.Event()
+
+    def publish(self, partition_of_node: Mapping[int, int]) -> None:
+        """The engine registered its nodes: ``{node id: partition id}``."""
+        self._partition_of = dict(partition_of_node)
+        self._ready.set()
+
+    def wait(self, timeout: float, stop: threading.Event) -> dict[int, int] | None:
+        """``{node id: partition id}``; ``None`` if it did not come within ``timeout`` or the run stopped."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(POLL_SECONDS):
+            if stop.is_set() or time.monotonic() > deadline:
+                return None
+        return dict(self._partition_of)
+
+
 class GridTransport:
     """The loop's :class:`~fedlora.federation.transport.Transport` over a Flower ``Grid``.
 
@@ -59,10 +87,17 @@ class GridTransport:
     """
 
     def __init__(self, grid: Grid, stop: threading.Event | None = None,
-                 progress: RoundProgress | None = None) -> None:
+                 progress: RoundProgress | None = None, directory: NodeDirectory | None = None,
+                 expected_info: Callable[[int], ClientInfo] | None = None, greet: int = 0) -> None:
+        """``directory`` and ``expected_info`` (simulation): who is where and what each client will say;
+        the hello then goes to ``greet`` nodes only, whose answers must equal ``expected_info``.
+        """
         self.grid = grid
         self.stop = stop or threading.Event()
         self.progress = progress or RoundProgress()
+        self.directory = directory
+        self.expected_info = expected_info
+        self.greet = greet
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
 
     def send_and_receive(self, messages: list[Message], timeout: float, label: str = "") -> list[Message]:
@@ -85,7 +120,8 @@ class GridTransport:
         return replies
 
     def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:
-        """Wait for ``expected`` nodes, greet each, return ``{client_id: ClientInfo}``.
+        """Wait for ``expected`` nodes, greet each (simulation: see the module docstring), return
+        ``{client_id: ClientInfo}``.
 
         A node that fails the hello (in a deployment: a bad ``--node-config`` or data file on that
         node) stops the run here, before any round, with every node's reason. When the run is
@@ -94,6 +130,30 @@ class GridTransport:
         node_ids = self._wait_for_nodes(expected, timeout)
         if self.stop.is_set():
             return {}  # the loop raises RunInterrupted
+        if self.directory is not None and self.expected_info is not None:
+            return self._connect_known(node_ids, label_names, timeout)
+        return self._hello(node_ids, label_names, timeout)
+
+    def _connect_known(self, node_ids: list[int], label_names: Sequence[str],
+                       timeout: float) -> dict[int, ClientInfo]:
+        """Simulation: the engine's directory names every node's client; greet ``greet`` of them and check."""
+        assert self.directory is not None and self.expected_info is not None
+        partition_of = self.directory.wait(timeout, self.stop)
+        if partition_of is None:
+            return {} if self.stop.is_set() else self._hello(node_ids, label_names, timeout)
+        greeted = self._hello(node_ids[:self.greet], label_names, timeout) if self.greet else {}
+        if self.stop.is_set():
+            return {}
+        clients = {partition_of[node]: self.expected_info(partition_of[node]) for node in node_ids}
+        wrong = [f"client {cid}: answered {info}, expected {clients.get(cid)}" for cid, info in greeted.items()
+                 if clients.get(cid) != info or partition_of[self.node_of[cid]] != cid]
+        if wrong:
+            raise RunError("the simulated clients differ from what the server computed for them (a bug; "
+                           "please report it):\n" + "\n".join(wrong))
+        self.node_of = {partition_of[node]: node for node in node_ids}
+        return clients
+
+    def _hello(self, node_ids: list[int], label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:
         hello = [Message(to_content(wire.encode_hello(label_names)), node_id, "query", group_id="hello")
                  for node_id in node_ids]
         replies = self.send_and_receive(hello, timeout, label="hello")

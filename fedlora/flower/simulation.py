@@ -13,17 +13,20 @@ ClientApp run unchanged under ``flwr run`` in a deployment (docs/deployment.md).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from fedlora.config.settings import Settings, SimulationSettings
 from fedlora.core import env
 from fedlora.core.errors import RunError
 from fedlora.flower.actors import PLACEMENT_VARIABLE, end_clients_on_signal
+from fedlora.flower.grid import NodeDirectory
 from fedlora.serving.signals import stop_on_signals
 
 REQUIRED_PARAMETERS = ("num_supernodes", "exit_event", "client_app", "server_app", "backend_name",
@@ -38,6 +41,30 @@ def engine() -> Any:
     if missing:
         raise RuntimeError(f"this flwr version's simulation engine lacks {missing}; install the pinned flwr")
     return _run_simulation
+
+
+@contextlib.contextmanager
+def recording_nodes(directory: NodeDirectory) -> Iterator[None]:
+    """Have the engine tell ``directory`` which node holds which partition when it registers them.
+
+    Flower's engine maps node ids to partition ids in ``vce_api._register_nodes`` and keeps the map
+    to itself; the ServerApp would otherwise have to ask every node (bench/README.md, item 6: minutes
+    at 10,000 nodes). A private function, as :func:`engine` is: ``tests/test_flower_api.py`` checks it.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415
+
+    original = vce_api._register_nodes  # noqa: SLF001
+
+    def register(*args: Any, **kwargs: Any) -> Any:
+        mapping = original(*args, **kwargs)
+        directory.publish(mapping)
+        return mapping
+
+    vce_api._register_nodes = register  # noqa: SLF001
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = original  # noqa: SLF001
 
 
 def backend_config(sim: SimulationSettings) -> dict[str, Any]:
@@ -157,11 +184,12 @@ def run(settings: Settings, stop: threading.Event | None = None) -> Any:
     quiet_flower_console()
     start_ray(settings)
     try:
-        with stop_on_signals(stop):
+        directory = NodeDirectory()
+        with stop_on_signals(stop), recording_nodes(directory):
             end_clients_on_signal(stop)
             return engine()(
                 num_supernodes=settings.loop.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=make_client_app(settings), server_app=make_server_app(settings, stop),
+                client_app=make_client_app(settings), server_app=make_server_app(settings, stop, directory),
                 backend_name="ray", backend_config=backend_config(settings.simulation),
             )
     finally:

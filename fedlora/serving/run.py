@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fedlora.config.settings import Settings
 from fedlora.federation.loop import Federation, LoopSettings
 from fedlora.federation.sampling import sample_size
-from fedlora.federation.transport import Transport
+from fedlora.federation.transport import ClientInfo, Transport
 from fedlora.results.recorder import RunRecorder
 from fedlora.runtime.training.workspace import get_workspace
 from fedlora.serving.runtime import PooledTrainer, PooledTransport, WorkspaceModel
@@ -45,3 +46,20 @@ def run_pooled(settings: Settings, stop: threading.Event | None = None) -> dict[
     # one learner: every round samples it, and it alone is aggregated
     one = dataclasses.replace(loop, fraction_train=1.0, min_clients=1, min_fit_clients=1)
     return serve(settings, PooledTransport(trainer, max(settings.client_ranks()), stop), one, stop)
+
+
+def simulated_clients(settings: Settings) -> tuple[Callable[[int], ClientInfo], int]:
+    """What each simulated client answers to the hello, and how many to greet to check it.
+
+    A simulated client's rank is the run's rank policy and its examples its partition of the run's
+    data (what ``fedlora.flower.client_app.handle_hello`` answers), so the server computes both from
+    the workspace it evaluates on; it greets as many clients as a round samples.
+    """
+    ranks = settings.client_ranks()
+    ws = get_workspace(settings.workspace_key())
+    loop = settings.loop
+
+    def info(client_id: int) -> ClientInfo:
+        return ClientInfo(client_id, ranks[client_id], len(ws.partition(client_id)))
+
+    return info, sample_size(loop.num_clients, loop.fraction_train, loop.min_clients)
