@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark suite (items 1-3 of bench/README.md); target: under 15 minutes on the 2-core machine
+# The CPU benchmark suite (items 1-3 of bench/README.md, and item 6's Flower-engine timings); target: under 15 minutes on the 2-core machine
 # when it is idle. Results go to bench/results/<date>/ (JSON + the console log).
 #   bench/run_all.sh            # full
 #   bench/run_all.sh --quick    # smoke test (tiny settings; timings meaningless)
@@ -19,6 +19,12 @@ start=$(date +%s)
   "$PY" bench/aggregation.py $QUICK --json "$OUT/aggregation.json"
   echo "## 2. memory"
   "$PY" bench/memory.py $QUICK --json "$OUT/memory.json" --keep "$OUT/memory_runs"
+  echo "## 6. clients: Flower's simulation engine alone (the federations of item 6: bench/clients.py)"
+  if [ -n "$QUICK" ]; then
+    "$PY" bench/clients.py --engine-only --clients 10,100 --json "$OUT/clients_engine.json"
+  else
+    "$PY" bench/clients.py --engine-only --clients 10,1000,10000 --json "$OUT/clients_engine.json"
+  fi
   echo "## 1. overhead"
   "$PY" bench/overhead.py $QUICK --json "$OUT/overhead.json" --keep "$OUT/overhead_runs"
   echo "# suite done in $(( $(date +%s) - start )) s"

@@ -231,7 +231,12 @@ def data_split_problem(task: TaskSettings, data: DataSettings, num_clients: int)
         groups, has_groups = make_task(task).groups(data)
         split_and_partition(groups, has_groups, data, num_clients)
     except DataError as exc:
-        return str(exc)
+        text = str(exc)
+        if text.startswith(f"num_clients={num_clients}:"):  # more clients than training examples
+            text += (f"; a federation of {num_clients} clients needs at least that many: e.g. the generated "
+                     f"instructions, experiment=causal_demo data.max_examples={4 * num_clients} "
+                     "partition=iid (bench/README.md, item 6)")
+        return text
     return None
 
 
