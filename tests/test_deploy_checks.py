@@ -338,10 +338,15 @@ def test_deploy_dry_run_writes_the_config_that_the_apps_will_read(tmp_path: Path
     assert settings.strategy.target == "strategies.flora.FLoRA" and settings.loop.num_clients == 3
     assert settings.output_dir == str(run_dir) and settings.run_dir.is_absolute() and settings.deployment
     cfg = settings.source
-    assert cfg["deployment"] == {"superlink": "loop", "address": "127.0.0.1:9093", "tls": False, "app": str(ROOT)}
+    assert cfg["deployment"] == {"superlink": "loop", "address": "127.0.0.1:9093", "tls": False, "app": str(ROOT),
+                                 "node_worker": True}  # the ClientApps forward to a node worker by default
     assert f"flwr run {ROOT} loop --run-config {run_dir / 'run_config.toml'} --stream" in out.stdout
     assert json.loads(toml["fedlora-config"]) == cfg
     assert (run_dir / "config.yaml").exists() and not (run_dir / "flwr-run.log").exists()
+    off = _deploy(["--dry-run", "--no-node-worker", *TINY], home, tmp_path / "off")
+    assert off.returncode == 0, off.stderr
+    assert json.loads(tomllib.loads((tmp_path / "off" / "run_config.toml").read_text())["fedlora-config"])[
+        "deployment"]["node_worker"] is False
 
 
 def test_ctrl_c_stops_following_without_marking_the_run_failed(tmp_path: Path) -> None:

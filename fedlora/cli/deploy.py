@@ -1,6 +1,6 @@
 """The ``fedlora-deploy`` command: run an experiment on Flower's Deployment Engine.
 
-    fedlora-deploy --superlink NAME [--app DIR] [--dry-run] [the same Hydra overrides as fedlora]
+    fedlora-deploy --superlink NAME [--app DIR] [--no-node-worker] [--dry-run] [the same Hydra overrides as fedlora]
 
 It composes and validates the config exactly like ``fedlora`` (exit status 2 and every problem
 named before anything is contacted), creates the run directory, writes the resolved config
@@ -10,7 +10,7 @@ there (``config.yaml``) and as ``run_config.toml``, then runs::
 
 and waits for the run to end (the log streams through; a copy goes to ``<run dir>/flwr-run.log``).
 
-Decisions (flwr 1.41):
+Decisions (flwr 1.42):
 
 - *How the config travels.* Flower's run config holds flat scalars only, and ``flwr run
   --run-config`` accepts ``k=v`` pairs or one TOML file whose keys must exist in
@@ -25,6 +25,11 @@ Decisions (flwr 1.41):
 - *Where outputs land.* The ServerApp runs on the SuperLink's machine (a ``flwr-serverapp``
   process of the SuperLink) and writes to ``output_dir``, the absolute path of the run
   directory created here; run ``fedlora-deploy`` on the SuperLink's machine.
+- *A node worker on every node, by default.* Flower 1.42 starts a fresh ``flwr-clientapp``
+  process per message (none of its warm executors serves ClientApps), so the ClientApp forwards
+  each message to a long-lived fedlora node worker next to the SuperNode, which keeps the base
+  model and the tokenized data (:mod:`fedlora.flower.client_app`, docs/deployment.md). The
+  deployment record says so (``node_worker``); ``--no-node-worker`` turns it off for the run.
 - *No runtime dependency installation.* ``[project].dependencies`` is empty (pyproject.toml) and
   the guide starts the SuperLink with ``--disable-runtime-dependency-installation``: every
   machine runs the apps in its own prepared environment.
@@ -70,6 +75,9 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--superlink", default=None,
                         help="name of a SuperLink connection in $FLWR_HOME/config.toml (default: its default)")
     parser.add_argument("--app", default=str(APP_DIR), help="the Flower app directory (default: this checkout)")
+    parser.add_argument("--no-node-worker", dest="node_worker", action="store_false",
+                        help="answer every message in a fresh flwr-clientapp process on the nodes (no long-lived "
+                             "node worker keeping the model and data; slower, see docs/deployment.md)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, write the run directory and print the flwr command without running it")
     return parser.parse_known_args(argv)
@@ -140,7 +148,7 @@ def check_deployment(container: dict[str, Any], opts: argparse.Namespace) -> tup
     app = Path(opts.app).expanduser().resolve()
     _check_app(app, problems)
     record = {"superlink": name, "address": table.get("address"), "tls": "root-certificates" in table,
-              "app": str(app)}
+              "app": str(app), "node_worker": bool(getattr(opts, "node_worker", True))}
     return record, problems
 
 

@@ -30,3 +30,4 @@ CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resol
 NODE_RANK = "rank"
 NODE_DATA = "data-path"
 NODE_STATE_DIR = "state-dir"  # where the node keeps state that must survive a kill (ComPEFT residual)
+NODE_WORKER = "node-worker"  # false: answer every message in the flwr-clientapp process (no node worker)

@@ -1,171 +1,215 @@
-"""The ClientApp: one handler for the hello query and one for training.
+"""The ClientApp: one handler for the hello query and one for training, forwarded to a node worker.
 
-The training itself is the Flower-free client side of a round
-(:func:`fedlora.federation.client.train_round`); this module only turns messages into packets and
-back, and keeps in ``context.state`` what must survive between rounds when client processes are
-short-lived: the base merges it has applied (FLoRA) and its compression residual (error feedback).
-The frozen base model and the tokenized data live in a per-process cache
-(:func:`fedlora.runtime.training.workspace.get_workspace`); the compressor is built once per process.
+What a node computes for a message is Flower-free (:func:`fedlora.flower.node_worker.hello` and
+:func:`~fedlora.flower.node_worker.train`, on top of :func:`fedlora.federation.client.train_round`);
+this module turns the message and ``context.state`` into a request frame, has it answered and
+writes the reply and the updated state back. What must survive between rounds when client
+processes are short-lived lives in ``context.state``: the base merges applied (FLoRA), the
+compression residual (error feedback) and the run's label names (from the hello).
 
-In a deployment every message is handled by a new ``flwr-clientapp`` process (Flower 1.41, in
-both isolation modes), so nothing in the per-process cache survives between rounds; what
-survives is ``context.state``: the SuperNode keeps each run's context in its memory and every
-``flwr-clientapp`` process pushes the updated context back when it ends (read in
-``flwr/supernode/runtime/run_clientapp.py`` and ``servicer/runtime/runtime_handlers.py``;
-``tests/integration/test_deploy.py`` checks that a deployed run equals the simulated one). The
-hello also leaves the run's label names there, for a node that trains on its own file.
+Where the request is answered:
 
-Surviving a kill: ``context.state`` dies with the run (or the SuperNode). The base merges need
-nothing more (a resumed server resends them all from its checkpoint). The residual is also
-written after every round to ``<state dir>/round_<t>.safetensors`` (see
-:func:`client_state_dir`), and a client of a resumed run that has no residual in
-``context.state`` loads the newest file at or before the round the server resumed from.
+* in simulation (and in a ``flwr run`` simulation), in this process: a Ray actor keeps its
+  workspace (base model, tokenized data) across clients and rounds;
+* in a deployment, by the node's **worker** (:mod:`fedlora.flower.node_worker`): Flower 1.42
+  runs every message in a new ``flwr-clientapp`` process, in both isolation modes, and none of
+  its warm executors serves ClientApps (docs/deployment.md), so the ClientApp forwards the
+  message over a Unix socket to a long-lived process next to the SuperNode that keeps the
+  workspace. The first message that finds no worker starts one (detached, running the code of
+  this run's FAB) and waits for it; if none can be reached the message is answered in this
+  process, as before, with one log line saying so. The worker is off when fedlora-deploy ran
+  with ``--no-node-worker`` or the node config says ``node-worker=false``.
+
+On the forwarding path this module imports flwr (already loaded by ``flwr-clientapp``), numpy and
+:mod:`fedlora.serving.node_protocol`; torch, transformers and the fedlora runtime load only where
+the request is answered in this process.
+
+Surviving a kill: ``context.state`` dies with the run (or the SuperNode); a worker holds nothing
+that is not in ``context.state`` or on disk. The base merges need nothing more (a resumed server
+resends them all from its checkpoint). The residual is also written after every round to
+``<state dir>/round_<t>.safetensors`` (:func:`fedlora.flower.node_worker.client_state_dir`), and a
+client of a resumed run that has no residual in ``context.state`` loads the newest file at or
+before the round the server resumed from.
 
 Fault injection (``faults`` config group, :mod:`fedlora.core.faults`) happens in the client side of
-a round: an injected failure raises, which Flower turns into an error reply.
+a round: an injected failure raises (in the worker, it is raised again here with the same class
+and message), which Flower turns into an error reply.
 """
 
 from __future__ import annotations
 
-import functools
+import json
+import os
+import time
+from collections import OrderedDict
+from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Context, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
-from fedlora.config.settings import Component, Settings
-from fedlora.core import lora_math as lm
-from fedlora.core.types import AdapterState, BaseMerge
-from fedlora.federation import keys, wire
-from fedlora.federation.client import ClientSide, train_round
-from fedlora.flower import records
-from fedlora.flower.actors import prepare_actor
-from fedlora.flower.node import NodeSettings, node_rank, node_workspace_key, read_node_config
-from fedlora.flower.settings import resolve_settings
-from fedlora.results.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
-from fedlora.runtime.training.workspace import get_workspace
-from fedlora.serving.runtime import WorkspaceTrainer
+from fedlora.federation import keys
+from fedlora.serving import node_protocol as proto
 
-_HISTORY = "fedlora-base-history"
-_RESIDUAL = "fedlora-ef-residual"
-_LABELS = "fedlora-label-names"
+if TYPE_CHECKING:
+    from fedlora.config.settings import Settings
+
+Frame = tuple[dict[str, Any], dict[str, np.ndarray]]
+NODE_WORKER = "node_worker"  # key of the deployment record (fedlora-deploy) that turns the worker on or off
+WORKER_START_TIMEOUT = 120.0  # seconds a new worker may take to listen (imports on a busy machine)
+WORKER_IDLE_TIMEOUT = 900.0  # a worker exits after this long without a message (it is only a cache)
 
 
-def client_state_dir(settings: Settings, context: Context, cid: int) -> Path:
-    """Where this client keeps the state that must survive a kill (see the module docstring).
+# -- records <-> plain values (no torch) ------------------------------------------------------------
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.array(arr.numpy(), copy=True) for k, arr in record.items()}
 
-    In simulation: ``<run dir>/client_state/<client id>``. In a deployment the run directory is
-    on the server's machine, so a node writes under its own root: the node-config ``state-dir``,
-    else ``$FLWR_HOME/fedlora-state``, then ``<run name>/<client id>``: one directory per run,
-    because the files are numbered by round and a later run must not mix with an earlier one.
-    """
-    if keys.NODE_STATE_DIR in context.node_config:
-        return Path(str(context.node_config[keys.NODE_STATE_DIR])) / settings.run_dir.name / str(cid)
-    if settings.deployment:
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def request_frame(kind: str, msg: Message, context: Context) -> Frame:
+    """The request for ``msg``: its content and ``context.state`` as plain values, the node config, the run."""
+    records: dict[str, dict[str, np.ndarray]] = {}
+    config: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    for name, record in msg.content.items():
+        if isinstance(record, ArrayRecord):
+            records[name] = _arrays(record)
+        elif isinstance(record, ConfigRecord):
+            config.update(dict(record))
+        elif isinstance(record, MetricRecord):
+            metrics.update(dict(record))
+    state_arrays: dict[str, dict[str, np.ndarray]] = {}
+    state_configs: dict[str, dict[str, Any]] = {}
+    for name, record in context.state.items():
+        if isinstance(record, ArrayRecord):
+            state_arrays[name] = _arrays(record)
+        elif isinstance(record, ConfigRecord):
+            state_configs[name] = dict(record)
+    header = {"kind": kind, "run": str(context.run_id), "node_config": dict(context.node_config),
+              "content": {"records": list(records), "config": config, "metrics": metrics},
+              "state": {"records": list(state_arrays), "configs": state_configs}}
+    return header, {**proto.pack_records("msg", records), **proto.pack_records("state", state_arrays)}
+
+
+def apply_reply(reply: Frame, msg: Message, context: Context) -> Message:
+    """Write the returned state into ``context.state`` and build the reply (or raise the computation's error)."""
+    header, arrays = reply
+    if not header.get("ok"):
+        if "error_class" not in header:
+            raise RuntimeError(f"the fedlora node worker refused the request: {header.get('worker_error')}")
+        if header.get("traceback"):
+            log(WARNING, "fedlora node worker: %s", header["traceback"].rstrip())
+        cls = type(header["error_class"].rsplit(".", 1)[-1], (RuntimeError,),
+                   {"__module__": header["error_module"], "__qualname__": header["error_class"]})
+        raise cls(header["error"])  # the same class name and message as in-process: Flower reports the same
+    state = header["state"]
+    for name, values in proto.unpack_records("state", arrays, state["records"]).items():
+        context.state[name] = _record(values)
+    for name, values in state["configs"].items():
+        context.state[name] = ConfigRecord(values)
+    out = header["content"]
+    content = RecordDict({name: _record(values)
+                          for name, values in proto.unpack_records("msg", arrays, out["records"]).items()})
+    if out["config"]:
+        content[keys.CONFIG] = ConfigRecord(dict(out["config"]))
+    if out["metrics"]:
+        content[keys.METRICS] = MetricRecord(dict(out["metrics"]))
+    return Message(content, reply_to=msg)
+
+
+# -- where a request is answered -------------------------------------------------------------------
+def _in_process(header: dict[str, Any], arrays: dict[str, np.ndarray], settings: Settings | None) -> Frame:
+    from fedlora.flower import node_worker  # noqa: PLC0415 - torch and the runtime: only when computing here
+
+    return node_worker.handle(header, arrays, settings)
+
+
+def _app_dir() -> str:
+    """The directory this run's fedlora code was imported from (the installed FAB in a deployment)."""
+    import fedlora  # noqa: PLC0415
+
+    return str(Path(fedlora.__file__).resolve().parent.parent)
+
+
+def _worker_wanted(raw: str, node_config: dict[str, Any]) -> bool:
+    """Deployed (the config has fedlora-deploy's record), the run allows it and the node does not refuse."""
+    deployment = json.loads(raw).get("deployment")
+    if not isinstance(deployment, dict) or not deployment.get(NODE_WORKER, True):
+        return False
+    return node_config.get(keys.NODE_WORKER, True) is not False
+
+
+def _via_worker(header: dict[str, Any], arrays: dict[str, np.ndarray], node_id: int) -> Frame | None:
+    """The worker's reply; a worker is started when none answers. ``None``: no worker could answer."""
+    from flwr.supercore.utils import get_flwr_home  # noqa: PLC0415 - loaded by flwr-clientapp already
+
+    app_dir = _app_dir()
+    path = proto.socket_path(str(get_flwr_home()), node_id, app_dir)
+    try:
+        return proto.call(path, header, arrays)
+    except proto.WorkerUnavailable as exc:
+        first = exc
+    try:
+        proc = proto.start_worker(path, app_dir, watch_pid=os.getppid(), idle_timeout=WORKER_IDLE_TIMEOUT)
+    except (proto.WorkerUnavailable, OSError) as exc:
+        log(WARNING, "fedlora: no node worker answered (%s; %s); training in this flwr-clientapp process", first, exc)
+        return None
+    log(INFO, "fedlora: started a node worker (pid %s) at %s (%s); log %s.log", proc.pid, path, first, path)
+    for _ in range(2):
+        if not proto.wait_until_listening(path, proc, WORKER_START_TIMEOUT):
+            first = proto.WorkerUnavailable(f"the worker did not listen within {WORKER_START_TIMEOUT:g} s "
+                                            f"(exit status {proc.poll()}); see {path}.log")
+            break
+        try:
+            return proto.call(path, header, arrays)
+        except proto.WorkerUnavailable as exc:
+            first = exc
+    log(WARNING, "fedlora: no node worker answered (%s); training in this flwr-clientapp process", first)
+    return None
+
+
+def serve(kind: str, msg: Message, context: Context, settings: Settings | None) -> Message:
+    """Answer a hello (``kind="hello"``) or a training message."""
+    t0 = time.perf_counter()
+    header, arrays = request_frame(kind, msg, context)
+    if settings is not None:  # simulation: this actor computes, and keeps its caches
+        from fedlora.flower.actors import prepare_actor  # noqa: PLC0415
+
+        prepare_actor()
+        return apply_reply(_in_process(header, arrays, settings), msg, context)
+    raw = context.run_config.get(keys.CLIENT_CONFIG)
+    if not raw:
+        raise RuntimeError(
+            f"run config has no {keys.CLIENT_CONFIG!r}: start deployments with `fedlora-deploy`, which passes "
+            "the resolved config in --run-config (docs/deployment.md)")
+    header["config"] = str(raw)
+    node_config = dict(context.node_config)
+    if _worker_wanted(str(raw), node_config):
         from flwr.supercore.utils import get_flwr_home  # noqa: PLC0415
 
-        return get_flwr_home() / "fedlora-state" / settings.run_dir.name / str(cid)
-    return settings.run_dir / CLIENT_STATE_DIR / str(cid)
+        header["flwr_home"] = str(get_flwr_home())
+        reply = _via_worker(header, arrays, int(context.node_id))
+        if reply is not None:
+            out = apply_reply(reply, msg, context)
+            log(INFO, "fedlora: %s answered by the node worker in %.3f s (%.3f s of them in the worker)", kind,
+                time.perf_counter() - t0, float(reply[0].get("seconds", float("nan"))))
+            return out
+        return apply_reply(_in_process(header, arrays, None), msg, context)
+    if json.loads(str(raw)).get("deployment"):
+        from flwr.supercore.utils import get_flwr_home  # noqa: PLC0415
 
+        header["flwr_home"] = str(get_flwr_home())
+    else:  # a `flwr run` simulation: an actor of Flower's Ray backend
+        from fedlora.flower.actors import prepare_actor  # noqa: PLC0415
 
-class ContextStore:
-    """A client's :class:`~fedlora.federation.client.ClientStore` in its Flower ``context.state``.
-
-    The residual is also written to ``state_dir`` after every round, and a client of a resumed run
-    that has none in ``context.state`` loads the newest file at or before the round resumed from.
-    """
-
-    def __init__(self, context: Context, state_dir: Path) -> None:
-        self.state = context.state
-        self.state_dir = state_dir
-
-    def merges(self) -> list[tuple[int, BaseMerge]]:
-        """The base merges this client has applied."""
-        if _HISTORY not in self.state:
-            return []
-        return lm.tensors_to_merges(wire.to_tensors(records.record_to_arrays(self.state[_HISTORY])))
-
-    def set_merges(self, merges: list[tuple[int, BaseMerge]]) -> None:
-        """Replace them."""
-        self.state[_HISTORY] = records.arrays_to_record(wire.to_arrays(lm.merges_to_tensors(merges)))
-
-    def residual(self, resume_round: int) -> AdapterState | None:
-        """The residual in ``context.state``, else (a resumed run) the newest file up to ``resume_round``."""
-        if _RESIDUAL in self.state:
-            return wire.to_tensors(records.record_to_arrays(self.state[_RESIDUAL]))
-        if resume_round > 0:
-            return load_client_state(self.state_dir, at_most=resume_round)
-        return None
-
-    def save_residual(self, server_round: int, residual: AdapterState) -> None:
-        """Keep it in ``context.state`` and on disk."""
-        self.state[_RESIDUAL] = records.arrays_to_record(wire.to_arrays(residual))
-        save_client_state(self.state_dir, server_round, residual)
-
-
-@functools.lru_cache(maxsize=4)
-def _compressor(component: Component | None) -> Any:
-    """The run's compressor, built once per process."""
-    return component.build() if component is not None else None
-
-
-def _label_names(context: Context) -> tuple[str, ...] | None:
-    """The run's label names the hello left in ``context.state`` (``None`` before the hello)."""
-    if _LABELS not in context.state:
-        return None
-    return tuple(str(n) for n in context.state[_LABELS][keys.LABEL_NAMES])  # type: ignore[union-attr]
-
-
-def handle_hello(msg: Message, context: Context, settings: Settings) -> Message:
-    """Check this node's config and data; tell the server its partition id, rank and examples.
-
-    The hello carries the run's label names (the server's dataset numbers the classes); they
-    are kept in ``context.state`` for the training messages, and a node whose data names its
-    classes differently fails here, before any round.
-    """
-    node = read_node_config(settings, context.node_config)
-    names = wire.decode_hello(records.to_packet(msg.content))
-    if names is not None:
-        context.state[_LABELS] = ConfigRecord({keys.LABEL_NAMES: list(names)})
-    ws = get_workspace(node_workspace_key(settings, node, names))
-    if names is not None and tuple(ws.label_names) != names:
-        raise RuntimeError(f"this node's dataset has the labels {list(ws.label_names)} but the server's has "
-                           f"{list(names)}; give every node and the server the same data config")
-    reply = wire.encode_hello_reply(node.client_id, node_rank(settings, node), len(ws.partition(node.client_id)))
-    return Message(records.to_content(reply), reply_to=msg)
-
-
-@functools.lru_cache(maxsize=8)
-def _node(settings: Settings, node_config: tuple[tuple[str, Any], ...]) -> NodeSettings:
-    """This node's checked settings (its data file is checked once per process, not per message)."""
-    return read_node_config(settings, dict(node_config))
-
-
-@functools.lru_cache(maxsize=8)
-def client_side(settings: Settings, node: NodeSettings, label_names: tuple[str, ...] | None) -> ClientSide:
-    """What this node trains with, built once per process (the workspace itself is cached by its key)."""
-    trainer = WorkspaceTrainer(node_workspace_key(settings, node, label_names), settings.train, settings.seed,
-                               reload_per_call=settings.simulation.reload_model_per_call)
-    return ClientSide(trainer=trainer, compressor=_compressor(settings.compression), faults=settings.faults,
-                      seed=settings.seed)
-
-
-def handle_train(msg: Message, context: Context, settings: Settings) -> Message:
-    """Train this client's adapter from the server's assignment and reply with the (encoded) result."""
-    node = _node(settings, tuple(sorted(context.node_config.items())))
-    side = client_side(settings, node, _label_names(context))
-    store = ContextStore(context, client_state_dir(settings, context, node.client_id))
-    reply = train_round(records.to_packet(msg.content), node.client_id, side, store)
-    return Message(records.to_content(reply), reply_to=msg)
-
-
-def _settings(closure: Settings | None, context: Context) -> Settings:
-    """The run's settings; a simulation's actor leaves Ctrl-C to the driver, which stops the run cleanly."""
-    settings = resolve_settings(closure, context.run_config)
-    if not settings.deployment:
         prepare_actor()
-    return settings
+    return apply_reply(_in_process(header, arrays, None), msg, context)
 
 
 def make_client_app(settings: Settings | None = None) -> ClientApp:
@@ -174,11 +218,11 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_hello(msg, context, _settings(settings, context))
+        return serve("hello", msg, context, settings)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, _settings(settings, context))
+        return serve("train", msg, context, settings)
 
     return app
 

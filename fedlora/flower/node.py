@@ -9,8 +9,9 @@ Keys (``fedlora.federation.keys``): ``partition-id`` (required: the client id, `
 in the run: it picks the built-in partition, seeds the client and names it in
 ``metrics.jsonl``), ``num-partitions`` (optional, must equal the run's ``num_clients``),
 ``rank``, ``data-path`` (the node's own training file; without it the node trains on its
-partition of the run's dataset, a demo) and ``state-dir`` (the root of the state that must
-survive a kill).
+partition of the run's dataset, a demo), ``state-dir`` (the root of the state that must
+survive a kill) and ``node-worker`` (``false``: answer every message in its own ``flwr-clientapp``
+process, without the long-lived node worker of :mod:`fedlora.flower.node_worker`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from fedlora.runtime.data.settings import NodeData
 from fedlora.runtime.tasks import task_class
 from fedlora.runtime.training.workspace import WorkspaceKey
 
-KNOWN_KEYS = (keys.PARTITION_ID, keys.NUM_PARTITIONS, keys.NODE_RANK, keys.NODE_DATA, keys.NODE_STATE_DIR)
+KNOWN_KEYS = (keys.PARTITION_ID, keys.NUM_PARTITIONS, keys.NODE_RANK, keys.NODE_DATA, keys.NODE_STATE_DIR,
+              keys.NODE_WORKER)
 
 
 class NodeConfigError(ConfigError):
@@ -45,6 +47,7 @@ class NodeSettings:
     rank: int | None = None
     data_path: str | None = None
     state_dir: str | None = None
+    worker: bool = True  # use the long-lived node worker (node-config node-worker=false: no)
 
 
 def _is_int(value: Any) -> bool:
@@ -92,11 +95,15 @@ def read_node_config(settings: Settings, node_config: Mapping[str, Any]) -> Node
     state_dir = node_config.get(keys.NODE_STATE_DIR)
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir):
         add(keys.NODE_STATE_DIR, state_dir, 'give a directory in quotes: state-dir="/var/lib/fedlora"')
+    worker = node_config.get(keys.NODE_WORKER, True)
+    if not isinstance(worker, bool):
+        add(keys.NODE_WORKER, worker, "use node-worker=false to answer every message in its own flwr-clientapp "
+            "process (no long-lived node worker), or leave it out")
     if problems:
         raise NodeConfigError(problems)
     return NodeSettings(int(cid), None if rank is None else int(rank),  # type: ignore[arg-type]
                         None if data_path is None else str(data_path),
-                        None if state_dir is None else str(state_dir))
+                        None if state_dir is None else str(state_dir), bool(worker))
 
 
 def node_rank(settings: Settings, node: NodeSettings) -> int:

@@ -2,9 +2,11 @@
 
 :meth:`LocalCluster.close` kills every process a test started, by PID (SIGKILL), together with
 the processes they spawned (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``; the SuperLink
-starts its SuperExec in a session of its own, so a process group would miss it), whatever state
-the test left them in. Ports are picked free at runtime; ``FLWR_HOME``, certificates and logs
-live in the test's ``tmp_path``.
+starts its SuperExec in a session of its own, so a process group would miss it) and the fedlora
+node workers their ClientApps started (detached, in sessions of their own: found by the
+SuperExec they watch), whatever state the test left them in. Ports are picked free at runtime;
+``FLWR_HOME``, certificates and logs live in the test's ``tmp_path`` (a node worker's socket and
+log in ``$TMPDIR/fedlora-<uid>/``).
 
 Every process runs with one torch thread (``OMP_NUM_THREADS=1``), as each simulated client does
 (Ray sets it from ``num_cpus=1``), so that a deployed run computes exactly what the same run
@@ -13,6 +15,7 @@ computes in simulation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -93,9 +96,39 @@ class LocalCluster:
         proc.wait(timeout=30)
 
     def close(self) -> None:
-        """Kill every process this cluster started that is still running, with its children."""
+        """Kill every process this cluster started that is still running, with its children and node workers."""
+        workers = [w for name in self.procs for w in self.node_workers(name)]
         for name in list(self.procs):
             self.kill(name)
+        for worker in workers:  # they exit by themselves within ~1 s of their SuperExec; do not wait for it
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def node_workers(self, name: str) -> list[psutil.Process]:
+        """The fedlora node workers serving SuperNode ``name`` (they watch its SuperExec's PID)."""
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            return []
+        try:
+            family = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for candidate in psutil.process_iter(["cmdline"]):
+            cmd = candidate.info["cmdline"] or []
+            if "fedlora.flower.node_worker" in cmd and "--watch-pid" in cmd:
+                with contextlib.suppress(ValueError, IndexError):
+                    if int(cmd[cmd.index("--watch-pid") + 1]) in family:
+                        found.append(candidate)
+        return found
+
+    @staticmethod
+    def worker_log(worker: psutil.Process) -> Path:
+        """The log of a node worker (every worker at that socket appends to it)."""
+        cmd = worker.cmdline()
+        return Path(cmd[cmd.index("--socket") + 1] + ".log")
 
     # -- Flower -------------------------------------------------------------------------------------
     def start_superlink(self) -> None:

@@ -1,11 +1,14 @@
 """Deployment end to end: a real SuperLink and real SuperNodes on 127.0.0.1, driven by fedlora-deploy.
 
-Each SuperNode starts a fresh ``flwr-clientapp`` process per message, so these runs check what
-survives between rounds in a deployment (FLoRA's base merges; ComPEFT's error-feedback residual,
-which FedAvg keeps and FLoRA does not; both in ``context.state``): the deployed run must equal the
-same config run in simulation. Also: a node
-training on its own file with its own rank, TLS with node authentication (an unregistered node
-is refused), and a node killed in the middle of a round.
+Each SuperNode starts a fresh ``flwr-clientapp`` process per message, which forwards it to the
+node's long-lived fedlora node worker (started by the first message, keeping the model and the
+data), so these runs check what survives between rounds in a deployment (FLoRA's base merges;
+ComPEFT's error-feedback residual, which FedAvg keeps and FLoRA does not; both in
+``context.state``, never in the worker): the deployed run must equal the same config run in
+simulation, also when a node's worker is killed in the middle of its training and a new one
+takes over. Also: a node training on its own file with its own rank (next to a node without a
+worker, answering in its ``flwr-clientapp`` process), TLS with node authentication (an
+unregistered node is refused), and a node killed in the middle of a round.
 
 Tiny settings (3 nodes, 2 rounds, 1 local step, 32 tokens, 32 test articles); every process is
 killed by PID when a test ends (tests/integration/flower_cluster.py).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +57,32 @@ def _start_nodes(cluster: LocalCluster, configs: list[str]) -> None:
         cluster.start_supernode(f"node{i}", node_config)
 
 
+def _worker_logs(cluster: LocalCluster, names: list[str]) -> dict[str, str]:
+    """What the node workers of these SuperNodes logged (every worker that listened at the node's socket)."""
+    out = {}
+    for name in names:
+        workers = cluster.node_workers(name)
+        assert len(workers) == 1, (name, workers)
+        out[name] = cluster.worker_log(workers[0]).read_text()
+    return out
+
+
+def _kill_worker_mid_training(cluster: LocalCluster, name: str, deploy: subprocess.Popen) -> int:
+    """SIGKILL node ``name``'s worker as soon as it starts training; return its PID."""
+    deadline = time.monotonic() + 600
+    while True:
+        assert deploy.poll() is None, cluster.log("deploy")[-3000:]
+        assert time.monotonic() < deadline, "the worker never started training"
+        for worker in cluster.node_workers(name):
+            log = cluster.worker_log(worker)
+            if log.exists() and any(line.endswith("): started") and " train (run " in line
+                                    for line in log.read_text().splitlines()):
+                worker.kill()
+                worker.wait(timeout=30)
+                return worker.pid
+        time.sleep(0.05)
+
+
 def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
     """Rounds, statuses, bytes and summary of a finished run; the saved adapter reproduces it."""
     rows, summary = jsonl_rows(run_dir), json.loads((run_dir / "summary.json").read_text())
@@ -68,12 +98,36 @@ def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
 
 @pytest.mark.parametrize("strategy", ["flora", "fedavg"])
 def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster, tmp_path: Path) -> None:
-    """FLoRA's merges and FedAvg's ComPEFT residual survive between rounds in a deployment, exactly."""
+    """FLoRA's merges and FedAvg's ComPEFT residual survive between rounds in a deployment, exactly.
+
+    Every node's messages are answered by its node worker; in the FLoRA run node 1's worker is
+    killed (SIGKILL) while it trains round 1: that message's ClientApp starts a new worker and
+    sends it again, and the run still equals the simulation to the last bit.
+    """
     overrides = [*SMALL, f"strategy={strategy}", "compression=compeft"]
     state = tmp_path / "node_state"
+    nodes = ["node0", "node1", "node2"]
     _start_nodes(cluster, [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)])
     deployed = tmp_path / "deployed"
-    log = cluster.deploy(overrides, deployed)
+    if strategy == "flora":
+        deploy = cluster.spawn("deploy", cluster.deploy_command(overrides, deployed))
+        killed = _kill_worker_mid_training(cluster, "node1", deploy)
+        deploy.wait(timeout=900)
+        log = cluster.log("deploy")
+        assert deploy.returncode == 0, log[-4000:]
+    else:
+        log = cluster.deploy(overrides, deployed)
+    workers = _worker_logs(cluster, nodes)
+    for name, text in workers.items():  # the worker answered the hello and both rounds: no fallback
+        assert text.count("): ok in") == 3 and text.count(" train (run ") >= 4, (name, text)
+    for name in nodes:
+        assert "training in this flwr-clientapp process" not in cluster.log(name)
+    if strategy == "flora":
+        new = cluster.node_workers("node1")[0].pid
+        assert new != killed and workers["node1"].count("node worker listening at") == 2, workers["node1"]
+        assert f"[pid {killed}] train (run" in workers["node1"]  # killed in the middle of round 1:
+        assert f"[pid {new}] hello" not in workers["node1"]  # the new worker trained rounds 1 and 2 cold
+        assert workers["node1"].count(f"[pid {new}] train (run") == 4
     rows, summary = _check_run(deployed, 3)
     assert "round 2/2" in log and "done: final test accuracy" in log
     assert summary["error_feedback"] is True
@@ -107,10 +161,11 @@ def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tm
     own = tmp_path / "node2.csv"
     pd.DataFrame({"text": [bbc.texts[i] for i in keep],
                   "label": [bbc.label_names[bbc.labels[i]] for i in keep]}).to_csv(own, index=False)
-    _start_nodes(cluster, ["partition-id=0 num-partitions=3", "partition-id=1",
+    _start_nodes(cluster, ["partition-id=0 num-partitions=3", "partition-id=1 node-worker=false",
                            f'partition-id=2 rank=6 data-path="{own}"'])
     run_dir = tmp_path / "run"
     cluster.deploy([*SMALL, "strategy=ffa_lora"], run_dir)
+    assert cluster.node_workers("node1") == [] and len(cluster.node_workers("node2")) == 1
     rows, _ = _check_run(run_dir, 3)
     node2 = [row["clients"][2] for row in rows[1:]]
     assert all(c["rank"] == 6 and c["num_examples"] == len(keep) for c in node2)
