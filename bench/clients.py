@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, TreeMemory, child_env, machine  # noqa: E402
+from bench.common import ROOT, TreeMemory, child_env, fedlora_command, machine, write_results  # noqa: E402
 
 DATA = ["experiment=causal_demo", "partition=iid", "partition.min_partition_size=1", "train.local_steps=2",
         "train.batch_size=8", "data.max_test_examples=64"]
@@ -99,9 +99,7 @@ def end_tree(pid: int) -> None:
 
 def run_one(overrides: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
     """One federation: memory, the times of the connected and round-0 lines, the rounds; partial on timeout."""
-    cmd = [sys.executable, "-m", "fedlora", *overrides, f"hydra.run.dir={run_dir}"]
-    log_path = run_dir.with_suffix(".log")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd, log_path = fedlora_command(overrides, run_dir)
     with log_path.open("w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -252,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         r = results["ratios"]
         print(f"{hi} / {lo} clients: peak RSS x{r['peak_rss']:.3f} (target <= 1.5), PSS x{r['peak_pss']:.3f}, "
               f"time to round 0 x{r['round0']:.2f} (target <= 2)", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    print(f"# run directories and logs: {work}")
+    write_results(results, args.json, work)
     return 0
 
 

@@ -96,12 +96,24 @@ class TreeMemory:
             self._stop.wait(self.interval)
 
 
+def fedlora_command(overrides: list[str], run_dir: Path) -> tuple[list[str], Path]:
+    """The command that runs ``python -m fedlora <overrides>`` into ``run_dir``, and its log file's path."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "fedlora", *overrides, f"hydra.run.dir={run_dir}"], run_dir.with_suffix(".log")
+
+
+def write_results(results: dict[str, Any], path: Path | None, work: Path | str) -> None:
+    """Write a benchmark's results as JSON (when ``path`` is given) and say where its runs are."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"# run directories and logs: {work}")
+
+
 def run_fedlora(overrides: list[str], run_dir: Path, *, memory: bool = False,
                 timeout: float | None = None) -> dict[str, Any]:
     """Run ``python -m fedlora <overrides>`` to completion; return wall time, outputs, memory."""
-    cmd = [sys.executable, "-m", "fedlora", *overrides, f"hydra.run.dir={run_dir}"]
-    log_path = run_dir.with_suffix(".log")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd, log_path = fedlora_command(overrides, run_dir)
     with log_path.open("w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -34,7 +34,6 @@ generated instructions, ``--extra experiment=causal_demo,data.max_examples=40000
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, run_fedlora, warm_up  # noqa: E402
+from bench.common import machine, run_fedlora, warm_up, write_results  # noqa: E402
 
 
 def overrides_for(num_clients: int, sampled: int, rounds: int, extra: list[str]) -> list[str]:
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         rss, pss = runs[hi]["peak_rss"] / runs[lo]["peak_rss"], runs[hi]["peak_pss"] / runs[lo]["peak_pss"]
         results["ratio_rss"], results["ratio_pss"] = rss, pss
         print(f"peak memory {hi} / {lo} clients: RSS x{rss:.3f}, PSS x{pss:.3f} (target <= 1.5)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    print(f"# run directories and logs: {work}")
+    write_results(results, args.json, work)
     return 0
 
 

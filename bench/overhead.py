@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import QUICK, ROOT, child_env, compose, machine, run_fedlora, warm_up  # noqa: E402
+from bench.common import QUICK, ROOT, child_env, compose, machine, run_fedlora, warm_up, write_results  # noqa: E402
 
 # name -> (overrides, the variant whose bare loop it is compared with)
 FULL = {
@@ -244,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{parts['client_train_seconds_sum']:.1f} s summed over actors", flush=True)
         print(f"[{name}]   same steps: {compared} client losses compared, max |sim - bare| = {max_diff:.2e}",
               flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    print(f"# run directories and logs: {work}")
+    write_results(results, args.json, work)
     return 0
 
 
