@@ -8,8 +8,8 @@ and more clients than examples is refused before anything starts). Measured per 
 * peak RSS and PSS summed over the ``fedlora`` process and all its descendants (Ray's processes and
   the client actors), sampled every 0.25 s (``bench.common.TreeMemory``);
 * time from spawn to the moment the clients are connected (the run's first line, after Flower's
-  engine registered the nodes and every client answered the hello) and to round 0 (the line of
-  the first evaluation: the first round starts right after it);
+  engine registered the nodes and the greeted clients answered: a round's worth in simulation) and
+  to round 0 (the line of the first evaluation: the first round starts right after it);
 * ``round_seconds`` of every round (from ``metrics.jsonl``).
 
 ``--engine`` also times Flower's simulation engine alone (no Ray, no model; a few seconds): node

@@ -41,17 +41,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import OrderedDict
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedlora.federation import keys
+from fedlora.flower.records import arrays_to_record, record_to_arrays
 from fedlora.serving import node_protocol as proto
 
 if TYPE_CHECKING:
@@ -64,14 +64,6 @@ WORKER_IDLE_TIMEOUT = 900.0  # a worker exits after this long without a message 
 
 
 # -- records <-> plain values (no torch) ------------------------------------------------------------
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: np.array(arr.numpy(), copy=True) for k, arr in record.items()}
-
-
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
-
-
 def request_frame(kind: str, msg: Message, context: Context) -> Frame:
     """The request for ``msg``: its content and ``context.state`` as plain values, the node config, the run."""
     records: dict[str, dict[str, np.ndarray]] = {}
@@ -79,7 +71,7 @@ def request_frame(kind: str, msg: Message, context: Context) -> Frame:
     metrics: dict[str, Any] = {}
     for name, record in msg.content.items():
         if isinstance(record, ArrayRecord):
-            records[name] = _arrays(record)
+            records[name] = record_to_arrays(record)
         elif isinstance(record, ConfigRecord):
             config.update(dict(record))
         elif isinstance(record, MetricRecord):
@@ -88,7 +80,7 @@ def request_frame(kind: str, msg: Message, context: Context) -> Frame:
     state_configs: dict[str, dict[str, Any]] = {}
     for name, record in context.state.items():
         if isinstance(record, ArrayRecord):
-            state_arrays[name] = _arrays(record)
+            state_arrays[name] = record_to_arrays(record)
         elif isinstance(record, ConfigRecord):
             state_configs[name] = dict(record)
     header = {"kind": kind, "run": str(context.run_id), "node_config": dict(context.node_config),
@@ -110,11 +102,11 @@ def apply_reply(reply: Frame, msg: Message, context: Context) -> Message:
         raise cls(header["error"])  # the same class name and message as in-process: Flower reports the same
     state = header["state"]
     for name, values in proto.unpack_records("state", arrays, state["records"]).items():
-        context.state[name] = _record(values)
+        context.state[name] = arrays_to_record(values)
     for name, values in state["configs"].items():
         context.state[name] = ConfigRecord(values)
     out = header["content"]
-    content = RecordDict({name: _record(values)
+    content = RecordDict({name: arrays_to_record(values)
                           for name, values in proto.unpack_records("msg", arrays, out["records"]).items()})
     if out["config"]:
         content[keys.CONFIG] = ConfigRecord(dict(out["config"]))

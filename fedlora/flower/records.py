@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedlora.federation import keys
-from fedlora.federation.wire import Packet
+
+if TYPE_CHECKING:  # the wire codec loads torch: the node worker's forwarding ClientApp imports this module
+    from fedlora.federation.wire import Packet
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -35,6 +38,8 @@ def to_content(packet: Packet) -> RecordDict:
 
 def to_packet(content: RecordDict) -> Packet:
     """A message's content as a packet: every array record by name, config and metric entries merged."""
+    from fedlora.federation.wire import Packet  # noqa: PLC0415
+
     packet = Packet()
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
