@@ -1,29 +1,37 @@
-"""What a deployed node pays per message beyond training: a fresh process (before) and a node worker (after).
+"""What a deployed node pays per message beyond training: a fresh process, a node worker, and with a standby.
 
 In a deployment (Flower 1.42) every message is handled by a new ``flwr-clientapp`` process
 (docs/deployment.md). Before the node worker, that process imported torch and the model code and
-built the workspace (tokenizer, tokenized data, base model) for every message; now it forwards
-the message to the node's long-lived worker, which keeps them. Two measurements:
+built the workspace (tokenizer, tokenized data, base model) for every message; with the worker it
+forwards the message to the node's long-lived worker, which keeps them; with ``fedlora-supernode``
+that process has also started and imported Flower before the message comes (a standby of
+``fedlora-superexec``). Two measurements:
 
 * ``parts``: the pieces in fresh processes (one torch thread, as one simulated client): importing
   what a message answered in-process imports, building the workspace, one round of training
   (cold, then warm), against importing the forwarding ClientApp module and Flower's own
   ``flwr-clientapp`` module;
 * ``flower`` (the real thing): a SuperLink and one SuperNode on 127.0.0.1, ``fedlora-deploy`` of
-  the given config with one client, once with ``--no-node-worker`` (before) and once with the
-  worker (after). For every training message the SuperNode's time from ``Receiving: train
-  message`` to ``Sending: train message`` (its log lines, time-stamped as they appear) minus the
-  client's own ``train_seconds`` (decode, train, encode; from ``metrics.jsonl``) is the
-  per-message overhead: Flower's part (starting ``flwr-clientapp``, its imports, the Runtime API
-  round trips, installing the FAB, loading the ClientApp module) plus fedlora's (imports and
-  workspace, or forwarding). With the worker, the ClientApp logs how long its handler took and
-  how long of it the worker (``forwarder_seconds``, ``worker_seconds``): the node time minus the
-  handler is ``flower_part`` (which also holds the import of the forwarding ClientApp module, a
-  part reported on its own above as ``import_forwarding_clientapp_after_flwr``). Round 1 of the
-  worker run includes nothing cold (the hello built the worker's workspace) and is kept.
+  the given config with one client, three times: ``flower-supernode`` with ``--no-node-worker``
+  (``fresh_process``: before), ``flower-supernode`` with the worker (``worker``), and
+  ``fedlora-supernode`` with the worker (``worker_standby``: the default). For every training
+  message the SuperNode's time from ``Receiving: train message`` to ``Sending: train message``
+  (its log lines, time-stamped as they appear) minus the client's own ``train_seconds`` (decode,
+  train, encode; from ``metrics.jsonl``) is the per-message overhead: Flower's part (fetching the
+  message from the SuperLink, starting ``flwr-clientapp`` and its imports unless a standby did,
+  the Runtime API round trips, installing the FAB, loading the ClientApp module, the reply's way
+  back) plus fedlora's (imports and workspace, or forwarding). With the worker, the ClientApp logs
+  how long its handler took and how long of it the worker (``forwarder_seconds``,
+  ``worker_seconds``): the node time minus the handler is ``flower_part`` (which also holds the
+  import of the forwarding ClientApp module, a part reported on its own above as
+  ``import_forwarding_clientapp_after_flwr``), split by the log's time stamps into the
+  SuperNode's download, the ClientApp until its handler starts, and the reply until ``Sending``.
+  Round 1 of a worker run includes nothing cold (the hello built the worker's workspace) and is
+  kept.
 
     PYTHONPATH=. python bench/deploy_message.py [--repeat 3] [--rounds 4] [--skip-flower] \
-        [--json bench/results/<date>/deploy_message.json] [overrides ...]
+        [--only fresh_process worker worker_standby] [--json bench/results/<date>/deploy_message.json] \
+        [overrides ...]
 
 The CPU is shared with whatever else runs: the load average is recorded before and after.
 """
@@ -135,12 +143,34 @@ class Stamped:
         return self.lines
 
 
-def measure_flower(overrides: list[str], rounds: int, worker: bool, root: Path) -> dict[str, Any]:
+def _rss_by_command(roots: list[int], extra: list[Any]) -> dict[str, float]:
+    """Resident memory (MiB) of the node's processes after its run, summed per program: the SuperNode
+    (or fedlora-supernode), its SuperExec and standby, the node worker (the workers are detached)."""
+    import psutil  # noqa: PLC0415
+
+    procs = [p for pid in roots for p in [psutil.Process(pid)] for p in [p, *p.children(recursive=True)]]
+    out: dict[str, float] = {}
+    for proc in [*procs, *extra]:
+        try:
+            cmd = proc.cmdline()
+            if "fedlora.flower.node_worker" in cmd:
+                name = "node worker"
+            elif "-c" in cmd:  # fedlora-superexec's standby
+                name = "standby flwr-clientapp"
+            else:  # python3 <script> ...: the script's name
+                name = Path(cmd[1] if len(cmd) > 1 and "python" in Path(cmd[0]).name else cmd[0]).name
+            out[name] = round(out.get(name, 0.0) + proc.memory_info().rss / 2**20, 1)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def measure_flower(overrides: list[str], rounds: int, worker: bool, root: Path, standby: bool = True) -> dict[str, Any]:
     """One deployed run on a local SuperLink and SuperNode; the per-message figures of its training messages."""
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from flower_cluster import LocalCluster  # noqa: PLC0415 - the tests' cluster: free ports, kill by PID
 
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, standby=standby)
     try:
         cluster.start_superlink()
         cluster.start_supernode("node", "partition-id=0")
@@ -156,9 +186,10 @@ def measure_flower(overrides: list[str], rounds: int, worker: bool, root: Path) 
         lines = stamped.stop()
         assert deploy.returncode == 0, cluster.log("deploy")[-3000:]
         worker_log = ""
+        workers = cluster.node_workers("node") if worker else []
         if worker:
-            workers = cluster.node_workers("node")
             worker_log = cluster.worker_log(workers[0]).read_text() if workers else ""
+        node_rss = _rss_by_command([cluster.procs["node"].pid], workers)
     finally:
         cluster.close()
     received = [t for t, line in lines if "Receiving: train message" in line]
@@ -167,7 +198,8 @@ def measure_flower(overrides: list[str], rounds: int, worker: bool, root: Path) 
     train_seconds = [row["clients"][0]["train_seconds"] for row in rows]
     node_seconds = [b - a for a, b in zip(received, sent, strict=True)]
     overhead = [n - t for n, t in zip(node_seconds, train_seconds, strict=True)]
-    out: dict[str, Any] = {"node_seconds": node_seconds, "train_seconds": train_seconds, "overhead": overhead,
+    out: dict[str, Any] = {"node_rss_mib_after_run": node_rss, "node_seconds": node_seconds,
+                           "train_seconds": train_seconds, "overhead": overhead,
                            "overhead_median": statistics.median(overhead)}
     if worker:
         handled = [float(s) for s in re.findall(r"\] train \(run \d+\): ok in ([0-9.]+) s", worker_log)]
@@ -182,6 +214,17 @@ def measure_flower(overrides: list[str], rounds: int, worker: bool, root: Path) 
         out["forwarding_outside_worker"] = [a - b for a, b in forwarded]  # frames and socket only
         out["flower_part"] = [n - a for n, (a, _) in zip(node_seconds, forwarded, strict=True)]
         out["flower_part_median"] = statistics.median(out["flower_part"])
+        # Flower's part in three pieces, from the time stamps of the node's log lines: the SuperNode
+        # fetching the message from the SuperLink ("Receiving" to "Received successfully"), the
+        # ClientApp getting it and starting its handler (the process start and imports, unless a
+        # standby did them before; the pull from the SuperNode; the FAB; loading the ClientApp), and
+        # the reply's way back into the SuperNode until it logs "Sending"
+        downloaded = [next(t for t, line in lines if t >= r and "Received successfully" in line) for r in received]
+        answered = [t for t, line in lines if "fedlora: train answered by the node worker in" in line]
+        started = [t - a for t, (a, _) in zip(answered, forwarded, strict=True)]
+        out["supernode_download"] = [d - r for r, d in zip(received, downloaded, strict=True)]
+        out["clientapp_until_handler"] = [h - d for d, h in zip(downloaded, started, strict=True)]
+        out["reply_until_sending"] = [s - a for a, s in zip(answered, sent, strict=True)]
     return out
 
 
@@ -191,6 +234,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per measured part")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each deployed run")
     parser.add_argument("--skip-flower", action="store_true", help="only the parts (no SuperLink/SuperNode)")
+    parser.add_argument("--only", nargs="+", choices=["fresh_process", "worker", "worker_standby"], default=None,
+                        help="deployed variants to run (default: all three)")
     parser.add_argument("--json", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -198,23 +243,28 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     result: dict[str, Any] = {"overrides": args.overrides, "repeat": args.repeat, "cpus": os.cpu_count(),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    parts = measure_parts(compose(args.overrides), args.repeat)
+    parts = measure_parts(compose(args.overrides), args.repeat) if args.repeat > 0 else {}
     result["parts"] = parts
     load.append(os.getloadavg()[0])
     print(f"fresh processes (median of {args.repeat}, 1 torch thread), overrides {args.overrides or 'none'}:")
     for key, value in parts.items():
         print(f"  {key:34s} {value:7.2f} s" if isinstance(value, float) else f"  {key:34s} {value}")
     if not args.skip_flower:
-        for worker in (False, True):
+        # before: a fresh process per message; then the node worker behind Flower's own SuperExec
+        # (subprocess isolation); after: the worker behind fedlora-superexec (process isolation)
+        for name, worker, standby in (("fresh_process", False, False), ("worker", True, False),
+                                      ("worker_standby", True, True)):
+            if args.only and name not in args.only:
+                continue
             with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
-                name = "worker" if worker else "fresh_process"
-                figures = measure_flower(args.overrides, args.rounds, worker, Path(tmp))
+                figures = measure_flower(args.overrides, args.rounds, worker, Path(tmp), standby=standby)
                 result[name] = figures
                 load.append(os.getloadavg()[0])
                 print(f"deployed on 127.0.0.1, {name}: per training message, SuperNode receive->send minus "
                       f"train_seconds: {', '.join(f'{v:.2f}' for v in figures['overhead'])} s "
                       f"(median {figures['overhead_median']:.2f} s); training itself "
                       f"{', '.join(f'{v:.2f}' for v in figures['train_seconds'])} s")
+                print(f"  the node's resident memory after the run, MiB: {figures['node_rss_mib_after_run']}")
                 if worker:
                     print(f"  outside the worker's request (Flower + forwarding): median "
                           f"{figures['outside_worker_median']:.2f} s; of it Flower's (node time minus the "
@@ -222,6 +272,9 @@ def main() -> None:
                           f"{figures['flower_part_median']:.2f} s; forwarding outside the worker "
                           f"{', '.join(f'{v:.3f}' for v in figures['forwarding_outside_worker'])} s; "
                           f"fallbacks {figures['fallbacks']}")
+                    for key in ("supernode_download", "clientapp_until_handler", "reply_until_sending"):
+                        print(f"  of Flower's: {key} {', '.join(f'{v:.2f}' for v in figures[key])} s "
+                              f"(median {statistics.median(figures[key]):.2f} s)")
     result["load_average_1min"] = load
     print(f"load average (1 min) during the measurements: {', '.join(f'{v:.1f}' for v in load)} "
           f"on {os.cpu_count()} CPUs")

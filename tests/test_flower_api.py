@@ -180,3 +180,20 @@ def test_the_engine_registers_nodes_where_recording_nodes_looks() -> None:
     with simulation.recording_nodes(directory):
         assert vce_api._register_nodes is not original
     assert vce_api._register_nodes is original
+
+
+def test_what_fedlora_superexec_changes_in_flower_is_where_it_looks() -> None:
+    # fedlora/flower/superexec.py replaces run_superexec's executor factory for the subprocess
+    # executor and, in its standby processes, the back-off defaults of the message pull
+    import inspect
+
+    from flwr.supercore.constant import ExecutorType
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supernode.runtime import run_clientapp
+
+    assert list(inspect.signature(run_superexec.get_executor).parameters)[0] == "executor_type"
+    assert ExecutorType.SUBPROCESS in set(ExecutorType)
+    assert run_clientapp.pull_and_inflate_object_from_tree is pull_and_inflate_object_from_tree
+    defaults = pull_and_inflate_object_from_tree.__kwdefaults__
+    assert (defaults["initial_backoff"], defaults["backoff_cap"]) == (1, 10)  # Flower's, 1.42

@@ -30,6 +30,9 @@ Decisions (flwr 1.42):
   each message to a long-lived fedlora node worker next to the SuperNode, which keeps the base
   model and the tokenized data (:mod:`fedlora.flower.client_app`, docs/deployment.md). The
   deployment record says so (``node_worker``); ``--no-node-worker`` turns it off for the run.
+  The nodes themselves are started with ``fedlora-supernode`` (:mod:`fedlora.cli.supernode`):
+  Flower's SuperNode in process isolation with ``fedlora-superexec``, whose ``flwr-clientapp``
+  processes have imported Flower before their message comes.
 - *No runtime dependency installation.* ``[project].dependencies`` is empty (pyproject.toml) and
   the guide starts the SuperLink with ``--disable-runtime-dependency-installation``: every
   machine runs the apps in its own prepared environment.

@@ -18,7 +18,9 @@ Where the request is answered:
   workspace. The first message that finds no worker starts one (detached, running the code of
   this run's FAB) and waits for it; if none can be reached the message is answered in this
   process, as before, with one log line saying so. The worker is off when fedlora-deploy ran
-  with ``--no-node-worker`` or the node config says ``node-worker=false``.
+  with ``--no-node-worker`` or the node config says ``node-worker=false``. Started with
+  ``fedlora-supernode``, the ``flwr-clientapp`` process itself was started before the message
+  came (:mod:`fedlora.flower.superexec`), so Flower's imports are not paid per message either.
 
 On the forwarding path this module imports flwr (already loaded by ``flwr-clientapp``), numpy and
 :mod:`fedlora.serving.node_protocol`; torch, transformers and the fedlora runtime load only where

@@ -52,7 +52,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
 class LocalCluster:
     """SuperLink and SuperNodes as real processes; ``close()`` kills them all by PID."""
 
-    def __init__(self, root: Path, *, tls: bool = False, auth: bool = False) -> None:
+    def __init__(self, root: Path, *, tls: bool = False, auth: bool = False, standby: bool = True) -> None:
         self.root = root
         self.home = root / "flwr_home"
         self.certs = root / "certs"
@@ -60,6 +60,7 @@ class LocalCluster:
         for directory in (self.home, self.logs):
             directory.mkdir(parents=True, exist_ok=True)
         self.tls, self.auth = tls, auth
+        self.standby = standby  # SuperNodes started with fedlora-supernode (docs/deployment.md), not flower-supernode
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # Flower starts flower-superexec by name
         self.env = {**os.environ, **ONE_THREAD, "FLWR_HOME": str(self.home), "PATH": path}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -152,12 +153,45 @@ class LocalCluster:
         wait_for_port(self.port, proc, self.logs / "superlink.log")
 
     def start_supernode(self, name: str, node_config: str, key: str | None = None) -> subprocess.Popen:
-        """Start a SuperNode with ``--node-config node_config`` (and the private key ``key``)."""
+        """Start a SuperNode with ``--node-config node_config`` (and the private key ``key``).
+
+        With ``standby`` (the default) as docs/deployment.md says, with ``fedlora-supernode``: the
+        SuperNode in process isolation and ``fedlora-superexec`` next to it; else ``flower-supernode``
+        itself (its own SuperExec, a fresh ``flwr-clientapp`` per message).
+        """
         security = ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
         if key is not None:
             security += ["--auth-supernode-private-key", str(self.certs / key)]
-        return self.spawn(name, [str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}",
+        command = "fedlora-supernode" if self.standby else "flower-supernode"
+        return self.spawn(name, [str(BIN / command), *security, "--superlink", f"127.0.0.1:{self.port}",
                                  "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port())])
+
+    def superexec(self, name: str) -> psutil.Process | None:
+        """The ``fedlora-superexec`` of node ``name`` (a child of its ``fedlora-supernode``), if one runs."""
+        for child in psutil.Process(self.procs[name].pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(part.endswith("fedlora-superexec") for part in child.cmdline()):
+                    return child
+        return None
+
+    def restart_superexec(self, name: str, timeout: float = 60) -> list[int]:
+        """Kill all of node ``name`` but its SuperNode: its SuperExec, standby and node worker (SIGKILL).
+
+        ``fedlora-supernode`` starts a new SuperExec; this returns once it runs, with the PIDs
+        killed (the SuperExec's first). The SuperNode keeps its node id and its runs' ``Context``.
+        """
+        old = self.superexec(name)
+        assert old is not None, self.log(name)[-3000:]
+        victims = [old, *old.children(recursive=True), *self.node_workers(name)]
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.kill()
+        psutil.wait_procs(victims, timeout=30)
+        deadline = time.monotonic() + timeout
+        while (new := self.superexec(name)) is None or new.pid == old.pid:
+            assert time.monotonic() < deadline, f"no new SuperExec:\n{self.log(name)[-3000:]}"
+            time.sleep(0.05)
+        return [v.pid for v in victims]
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this cluster."""

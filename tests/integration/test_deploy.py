@@ -16,6 +16,7 @@ killed by PID when a test ends (tests/integration/flower_cluster.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from conftest import TINY, jsonl_rows, reload_accuracy, run_fedlora, untimed
 from flower_cluster import ONE_THREAD, LocalCluster
@@ -83,6 +85,31 @@ def _kill_worker_mid_training(cluster: LocalCluster, name: str, deploy: subproce
         time.sleep(0.05)
 
 
+def _restart_after_round_1(cluster: LocalCluster, name: str, deploy: subprocess.Popen) -> tuple[int, list[int]]:
+    """Restart node ``name`` (all but its SuperNode) once round 1 is done there: its worker's PID and all PIDs killed.
+
+    Done means: the worker answered round 1, the SuperNode sent the reply, and round 1's
+    ``flwr-clientapp`` has exited (it hands the ``context.state`` back after the reply; only the
+    SuperExec's standby is left). The server cannot send round 2 before this node's reply has
+    reached it and the round has been aggregated and evaluated (over a second here), so the
+    restart (checked every 20 ms) happens while the node waits for round 2's message.
+    """
+    deadline = time.monotonic() + 600
+    while True:
+        assert deploy.poll() is None, cluster.log("deploy")[-3000:]
+        assert time.monotonic() < deadline, "round 1 never ended on the node"
+        superexec = cluster.superexec(name)
+        if superexec is not None and cluster.log(name).count("Sent successfully") == 2:  # the hello and round 1
+            with contextlib.suppress(psutil.NoSuchProcess):
+                running = [c for c in superexec.children() if c.status() != psutil.STATUS_ZOMBIE]
+                workers = cluster.node_workers(name)
+                if len(running) == 1 and len(workers) == 1:
+                    log = cluster.worker_log(workers[0])
+                    if log.exists() and log.read_text().count("): ok in") == 2:
+                        return workers[0].pid, cluster.restart_superexec(name)
+        time.sleep(0.02)
+
+
 def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
     """Rounds, statuses, bytes and summary of a finished run; the saved adapter reproduces it."""
     rows, summary = jsonl_rows(run_dir), json.loads((run_dir / "summary.json").read_text())
@@ -102,7 +129,10 @@ def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster,
 
     Every node's messages are answered by its node worker; in the FLoRA run node 1's worker is
     killed (SIGKILL) while it trains round 1: that message's ClientApp starts a new worker and
-    sends it again, and the run still equals the simulation to the last bit.
+    sends it again; in the FedAvg run node 2 is restarted after round 1, all but its SuperNode
+    (its fedlora-superexec, the standby ClientApp process and the worker: SIGKILL; a new
+    SuperExec), and its round 2 is trained by a new worker. Both runs still equal the simulation
+    to the last bit.
     """
     overrides = [*SMALL, f"strategy={strategy}", "compression=compeft"]
     state = tmp_path / "node_state"
@@ -116,10 +146,16 @@ def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster,
         log = cluster.log("deploy")
         assert deploy.returncode == 0, log[-4000:]
     else:
-        log = cluster.deploy(overrides, deployed)
+        deploy = cluster.spawn("deploy", cluster.deploy_command(overrides, deployed))
+        old_worker, restarted = _restart_after_round_1(cluster, "node2", deploy)
+        deploy.wait(timeout=900)
+        log = cluster.log("deploy")
+        assert deploy.returncode == 0, log[-4000:]
     workers = _worker_logs(cluster, nodes)
     for name, text in workers.items():  # the worker answered the hello and both rounds: no fallback
         assert text.count("): ok in") == 3 and text.count(" train (run ") >= 4, (name, text)
+    for name in nodes:  # every message went to a standby ClientApp process (fedlora-superexec)
+        assert "the standby was gone" not in cluster.log(name)
     for name in nodes:
         assert "training in this flwr-clientapp process" not in cluster.log(name)
     if strategy == "flora":
@@ -128,6 +164,13 @@ def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster,
         assert f"[pid {killed}] train (run" in workers["node1"]  # killed in the middle of round 1:
         assert f"[pid {new}] hello" not in workers["node1"]  # the new worker trained rounds 1 and 2 cold
         assert workers["node1"].count(f"[pid {new}] train (run") == 4
+    else:
+        new = cluster.node_workers("node2")[0].pid  # a new worker, started by a standby of the new SuperExec
+        assert old_worker in restarted and new not in restarted, restarted
+        assert "the SuperExec exited (-9); starting a new one" in cluster.log("node2")
+        assert workers["node2"].count("node worker listening at") == 2, workers["node2"]
+        assert workers["node2"].count(f"[pid {old_worker}] train (run") == 2  # round 1, before the restart
+        assert workers["node2"].count(f"[pid {new}] train (run") == 2  # round 2, cold
     rows, summary = _check_run(deployed, 3)
     assert "round 2/2" in log and "done: final test accuracy" in log
     assert summary["error_feedback"] is True

@@ -1,0 +1,139 @@
+"""fedlora-superexec: Flower's SuperExec with a standby ``flwr-clientapp`` process (fedlora/flower/superexec.py).
+
+The deployment tests (tests/integration/test_deploy.py) run every SuperNode with it; these check
+the pieces with real processes: the command a standby gets is the one Flower's own executor runs,
+a task reaches the standby and a new standby takes its place, a dead standby or another task type
+is launched as Flower launches it, and a standby imports no fedlora code (the ClientApp must come
+from the run's FAB) and shortens only Flower's pull back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import subprocess_executor
+from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+from fedlora.flower import superexec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec(task_type: TaskType = TaskType.CLIENT_APP, **changes: object) -> ExecutionSpec:
+    fields: dict = {"task_type": task_type, "runtime_api_address": "127.0.0.1:9094", "token": "tok-1",
+                    "insecure": True, "root_certificates_path": None, "runtime_dependency_install": False,
+                    "parent_pid": 4321, "suppress_output": False, "task_id": 7}
+    return ExecutionSpec(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"insecure": False, "root_certificates_path": "/certs/ca.crt"},
+    {"parent_pid": None, "runtime_dependency_install": True},
+    {"insecure": False, "root_certificates_path": None, "suppress_output": True},
+])
+def test_a_standby_gets_the_command_flowers_executor_runs(changes: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[str]] = []
+
+    class Recorder:
+        def __init__(self, args: list[str], **kwargs: object) -> None:
+            started.append(args)
+
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", Recorder)
+    SubprocessExecutor().launch(spec(**changes))
+    assert started == [superexec.task_command(spec(**changes))]
+
+
+def _executor_with(code: str, monkeypatch: pytest.MonkeyPatch) -> superexec.StandbyExecutor:
+    monkeypatch.setattr(superexec, "STANDBY", code)
+    return superexec.StandbyExecutor()
+
+
+def test_a_task_goes_to_the_standby_and_a_new_one_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a standby that writes what it was given (one file per process) instead of running it
+    code = f"import os, sys; open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w').write(sys.stdin.readline())"
+    executor = _executor_with(code, monkeypatch)
+    try:
+        first = executor._standby
+        assert first is not None and first.poll() is None  # started before any task
+        result = executor.launch(spec(suppress_output=True))
+        assert result.status == "accepted"
+        assert first.wait(timeout=30) == 0
+        line = (tmp_path / str(first.pid)).read_text()
+        assert json.loads(line) == [*superexec.task_command(spec()), "--fedlora-quiet"]
+        second = executor._standby
+        assert second is not None and second.pid != first.pid and second.poll() is None
+    finally:
+        executor.close()
+    assert second.poll() is not None and executor._standby is None  # close() stops the waiting one
+
+
+def test_a_dead_standby_or_another_task_type_is_launched_as_flower_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    launched: list[ExecutionSpec] = []
+    monkeypatch.setattr(SubprocessExecutor, "launch", lambda self, s: launched.append(s) or "flower")
+    executor = _executor_with("import sys; sys.stdin.readline()", monkeypatch)
+    try:
+        standby = executor._standby
+        assert standby is not None
+        assert executor.launch(spec(TaskType.SERVER_APP)) == "flower" and executor._standby is standby
+        standby.kill()
+        standby.wait(timeout=30)
+        assert executor.launch(spec()) == "flower"  # the standby was gone
+        assert launched == [spec(TaskType.SERVER_APP), spec()]
+        assert executor._standby is not None and executor._standby.poll() is None  # a new one waits
+    finally:
+        executor.close()
+
+
+def test_the_standby_runs_flowers_clientapp_and_imports_no_fedlora() -> None:
+    # from the repository root, where a checkout of fedlora could shadow the run's FAB
+    with_help = subprocess.run([sys.executable, "-c", superexec.STANDBY], input='["flwr-clientapp", "--help"]\n',
+                               capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert with_help.returncode == 0 and "usage: flwr-clientapp" in with_help.stdout, with_help.stderr
+    probe = (superexec.STANDBY + "\nimport json\nprint(json.dumps({'fedlora': sorted(m for m in sys.modules if "
+             "m.split('.')[0] in ('fedlora', 'strategies')), 'path0': sys.path[0], 'backoff': {k: v for k, v in "
+             "pull_and_inflate_object_from_tree.__kwdefaults__.items() if 'backoff' in k}}))")
+    waited = time.monotonic()
+    nothing = subprocess.run([sys.executable, "-c", probe], input="", capture_output=True, text=True, cwd=ROOT,
+                             timeout=120)
+    assert nothing.returncode == 0, nothing.stderr  # no command (the SuperExec stopped): nothing runs
+    seen = json.loads(nothing.stdout.splitlines()[-1])
+    assert seen["fedlora"] == [] and seen["path0"] == str(Path(sys.executable).parent)
+    assert seen["backoff"]["initial_backoff"] == superexec.BACKOFF[0]
+    assert seen["backoff"]["backoff_cap"] == superexec.BACKOFF[1]
+    assert time.monotonic() - waited < 120
+
+
+def test_fedlora_supernode_connects_its_superexec_to_the_nodes_runtime_api() -> None:
+    from fedlora.cli import supernode
+
+    base = ["--insecure", "--superlink", "10.0.0.1:9092", "--node-config", "partition-id=0"]
+    assert supernode.supernode_command(base)[1:] == [*base, "--isolation", "process"]
+    assert supernode.superexec_command(base, 7)[1:] == ["--runtime-api-address", "127.0.0.1:9094",
+                                                        "--parent-pid", "7", "--insecure"]
+    listening = [*base, "--host", "0.0.0.0", "--port", "9200", "--ssl-certfile", "rt.crt", "--ssl-keyfile", "rt.key",
+                 "--ssl-ca-certfile", "ca.crt", "--superexec-auth-secret-file", "s.bin"]
+    assert supernode.superexec_command(listening, 7)[1:] == [
+        "--runtime-api-address", "127.0.0.1:9200", "--parent-pid", "7", "--root-certificates", "ca.crt",
+        "--superexec-auth-secret-file", "s.bin"]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--isolation", "subprocess"], "--isolation subprocess"),
+    (["--ssl-certfile", "rt.crt", "--ssl-keyfile", "rt.key"], "--ssl-certfile rt.crt"),
+])
+def test_fedlora_supernode_refuses_what_it_cannot_run_before_starting_anything(
+        args: list[str], named: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlora.cli import supernode
+
+    monkeypatch.setattr(supernode.subprocess, "Popen", lambda *a, **k: pytest.fail("started a process"))
+    assert supernode.main(["--insecure", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedlora-supernode: {named}:") and ("leave --isolation out" in err or "add --ssl-ca" in err)
