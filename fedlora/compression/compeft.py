@@ -12,12 +12,14 @@ round delta ``δ = θ_end - θ_start`` per tensor with error feedback ``e``:
     \hat v = \sigma \cdot \operatorname{sign}(v) \odot \mathbb{1}[i \in \operatorname{top}_k(|v|)],
     \qquad e \leftarrow v - \hat v ,
 
-where ``k = max(1, round(density * numel))`` (``density`` is a **fraction**: ComPEFT's ``--k`` is an
-integer percent, and its ``k=1`` means 100%, a bug pinned by a regression test) and one fp32 scale
-per tensor:
+where ``k = max(1, round(density * numel))`` (``density`` is a **fraction**. ComPEFT's ``--k`` is an
+integer percent and values above 1 are divided by 100, so its ``k=1`` is read as the fraction 1
+and ``kthvalue(0)`` raises. Here any density above 1 raises, naming the field; a regression test
+pins it) and one fp32 scale per tensor:
 
 * ``scale="std"``: ``σ = alpha * std(v)`` over the whole tensor before sparsification (ComPEFT's
-  rule; population std, ``ddof=0``);
+  rule, applied per tensor; population std, ``ddof=0``, where ComPEFT's ``torch.std`` is the
+  sample std, larger by ``sqrt(n/(n-1))``: 1.0007 at 768 entries, 1.118 for a 5-entry bias);
 * ``scale="mean_abs"``: ``σ = alpha * mean(|v|)`` over the kept entries, the L2-optimal scale for
   a fixed support at ``alpha = 1`` (not the *signed* mean of STC mode ``-2`` in ComPEFT's code,
   which is ≈ 0);
@@ -27,6 +29,31 @@ per tensor:
 Ternary modes drop exact zeros from the support (a sign bit cannot encode 0), so fewer than ``k``
 entries are kept only when ``v`` has fewer than ``k`` non-zeros. Ties in ``|v|`` at the threshold
 are broken towards the lower flat index, so exactly ``k`` entries are kept, deterministically.
+
+Deviations from the official code (prateeky2806/ComPEFT at d80ba58, ``src/qlora/ties_utils.py``
+``get_compressed_lora_weights``; ``bert_eval.py`` and ``t5_eval.py`` repeat its logic):
+
+* **Per tensor, not one vector.** The official code sorts the adapter's tensors by name, flattens
+  them into one vector, and takes one top-k and one std over it. Here each tensor has its own
+  top-k and scale. The tensors of one upload (LoRA ``A`` and ``B``, the classifier head) differ in
+  scale: one threshold would spend the budget on the largest of them, and one scale would size
+  every step by them. Per tensor, a tensor's code does not depend on the rest of the upload, so the
+  same rule holds at every rank and for strategies that send only ``B`` (FFA-LoRA) or keep a
+  residual for the head only (FLoRA). The cost is one header and 32 bits of scale per tensor. Kept.
+* **Round deltas with error feedback, not the finished weights.** The official code compresses the
+  LoRA weights themselves (``θ_init = 0``) once, after fine-tuning. Here each round's delta plus
+  the residual is compressed. Kept: federated rounds need it.
+* **Population std.** The official ``tv.std()`` is torch's sample std (``N-1``); here ``ddof=0``,
+  smaller by ``sqrt(n/(n-1))`` (above). Kept for now: it changes only tensors of a few entries, and
+  the golden files pin today's numbers; a scale tuned on validation data absorbs it.
+* **Exactly k entries.** The official mask ``|τ| >= kthvalue(|τ|, d - int(d·K))`` keeps
+  ``int(d·K) + 1`` entries (one more than its own comment says), plus every tie at the threshold;
+  when the mask covers everything (all ties, or at most ``int(d·K)`` non-zeros) its assertion takes
+  ``max()`` of an empty tensor and raises. Here exactly ``k`` are kept: the same number or one
+  fewer. Kept, so that ``density`` is the share actually sent and the size does not depend on ties.
+* **k as a fraction** (above). The official ``k = 100`` means no compression; here ``density = 1``.
+* **alpha is fixed.** The paper tunes alpha (``--replace_factor``) and the density on validation
+  data; its code has no tuning loop. ``alpha = 1`` is the default here.
 
 Wire format (:meth:`ComPEFT.compress` returns it; ``encoded_bits`` measures it). Per tensor ``key``:
 

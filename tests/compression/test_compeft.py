@@ -28,8 +28,9 @@ def roundtrip(comp, delta, residual=None):
 
 @pytest.mark.parametrize("density", [0, 0.0, -0.1, 1.0001, 1.5, 20, 100, True, "0.1", float("nan")])
 def test_density_must_be_a_fraction(density):
-    # Regression: ComPEFT's --k is an integer percent and values > 1 are read as percentages, so
-    # k=1 became 100%. Here density is a fraction; percent-style values raise instead of guessing.
+    # Regression: ComPEFT's --k is an integer percent and values > 1 are divided by 100, so k=1 is
+    # read as the fraction 1 and raises in kthvalue(0). Here density is a fraction; percent-style
+    # values raise instead of guessing.
     with pytest.raises(ValueError, match="compression.density"):
         ComPEFT(density=density)
 
