@@ -86,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     superexec: subprocess.Popen[bytes] | None = None
     try:
         while supernode.poll() is None:
-            if superexec is None or superexec.poll() is not None:
+            if not stopping and (superexec is None or superexec.poll() is not None):
                 if superexec is not None:
+                    time.sleep(RESTART_PAUSE)  # a SuperExec that ends with its SuperNode is not restarted
+                    if stopping or supernode.poll() is not None:
+                        break
                     print(f"fedlora-supernode: the SuperExec exited ({superexec.returncode}); starting a new one",
                           file=sys.stderr, flush=True)
-                    time.sleep(RESTART_PAUSE)
-                if not stopping and supernode.poll() is None:
-                    superexec = subprocess.Popen(superexec_command(args, supernode.pid))  # noqa: S603
+                superexec = subprocess.Popen(superexec_command(args, supernode.pid))  # noqa: S603
             time.sleep(0.2)
     finally:
         if supernode.poll() is None:

@@ -118,7 +118,8 @@ class StandbyExecutor(SubprocessExecutor):
 # not have imported ``fedlora`` (nor have the working directory on its path, where a checkout of it
 # may be). Its path starts as the ``flwr-clientapp`` script's would: with the interpreter's folder.
 STANDBY = f"""
-import json, os, sys
+import json, os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the SuperExec, which ends the wait
 sys.path[0] = os.path.dirname(sys.executable)
 from flwr.supernode.cli import flwr_clientapp
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
@@ -133,6 +134,7 @@ if line.strip():
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     sys.argv = argv
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on: flwr-clientapp's own
     sys.exit(flwr_clientapp())
 """
 

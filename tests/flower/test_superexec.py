@@ -9,6 +9,7 @@ from the run's FAB) and shortens only Flower's pull back-off.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -137,3 +138,44 @@ def test_fedlora_supernode_refuses_what_it_cannot_run_before_starting_anything(
     assert supernode.main(["--insecure", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fedlora-supernode: {named}:") and ("leave --isolation out" in err or "add --ssl-ca" in err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_fedlora_supernode_its_superexec_and_standby_quietly(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C reaches the whole process group: the SuperNode (here without a SuperLink:
+    # it keeps trying to connect), fedlora-superexec and its waiting standby must all end, with no
+    # traceback and no SuperExec restarted.
+    import os
+    import signal
+    import socket
+
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "node.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fedlora-supernode"), "--insecure", "--superlink",
+                             "127.0.0.1:9", "--node-config", "partition-id=0", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "FLWR_HOME": str(tmp_path / "home")})
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the SuperNode's Runtime API listens and the standby waits
+            family = psutil.Process(proc.pid).children(recursive=True)
+            with socket.socket() as probe:
+                listening = probe.connect_ex(("127.0.0.1", port)) == 0
+            if listening and any("-c" in p.cmdline() for p in family if p.is_running()):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "node.log").read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, 130, -signal.SIGINT), (tmp_path / "node.log").read_text()
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert alive == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    out = (tmp_path / "node.log").read_text()
+    assert "Traceback" not in out and "starting a new one" not in out, out
