@@ -99,3 +99,10 @@ def test_the_grid_transport_reports_each_reply_as_it_arrives() -> None:
     replies = transport.send_and_receive([object(), object(), object()], timeout=60, label="round 7")  # type: ignore[list-item]
     assert len(replies) == 3
     assert recorder.events == [("begin", ("round 7", 3)), ("update", 1), ("update", 2), ("update", 3), ("end", None)]
+
+
+def test_the_progress_names_the_round_as_the_rounds_line_does() -> None:
+    from fedlora.flower.grid import GridTransport
+
+    assert GridTransport(object(), num_rounds=10).round_label(3) == "round 3/10"  # type: ignore[arg-type]
+    assert GridTransport(object()).round_label(3) == "round 3"  # type: ignore[arg-type]

@@ -88,10 +88,13 @@ class GridTransport:
 
     def __init__(self, grid: Grid, stop: threading.Event | None = None,
                  progress: RoundProgress | None = None, directory: NodeDirectory | None = None,
-                 expected_info: Callable[[int], ClientInfo] | None = None, greet: int = 0) -> None:
+                 expected_info: Callable[[int], ClientInfo] | None = None, greet: int = 0,
+                 num_rounds: int | None = None) -> None:
         """``directory`` and ``expected_info`` (simulation): who is where and what each client will say;
         the hello then goes to ``greet`` nodes only, whose answers must equal ``expected_info``.
+        ``num_rounds`` (the run's) makes the progress say ``round 3/10``, as the round's line does.
         """
+        self.num_rounds = num_rounds
         self.grid = grid
         self.stop = stop or threading.Event()
         self.progress = progress or RoundProgress()
@@ -198,6 +201,10 @@ class GridTransport:
                            "(docs/deployment.md) or raise connect_timeout")
         return node_ids
 
+    def round_label(self, server_round: int) -> str:
+        """How the progress names a round: ``round 3/10`` (``round 3`` if the run's length is unknown)."""
+        return f"round {server_round}/{self.num_rounds}" if self.num_rounds else f"round {server_round}"
+
     def exchange(self, server_round: int, packets: Mapping[int, wire.Packet], timeout: float) -> Exchange:
         """One ``train`` message per client; the replies that arrive within ``timeout``, by client.
 
@@ -209,7 +216,7 @@ class GridTransport:
         sizes = {cid: content_bytes(content) for cid, content in contents.items()}
         messages = {cid: Message(content, self.node_of[cid], "train", group_id=str(server_round))
                     for cid, content in contents.items()}
-        replies = self.send_and_receive(list(messages.values()), timeout, label=f"round {server_round}")
+        replies = self.send_and_receive(list(messages.values()), timeout, label=self.round_label(server_round))
         client_of_node = {node: cid for cid, node in self.node_of.items()}
         client_of_message = {m.metadata.message_id: cid for cid, m in messages.items()}
         delivered: dict[int, Delivery] = {}

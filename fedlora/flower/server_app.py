@@ -28,7 +28,8 @@ def make_server_app(settings: Settings | None = None, stop: threading.Event | No
         run = resolve_settings(settings, context.run_config)
         try:
             expected, greet = simulated_clients(run) if directory is not None else (None, 0)
-            serve(run, GridTransport(grid, stop, directory=directory, expected_info=expected, greet=greet), stop=stop)
+            serve(run, GridTransport(grid, stop, directory=directory, expected_info=expected, greet=greet,
+                                          num_rounds=run.loop.num_rounds), stop=stop)
         except Exception:
             if settings is None:  # deployment: no `fedlora` process around to record the failure
                 run.run_dir.mkdir(parents=True, exist_ok=True)
