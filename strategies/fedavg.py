@@ -122,26 +122,14 @@ def _owner_average(
     return LoraPair(a_out, b_out)
 
 
-class FedAvg:
-    """FedIT: average ``A`` and ``B`` separately, zero-padding mixed ranks to ``r_max``.
+class ContinuingClients:
+    """``init`` and ``plan`` of the strategies whose clients continue from the global factors.
 
-    Parameters
-    ----------
-    weighting:
-        ``"examples"`` (``p_k = n_k / sum n_j``, FedIT) or ``"norm"`` (HetLoRA).
-    padding:
-        ``"zero"`` (naive zero-padding, the HeteroLoRA baseline) or ``"owners"``.
+    The global adapter starts at ``r_max`` (``A`` from the run seed, ``B = 0``) and client ``k``
+    starts every round from its first ``r_k`` slots (FedAvg, LoRA-FAIR, FlexLoRA).
     """
 
     fresh_adapters = False  # clients continue from the first r_k slots of the global factors
-
-    def __init__(self, *, weighting: str = "examples", padding: str = "zero") -> None:
-        if weighting not in _WEIGHTINGS:
-            raise ValueError(f"strategy.weighting={weighting!r} is not one of {_WEIGHTINGS}")
-        if padding not in _PADDINGS:
-            raise ValueError(f"strategy.padding={padding!r} is not one of {_PADDINGS}")
-        self.weighting = weighting
-        self.padding = padding
 
     def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
         """Global adapter at ``r_max``: ``A`` from the run seed, ``B = 0``, the initial head."""
@@ -159,6 +147,26 @@ class FedAvg:
     ) -> ClientPlan:
         """Client ``k`` starts from the first ``r_k`` slots of the global factors."""
         return ClientPlan(rank=rank, adapter=lm.resize_state(global_adapter, rank), init_seed=seed)
+
+
+class FedAvg(ContinuingClients):
+    """FedIT: average ``A`` and ``B`` separately, zero-padding mixed ranks to ``r_max``.
+
+    Parameters
+    ----------
+    weighting:
+        ``"examples"`` (``p_k = n_k / sum n_j``, FedIT) or ``"norm"`` (HetLoRA).
+    padding:
+        ``"zero"`` (naive zero-padding, the HeteroLoRA baseline) or ``"owners"``.
+    """
+
+    def __init__(self, *, weighting: str = "examples", padding: str = "zero") -> None:
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(f"strategy.weighting={weighting!r} is not one of {_WEIGHTINGS}")
+        if padding not in _PADDINGS:
+            raise ValueError(f"strategy.padding={padding!r} is not one of {_PADDINGS}")
+        self.weighting = weighting
+        self.padding = padding
 
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
         """Return the aggregation weight of each update (they sum to 1)."""

@@ -38,8 +38,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlora.core import lora_math as lm
-from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
-from strategies.fedavg import check_equal_scaling
+from fedlora.core.types import AdapterState, AggregateResult, ClientUpdate, LoraPair, Tensor
+from strategies.fedavg import ContinuingClients, check_equal_scaling
 
 
 def product_svd(
@@ -75,7 +75,7 @@ def redistribute(u: Tensor, s: Tensor, v: Tensor, rank: int, dtype: torch.dtype)
     return LoraPair(a.to(dtype), b.to(dtype))
 
 
-class FlexLoRA:
+class FlexLoRA(ContinuingClients):
     """SVD redistribution of the exact weighted product average (FlexLoRA / HLoRA).
 
     Parameters
@@ -84,27 +84,10 @@ class FlexLoRA:
         ``"examples"`` (``p_k = n_k / sum n_j``, the reference code) or ``"uniform"``.
     """
 
-    fresh_adapters = False  # clients continue from the top r_k components of the global adapter
+    # clients continue from the first r_k slots: the top r_k components, the best rank-r_k approximation
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)
-
-    def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
-        """Global adapter at ``r_max``: ``A`` from the run seed, ``B = 0``, the initial head."""
-        return AggregateResult(adapter=lm.fresh_state(spec.modules, spec.r_max, seed, spec.head))
-
-    def plan(
-        self,
-        global_adapter: AdapterState,
-        state: Mapping[str, Tensor],
-        *,
-        client_id: int,
-        rank: int,
-        server_round: int,
-        seed: int,
-    ) -> ClientPlan:
-        """Client ``k`` starts from the first ``r_k`` components: the best rank-``r_k`` approximation."""
-        return ClientPlan(rank=rank, adapter=lm.resize_state(global_adapter, rank), init_seed=seed)
 
     def aggregate(
         self,

@@ -55,8 +55,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlora.core import lora_math as lm
-from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, Tensor
-from strategies.fedavg import average_padded, check_equal_scaling
+from fedlora.core.types import AdapterState, AggregateResult, ClientUpdate, Tensor
+from strategies.fedavg import ContinuingClients, average_padded, check_equal_scaling
 
 
 def fair_correction(
@@ -110,7 +110,7 @@ def _distances_sq(
     return [g**2 for g in gaps], ideal**2
 
 
-class LoRAFAIR:
+class LoRAFAIR(ContinuingClients):
     """LoRA-FAIR (Bian et al., ICCV 2025): FedAvg, then a closed-form ridge correction of ``B̄``.
 
     Parameters
@@ -122,7 +122,7 @@ class LoRAFAIR:
         in-row-space part of the aggregation error).
     """
 
-    fresh_adapters = False  # "Avg-Initial": clients continue from the corrected global factors
+    # "Avg-Initial": clients continue from the first r_k slots of the corrected (Ā, B̄ + ΔB*)
 
     def __init__(self, *, lam: float = 0.01) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
@@ -131,23 +131,6 @@ class LoRAFAIR:
                 "(the paper's ablation shows lam=0 hurts); use e.g. strategy.lam=0.01"
             )
         self.lam = float(lam)
-
-    def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
-        """Global adapter at ``r_max``: ``A`` from the run seed, ``B = 0``, the initial head."""
-        return AggregateResult(adapter=lm.fresh_state(spec.modules, spec.r_max, seed, spec.head))
-
-    def plan(
-        self,
-        global_adapter: AdapterState,
-        state: Mapping[str, Tensor],
-        *,
-        client_id: int,
-        rank: int,
-        server_round: int,
-        seed: int,
-    ) -> ClientPlan:
-        """ "Avg-Initial": client ``k`` starts from the first ``r_k`` slots of ``(Ā, B̄ + ΔB*)``."""
-        return ClientPlan(rank=rank, adapter=lm.resize_state(global_adapter, rank), init_seed=seed)
 
     def aggregate(
         self,
