@@ -44,6 +44,9 @@ def superexec_command(args: list[str], supernode_pid: int) -> list[str]:
     if known.ssl_certfile and not known.ssl_ca_certfile:
         raise UsageError(f"--ssl-certfile {known.ssl_certfile}: the SuperExec must verify the Runtime API's "
                          "certificate; add --ssl-ca-certfile with the CA that signed it")
+    if known.port is not None and not (known.port.isdigit() and 0 < int(known.port) < 65536):
+        raise UsageError(f"--port {known.port}: the SuperNode's Runtime API port must be a number from 1 to 65535; "
+                         "e.g. --port 9094 (the default)")
     host = known.host or "127.0.0.1"
     if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 - listening everywhere: the SuperExec is local
         host = "127.0.0.1"

@@ -129,6 +129,7 @@ def test_fedlora_supernode_connects_its_superexec_to_the_nodes_runtime_api() -> 
 @pytest.mark.parametrize(("args", "named"), [
     (["--isolation", "subprocess"], "--isolation subprocess"),
     (["--ssl-certfile", "rt.crt", "--ssl-keyfile", "rt.key"], "--ssl-certfile rt.crt"),
+    (["--port", "94a"], "--port 94a"),
 ])
 def test_fedlora_supernode_refuses_what_it_cannot_run_before_starting_anything(
         args: list[str], named: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,7 +138,8 @@ def test_fedlora_supernode_refuses_what_it_cannot_run_before_starting_anything(
     monkeypatch.setattr(supernode.subprocess, "Popen", lambda *a, **k: pytest.fail("started a process"))
     assert supernode.main(["--insecure", *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"fedlora-supernode: {named}:") and ("leave --isolation out" in err or "add --ssl-ca" in err)
+    assert err.startswith(f"fedlora-supernode: {named}:")
+    assert "leave --isolation out" in err or "add --ssl-ca" in err or "e.g. --port 9094" in err
 
 
 @pytest.mark.slow
