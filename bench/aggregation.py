@@ -10,8 +10,8 @@ aggregation) is instantiated from its YAML ``_target_`` and keyword arguments, p
 non-default variants that change the aggregation path (FedAvg ``weighting=norm`` = HetLoRA and
 ``padding=owners``). The client updates are built the way the platform builds them: the
 strategy's ``plan`` gives each client's start adapter (FLoRA: a fresh one), then every trainable
-factor is perturbed (``A`` only when the plan trains it, so FFA-LoRA's shared ``A`` stays
-bit-identical as its ``aggregate`` checks).
+factor is perturbed (a factor only when the plan trains it, so FFA-LoRA's shared ``A`` and RoLoRA's
+frozen factor stay bit-identical as their ``aggregate`` checks).
 
 For each strategy: the best (and median) wall time of ``aggregate`` over ``--repeats`` calls, and
 whether any torch op inside ``aggregate`` produced a tensor of ``m * n`` elements or more (a dense
@@ -91,8 +91,9 @@ def make_updates(strategy: Any, spec: AdapterSpec, ranks: list[int], seed: int, 
         gen = torch.Generator().manual_seed(seed * 1000 + cid)
         state = {}
         for key, value in start.items():
-            frozen_a = key.endswith(".lora_A.weight") and not plan.train_lora_a
-            if frozen_a:
+            frozen = (key.endswith(".lora_A.weight") and not plan.train_lora_a) or (
+                key.endswith(".lora_B.weight") and not plan.train_lora_b)
+            if frozen:
                 state[key] = value
             else:
                 state[key] = value + noise * torch.randn(value.shape, generator=gen)

@@ -106,7 +106,7 @@ def bare_worker(cfg_path: Path, out_path: Path, threads: int) -> None:
             plan = strategy.plan(adapter, sstate, client_id=cid, rank=rank, server_round=rnd, seed=seed)
             start = lm.plan_start(plan, spec.modules)
             host.load_state(rank, start)
-            params = host.set_trainable(rank, plan.train_lora_a)
+            params = host.set_trainable(rank, plan.train_lora_a, plan.train_lora_b)
             t_train = time.perf_counter()
             loss = train_steps(host.model, params, ws.data, ws.partition(cid), settings,
                                seeds.client_training(seed, rnd, cid))

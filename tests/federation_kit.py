@@ -4,8 +4,8 @@ The loop's tests run whole federations in-process (:class:`fedlora.federation.me
 with real strategies, the real wire codec, real fault injection and real compression; only the model
 is replaced:
 
-* :class:`TinyTrainer` "trains" by adding seeded noise to the start adapter (leaving ``A`` alone when
-  the plan freezes it), so every update is a pure function of (round, client, start);
+* :class:`TinyTrainer` "trains" by adding seeded noise to the start adapter (leaving a factor alone
+  when the plan freezes it), so every update is a pure function of (round, client, start);
 * :class:`TinyModel` "evaluates" the global model by a deterministic function of the effective
   update (merges plus ``s B A``) and saves the adapter with safetensors.
 """
@@ -59,7 +59,8 @@ class TinyTrainer:
         state = {}
         for key in sorted(assignment.start):
             value = assignment.start[key]
-            frozen = lm.is_lora_a_key(key) and not assignment.plan.train_lora_a
+            frozen = (lm.is_lora_a_key(key) and not assignment.plan.train_lora_a) or (
+                lm.is_lora_b_key(key) and not assignment.plan.train_lora_b)
             state[key] = value.clone() if frozen else value + self.step * torch.randn(value.shape, generator=gen)
         return state, 1.0 / assignment.server_round + 0.01 * client_id
 

@@ -53,6 +53,14 @@ def test_freezing_a_leaves_only_b_and_head_trainable(host: AdapterHost) -> None:
     assert all(".r4." in n or n.endswith(".r4.weight") or ".r4" in n for n in names)
 
 
+def test_freezing_b_leaves_only_a_and_head_trainable(host: AdapterHost) -> None:
+    host.activate(4)
+    params = host.set_trainable(4, train_lora_a=True, train_lora_b=False)
+    names = [n for n, p in host.model.named_parameters() if p.requires_grad]
+    assert params and all("lora_B" not in n for n in names)
+    assert any("lora_A" in n for n in names) and any("classifier" in n for n in names)
+
+
 # -- decoders (task=causal_lm) -----------------------------------------------------------------------
 DECODER = ModelSettings(name="tiny-random-llama", target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
                         decoder=True, dropout=0.0)

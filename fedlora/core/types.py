@@ -56,7 +56,10 @@ class ClientPlan:
     init_seed:
         Seed of the fresh or shared ``A`` (FLoRA re-initialisation, FFA-LoRA's frozen ``A``).
     train_lora_a:
-        ``False`` freezes ``A`` during local training (FFA-LoRA).
+        ``False`` freezes ``A`` during local training (FFA-LoRA, RoLoRA's ``B`` rounds).
+    train_lora_b:
+        ``False`` freezes ``B`` during local training (RoLoRA's ``A`` rounds). A frozen factor is
+        never sent back: the server has it (it is the plan's).
     send_lora_a:
         ``False`` keeps ``A`` off the wire in both directions: the receiver regenerates it from
         ``init_seed``. Only valid when ``A`` is a pure function of the seed.
@@ -70,6 +73,7 @@ class ClientPlan:
     train_lora_a: bool = True
     send_lora_a: bool = True
     head: AdapterState = field(default_factory=dict)
+    train_lora_b: bool = True
 
 
 @dataclass(frozen=True)

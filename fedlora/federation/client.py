@@ -12,13 +12,15 @@ a malformed update, always uncompressed, so that the server's checks see exactly
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from fedlora.core import lora_math as lm
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
-from fedlora.core.types import AdapterState, BaseMerge, Compressor
+from fedlora.core.types import AdapterState, BaseMerge, Compressor, Tensor
 from fedlora.federation import wire
 
 
@@ -134,11 +136,24 @@ def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: Cl
     comp = side.compressor
     delta = {k: trained[k] - start[k] for k in sent}
     continuing = {k for k in sent if lm.continues(plan, k)}
-    residual = store.residual(assignment.resume_round) if comp.error_feedback and continuing else None
+    kept = store.residual(assignment.resume_round) if comp.error_feedback and continuing else None
+    residual = carried_residual(kept, delta, continuing)
     payload, residual = comp.compress(delta, residual, continuing)
     if residual:
-        store.save_residual(assignment.server_round, residual)
+        # a factor not sent this round (RoLoRA's frozen one) keeps its residual for its next round
+        store.save_residual(assignment.server_round, {**{k: v for k, v in (kept or {}).items() if k not in delta},
+                                                      **residual})
     return wire.encode_compressed(payload, sent, _timed(report, t0))
+
+
+def carried_residual(kept: Mapping[str, Tensor] | None, delta: Mapping[str, Tensor],
+                     continuing: Collection[str]) -> AdapterState | None:
+    """The residual to add to this round's ``delta``: ``kept``'s for every continuing tensor, zeros for one
+    it has none of (sent for the first time: RoLoRA trains ``A`` first in its second round); ``None``
+    when nothing is kept."""
+    if kept is None:
+        return None
+    return {k: kept[k] if k in kept else torch.zeros_like(delta[k]) for k in continuing}
 
 
 def _timed(report: wire.Report, t0: float) -> wire.Report:

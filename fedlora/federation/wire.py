@@ -8,7 +8,7 @@ This is the only code that knows which tensors travel and which plan flags say s
   not applied yet. Both ends build the start adapter with :func:`fedlora.core.lora_math.plan_start`,
   so they hold it bit for bit;
 * **up** (:func:`encode_update`, :func:`encode_compressed` / :func:`decode_reply`): the trained
-  tensors of :func:`uplink_keys` (no ``A`` when ``send_lora_a`` is off), plain or as the round's
+  tensors of :func:`uplink_keys` (no frozen factor, no ``A`` when ``send_lora_a`` is off), plain or as the round's
   update encoded by the run's compressor, and the client's :class:`Report`;
 * **hello**: the run's label names down, the client's id, rank and example count up.
 
@@ -105,8 +105,14 @@ def downlink_keys(plan: ClientPlan, start: Mapping[str, Tensor]) -> list[str]:
 
 
 def uplink_keys(plan: ClientPlan, start: Mapping[str, Tensor]) -> list[str]:
-    """The tensors a client sends back, sorted: all it trained, but ``A`` when it stays off the wire."""
-    return sorted(k for k in start if plan.send_lora_a or not lm.is_lora_a_key(k))
+    """The tensors a client sends back, sorted: those it trained (a frozen factor stays: the server has
+    it), and never ``A`` when it stays off the wire."""
+    def trained(key: str) -> bool:
+        if lm.is_lora_a_key(key):
+            return plan.train_lora_a and plan.send_lora_a
+        return plan.train_lora_b or not lm.is_lora_b_key(key)
+
+    return sorted(k for k in start if trained(k))
 
 
 def uplink_shapes(assignment: Assignment) -> dict[str, tuple[int, ...]]:
@@ -144,7 +150,8 @@ def encode_assignment(assignment: Assignment) -> Packet:
         arrays={keys.ADAPTER: to_arrays({k: start[k] for k in downlink_keys(plan, start)})},
         config={keys.SERVER_ROUND: assignment.server_round, keys.RANK: plan.rank, keys.INIT_SEED: plan.init_seed,
                 keys.FRESH: plan.adapter is None, keys.TRAIN_LORA_A: plan.train_lora_a,
-                keys.SEND_LORA_A: plan.send_lora_a, keys.RESUME_ROUND: assignment.resume_round})
+                keys.TRAIN_LORA_B: plan.train_lora_b, keys.SEND_LORA_A: plan.send_lora_a,
+                keys.RESUME_ROUND: assignment.resume_round})
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
     return packet
@@ -162,12 +169,14 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]]) ->
     received = to_tensors(packet.arrays.get(keys.ADAPTER, {}))
     rank, seed = _int(conf[keys.RANK]), _int(conf[keys.INIT_SEED])
     train_a, send_a = bool(conf[keys.TRAIN_LORA_A]), bool(conf[keys.SEND_LORA_A])
+    train_b = bool(conf.get(keys.TRAIN_LORA_B, True))
     if bool(conf[keys.FRESH]):
         head = {k: v for k, v in received.items() if not lm.is_lora_key(k)}
         plan = ClientPlan(rank=rank, adapter=None, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
-                          head=head)
+                          head=head, train_lora_b=train_b)
     else:
-        plan = ClientPlan(rank=rank, adapter=received, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a)
+        plan = ClientPlan(rank=rank, adapter=received, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
+                          train_lora_b=train_b)
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)))

@@ -310,13 +310,13 @@ class AdapterHost:
         state = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
         return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
 
-    def set_trainable(self, rank: int, train_lora_a: bool) -> list[torch.nn.Parameter]:
-        """Return the parameters to optimise for ``rank``; freezes ``A`` when asked (FFA-LoRA)."""
+    def set_trainable(self, rank: int, train_lora_a: bool, train_lora_b: bool = True) -> list[torch.nn.Parameter]:
+        """Return the parameters to optimise for ``rank``; freezes ``A`` (FFA-LoRA) or ``B`` when asked."""
         name = f"r{rank}"
         params = []
         for pname, param in self.model.named_parameters():
             mine = f".{name}." in pname or pname.endswith(f".{name}")
-            if mine and (train_lora_a or "lora_A" not in pname):
+            if mine and (train_lora_a or "lora_A" not in pname) and (train_lora_b or "lora_B" not in pname):
                 param.requires_grad_(True)
                 params.append(param)
             else:

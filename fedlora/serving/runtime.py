@@ -135,7 +135,7 @@ class WorkspaceTrainer:
         _set_base(ws, merges)
         rank = assignment.plan.rank
         ws.host.load_state(rank, assignment.start)
-        params = ws.host.set_trainable(rank, assignment.plan.train_lora_a)
+        params = ws.host.set_trainable(rank, assignment.plan.train_lora_a, assignment.plan.train_lora_b)
         loss = train_steps(ws.host.model, params, ws.data, self.indices(client_id), self.steps(),
                            self.round_seed(client_id, assignment.server_round))
         return ws.host.get_state(rank), loss

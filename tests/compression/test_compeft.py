@@ -343,3 +343,42 @@ def test_composes_with_ffa_lora_uplink():
         key = lm.lora_a_key(module)
         assert torch.equal(res.adapter[key], init.adapter[key])
     assert res.metrics["product_gap_rel"] < 1e-6
+
+
+def test_rolora_keeps_each_factors_residual_for_the_round_it_is_sent_again():
+    # RoLoRA sends B in odd rounds and A in even rounds. With error feedback, what compression dropped
+    # from B in round 1 must come back in round 3 (not be lost in round 2, when B is not sent): over
+    # the rounds a tensor is sent, the decoded updates plus the residual left equal the true updates.
+    from federation_kit import MODULES, TinyTrainer
+
+    from fedlora.core import lora_math as lm
+    from fedlora.core.types import ClientUpdate
+    from fedlora.federation import wire
+    from fedlora.federation.client import ClientSide, MemoryStore, train_round
+    from strategies.rolora import RoLoRA
+
+    strat = RoLoRA()
+    comp = ComPEFT(density=0.2)
+    side = ClientSide(trainer=TinyTrainer(), compressor=comp)
+    store = MemoryStore()
+    glob = strat.init(TinyTrainer.spec(4), seed=3).adapter
+    true_sum: dict = {}
+    decoded_sum: dict = {}
+    for server_round in (1, 2, 3):
+        plan = strat.plan(glob, {}, client_id=0, rank=4, server_round=server_round, seed=3)
+        assignment = wire.Assignment(server_round, plan, lm.plan_start(plan, MODULES))
+        trained, _ = TinyTrainer().train(0, assignment, [])
+        reply = train_round(wire.encode_assignment(assignment), 0, side, store)
+        received, report = wire.decode_reply(reply, assignment, comp)
+        factor = lm.is_lora_b_key if server_round % 2 else lm.is_lora_a_key
+        assert {k for k in received if lm.is_lora_key(k)} == {k for k in assignment.start if factor(k)}
+        for key in received:
+            true_sum[key] = true_sum.get(key, 0) + trained[key] - assignment.start[key]
+            decoded_sum[key] = decoded_sum.get(key, 0) + received[key] - assignment.start[key]
+        assert set(store.kept) == set(true_sum)  # every factor sent so far keeps its residual
+        update = ClientUpdate(0, 4, 2.0, report.num_examples, wire.complete(received, assignment.start))
+        glob = strat.aggregate(glob, {}, [update], server_round=server_round).adapter
+    for key in true_sum:
+        assert torch.allclose(decoded_sum[key] + store.kept[key], true_sum[key], atol=1e-5), key
+    b_key = lm.lora_b_key(next(iter(MODULES)))
+    assert store.kept[b_key].abs().sum() > 0  # something was dropped, and carried

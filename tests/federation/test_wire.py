@@ -15,15 +15,16 @@ from fedlora.federation.client import ClientSide, MemoryStore, train_round
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
 from strategies.flora import FLoRA
+from strategies.rolora import RoLoRA
 
-STRATEGIES = {"fedavg": FedAvg, "flora": FLoRA, "ffa_lora": FFALoRA}
+STRATEGIES = {"fedavg": FedAvg, "flora": FLoRA, "ffa_lora": FFALoRA, "rolora": RoLoRA}
 
 
-def assignment(name: str, rank: int = 4, merges: tuple = ()) -> wire.Assignment:
+def assignment(name: str, rank: int = 4, merges: tuple = (), server_round: int = 3) -> wire.Assignment:
     strategy = STRATEGIES[name]()
     init = strategy.init(TinyTrainer.spec(8), 7)
-    plan = strategy.plan(init.adapter, init.state, client_id=1, rank=rank, server_round=3, seed=7)
-    return wire.Assignment(3, plan, lm.plan_start(plan, MODULES), merges, resume_round=2)
+    plan = strategy.plan(init.adapter, init.state, client_id=1, rank=rank, server_round=server_round, seed=7)
+    return wire.Assignment(server_round, plan, lm.plan_start(plan, MODULES), merges, resume_round=2)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -32,8 +33,8 @@ def test_the_client_rebuilds_the_servers_start_bit_for_bit(name: str) -> None:
     sent = assignment(name, merges=((0, merge),))
     got = wire.decode_assignment(wire.encode_assignment(sent), MODULES)
     assert got.server_round == 3 and got.resume_round == 2 and got.plan.rank == 4
-    assert (got.plan.init_seed, got.plan.train_lora_a, got.plan.send_lora_a) == (
-        sent.plan.init_seed, sent.plan.train_lora_a, sent.plan.send_lora_a)
+    assert (got.plan.init_seed, got.plan.train_lora_a, got.plan.train_lora_b, got.plan.send_lora_a) == (
+        sent.plan.init_seed, sent.plan.train_lora_a, sent.plan.train_lora_b, sent.plan.send_lora_a)
     assert (got.plan.adapter is None) == (sent.plan.adapter is None)
     assert got.start.keys() == sent.start.keys()
     assert all(torch.equal(got.start[k], sent.start[k]) for k in sent.start)
@@ -50,6 +51,18 @@ def test_only_what_the_client_cannot_rebuild_goes_down() -> None:
     assert down["fedavg"] == sorted(assignment("fedavg").start)
     assert wire.uplink_keys(assignment("ffa_lora").plan, assignment("ffa_lora").start) == down["ffa_lora"]
     assert wire.uplink_keys(assignment("flora").plan, assignment("flora").start) == sorted(assignment("flora").start)
+    # RoLoRA: both factors down (neither is a function of the seed), only the trained one up
+    assert down["rolora"] == sorted(assignment("rolora").start)
+    b_round, a_round = assignment("rolora", server_round=3), assignment("rolora", server_round=4)
+    assert wire.uplink_keys(b_round.plan, b_round.start) == sorted(head + [lm.lora_b_key(m) for m in MODULES])
+    assert wire.uplink_keys(a_round.plan, a_round.start) == sorted(head + [lm.lora_a_key(m) for m in MODULES])
+
+
+def test_a_plan_without_the_train_lora_b_flag_trains_both_factors() -> None:
+    # a message from a server that predates the flag: B is trained as it always was
+    packet = wire.encode_assignment(assignment("fedavg"))
+    del packet.config[keys.TRAIN_LORA_B]
+    assert wire.decode_assignment(packet, MODULES).plan.train_lora_b is True
 
 
 def test_a_client_reply_decodes_to_what_it_trained() -> None:

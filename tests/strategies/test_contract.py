@@ -2,7 +2,8 @@
 
 Each YAML is loaded with plain PyYAML and its ``_target_`` imported with importlib (no Hydra), so a
 new strategy config is covered automatically. Clients are simulated from each strategy's own plan:
-a fresh adapter when ``plan.adapter`` is None, ``A`` left alone when ``train_lora_a`` is False.
+a fresh adapter when ``plan.adapter`` is None, ``A`` (``B``) left alone when ``train_lora_a``
+(``train_lora_b``) is False.
 
 The comparisons use the *effective* update of a round, which every strategy defines the same way:
 ``merge product + s * B_new @ A_new``, i.e. the change a client's trained model made relative to the
@@ -72,6 +73,8 @@ def train(plan: ClientPlan, gen: torch.Generator, step: float = 0.3) -> dict:
     state = start_state(plan)
     for key in sorted(state):
         if key.endswith(".lora_A.weight") and not plan.train_lora_a:
+            continue
+        if key.endswith(".lora_B.weight") and not plan.train_lora_b:
             continue
         state[key] = state[key] + step * torch.randn(state[key].shape, generator=gen)
     return state
