@@ -111,9 +111,9 @@ def test_summarize_numbers(sweep: Path) -> None:
     assert comp["final_acc_std"] == 0.0  # one seed
     assert flora["best_acc_mean"] == pytest.approx(0.85)
     # target 0.9 * 0.85 = 0.765: flora reaches it at round 2 in both seeds, fedavg only seed 0 (round 3)
-    assert flora["rounds_to_90"] == 2.0 and flora["seeds_reached_90"] == 2
-    assert fedavg["rounds_to_90"] == 3.0 and fedavg["seeds_reached_90"] == 1
-    assert comp["rounds_to_90"] == "never" and comp["seeds_reached_90"] == 0
+    assert flora["rounds_to_target"] == 2.0 and flora["seeds_reached_target"] == 2
+    assert fedavg["rounds_to_target"] == 3.0 and fedavg["seeds_reached_target"] == 1
+    assert comp["rounds_to_target"] == "never" and comp["seeds_reached_target"] == 0
     assert fedavg["up_bytes_per_round"] == 2000 and fedavg["down_bytes_per_round"] == 3000
     assert flora["up_bytes_per_round"] == pytest.approx((4000 * 3 + 4000 * 2 + 2000) / 6)  # one failed reply
     assert comp["up_bytes_per_round"] == 400 and comp["down_bytes_per_round"] == 4000
@@ -150,7 +150,7 @@ def test_main_writes_the_report(sweep: Path, tmp_path: Path, capsys: pytest.Capt
     with (sweep / "report.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == ["fedavg", "flora", "flora+compeft(d=0.1)"]
-    assert float(table[0]["final_acc_mean"]) == pytest.approx(0.75) and table[2]["rounds_to_90"] == "never"
+    assert float(table[0]["final_acc_mean"]) == pytest.approx(0.75) and table[2]["rounds_to_target"] == "never"
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = tmp_path / "elsewhere"
     assert report.main([str(sweep / "2_flora_seed=0"), "--out", str(other)]) == 0
@@ -219,9 +219,9 @@ def test_causal_runs_are_reported_by_perplexity(tmp_path: Path) -> None:
     assert rows["fedavg"]["final_ppl_std"] == pytest.approx(math.sqrt(2.0))
     assert rows["flora"]["best_ppl_mean"] == 11.0
     # target: the lowest final mean / 0.9 = 11 / 0.9 = 12.22 (lower is better)
-    assert rows["flora"]["rounds_to_90"] == 3.0 and rows["flora"]["seeds_reached_90"] == 1
+    assert rows["flora"]["rounds_to_target"] == 3.0 and rows["flora"]["seeds_reached_target"] == 1
     # fedavg seed 1 ends at 14 > 12.22: one seed of two reaches the target
-    assert rows["fedavg"]["rounds_to_90"] == 3.0 and rows["fedavg"]["seeds_reached_90"] == 1
+    assert rows["fedavg"]["rounds_to_target"] == 3.0 and rows["fedavg"]["seeds_reached_target"] == 1
     assert report.main([str(root)]) == 0
     text = (root / "report.md").read_text()
     assert "| method | seeds | final ppl | best ppl | rounds to best / 0.9 |" in text
@@ -244,3 +244,38 @@ def test_an_incomplete_deployed_run_is_not_offered_resume(tmp_path: Path) -> Non
     run = report.load_run(run_dir)
     assert run.status == "incomplete" and "a deployed run cannot be resumed" in run.error
     assert "fedlora resume" not in run.error
+
+
+def test_cost_to_target_and_quality_under_a_budget(sweep: Path) -> None:
+    # per round: fedavg 2 x 1000 up + 2 x 1500 down = 5000; flora 4000 + 4000 = 8000 (seed 1 round 2: one
+    # failed reply, 2000 up); compeft 400 + 4000 = 4400. Whole runs: fedavg 15000, flora 24000 / 22000,
+    # compeft 13200 -> the default budget is the cheapest method's, 13200 bytes.
+    rows = by_method(report.summarize(report.load_runs(sweep)))
+    fedavg, flora, comp = rows["fedavg"], rows["flora"], rows["flora+compeft(d=0.1)"]
+    assert {r["budget_bytes"] for r in rows.values()} == {13200.0}
+    assert all(r["target"] == pytest.approx(0.9 * 0.85) for r in rows.values())
+    # target 0.765: flora at round 2 (seed 0: 8000 up, 8000 down; seed 1: 6000 up, 8000 down), fedavg seed 0 at 3
+    assert flora["up_bytes_to_target"] == 7000 and flora["down_bytes_to_target"] == 8000
+    assert fedavg["up_bytes_to_target"] == 6000 and fedavg["down_bytes_to_target"] == 9000
+    assert math.isnan(comp["up_bytes_to_target"])
+    # within 13200 bytes: fedavg 2 rounds (0.7, 0.6), flora 1 round (0.6, 0.7; seed 1 needs 14000 for 2), compeft 3
+    assert fedavg["acc_at_budget_mean"] == pytest.approx(0.65) and fedavg["rounds_in_budget"] == 2.0
+    assert flora["acc_at_budget_mean"] == pytest.approx(0.65) and flora["rounds_in_budget"] == 1.0
+    assert comp["acc_at_budget_mean"] == pytest.approx(0.5) and comp["rounds_in_budget"] == 3.0
+    # given values: a budget below one round keeps every method at round 0; target 0.6
+    given = by_method(report.summarize(report.load_runs(sweep), target=0.6, budget=4000))
+    assert given["fedavg"]["acc_at_budget_mean"] == pytest.approx(0.2) and given["fedavg"]["rounds_in_budget"] == 0
+    assert given["fedavg"]["rounds_to_target"] == 2.0 and given["fedavg"]["up_bytes_to_target"] == 4000
+    assert given["flora"]["rounds_to_target"] == 1.0 and given["fedavg"]["target"] == 0.6
+
+
+def test_main_takes_a_target_and_a_budget(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main([str(sweep), "--target", "0.6", "--budget-mb", "0.01"]) == 0
+    text = (sweep / "report.md").read_text()
+    assert "| rounds to 0.600 | bytes to target (up / down) | acc at budget (rounds) |" in text
+    assert "within 10.0 KB (given)" in text and "--target 0.6 --budget-mb 0.01" in text
+    assert "| fedavg | 2 | 0.750 ± 0.071 | 0.750 | 2.0 | 4.0 KB / 6.0 KB | 0.650 (2.0) |" in text
+    for bad, field in ((["--budget-mb", "0"], "--budget-mb=0.0"), (["--target", "nan"], "--target=nan")):
+        with pytest.raises(SystemExit) as exc:
+            report.main([str(sweep), *bad])
+        assert exc.value.code == 2 and field in capsys.readouterr().err

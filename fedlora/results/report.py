@@ -8,6 +8,11 @@ A *run dir* is a directory holding ``metrics.jsonl`` (one JSON record per round)
 a run dir, a Hydra sweep dir (one run dir per job) or any folder above them. Failed and
 incomplete jobs never enter the table but are listed in the report.
 
+Besides the final metric, two budget protocols: *cost to target* (rounds and bytes, up and down, until
+a target is reached; ``--target``) and *quality under a budget* (the metric of the last round whose
+traffic so far fits a byte budget; ``--budget-mb``, by default what the cheapest communicating method
+spent over its whole run).
+
 The table follows the runs' task: test accuracy for classification (higher is better),
 held-out perplexity for causal-LM fine-tuning (lower is better; "rounds to target" then counts the
 rounds to reach ``best / 0.9``).
@@ -42,9 +47,10 @@ TARGET_SHARE = 0.9
 def columns(metric: Metric = ACCURACY) -> list[str]:
     """The columns of ``report.csv`` (the keys of a :func:`summarize` row) for runs judged by ``metric``."""
     s = metric.short
-    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", "rounds_to_90",
-            "seeds_reached_90", "up_bytes_per_round", "down_bytes_per_round", "up_compression_ratio",
-            "wall_time_s", "failed_clients"]
+    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", "target",
+            "rounds_to_target", "seeds_reached_target", "up_bytes_to_target", "down_bytes_to_target",
+            "budget_bytes", f"{s}_at_budget_mean", "rounds_in_budget", "up_bytes_per_round",
+            "down_bytes_per_round", "up_compression_ratio", "wall_time_s", "failed_clients"]
 
 
 #: The columns for classification runs.
@@ -282,6 +288,50 @@ def first_round_reaching(rows: list[RoundRecord], target: float, metric: Metric 
     return None
 
 
+def cumulative_bytes(rows: list[RoundRecord]) -> list[tuple[int, float, float]]:
+    """``(round, up, down)``: the bytes sent up and down from the start of the run through each round."""
+    up = down = 0.0
+    out = []
+    for row in rows:
+        up, down = up + row.bytes_total("up"), down + row.bytes_total("down")
+        out.append((row.round, up, down))
+    return out
+
+
+def bytes_through(rows: list[RoundRecord], server_round: int) -> tuple[float, float]:
+    """The bytes up and down spent from the start of the run through round ``server_round``."""
+    for rnd, up, down in cumulative_bytes(rows):
+        if rnd == server_round:
+            return up, down
+    raise ValueError(f"the run has no round {server_round}")
+
+
+def value_at_budget(rows: list[RoundRecord], budget: float, metric: Metric = ACCURACY) -> tuple[float, int]:
+    """The metric of the last round whose cumulative traffic (up + down) is within ``budget`` bytes, and
+    that round: the model a user would hold when the budget runs out (never the best round by test
+    metric, which would select on the test set). Round 0 costs nothing."""
+    value, last = math.nan, 0
+    for (rnd, up, down), row in zip(cumulative_bytes(rows), rows, strict=True):
+        if up + down > budget:
+            break
+        value, last = _nan_if_none(row.metric(metric.key)), rnd
+    return value, last
+
+
+def total_bytes(run: Run) -> float:
+    """Everything a run sent, up plus down."""
+    return sum(r.bytes_total("up") + r.bytes_total("down") for r in run.rows)
+
+
+def default_budget(groups: dict[str, list[Run]]) -> float:
+    """The byte budget methods are compared at unless one is given: what the cheapest method spent over
+    its whole run (mean over its seeds), among methods that communicate at all (``centralized`` does
+    not). NaN when none does."""
+    spent = [float(np.mean([total_bytes(r) for r in group])) for group in groups.values()]
+    spent = [s for s in spent if s > 0]
+    return min(spent) if spent else math.nan
+
+
 def final_value(run: Run, metric: Metric = ACCURACY) -> float:
     """``summary.json``'s final metric, else the last round's."""
     value = run.summary.get(f"final_{metric.key}", run.rows[-1].metric(metric.key) if run.rows else None)
@@ -311,7 +361,8 @@ def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
     return {m: sorted(groups[m], key=lambda r: str(r.seed)) for m in sorted(groups)}
 
 
-def summarize(runs: list[Run], metric: Metric | None = None) -> list[dict[str, Any]]:
+def summarize(runs: list[Run], metric: Metric | None = None, *, target: float | None = None,
+              budget: float | None = None) -> list[dict[str, Any]]:
     """One row per method over its completed runs (failed/incomplete runs are left out).
 
     Parameters
@@ -320,28 +371,45 @@ def summarize(runs: list[Run], metric: Metric | None = None) -> list[dict[str, A
         From :func:`load_runs`.
     metric : Metric, optional
         What judges the runs; by default their task's (:func:`report_metric`).
+    target : float, optional
+        The metric value "cost to target" waits for; by default ``0.9 *`` the best final-accuracy
+        mean of all methods (perplexity: the lowest mean ``/ 0.9``).
+    budget : float, optional
+        The bytes (up plus down, whole run) "quality under a budget" allows; by default
+        :func:`default_budget`.
 
     Returns
     -------
     list of dict
         Keys :func:`columns` (:data:`COLUMNS` for accuracy): ``final_acc_std`` is the sample std
-        (0 with one seed); ``rounds_to_90`` the mean over the seeds that reached ``0.9 *`` the best
-        final-accuracy mean of all methods (perplexity: the lowest mean ``/ 0.9``) (``"never"`` if
-        none did; ``seeds_reached_90`` says how many);
-        bytes are per round summed over clients; ``up_compression_ratio`` is the uncompressed
+        (0 with one seed); ``rounds_to_target`` the mean over the seeds that reached ``target``
+        (``"never"`` if none did; ``seeds_reached_target`` says how many), ``up_bytes_to_target`` and
+        ``down_bytes_to_target`` the bytes those seeds spent through that round (mean; NaN if none);
+        ``acc_at_budget_mean`` the metric of the last round within ``budget`` (mean over seeds) and
+        ``rounds_in_budget`` how many rounds fit (mean);
+        bytes per round are summed over clients; ``up_compression_ratio`` is the uncompressed
         method's uplink over this one's (``None`` without compression or baseline);
         ``failed_clients`` sums failed client replies over all rounds and seeds.
     """
     metric = metric or report_metric(runs)
     groups = group_by_method(runs)
     rows = [_method_row(method, group, metric) for method, group in groups.items()]
-    target = target_value(best_final_mean(rows, metric), metric)
+    target = target_value(best_final_mean(rows, metric), metric) if target is None else float(target)
+    budget = default_budget(groups) if budget is None else float(budget)
     for row, group in zip(rows, groups.values(), strict=True):
-        reached = [first_round_reaching(r.rows, target, metric) for r in group] \
+        reached = [(r, first_round_reaching(r.rows, target, metric)) for r in group] \
             if math.isfinite(target) else []
-        reached = [r for r in reached if r is not None]
-        row["rounds_to_90"] = float(np.mean(reached)) if reached else "never"
-        row["seeds_reached_90"] = len(reached)
+        spent = [bytes_through(r.rows, rnd) for r, rnd in reached if rnd is not None]
+        rounds = [rnd for _, rnd in reached if rnd is not None]
+        row["target"] = target
+        row["rounds_to_target"] = float(np.mean(rounds)) if rounds else "never"
+        row["seeds_reached_target"] = len(rounds)
+        row["up_bytes_to_target"] = float(np.mean([up for up, _ in spent])) if spent else math.nan
+        row["down_bytes_to_target"] = float(np.mean([down for _, down in spent])) if spent else math.nan
+        at_budget = [value_at_budget(r.rows, budget, metric) for r in group] if math.isfinite(budget) else []
+        row["budget_bytes"] = budget
+        row[f"{metric.short}_at_budget_mean"] = float(np.mean([v for v, _ in at_budget])) if at_budget else math.nan
+        row["rounds_in_budget"] = float(np.mean([rnd for _, rnd in at_budget])) if at_budget else math.nan
     uplink = {row["method"]: row["up_bytes_per_round"] for row in rows}
     for row, group in zip(rows, groups.values(), strict=True):
         base = uplink.get(group[0].strategy) if row["method"] != group[0].strategy else None
@@ -445,17 +513,24 @@ def fmt_bytes(value: float) -> str:
     return f"{value / 1e3:.1f} KB" if value >= 1e3 else f"{value:.0f} B"
 
 
-def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> str:
+def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_target: bool = False) -> str:
     """The summary rows as a Markdown table with units."""
     s = metric.short
-    target = f"{TARGET_SHARE:.0%} of best" if metric.higher_is_better else f"best / {TARGET_SHARE}"
-    head = ["method", "seeds", f"final {s}", f"best {s}", f"rounds to {target}",
-            "up / round", "down / round", "up compression", "wall time", "failed clients"]
+    if given_target:
+        target = f"{rows[0]['target']:.3f}" if rows else "target"
+    else:
+        target = f"{TARGET_SHARE:.0%} of best" if metric.higher_is_better else f"best / {TARGET_SHARE}"
+    head = ["method", "seeds", f"final {s}", f"best {s}", f"rounds to {target}", "bytes to target (up / down)",
+            f"{s} at budget (rounds)", "up / round", "down / round", "up compression", "wall time", "failed clients"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         final = f"{row[f'final_{s}_mean']:.3f} ± {row[f'final_{s}_std']:.3f}"
+        to_target = ("—" if not math.isfinite(row["up_bytes_to_target"])
+                     else f"{fmt_bytes(row['up_bytes_to_target'])} / {fmt_bytes(row['down_bytes_to_target'])}")
+        at_budget = ("n/a" if not math.isfinite(row[f"{s}_at_budget_mean"])
+                     else f"{row[f'{s}_at_budget_mean']:.3f} ({row['rounds_in_budget']:.1f})")
         cells = [row["method"], str(row["n_seeds"]), final, f"{row[f'best_{s}_mean']:.3f}",
-                 _fmt_rounds(row), fmt_bytes(row["up_bytes_per_round"]),
+                 _fmt_rounds(row), to_target, at_budget, fmt_bytes(row["up_bytes_per_round"]),
                  fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
                  f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -463,11 +538,11 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> str
 
 
 def _fmt_rounds(row: dict[str, Any]) -> str:
-    if row["rounds_to_90"] == "never":
+    if row["rounds_to_target"] == "never":
         return "never"
-    text = f"{row['rounds_to_90']:.1f}"
-    if row["seeds_reached_90"] < row["n_seeds"]:
-        text += f" ({row['seeds_reached_90']}/{row['n_seeds']} seeds)"
+    text = f"{row['rounds_to_target']:.1f}"
+    if row["seeds_reached_target"] < row["n_seeds"]:
+        text += f" ({row['seeds_reached_target']}/{row['n_seeds']} seeds)"
     return text
 
 
@@ -476,19 +551,34 @@ def _fmt_ratio(ratio: float | None) -> str:
 
 
 def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, command: str,
-                    metric: Metric = ACCURACY) -> str:
-    """The whole ``report.md``: heading, table, target, problems, command."""
+                    metric: Metric = ACCURACY, *, given_target: bool = False, given_budget: bool = False) -> str:
+    """The whole ``report.md``: heading, table, target, budget, problems, command."""
     best = best_final_mean(rows, metric)
     done = sum(r.ok for r in runs)
+    target_note = (_metric_note(metric, best) if not given_target else
+                   f"{metric.name.capitalize()}: final, mean ± sample std over seeds. Rounds to "
+                   f"{rows[0]['target']:.3f} (given): first round reaching it, mean over the seeds that do.")
     parts = [f"# fedlora report: `{root}`", "",
-             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). " + _metric_note(metric, best)
-             + " Bytes: per training round, summed over clients; up compression: the uncompressed method's "
+             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). " + target_note
+             + " Bytes to target: up and down from the start through that round (mean over those seeds). "
+             + _budget_note(rows, metric, given_budget)
+             + " Bytes per round: summed over clients; up compression: the uncompressed method's "
              "uplink over this one's.", "",
-             markdown_table(rows, metric), ""]
+             markdown_table(rows, metric, given_target), ""]
     problems = problem_lines(runs, root)
     parts += ["## Failed or missing jobs", "", *(problems or ["- none"]), ""]
     parts += [f"Produced by `{command}`.", ""]
     return "\n".join(parts)
+
+
+def _budget_note(rows: list[dict[str, Any]], metric: Metric, given: bool) -> str:
+    """How the "at budget" column is computed, with the budget."""
+    budget = rows[0]["budget_bytes"] if rows else math.nan
+    if not math.isfinite(budget):
+        return "No method communicated, so there is no byte budget."
+    why = "given" if given else "what the cheapest communicating method spent over its whole run"
+    return (f"{metric.short} at budget: the {metric.short} of the last round whose traffic so far (up + down) is "
+            f"within {fmt_bytes(budget)} ({why}), mean over seeds, with the rounds that fit in brackets.")
 
 
 def _metric_note(metric: Metric, best: float) -> str:
@@ -544,8 +634,9 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path:
-    """Draw the metric vs round and vs cumulative MB (log x) per method into ``path``."""
+def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: float | None = None) -> Path:
+    """Draw the metric vs round and vs cumulative MB (log x) per method into ``path``; ``budget`` (bytes)
+    is marked on the second panel."""
     import matplotlib  # noqa: PLC0415 - slow to import, only needed here
 
     matplotlib.use("Agg")
@@ -567,6 +658,8 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path:
     if not metric.higher_is_better:  # perplexity falls by orders of magnitude
         for ax in (ax_r, ax_b):
             ax.set_yscale("log")
+    if ax_b.lines and budget is not None and math.isfinite(budget) and budget > 0:
+        ax_b.axvline(budget / 1e6, color="0.4", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget)}")
     if ax_b.lines:
         ax_b.set_xscale("log")
         ax_b.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2×10¹
@@ -581,8 +674,11 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path:
     return path
 
 
-def write_report(runs: list[Run], root: Path, out: Path, command: str) -> tuple[str, list[dict[str, Any]]]:
+def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target: float | None = None,
+                 budget: float | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``.
+
+    ``target`` and ``budget`` (bytes) override the defaults of :func:`summarize`.
 
     Returns
     -------
@@ -591,11 +687,12 @@ def write_report(runs: list[Run], root: Path, out: Path, command: str) -> tuple[
     """
     out.mkdir(parents=True, exist_ok=True)
     metric = report_metric(runs)
-    rows = summarize(runs, metric)
-    text = markdown_report(runs, rows, root, command, metric)
+    rows = summarize(runs, metric, target=target, budget=budget)
+    text = markdown_report(runs, rows, root, command, metric, given_target=target is not None,
+                           given_budget=budget is not None)
     (out / "report.md").write_text(text)
     write_csv(rows, out / "report.csv", metric)
-    plot_report(runs, out / "report.png", metric)
+    plot_report(runs, out / "report.png", metric, budget=rows[0]["budget_bytes"] if rows else None)
     return text, rows
 
 
@@ -617,17 +714,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path,
                         help="a sweep dir (runs/sweep_<time>), a run dir, or a folder above them")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: PATH)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="the accuracy (or perplexity) that 'rounds/bytes to target' wait for "
+                             f"(default: {TARGET_SHARE} x the best final mean; perplexity: the lowest / "
+                             f"{TARGET_SHARE})")
+    parser.add_argument("--budget-mb", type=float, default=None,
+                        help="the traffic budget, up plus down, in MB (10^6 bytes) for the 'at budget' column "
+                             "(default: what the cheapest communicating method spent over its whole run)")
     args = parser.parse_args(argv)
     if not args.path.is_dir():
         parser.error(f"{args.path} is not a directory")
+    if args.target is not None and not math.isfinite(args.target):
+        parser.error(f"--target={args.target} is not a finite number; give an accuracy such as 0.9")
+    if args.budget_mb is not None and not (math.isfinite(args.budget_mb) and args.budget_mb > 0):
+        parser.error(f"--budget-mb={args.budget_mb} must be a positive number of MB, e.g. --budget-mb 50")
     runs = load_runs(args.path)
     if not runs:
         parser.error(f"no runs under {args.path}: a run dir holds metrics.jsonl (plus config.yaml and "
                      "summary.json) as written by `fedlora`; give a runs/sweep_<time> or "
                      "runs/<time>_<name> dir")
     out = args.out or args.path
-    command = shlex.join(["fedlora-report", str(args.path)] + (["--out", str(args.out)] if args.out else []))
-    text, rows = write_report(runs, args.path, out, command)
+    extra = (["--out", str(args.out)] if args.out else []) + (
+        ["--target", str(args.target)] if args.target is not None else []) + (
+        ["--budget-mb", str(args.budget_mb)] if args.budget_mb is not None else [])
+    command = shlex.join(["fedlora-report", str(args.path), *extra])
+    budget = args.budget_mb * 1e6 if args.budget_mb is not None else None
+    text, rows = write_report(runs, args.path, out, command, target=args.target, budget=budget)
     print(text)
     print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
     if not rows:
