@@ -150,8 +150,9 @@ def encode_assignment(assignment: Assignment) -> Packet:
         arrays={keys.ADAPTER: to_arrays({k: start[k] for k in downlink_keys(plan, start)})},
         config={keys.SERVER_ROUND: assignment.server_round, keys.RANK: plan.rank, keys.INIT_SEED: plan.init_seed,
                 keys.FRESH: plan.adapter is None, keys.TRAIN_LORA_A: plan.train_lora_a,
-                keys.TRAIN_LORA_B: plan.train_lora_b, keys.SEND_LORA_A: plan.send_lora_a,
-                keys.RESUME_ROUND: assignment.resume_round})
+                keys.SEND_LORA_A: plan.send_lora_a, keys.RESUME_ROUND: assignment.resume_round})
+    if not plan.train_lora_b:  # only when set: every other plan's message stays as it was, byte for byte
+        packet.config[keys.TRAIN_LORA_B] = False
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
     return packet

@@ -58,11 +58,13 @@ def test_only_what_the_client_cannot_rebuild_goes_down() -> None:
     assert wire.uplink_keys(a_round.plan, a_round.start) == sorted(head + [lm.lora_a_key(m) for m in MODULES])
 
 
-def test_a_plan_without_the_train_lora_b_flag_trains_both_factors() -> None:
-    # a message from a server that predates the flag: B is trained as it always was
-    packet = wire.encode_assignment(assignment("fedavg"))
-    del packet.config[keys.TRAIN_LORA_B]
-    assert wire.decode_assignment(packet, MODULES).plan.train_lora_b is True
+def test_the_train_lora_b_flag_travels_only_when_b_is_frozen() -> None:
+    # absent means "train B", so the messages of every other strategy are unchanged byte for byte
+    assert keys.TRAIN_LORA_B not in wire.encode_assignment(assignment("fedavg")).config
+    assert wire.decode_assignment(wire.encode_assignment(assignment("fedavg")), MODULES).plan.train_lora_b is True
+    a_round = wire.encode_assignment(assignment("rolora", server_round=4))
+    assert a_round.config[keys.TRAIN_LORA_B] is False
+    assert wire.decode_assignment(a_round, MODULES).plan.train_lora_b is False
 
 
 def test_a_client_reply_decodes_to_what_it_trained() -> None:
