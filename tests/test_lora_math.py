@@ -268,3 +268,18 @@ def test_fold_merges_product_equals_global_plus_merges() -> None:
     assert torch.equal(folded["head"], adapter["head"])
     same, rank = lm.fold_merges(adapter, s, [])
     assert rank == r and all(torch.equal(same[k], v) for k, v in adapter.items())
+
+
+def test_slot_update_energy_is_each_slots_dense_change() -> None:
+    gen = torch.Generator().manual_seed(3)
+    old = {lm.lora_a_key("q"): torch.randn(2, 5, generator=gen), lm.lora_b_key("q"): torch.randn(4, 2, generator=gen),
+           "head": torch.ones(3)}
+    new = {lm.lora_a_key("q"): torch.randn(3, 5, generator=gen), lm.lora_b_key("q"): torch.randn(4, 3, generator=gen)}
+    energy = lm.slot_update_energy(old, new)
+    padded = lm.pad_pair(old[lm.lora_a_key("q")], old[lm.lora_b_key("q")], 3)  # slot 2 did not exist before
+    for i in range(3):
+        b1, a1 = new[lm.lora_b_key("q")].double(), new[lm.lora_a_key("q")].double()
+        change = b1[:, i:i + 1] @ a1[i:i + 1] - padded.b[:, i:i + 1].double() @ padded.a[i:i + 1].double()
+        assert energy[i] == pytest.approx(float(change.pow(2).sum()), rel=1e-9)
+    assert lm.slot_update_energy(new, new) == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
+    assert lm.slot_update_energy({}, {"head": torch.ones(2)}) == []

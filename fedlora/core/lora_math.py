@@ -275,6 +275,31 @@ def state_num_params(state: Mapping[str, Tensor]) -> int:
     return sum(t.numel() for t in state.values())
 
 
+def slot_update_energy(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> list[float]:
+    """Energy of the change of each rank slot's term, summed over modules (float64, never dense).
+
+    Slot ``i`` of an adapter contributes the rank-1 term ``B[:, i] A[i]``; its change from ``old`` to
+    ``new`` has ``||b' a'^T - b a^T||_F^2 = |b'|^2 |a'|^2 + |b|^2 |a|^2 - 2 (b'.b)(a'.a)``. Returns one
+    value per slot of ``new`` (``old`` is zero-padded to its rank). With mixed ranks and zero-padding,
+    the update's energy can concentrate in the first slots, the ones every client trains: a
+    rank-collapse diagnostic.
+    """
+    old_pairs, _ = split_state(old)
+    new_pairs, _ = split_state(new)
+    energy: Tensor | None = None
+    for module, (a_new, b_new) in new_pairs.items():
+        r = a_new.shape[0]
+        a_old, b_old = pad_pair(*old_pairs[module], r) if module in old_pairs else (
+            torch.zeros_like(a_new), torch.zeros_like(b_new))
+        a1, b1, a0, b0 = a_new.double(), b_new.double(), a_old.double(), b_old.double()
+        na1, nb1 = a1.pow(2).sum(dim=1), b1.pow(2).sum(dim=0)  # (r,)
+        na0, nb0 = a0.pow(2).sum(dim=1), b0.pow(2).sum(dim=0)
+        cross = (a1 * a0).sum(dim=1) * (b1 * b0).sum(dim=0)
+        term = (nb1 * na1 + nb0 * na0 - 2 * cross).clamp_min(0.0)
+        energy = term if energy is None else energy + term
+    return [] if energy is None else [float(e) for e in energy]
+
+
 def row_space_core(a: Tensor) -> Tensor:
     """Return the ``R`` factor of the thin QR ``A^T = Q R`` (float64, shape ``(min(n, R), R)``).
 

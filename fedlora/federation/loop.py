@@ -135,6 +135,21 @@ def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | N
     return "all but the fresh LoRA factors" if strategy.fresh_adapters else "all"
 
 
+def slot_shares(previous: AdapterState, adapter: AdapterState, ranks: Sequence[int],
+                ) -> tuple[list[float] | None, float | None]:
+    """The rank-collapse diagnostic of a round: each rank slot's share of the energy of the adapter's
+    change, and the share in the first ``min(ranks)`` slots (the ones every aggregated client trained).
+
+    ``(None, None)`` when the adapter did not change (a kept round; FLoRA, whose update is its merge).
+    """
+    energy = lm.slot_update_energy(previous, adapter)
+    total = sum(energy)
+    if total <= 0 or not ranks:
+        return None, None
+    shares = [e / total for e in energy]
+    return shares, sum(shares[: min(ranks)])
+
+
 def console(text: str) -> None:
     """Print one line of the run's progress."""
     print(f"[fedlora] {text}", flush=True)
@@ -211,7 +226,9 @@ class Federation:
         exchange = self.transport.exchange(server_round, packets, s.round_timeout)
         self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
         rows, updates = self._collect(assignments, exchange, state)
+        previous = state.adapter
         skipped, strategy_metrics = self._aggregate(state, updates, server_round)
+        slots, shared = slot_shares(previous, state.adapter, [u.rank for u in updates])
         metrics, eval_seconds = self._evaluate(state, server_round, r_max)
         state.round = server_round
         ok = [rows[c] for c in sorted(rows) if rows[c].status == "ok"]
@@ -219,7 +236,8 @@ class Federation:
         train_loss = sum((r.train_loss or 0.0) * (r.num_examples or 0) for r in ok) / examples if ok else None
         return RoundRecord(server_round, metrics, train_loss, self.elapsed(), eval_seconds=eval_seconds,
                            round_seconds=time.perf_counter() - t_round, clients=[rows[c] for c in sorted(rows)],
-                           strategy=strategy_metrics, aggregation_skipped=skipped)
+                           strategy=strategy_metrics, aggregation_skipped=skipped, slot_energy=slots,
+                           shared_slot_energy=shared)
 
     def _assign(self, state: ServerState, cid: int, rank: int, server_round: int) -> wire.Assignment:
         """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks."""

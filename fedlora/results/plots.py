@@ -1,4 +1,5 @@
-"""The run's own plot: the task's metric and the losses against rounds (``curves.png``)."""
+"""The run's own plot: the task's metric and the losses against rounds (``curves.png``), and where the
+rounds put the adapter's update: the share of its energy in each rank slot (the rank-collapse diagnostic)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from fedlora.results.record import read_records
 
 
 def plot_run(run_dir: Path, title: str = "", metric: Metric = ACCURACY) -> Path:
-    """Plot the task's metric and test/train loss against rounds into ``run_dir/curves.png``."""
+    """Plot the task's metric and test/train loss against rounds into ``run_dir/curves.png``; a third
+    panel shows each round's update energy per rank slot when the records have it."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -17,7 +19,9 @@ def plot_run(run_dir: Path, title: str = "", metric: Metric = ACCURACY) -> Path:
 
     records = read_records(run_dir)
     rounds = [r.round for r in records]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    slots = [(r.round, r.slot_energy) for r in records if r.slot_energy]
+    fig, axes = plt.subplots(1, 3 if slots else 2, figsize=(15 if slots else 10, 4))
+    ax_acc, ax_loss = axes[0], axes[1]
     ax_acc.plot(rounds, [r.metric(metric.key) for r in records], marker="o")
     if metric.higher_is_better:  # accuracy, in [0, 1]
         ax_acc.set(xlabel="round", ylabel=metric.name, title=metric.name.removeprefix("test "), ylim=(0, 1))
@@ -31,6 +35,8 @@ def plot_run(run_dir: Path, title: str = "", metric: Metric = ACCURACY) -> Path:
     ax_loss.legend()
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+    if slots:
+        _plot_slots(axes[2], slots)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -38,3 +44,18 @@ def plot_run(run_dir: Path, title: str = "", metric: Metric = ACCURACY) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_slots(ax, slots: list[tuple[int, list[float]]]) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Heatmap: rounds down, rank slots across, colour = the slot's share of the round's update energy."""
+    import numpy as np  # noqa: PLC0415
+
+    width = max(len(s) for _, s in slots)
+    grid = np.full((len(slots), width), np.nan)
+    for i, (_, shares) in enumerate(slots):
+        grid[i, : len(shares)] = shares
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest",
+                      extent=(-0.5, width - 0.5, len(slots) - 0.5, -0.5))
+    ax.set_yticks(range(len(slots)), [str(r) for r, _ in slots])
+    ax.set(xlabel="rank slot", ylabel="round", title="share of the update's energy per rank slot")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)

@@ -8,7 +8,8 @@ disk a record is one JSON object (keys sorted) with the task's metrics at the to
      "wall_time": 81.2, "round_seconds": 27.0, "eval_seconds": 3.1,
      "clients": [{"client": 0, "rank": 2, "status": "ok", "num_examples": 46, ...}, ...],
      "num_ok": 10, "num_failed": 0, "num_rejected": 0, "bytes_up_total": ..., "bytes_down_total": ...,
-     "strategy": {"product_gap_rel": 0.14}}
+     "strategy": {"product_gap_rel": 0.14},
+     "slot_energy": [0.61, 0.22, 0.09, 0.05, ...], "shared_slot_energy": 0.83}
 
 Round 0 (the evaluation before training) has no clients' counts, bytes or strategy metrics, and
 its ``train_loss`` is ``null``. ``aggregation_skipped`` appears only in a round that kept the
@@ -75,7 +76,11 @@ class RoundRecord:
 
     ``metrics`` holds the task's held-out metrics (``test_loss`` and ``test_accuracy``, or
     ``test_perplexity`` and ``test_tokens``); ``strategy`` the strategy's own scalars (``None`` in
-    round 0).
+    round 0). ``slot_energy`` is the rank-collapse diagnostic: the share of the energy of the global
+    adapter's change this round in each rank slot (:func:`fedlora.core.lora_math.slot_update_energy`),
+    and ``shared_slot_energy`` the share in the first ``r_min`` slots, those every aggregated client
+    trained; both ``None`` when the adapter did not change (a kept round, or FLoRA, whose update is
+    all in its base merge).
     """
 
     round: int
@@ -87,6 +92,8 @@ class RoundRecord:
     clients: list[ClientRow] = field(default_factory=list)
     strategy: dict[str, float] | None = None
     aggregation_skipped: str | None = None
+    slot_energy: list[float] | None = None  # share of the round's adapter update in each rank slot
+    shared_slot_energy: float | None = None  # the share in the slots every aggregated client trains
 
     def count(self, status: str) -> int:
         """How many sampled clients ended the round with ``status``."""
@@ -117,6 +124,8 @@ class RoundRecord:
                        bytes_up_total=self.bytes_total("up"), strategy=dict(self.strategy or {}))
         if self.aggregation_skipped is not None:
             out["aggregation_skipped"] = self.aggregation_skipped
+        if self.slot_energy is not None:
+            out.update(slot_energy=self.slot_energy, shared_slot_energy=self.shared_slot_energy)
         return out
 
     def to_json(self) -> str:
@@ -127,14 +136,15 @@ class RoundRecord:
     def from_dict(cls, row: Mapping[str, Any]) -> RoundRecord:
         """Read a record written by :meth:`to_dict` (or by an earlier fedlora)."""
         own = {"round", "train_loss", "wall_time", "eval_seconds", "round_seconds", "clients", "strategy",
-               "aggregation_skipped"}
+               "aggregation_skipped", "slot_energy", "shared_slot_energy"}
         derived = {"num_ok", "num_failed", "num_rejected", "bytes_down_total", "bytes_up_total"}
         metrics = {k: v for k, v in row.items() if k not in own | derived}
         return cls(round=int(row["round"]), metrics=metrics, train_loss=row.get("train_loss"),
                    wall_time=float(row.get("wall_time", 0.0)), eval_seconds=row.get("eval_seconds"),
                    round_seconds=row.get("round_seconds"),
                    clients=[ClientRow.from_dict(c) for c in row.get("clients") or []],
-                   strategy=row.get("strategy"), aggregation_skipped=row.get("aggregation_skipped"))
+                   strategy=row.get("strategy"), aggregation_skipped=row.get("aggregation_skipped"),
+                   slot_energy=row.get("slot_energy"), shared_slot_energy=row.get("shared_slot_energy"))
 
 
 def read_records(run_dir: Path) -> list[RoundRecord]:

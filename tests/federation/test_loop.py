@@ -330,3 +330,30 @@ def test_a_run_that_never_aggregates_fails_and_saves_no_adapter(tmp_path: Path) 
         run(tmp_path, FedAvg(), num_rounds=2, silent=lambda server_round, cid: True)
     assert [r.aggregation_skipped is not None for r in read_records(tmp_path)[1:]] == [True, True]
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_each_round_records_where_the_update_went_by_rank_slot(tmp_path: Path) -> None:
+    # The rank-collapse diagnostic: the share of the adapter's change in each rank slot, recomputed
+    # here as dense products from the adapters after rounds 0, 1, 2 (the checkpoints of a 1-round and
+    # a 2-round run); shared = the first r_min = 2 slots.
+    from fedlora.results import checkpoint as ckpt
+
+    for n in (1, 2):
+        run(tmp_path / f"fedavg{n}", FedAvg(), num_rounds=n)
+    records = read_records(tmp_path / "fedavg2")
+    assert records[0].slot_energy is None
+    adapters = [FedAvg().init(TinyTrainer.spec(8), 0).adapter,
+                *(ckpt.load_checkpoint(tmp_path / f"fedavg{n}").adapter for n in (1, 2))]
+    for record, old, new in zip(records[1:], adapters[:-1], adapters[1:], strict=True):
+        assert record.slot_energy is not None and len(record.slot_energy) == 8
+        dense = []
+        for slot in range(8):
+            def term(state: dict, m: str, i: int = slot) -> torch.Tensor:
+                return state[lm.lora_b_key(m)][:, i:i + 1].double() @ state[lm.lora_a_key(m)][i:i + 1].double()
+            dense.append(sum(float(torch.linalg.matrix_norm(term(new, m) - term(old, m))) ** 2 for m in MODULES))
+        assert record.slot_energy == pytest.approx([d / sum(dense) for d in dense], rel=1e-9)
+        assert record.shared_slot_energy == pytest.approx(sum(record.slot_energy[:2]), rel=1e-12)
+    # FLoRA's adapter is fresh every round (B = 0): its update is the merge, no slot shares
+    run(tmp_path / "flora", FLoRA(), num_rounds=1)
+    assert read_records(tmp_path / "flora")[1].slot_energy is None
+    assert "slot_energy" not in rows(tmp_path / "flora")[1]
