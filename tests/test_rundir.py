@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import FEDLORA, ROOT
 
 
 def test_claim_takes_the_next_free_name_and_remembers_it(tmp_path: Path) -> None:
@@ -27,3 +27,11 @@ def test_two_processes_in_the_same_second_get_two_directories(tmp_path: Path) ->
              for _ in range(4)]
     claimed = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert claimed == sorted([base, base + "-2", base + "-3", base + "-4"])
+
+
+def test_printing_the_config_claims_no_directory(tmp_path: Path) -> None:
+    # `fedlora --cfg job` resolves the run and sweep directory names but must not create them
+    for args in (["--cfg", "job"], ["--cfg", "hydra", "experiment=hetero_hard"], ["--info"]):
+        out = subprocess.run([FEDLORA, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), args

@@ -28,7 +28,7 @@ from fedlora.cli.rundir import FAILED, mark_failed, register_resolvers  # noqa: 
 from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
 
-register_resolvers()
+register_resolvers(sys.argv[1:])
 
 
 def resume_arguments(argv: list[str]) -> list[str]:

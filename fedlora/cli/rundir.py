@@ -34,10 +34,17 @@ def claim(candidate: str) -> str:
     return str(path)
 
 
-def register_resolvers() -> None:
-    """Make ``${claim:...}`` available to Hydra's config (call before composing it)."""
+# Hydra flags that only print (the config, Hydra's info, help): the directory names they resolve are
+# not claimed, so `fedlora --cfg job` leaves no empty runs/sweep_<time> behind.
+PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
+
+
+def register_resolvers(argv: list[str] | None = None) -> None:
+    """Make ``${claim:...}`` available to Hydra's config (call before composing it); with a print-only
+    flag in ``argv`` it names the directory without creating it."""
     if not OmegaConf.has_resolver("claim"):
-        OmegaConf.register_new_resolver("claim", claim)
+        printing = any(a in PRINT_ONLY or a.startswith("--cfg=") for a in (argv or []))
+        OmegaConf.register_new_resolver("claim", str if printing else claim)
 
 
 def mark_failed(run_dir: Path, text: str) -> None:
