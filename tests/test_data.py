@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fedlora.runtime.data import datasets as ds
-from fedlora.runtime.data.partition import partition_indices
+from fedlora.runtime.data.partition import partition_indices, partition_sizes
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,34 @@ def test_dirichlet_partition_covers_train_once_and_is_skewed(bbc: ds.Corpus) -> 
     # label skew: some client's majority class holds more than half its data
     shares = [max(Counter(labels[i] for i in p).values()) / len(p) for p in parts]
     assert max(shares) > 0.5
+
+
+def test_partition_sizes_meet_the_minimum_by_construction() -> None:
+    for sigma in (0.0, 0.5, 2.0):
+        sizes = partition_sizes(1781, 50, 5, sigma, seed=42)
+        assert len(sizes) == 50 and sum(sizes) == 1781 and min(sizes) >= 5
+        assert sizes == partition_sizes(1781, 50, 5, sigma, seed=42)
+    assert max(partition_sizes(1781, 50, 5, 0.0, seed=1)) - min(partition_sizes(1781, 50, 5, 0.0, seed=1)) <= 1
+    spread = partition_sizes(1781, 50, 5, 1.0, seed=42)
+    assert max(spread) > 4 * min(spread)  # log-normal sizes: some clients hold many times others' data
+    with pytest.raises(ds.DataError, match="50 clients x 40 = 2000 examples"):
+        partition_sizes(1781, 50, 40, 1.0, seed=42)
+
+
+def test_inner_dirichlet_at_alpha_0_1_with_50_clients_never_fails(bbc: ds.Corpus) -> None:
+    # The setting that made `dirichlet` give up after 10 draws: 50 clients, alpha 0.1, at least 5 each
+    train, _ = ds.stratified_split(bbc.labels, 0.2, seed=42)
+    labels = [bbc.labels[i] for i in train]
+    with pytest.raises(ds.DataError, match="no Dirichlet draw"):
+        partition_indices(labels, 50, kind="dirichlet", alpha=0.1, seed=42, min_partition_size=5)
+    parts = partition_indices(labels, 50, kind="inner_dirichlet", alpha=0.1, seed=42, min_partition_size=5,
+                              size_sigma=1.0)
+    assert sorted(i for p in parts for i in p) == list(range(len(labels)))  # disjoint, covers the pool
+    assert [len(p) for p in parts] == partition_sizes(len(labels), 50, 5, 1.0, seed=42)
+    assert parts == partition_indices(labels, 50, kind="inner_dirichlet", alpha=0.1, seed=42,
+                                      min_partition_size=5, size_sigma=1.0)
+    shares = sorted(max(Counter(labels[i] for i in p).values()) / len(p) for p in parts)
+    assert shares[len(shares) // 2] > 0.8  # strong skew: most clients are dominated by one topic
 
 
 def test_iid_partition_sizes_are_even() -> None:

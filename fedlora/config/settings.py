@@ -176,7 +176,8 @@ class Settings:
         part = cfg.get("partition") or {}
         data = _pick(DataSettings, cfg["data"], partition=part.get("kind", "dirichlet"),
                      alpha=part.get("alpha", 0.5), partition_seed=part.get("seed", 42),
-                     min_partition_size=part.get("min_partition_size", 10))
+                     min_partition_size=part.get("min_partition_size", 10),
+                     size_sigma=float(part.get("size_sigma", 0.0)))
         sim = dict(cfg.get("simulation") or {})
         resources = sim.pop("client_resources", None) or {}
         wandb = (cfg.get("logging") or {}).get("wandb") or {}

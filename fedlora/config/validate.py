@@ -34,8 +34,8 @@ def options(group: str) -> list[str]:
 
 def _check_partition_kind(cfg: Mapping[str, Any], p: Problems) -> None:
     part = cfg.get("partition", {})
-    if part.get("kind") not in ("dirichlet", "iid"):
-        p.add("partition.kind", part.get("kind"), "use partition=dirichlet or partition=iid")
+    if part.get("kind") not in ("dirichlet", "inner_dirichlet", "iid"):
+        p.add("partition.kind", part.get("kind"), "use partition=dirichlet, partition=inner_dirichlet or partition=iid")
 
 
 def _check_ranks(cfg: Mapping[str, Any], p: Problems) -> list[int]:

@@ -23,6 +23,7 @@ class DataSettings:
     alpha: float = 0.5
     partition_seed: int = 42
     min_partition_size: int = 10
+    size_sigma: float = 0.0  # inner_dirichlet: spread of the client sizes (0: equal)
     format: str = "auto"  # instruction layout: auto | alpaca | dolly (causal_lm only)
     category_column: str | None = "category"  # what a Dirichlet partition of instructions skews by
     drop_incomplete: bool = False  # drop rows with a missing text, label or response (counted) instead of failing

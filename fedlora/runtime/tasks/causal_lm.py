@@ -103,8 +103,9 @@ class CausalLMTask(Task):
             p.add(field, value, str(exc))
         part, n = cfg.get("partition") or {}, cfg.get("num_clients")
         category = data.get("category_column", "category")
-        if part.get("kind") == "dirichlet" and isinstance(n, int) and n > 1 and category not in columns:
-            p.add("partition.kind", "dirichlet", f"a Dirichlet partition skews clients by a category, and {name} "
+        if part.get("kind") in ("dirichlet", "inner_dirichlet") and isinstance(n, int) and n > 1 \
+                and category not in columns:
+            p.add("partition.kind", part["kind"], f"a Dirichlet partition skews clients by a category, and {name} "
                   f"has no {category!r} column (data.category_column); use partition=iid, or data whose records "
                   "have a category (Dolly's category, or name the column with data.category_column)")
 

@@ -70,17 +70,18 @@ def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSet
     if num_clients == 1:
         parts = [list(range(len(train)))]
     else:
-        if data.partition == "dirichlet" and not has_groups:
-            raise ds.DataError(f"partition.kind='dirichlet' needs a category to skew by, and data.name="
+        if data.partition in ("dirichlet", "inner_dirichlet") and not has_groups:
+            raise ds.DataError(f"partition.kind={data.partition!r} needs a category to skew by, and data.name="
                                f"{data.name!r} has no {data.category_column!r} column; use "
                                "partition=iid or set data.category_column")
         need = num_clients * data.min_partition_size
-        if data.partition == "dirichlet" and need > len(train):
+        if data.partition in ("dirichlet", "inner_dirichlet") and need > len(train):
             raise ds.DataError(f"partition.min_partition_size={data.min_partition_size}: {num_clients} clients x "
                                f"{data.min_partition_size} = {need} examples, but the training split holds "
                                f"{len(train)}; lower partition.min_partition_size or use fewer clients")
         parts = partition_indices(train_labels, num_clients, kind=data.partition, alpha=data.alpha,
-                                  seed=data.partition_seed, min_partition_size=data.min_partition_size)
+                                  seed=data.partition_seed, min_partition_size=data.min_partition_size,
+                                  size_sigma=data.size_sigma)
     return Split(train, test, [[train[i] for i in part] for part in parts])
 
 
