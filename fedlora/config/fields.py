@@ -81,9 +81,6 @@ def _dirichlet(cfg: Mapping[str, Any]) -> bool:
     return (cfg.get("partition") or {}).get("kind") in ("dirichlet", "inner_dirichlet")
 
 
-def _inner_dirichlet(cfg: Mapping[str, Any]) -> bool:
-    return (cfg.get("partition") or {}).get("kind") == "inner_dirichlet"
-
 
 FIELDS: tuple[Field, ...] = (
     Field("name", "str", "a name for the run (it names the run directory)"),
@@ -132,8 +129,7 @@ FIELDS: tuple[Field, ...] = (
           low=0, low_open=True, when=_dirichlet),
     Field("partition.seed", "int", "use an integer >= 0", low=0),
     Field("partition.min_partition_size", "int", "the fewest examples a client may hold: an integer >= 0", low=0),
-    Field("partition.size_sigma", "number", "the spread of the client sizes must be >= 0 (0: equal sizes)", low=0,
-          when=_inner_dirichlet),
+    Field("partition.size_sigma", "number", "the spread of the client sizes must be >= 0 (0: equal sizes)", low=0),
     Field("simulation.client_resources.num_cpus", "number", "CPUs per client must be > 0", low=0, low_open=True),
     Field("simulation.client_resources.num_gpus", "number", "use 0 (CPU) or a GPU share such as 0.25 or 1", low=0),
     Field("simulation.num_cpus", "int", "cap Ray's CPUs at an integer >= 1, or null for all", low=1, optional=True),
