@@ -20,7 +20,9 @@ from fedlora.config.validate import validate
 from fedlora.core.errors import ConfigError
 
 # fields present only in another group's config
-CONTEXT = {"model.base_seed": ["task=causal_lm"], "faults.fail_prob": [], "partition.alpha": []}
+CONTEXT = {"model.base_seed": ["task=causal_lm"], "faults.fail_prob": [], "partition.alpha": [],
+           **{f"privacy.{k}": ["privacy=dp_sgd"]
+              for k in ("target_epsilon", "noise_multiplier", "clip", "delta", "accountant")}}
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,6 +24,7 @@ from fedlora.federation.loop import LoopSettings
 from fedlora.runtime.data.settings import DataSettings
 from fedlora.runtime.models import ModelSettings
 from fedlora.runtime.tasks import TaskSettings, task_class
+from fedlora.runtime.training.dp import DPSettings
 from fedlora.runtime.training.local import TrainSettings
 from fedlora.runtime.training.workspace import WorkspaceKey
 
@@ -128,6 +129,14 @@ def _pick(cls: type, values: Mapping[str, Any], **extra: Any) -> Any:
     return cls(**{**kwargs, **extra})
 
 
+def _privacy(cfg: Mapping[str, Any]) -> DPSettings | None:
+    """DP-SGD's settings (``privacy=dp_sgd``), its budget over the run's rounds; ``None`` without privacy."""
+    privacy = cfg.get("privacy") or {}
+    if privacy.get("kind", "none") == "none":
+        return None
+    return _pick(DPSettings, privacy, rounds=int(cfg["num_rounds"]))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a run reads, typed. Build it with :meth:`from_config`."""
@@ -188,7 +197,7 @@ class Settings:
             compression=Component.from_node(cfg.get("compression")),
             ranks=_pick(RankSettings, cfg.get("ranks") or {}),
             model=_pick(ModelSettings, cfg["model"], decoder=task_class(task.kind).decoder),
-            data=data, train=_pick(TrainSettings, cfg["train"]), task=task,
+            data=data, train=_pick(TrainSettings, cfg["train"], dp=_privacy(cfg)), task=task,
             faults=FaultSettings.from_config(cfg.get("faults")),
             simulation=_pick(SimulationSettings, sim, client_cpus=resources.get("num_cpus", 1),
                              client_gpus=resources.get("num_gpus", 0.0)),

@@ -144,6 +144,20 @@ def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:
               "use faults=none with strategy=centralized")
 
 
+def _check_privacy(cfg: Mapping[str, Any], p: Problems) -> None:
+    """DP-SGD needs exactly one of a budget and a noise multiplier, and per-example gradients Opacus can capture."""
+    privacy = cfg.get("privacy") or {}
+    if privacy.get("kind") != "dp_sgd":
+        return
+    eps, sigma = privacy.get("target_epsilon"), privacy.get("noise_multiplier")
+    if (eps is None) == (sigma is None):
+        p.add("privacy.target_epsilon", eps, f"with privacy.noise_multiplier={sigma}: set exactly one of the two "
+              "(a budget each client's noise is calibrated to, or the noise itself); the other must be null")
+    if (cfg.get("model") or {}).get("gradient_checkpointing") is True:
+        p.add("model.gradient_checkpointing", True, "privacy=dp_sgd captures per-example gradients with hooks that "
+              "recomputed activations would confuse; set model.gradient_checkpointing=false")
+
+
 def _check_logging(cfg: Mapping[str, Any], p: Problems) -> None:
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
     if wandb.get("enabled") is True:
@@ -278,6 +292,7 @@ def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bo
     _check_reliability(cfg, p)
     _check_resume(cfg, p)
     _check_logging(cfg, p)
+    _check_privacy(cfg, p)
     _check_resources(cfg, p)
     ranks = _check_ranks(cfg, p)
     _check_targets(cfg, p)

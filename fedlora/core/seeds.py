@@ -51,6 +51,16 @@ def lora_a_row(seed: int, module: str, row: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(module.encode()) * 10_007 + row) % (2**63 - 1)
 
 
+def dp_stream(training_seed: int, stream: str) -> int:
+    """A 62-bit seed for one of DP-SGD's random streams (``batches``, ``noise``) of one client round.
+
+    Derived from the round's training seed by a hash, so the Poisson batches and the Gaussian noise
+    are independent streams rather than two generators started at the same state.
+    """
+    digest = hashlib.blake2b(f"dp/{stream}/{training_seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
 def faults(seed: int, server_round: int, client_id: int) -> random.Random:
     """The generator of one client's injected faults in one round (a string seed: SHA-512 in ``random``)."""
     return random.Random(f"fedlora-faults/{seed}/{server_round}/{client_id}")

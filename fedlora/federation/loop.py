@@ -20,6 +20,7 @@ what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -110,6 +111,20 @@ class ServerModel(Protocol):
         ...
 
 
+class PrivacyLedger(Protocol):
+    """A client's privacy spend (``privacy=dp_sgd``): what its accountant says after some rounds."""
+
+    delta: float
+
+    def epsilon(self, num_examples: int, rounds: int) -> float:
+        """The epsilon at ``delta`` of a client holding ``num_examples`` examples after ``rounds`` rounds."""
+        ...
+
+    def describe(self, sizes: Sequence[int]) -> str:
+        """One line on the mechanism for clients of these sizes (the run's first line)."""
+        ...
+
+
 @dataclass
 class ServerState:
     """Everything the server holds between rounds; all of it goes into the checkpoint."""
@@ -120,6 +135,8 @@ class ServerState:
     best: float = 0.0  # the best value of the task's metric so far
     merges: list[BaseMerge] = field(default_factory=list)  # base merges, in order
     acked: dict[int, int] = field(default_factory=dict)  # client -> number of merges it has applied
+    # client -> rounds it was sent a training message (its privacy spend); rebuilt from metrics.jsonl on resume
+    trained: dict[int, int] = field(default_factory=dict)
 
 
 def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | None:
@@ -160,8 +177,10 @@ class Federation:
 
     def __init__(self, settings: LoopSettings, *, strategy: Strategy, transport: Transport, model: ServerModel,
                  run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
-                 say: Callable[[str], None] = console, stop: threading.Event | None = None) -> None:
+                 say: Callable[[str], None] = console, stop: threading.Event | None = None,
+                 privacy: PrivacyLedger | None = None) -> None:
         self.settings = settings
+        self.privacy = privacy
         self.strategy = strategy
         self.compressor = compressor
         self.transport = transport
@@ -226,6 +245,7 @@ class Federation:
         exchange = self.transport.exchange(server_round, packets, s.round_timeout)
         self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
         rows, updates = self._collect(assignments, exchange, state)
+        spent = self._charge_privacy(clients, state, rows)
         previous = state.adapter
         skipped, strategy_metrics = self._aggregate(state, updates, server_round)
         slots, shared = slot_shares(previous, state.adapter, [u.rank for u in updates])
@@ -237,7 +257,21 @@ class Federation:
         return RoundRecord(server_round, metrics, train_loss, self.elapsed(), eval_seconds=eval_seconds,
                            round_seconds=time.perf_counter() - t_round, clients=[rows[c] for c in sorted(rows)],
                            strategy=strategy_metrics, aggregation_skipped=skipped, slot_energy=slots,
-                           shared_slot_energy=shared)
+                           shared_slot_energy=shared, dp_epsilon=spent)
+
+    def _charge_privacy(self, clients: Mapping[int, ClientInfo], state: ServerState,
+                        rows: Mapping[int, ClientRow]) -> float | None:
+        """Count the round against every client sent a training message; its epsilon goes in its row.
+
+        A client counts whether or not its reply arrived (it may have trained): the spend is an upper
+        bound. Returns the largest epsilon any client has spent so far (``None`` without privacy).
+        """
+        if self.privacy is None:
+            return None
+        for cid, row in rows.items():
+            state.trained[cid] = state.trained.get(cid, 0) + 1
+            row.epsilon = self.privacy.epsilon(clients[cid].num_examples, state.trained[cid])
+        return max(self.privacy.epsilon(clients[cid].num_examples, n) for cid, n in state.trained.items())
 
     def _assign(self, state: ServerState, cid: int, rank: int, server_round: int) -> wire.Assignment:
         """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks."""
@@ -349,8 +383,12 @@ class Federation:
         ckpt.write_atomic(self.run_dir / METRICS_FILE, "".join(x + "\n" for x in saved.metrics).encode())
         truncate_generations(self.run_dir, saved.round)
         ckpt.restore_rng(saved.rng, saved.rng.get("torch"))
+        trained: dict[int, int] = {}
+        for line in filter(str.strip, saved.metrics):
+            for row in RoundRecord.from_dict(json.loads(line)).clients:
+                trained[row.client] = trained.get(row.client, 0) + 1
         return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
-                           best=saved.best, merges=list(saved.merges))
+                           best=saved.best, merges=list(saved.merges), trained=trained)
 
     def _checkpoint(self, state: ServerState, ranks: Mapping[int, int]) -> None:
         """Write the checkpoint of the last complete round (see :mod:`fedlora.results.checkpoint`)."""
@@ -387,6 +425,8 @@ class Federation:
             "wall_time_seconds": self.elapsed(),
             "bytes_up_total": sum(r.bytes_total("up") for r in last),
             "bytes_down_total": sum(r.bytes_total("down") for r in last),
+            **({"dp_epsilon": max((r.dp_epsilon or 0.0) for r in last), "dp_delta": self.privacy.delta}
+               if self.privacy is not None else {}),
             **saved, "adapter_rank": rank, "adapter_lora_alpha": alpha, "base_merges": len(state.merges),
             "plot": str(plot), "label_names": list(self.model.label_names),
         }
@@ -410,6 +450,8 @@ class Federation:
                      "error feedback on for the tensors that continue from the global adapter (a classifier "
                      "head); not for the LoRA factors, which start fresh every round")
             text += f" + {type(self.compressor).__name__} ({words})"
+        if self.privacy is not None:
+            text += f"; {self.privacy.describe([c.num_examples for c in clients.values()])}"
         text += f"; {self.settings.num_rounds} rounds"
         return text + (f"; resuming after round {self.resumed_from}" if self.resumed_from else "")
 
@@ -422,7 +464,8 @@ class Federation:
                  f"loss {r.metrics['test_loss']:.4f}, train loss {loss if loss is None else round(loss, 4)}, "
                  f"{r.num_ok} clients{problems}{skipped}, up {r.bytes_total('up') / 1e6:.2f} MB, "
                  f"down {r.bytes_total('down') / 1e6:.2f} MB, {r.round_seconds or 0.0:.1f} s "
-                 f"(elapsed {r.wall_time:.0f} s)")
+                 f"(elapsed {r.wall_time:.0f} s)"
+                 + (f", max epsilon {r.dp_epsilon:.2f}" if r.dp_epsilon is not None else ""))
         trouble = [c for c in r.clients if c.status != "ok"]
         if trouble:  # the first reason on the console; every client's in metrics.jsonl
             first = trouble[0]

@@ -49,6 +49,7 @@ class ClientRow:
     train_loss: float | None = None
     train_seconds: float | None = None
     base_version: int | None = None  # the number of base merges the client trained on
+    epsilon: float | None = None  # privacy=dp_sgd: the client's epsilon after this round (every round it was sent)
 
     def fail(self, reason: str) -> None:
         """Mark the client ``failed`` with ``reason``."""
@@ -80,7 +81,8 @@ class RoundRecord:
     adapter's change this round in each rank slot (:func:`fedlora.core.lora_math.slot_update_energy`),
     and ``shared_slot_energy`` the share in the first ``r_min`` slots, those every aggregated client
     trained; both ``None`` when the adapter did not change (a kept round, or FLoRA, whose update is
-    all in its base merge).
+    all in its base merge). ``dp_epsilon`` (with ``privacy=dp_sgd``) is the largest epsilon, at the
+    run's delta, that any client has spent up to this round: the guarantee every client's data has.
     """
 
     round: int
@@ -94,6 +96,7 @@ class RoundRecord:
     aggregation_skipped: str | None = None
     slot_energy: list[float] | None = None  # share of the round's adapter update in each rank slot
     shared_slot_energy: float | None = None  # the share in the slots every aggregated client trains
+    dp_epsilon: float | None = None  # privacy=dp_sgd: the largest epsilon any client has spent so far
 
     def count(self, status: str) -> int:
         """How many sampled clients ended the round with ``status``."""
@@ -126,6 +129,8 @@ class RoundRecord:
             out["aggregation_skipped"] = self.aggregation_skipped
         if self.slot_energy is not None:
             out.update(slot_energy=self.slot_energy, shared_slot_energy=self.shared_slot_energy)
+        if self.dp_epsilon is not None:
+            out["dp_epsilon"] = self.dp_epsilon
         return out
 
     def to_json(self) -> str:
@@ -136,7 +141,7 @@ class RoundRecord:
     def from_dict(cls, row: Mapping[str, Any]) -> RoundRecord:
         """Read a record written by :meth:`to_dict` (or by an earlier fedlora)."""
         own = {"round", "train_loss", "wall_time", "eval_seconds", "round_seconds", "clients", "strategy",
-               "aggregation_skipped", "slot_energy", "shared_slot_energy"}
+               "aggregation_skipped", "slot_energy", "shared_slot_energy", "dp_epsilon"}
         derived = {"num_ok", "num_failed", "num_rejected", "bytes_down_total", "bytes_up_total"}
         metrics = {k: v for k, v in row.items() if k not in own | derived}
         return cls(round=int(row["round"]), metrics=metrics, train_loss=row.get("train_loss"),
@@ -144,7 +149,8 @@ class RoundRecord:
                    round_seconds=row.get("round_seconds"),
                    clients=[ClientRow.from_dict(c) for c in row.get("clients") or []],
                    strategy=row.get("strategy"), aggregation_skipped=row.get("aggregation_skipped"),
-                   slot_energy=row.get("slot_energy"), shared_slot_energy=row.get("shared_slot_energy"))
+                   slot_energy=row.get("slot_energy"), shared_slot_energy=row.get("shared_slot_energy"),
+                   dp_epsilon=row.get("dp_epsilon"))
 
 
 def read_records(run_dir: Path) -> list[RoundRecord]:

@@ -17,16 +17,20 @@ from fedlora.federation.loop import Federation, LoopSettings
 from fedlora.federation.sampling import sample_size
 from fedlora.federation.transport import ClientInfo, Transport
 from fedlora.results.recorder import RunRecorder
+from fedlora.runtime.training.local import TrainSettings
 from fedlora.runtime.training.workspace import get_workspace
-from fedlora.serving.runtime import PooledTrainer, PooledTransport, WorkspaceModel
+from fedlora.serving.runtime import DPLedger, PooledTrainer, PooledTransport, WorkspaceModel
 
 
 def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = None,
-          stop: threading.Event | None = None) -> dict[str, Any]:
+          stop: threading.Event | None = None, train: TrainSettings | None = None) -> dict[str, Any]:
     """Run the federation of ``settings`` over ``transport`` (with ``loop`` instead of its own loop settings).
 
     ``stop``: the run's stop event (Ctrl-C): the loop raises ``RunInterrupted`` at its next safe point.
+    ``train``: what the clients train with, when not ``settings.train`` (the pooled learner's budget);
+    the privacy ledger accounts for it.
     """
+    train = train or settings.train
     ws = get_workspace(settings.workspace_key())
     model = WorkspaceModel(ws, settings.run_dir, eval_batch_size=settings.eval_batch_size, seed=settings.seed)
     recorder = RunRecorder(settings.run_dir, tensorboard=settings.logging.tensorboard,
@@ -34,7 +38,7 @@ def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = 
     compressor = settings.compression.build() if settings.compression else None
     federation = Federation(loop or settings.loop, strategy=settings.strategy.build(), compressor=compressor,
                             transport=transport, model=model, run_dir=settings.run_dir, recorder=recorder,
-                            stop=stop)
+                            stop=stop, privacy=DPLedger(train) if train.dp is not None else None)
     return federation.run()
 
 
@@ -45,7 +49,7 @@ def run_pooled(settings: Settings, stop: threading.Event | None = None) -> dict[
     trainer = PooledTrainer(settings.workspace_key(), settings.train, settings.seed, clients_per_round=per_round)
     # one learner: every round samples it, and it alone is aggregated
     one = dataclasses.replace(loop, fraction_train=1.0, min_clients=1, min_fit_clients=1)
-    return serve(settings, PooledTransport(trainer, max(settings.client_ranks()), stop), one, stop)
+    return serve(settings, PooledTransport(trainer, max(settings.client_ranks()), stop), one, stop, trainer.steps())
 
 
 def simulated_clients(settings: Settings) -> tuple[Callable[[int], ClientInfo], int]:

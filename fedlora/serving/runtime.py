@@ -33,6 +33,7 @@ from fedlora.federation.memory import InMemoryTransport
 from fedlora.federation.transport import ClientInfo
 from fedlora.results.generations import log_generations
 from fedlora.runtime.models import save_peft_adapter, save_reload_base
+from fedlora.runtime.training import dp as dpsgd
 from fedlora.runtime.training.local import TrainSettings, train_steps
 from fedlora.runtime.training.workspace import Workspace, WorkspaceKey, get_workspace
 
@@ -139,6 +140,37 @@ class WorkspaceTrainer:
         loss = train_steps(ws.host.model, params, ws.data, self.indices(client_id), self.steps(),
                            self.round_seed(client_id, assignment.server_round))
         return ws.host.get_state(rank), loss
+
+
+class DPLedger:
+    """The loop's :class:`~fedlora.federation.loop.PrivacyLedger` for DP-SGD: Opacus' accountant per client.
+
+    ``train`` must be the settings the clients train with (the pooled learner's, with its larger
+    step count, for the centralized bound), so that the noise multiplier the server accounts for is
+    the one each client calibrated from its own size.
+    """
+
+    def __init__(self, train: TrainSettings) -> None:
+        if train.dp is None:
+            raise ValueError("DPLedger needs train.dp (privacy=dp_sgd)")
+        self.train, self.dp, self.delta = train, train.dp, train.dp.delta
+
+    def noise_multiplier(self, num_examples: int) -> float:
+        """The sigma a client of this size trains with."""
+        return dpsgd.noise_multiplier(self.dp, num_examples, self.train.batch_size, self.train.local_steps)
+
+    def epsilon(self, num_examples: int, rounds: int) -> float:
+        """The client's epsilon at ``delta`` after ``rounds`` rounds of ``local_steps`` DP-SGD steps."""
+        return dpsgd.epsilon(self.dp, num_examples, self.train.batch_size, self.train.local_steps, rounds)
+
+    def describe(self, sizes: Sequence[int]) -> str:
+        """The mechanism, its noise multipliers and its budget."""
+        sigmas = sorted(self.noise_multiplier(n) for n in sizes)
+        sigma = f"{sigmas[0]:.3g}" if sigmas[0] == sigmas[-1] else f"{sigmas[0]:.3g} to {sigmas[-1]:.3g}"
+        budget = (f"calibrated per client to epsilon {self.dp.target_epsilon:g} over {self.dp.rounds} rounds"
+                  if self.dp.target_epsilon is not None else "as configured")
+        return (f"DP-SGD (Opacus, {self.dp.accountant} accountant): per-example clip {self.dp.clip:g}, noise "
+                f"multiplier {sigma} {budget}, delta {self.delta:g}")
 
 
 class PooledTrainer(WorkspaceTrainer):

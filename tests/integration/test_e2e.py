@@ -93,6 +93,27 @@ def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:
     assert 0.45 * full < rank8["bytes_up"] < 0.6 * full
 
 
+def test_dp_sgd_end_to_end_with_ffa_lora_at_mixed_ranks(tmp_path: Path) -> None:
+    # sample-level DP composes with FFA-LoRA's frozen A and with ranks 2/4/8 on Opacus' per-example gradients
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=ffa_lora", "privacy=dp_sgd", "privacy.target_epsilon=2"])
+    _check_common(run_dir, summary, rows, log)
+    assert "DP-SGD (Opacus, rdp accountant)" in log and "calibrated per client to epsilon 2 over 2 rounds" in log
+    assert "Optimal order" not in log and "Full backward hook" not in log  # Opacus' benign warnings stay quiet
+    for row in rows[1:]:
+        spent = [c["epsilon"] for c in row["clients"]]
+        assert len(spent) == 3 and row["dp_epsilon"] == max(spent)
+    # every client trains in both rounds (fraction_train=1): each spends its whole budget, never more
+    assert all(1.95 <= c["epsilon"] <= 2.0 for c in rows[2]["clients"])
+    assert summary["dp_epsilon"] == rows[2]["dp_epsilon"] and summary["dp_delta"] == 1e-5
+    from safetensors.torch import load_file
+
+    from fedlora.core.lora_math import init_lora_a
+
+    weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    for key in (k for k in weights if "lora_A" in k):
+        assert torch.equal(weights[key], init_lora_a(0, key.replace(".lora_A.weight", ""), 8, 384))
+
+
 def test_lora_fair_end_to_end_never_worse_than_fedavg(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=lora_fair"])
     _check_common(run_dir, summary, rows, log)

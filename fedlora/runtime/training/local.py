@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlora.core import seeds
+from fedlora.runtime.training import dp as dpsgd
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -34,6 +37,7 @@ class TrainSettings:
     lr: float = 3e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    dp: dpsgd.DPSettings | None = None  # sample-level DP (DP-SGD with Opacus), privacy=dp_sgd
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -55,9 +59,14 @@ def train_steps(
     model: torch.nn.Module, params: list[torch.nn.Parameter], data: Encoded, indices: list[int],
     settings: TrainSettings, seed: int,
 ) -> float:
-    """Run ``local_steps`` AdamW steps on batches of ``indices``; return the mean training loss."""
+    """Run ``local_steps`` AdamW steps on batches of ``indices``; return the mean training loss.
+
+    With ``settings.dp`` the steps are DP-SGD's (:func:`_train_steps_private`).
+    """
     if not indices:
         return math.nan
+    if settings.dp is not None:
+        return _train_steps_private(model, params, data, indices, settings, settings.dp, seed)
     torch.manual_seed(seed)  # dropout masks
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
@@ -72,6 +81,37 @@ def train_steps(
         losses.append(float(out.loss.detach()))
     model.eval()
     return sum(losses) / len(losses)
+
+
+def _train_steps_private(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], data: Encoded, indices: list[int],
+    settings: TrainSettings, dp: dpsgd.DPSettings, seed: int,
+) -> float:
+    """DP-SGD (:mod:`fedlora.runtime.training.dp`): Poisson batches, per-example clipping, Gaussian noise.
+
+    The mean training loss is over the non-empty batches (``nan`` when every batch was empty).
+    """
+    rate = dpsgd.sample_rate(len(indices), settings.batch_size)
+    sigma = dpsgd.noise_multiplier(dp, len(indices), settings.batch_size, settings.local_steps)
+    torch.manual_seed(seed)  # dropout masks
+    model.train()
+    losses = []
+    with dpsgd.per_example_gradients(model) as wrapped:
+        optimizer = dpsgd.PrivateOptimizer(
+            params, torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay),
+            sigma=sigma, clip=dp.clip, expected_batch_size=rate * len(indices),
+            seed=seeds.dp_stream(seed, "noise"))
+        for idx in dpsgd.poisson_batches(indices, rate, settings.local_steps,
+                                            seeds.dp_stream(seed, "batches")):
+            if idx:
+                out = wrapped(**data.batch(idx, _device_of(model)))
+                out.loss.backward()
+                losses.append(float(out.loss.detach()))
+            else:
+                optimizer.empty_batch()
+            optimizer.step(settings.max_grad_norm)
+    model.eval()
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 @torch.no_grad()

@@ -1,0 +1,251 @@
+"""Sample-level differential privacy (``privacy=dp_sgd``): Opacus wired into local training and accounted per client.
+
+* the calibration and the accounting against Opacus' RDP analysis called directly (its lower-level
+  functions, not the accountant object fedlora uses);
+* one DP-SGD step against per-example gradients computed one example at a time, clipped and
+  summed by hand;
+* DP training on the real MiniLM host: FFA-LoRA's frozen ``A`` stays frozen, mixed ranks on one
+  host, a repeated round is bitwise the same (what resume relies on), no Opacus hook is left behind;
+* the round loop's ledger: every client sent a training message is charged, resume rebuilds the
+  counts from ``metrics.jsonl``;
+* the configuration: a budget or a noise multiplier, exactly one, refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import compose
+
+from fedlora.config.settings import Settings
+from fedlora.config.validate import validate
+from fedlora.core.errors import ConfigError
+from fedlora.runtime.training import dp as dpsgd
+from fedlora.runtime.training.local import Encoded, TrainSettings, train_steps
+from fedlora.serving.runtime import DPLedger
+
+
+def rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Opacus' RDP analysis called directly: compute_rdp over the orders, then the conversion to (eps, delta)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = list(dpsgd._RDP_ALPHAS)
+    eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders),
+                               delta=delta)
+    return float(eps)
+
+
+# -- accounting -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target,n,batch,steps,rounds", [(8.0, 200, 16, 8, 10), (1.0, 561, 8, 2, 2),
+                                                         (4.0, 12, 16, 8, 20)])
+def test_each_client_is_calibrated_to_spend_at_most_its_budget_over_the_run(target: float, n: int, batch: int,
+                                                                               steps: int, rounds: int) -> None:
+    dp = dpsgd.DPSettings(target_epsilon=target, delta=1e-5, rounds=rounds)
+    sigma = dpsgd.noise_multiplier(dp, n, batch, steps)
+    q = min(1.0, batch / n)
+    spent = rdp_epsilon(sigma, q, steps * rounds, 1e-5)
+    assert target - 0.02 <= spent <= target  # the least noise that keeps the budget (to the search's tolerance)
+    assert dpsgd.epsilon(dp, n, batch, steps, rounds) == pytest.approx(spent, rel=1e-9)
+    # a smaller client samples a larger share of its data per step: it needs more noise for the same budget
+    assert dpsgd.noise_multiplier(dp, n // 2, batch, steps) >= sigma
+
+
+def test_epsilon_composes_over_the_rounds_a_client_trained() -> None:
+    dp = dpsgd.DPSettings(target_epsilon=None, noise_multiplier=1.1, delta=1e-5, rounds=10)
+    spent = [dpsgd.epsilon(dp, 300, 16, 8, r) for r in range(6)]
+    assert spent[0] == 0.0
+    assert all(a < b for a, b in zip(spent, spent[1:], strict=False))
+    assert spent[3] == pytest.approx(rdp_epsilon(1.1, 16 / 300, 24, 1e-5), rel=1e-9)
+    # the noise multiplier given is the one used, whatever the client's size
+    assert dpsgd.noise_multiplier(dp, 17, 16, 8) == 1.1
+
+
+def test_other_accountants_are_opacus_own() -> None:
+    from opacus.accountants import PRVAccountant
+
+    dp = dpsgd.DPSettings(target_epsilon=None, noise_multiplier=1.0, accountant="prv", rounds=5)
+    ref = PRVAccountant()
+    ref.history.append((1.0, 16 / 400, 40))
+    assert dpsgd.epsilon(dp, 400, 16, 8, 5) == pytest.approx(ref.get_epsilon(delta=dp.delta), rel=1e-6)
+
+
+def test_poisson_batches_are_seeded_and_sample_at_the_rate() -> None:
+    indices = list(range(100, 400))
+    one = dpsgd.poisson_batches(indices, 0.05, 200, seed=3)
+    assert one == dpsgd.poisson_batches(indices, 0.05, 200, seed=3)
+    assert one != dpsgd.poisson_batches(indices, 0.05, 200, seed=4)
+    assert all(set(b) <= set(indices) and len(set(b)) == len(b) for b in one)
+    sizes = [len(b) for b in one]
+    assert abs(sum(sizes) / len(sizes) - 15) < 1.5  # expected batch q * n = 15
+    assert len(set(sizes)) > 3  # the size varies, as Poisson sampling does
+    assert any(not b for b in dpsgd.poisson_batches(list(range(10)), 0.05, 200, seed=0))  # empty batches happen
+
+
+def test_the_batch_and_noise_streams_are_independent() -> None:
+    from fedlora.core import seeds
+
+    assert len({seeds.dp_stream(7, "noise"), seeds.dp_stream(7, "batches"), seeds.dp_stream(8, "noise"), 7}) == 4
+
+
+# -- one step against a hand computation ------------------------------------------------------------
+def _per_example_reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float,
+                           denominator: float) -> list[torch.Tensor]:
+    """Each example's gradient by its own backward pass, clipped to ``clip`` jointly over all parameters, summed."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(x)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    return [t / denominator for t in total]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_one_private_step_clips_each_example_and_adds_noise_of_sigma_clip() -> None:
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(7, 6) * 3, torch.randint(0, 3, (7,))
+    reference = _per_example_reference(model, x, y, clip=0.1, denominator=4)
+    params = list(model.parameters())
+
+    def private_grads(sigma: float, seed: int) -> list[torch.Tensor]:
+        wrapped = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="mean")
+        ps = list(wrapped.parameters())
+        opt = dpsgd.PrivateOptimizer(ps, torch.optim.SGD(ps, lr=0.0), sigma=sigma, clip=0.1, expected_batch_size=4,
+                                     seed=seed)
+        torch.nn.functional.cross_entropy(wrapped(x), y).backward()
+        assert opt.dp.pre_step()
+        return [p.grad.detach().clone() for p in ps]
+
+    exact = private_grads(0.0, 0)
+    for got, want in zip(exact, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    noisy = private_grads(50.0, 1)
+    noise = torch.cat([(g - r).flatten() for g, r in zip(noisy, reference, strict=True)])
+    assert noise.std().item() == pytest.approx(50.0 * 0.1 / 4, rel=0.35)  # sigma * C / expected batch, 53 draws
+    assert private_grads(50.0, 1)[0].equal(noisy[0])  # seeded noise
+    assert len(params) == 4
+
+
+# -- DP training on the real model ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def host() -> Any:
+    from fedlora.runtime.models import AdapterHost, ModelSettings
+
+    return AdapterHost(ModelSettings(), num_labels=5, seed=0)
+
+
+def _data(n: int = 40) -> Encoded:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 5000, (n, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::3, 16:] = 0
+    return Encoded(ids, mask, torch.randint(0, 5, (n,), generator=gen))
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_dp_training_on_the_host_keeps_a_frozen_a_serves_mixed_ranks_and_repeats_bitwise(host: Any) -> None:
+    dp = dpsgd.DPSettings(target_epsilon=4.0, rounds=3)
+    settings = TrainSettings(local_steps=3, batch_size=8, lr=1e-2, dp=dp)
+    data, hooks = _data(), _hooks(host.model)
+
+    def round_of(rank: int, train_a: bool) -> dict[str, torch.Tensor]:
+        host.activate(rank)
+        start = {k: torch.full_like(v, 0.01) for k, v in host.get_state(rank).items()}
+        host.load_state(rank, start)
+        params = host.set_trainable(rank, train_a)
+        loss = train_steps(host.model, params, data, list(range(40)), settings, seed=11)
+        assert loss == loss  # finite: some batch was drawn
+        return {k: v - start[k] for k, v in host.get_state(rank).items()}
+
+    ffa = round_of(2, train_a=False)
+    assert all(not v.any() for k, v in ffa.items() if "lora_A" in k)  # FFA-LoRA: A frozen, and not noised
+    assert all(v.any() for k, v in ffa.items() if "lora_B" in k or "classifier" in k)
+    full = round_of(4, train_a=True)  # another rank on the same host
+    assert all(v.any() for v in full.values())
+    again = round_of(4, train_a=True)
+    assert all(torch.equal(full[k], again[k]) for k in full)  # a rerun (a resumed round) draws the same
+    assert _hooks(host.model) == hooks
+    assert not any(hasattr(p, "grad_sample") for p in host.model.parameters())
+    plain = train_steps(host.model, host.set_trainable(4, True), data, list(range(40)),
+                        TrainSettings(local_steps=3, batch_size=8, lr=1e-2), seed=11)
+    assert plain == plain  # the host still trains without privacy afterwards
+
+
+# -- the server's ledger ----------------------------------------------------------------------------
+def test_the_loop_charges_every_sampled_client_and_resume_rebuilds_the_counts(tmp_path: Path) -> None:
+    from federation_kit import TinyModel, TinyTrainer
+
+    from fedlora.federation.client import ClientSide
+    from fedlora.federation.loop import Federation, LoopSettings
+    from fedlora.federation.memory import InMemoryTransport
+    from fedlora.results.record import read_records
+    from fedlora.results.recorder import RunRecorder
+    from strategies.fedavg import FedAvg
+
+    ledger = DPLedger(TrainSettings(local_steps=4, batch_size=8,
+                                    dp=dpsgd.DPSettings(target_epsilon=3.0, rounds=4)))
+
+    def run(run_dir: Path, rounds: int, resume: bool = False) -> tuple[dict, list[str]]:
+        trainer = TinyTrainer(examples=(30, 60, 90, 120))
+        transport = InMemoryTransport(dict(enumerate([2, 4, 2, 8])), ClientSide(trainer=trainer))
+        lines: list[str] = []
+        settings = LoopSettings(name="t", seed=1, num_clients=4, num_rounds=rounds, fraction_train=0.5,
+                                round_timeout=30.0, resume=resume)
+        fed = Federation(settings, strategy=FedAvg(), transport=transport, model=TinyModel(run_dir), run_dir=run_dir,
+                         recorder=RunRecorder(run_dir, tensorboard=False), say=lines.append, privacy=ledger)
+        return fed.run(), lines
+
+    summary, lines = run(tmp_path / "straight", 4)
+    assert "DP-SGD (Opacus, rdp accountant)" in lines[0] and "epsilon 3 over 4 rounds" in lines[0]
+    records = read_records(tmp_path / "straight")
+    counts: dict[int, int] = {}
+    for record in records[1:]:
+        for row in record.clients:
+            counts[row.client] = counts.get(row.client, 0) + 1
+            assert row.epsilon == ledger.epsilon([30, 60, 90, 120][row.client], counts[row.client])
+        assert record.dp_epsilon == max(ledger.epsilon([30, 60, 90, 120][c], n) for c, n in counts.items())
+    assert max(counts.values()) < 4 and summary["dp_epsilon"] == records[-1].dp_epsilon <= 3.0
+    assert summary["dp_delta"] == 1e-5
+    killed = tmp_path / "killed"
+    run(killed, 2)
+    run(killed, 4, resume=True)
+    assert [(r.dp_epsilon, [c.epsilon for c in r.clients]) for r in read_records(killed)] == \
+        [(r.dp_epsilon, [c.epsilon for c in r.clients]) for r in records]
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def _problems(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides), check_model=False, check_data=False)
+    return str(info.value)
+
+
+def test_privacy_needs_exactly_one_of_a_budget_and_a_noise_multiplier() -> None:
+    both = _problems(["privacy=dp_sgd", "privacy.noise_multiplier=1.0"])
+    assert "privacy.target_epsilon=8.0" in both and "set exactly one of the two" in both
+    assert "set exactly one" in _problems(["privacy=dp_sgd", "privacy.target_epsilon=null"])
+    validate(compose(["privacy=dp_sgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=0.8"]),
+             check_model=False, check_data=False)
+
+
+def test_gradient_checkpointing_is_refused_with_dp_sgd() -> None:
+    text = _problems(["privacy=dp_sgd", "+model.gradient_checkpointing=true"])
+    assert "model.gradient_checkpointing=True" in text and "per-example gradients" in text
+
+
+def test_settings_carry_the_budget_over_the_runs_rounds() -> None:
+    settings = Settings.from_config(compose(["privacy=dp_sgd", "num_rounds=7", "privacy.clip=0.5"]))
+    assert settings.train.dp == dpsgd.DPSettings(clip=0.5, delta=1e-5, target_epsilon=8.0, rounds=7)
+    assert Settings.from_config(compose([])).train.dp is None
