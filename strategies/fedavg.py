@@ -167,6 +167,14 @@ class FedAvg(ContinuingClients):
             raise ValueError(f"strategy.padding={padding!r} is not one of {_PADDINGS}")
         self.weighting = weighting
         self.padding = padding
+        reasons = ([] if weighting == "examples" else
+                   ["HetLoRA's norm weights need every client's ||B_k A_k||_F (each client's weight would have to "
+                    "travel with its update), and client-level DP weighs every client the same"])
+        if padding == "owners":
+            reasons.append("padding=owners divides each rank slot by the weight of the clients that own it, which "
+                           "depends on who took part; use padding=zero")
+        self.linear = not reasons
+        self.why_not_linear = "; ".join(reasons)
 
     def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
         """Return the aggregation weight of each update (they sum to 1)."""

@@ -89,6 +89,10 @@ class FedExLoRA(ContinuingClients):
         ``"examples"`` (``p_k = n_k / sum n_j``) or ``"uniform"`` (``p_k = 1/K``, the paper's code).
     """
 
+    linear = False
+    why_not_linear = ("it merges the residual sum_k p_k B_k A_k - B_bar A_bar into the base, which needs each "
+                      "client's product B_k A_k")
+
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)
 

@@ -47,6 +47,8 @@ class FFALoRA:
     """
 
     fresh_adapters = False  # clients continue from the global B (and the one shared A)
+    linear = True  # the zero-padded mean of the clients' B (A is the seed's)
+    why_not_linear = ""
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)

@@ -84,6 +84,10 @@ class FlexLoRA(ContinuingClients):
         ``"examples"`` (``p_k = n_k / sum n_j``, the reference code) or ``"uniform"``.
     """
 
+    linear = False
+    why_not_linear = ("it takes an SVD of sum_k p_k s B_k A_k, which needs each client's product, and truncating it "
+                      "is not linear")
+
     # clients continue from the first r_k slots: the top r_k components, the best rank-r_k approximation
 
     def __init__(self, *, weighting: str = "examples") -> None:

@@ -77,6 +77,9 @@ class FLoRA:
     # so error feedback keeps only the residual of the tensors that continue from the global adapter
     # (the classifier head; fedlora.core.lora_math.continues), and error_feedback=true is refused.
     fresh_adapters = True
+    linear = False
+    why_not_linear = ("it stacks every client's factors side by side and merges their product into the base: the "
+                      "aggregate holds each client's update, not a sum of them")
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)

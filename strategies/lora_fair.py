@@ -122,6 +122,10 @@ class LoRAFAIR(ContinuingClients):
         in-row-space part of the aggregation error).
     """
 
+    linear = False
+    why_not_linear = ("its correction of B is fitted to sum_k p_k B_k A_k, which needs each client's product "
+                      "B_k A_k, not only a sum of updates")
+
     # "Avg-Initial": clients continue from the first r_k slots of the corrected (Ā, B̄ + ΔB*)
 
     def __init__(self, *, lam: float = 0.01) -> None:

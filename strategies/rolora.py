@@ -53,6 +53,9 @@ class RoLoRA(ContinuingClients):
         ``"examples"`` (``p_k = n_k / sum n_j``) or ``"uniform"`` (``p_k = 1/K``).
     """
 
+    linear = True  # the zero-padded mean of the factor the round trains; the other is kept
+    why_not_linear = ""
+
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)
 

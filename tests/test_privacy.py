@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +250,107 @@ def test_settings_carry_the_budget_over_the_runs_rounds() -> None:
     settings = Settings.from_config(compose(["privacy=dp_sgd", "num_rounds=7", "privacy.clip=0.5"]))
     assert settings.train.dp == dpsgd.DPSettings(clip=0.5, delta=1e-5, target_epsilon=8.0, rounds=7)
     assert Settings.from_config(compose([])).train.dp is None
+
+
+# -- client-level DP (DP-FedAvg) --------------------------------------------------------------------
+def test_private_mean_clips_each_change_sums_and_divides_by_the_fixed_denominator() -> None:
+    from fedlora.core.privacy import ClientLevel, private_mean
+
+    g = {"x": torch.tensor([1.0, 1.0]), "y": torch.tensor([0.0])}
+    images = [{"x": torch.tensor([4.0, 5.0]), "y": torch.tensor([0.0])},  # change (3, 4): norm 5, clipped to 1
+              {"x": torch.tensor([1.0, 1.0]), "y": torch.tensor([0.5])}]  # change 0.5: kept
+    level = ClientLevel(clip=1.0, noise_multiplier=0.0, denominator=4)
+    out, metrics = private_mean(g, images, {"x", "y"}, level, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["x"], torch.tensor([1.0 + 0.6 / 4, 1.0 + 0.8 / 4]))
+    torch.testing.assert_close(out["y"], torch.tensor([0.5 / 4]))
+    assert metrics == {"dp_clipped_fraction": 0.5, "dp_update_norm_median": 0.5, "dp_noise_std": 0.0}
+    big = {"x": torch.zeros(20000), "y": torch.zeros(3)}
+    noisy, m = private_mean(big, [big, big], {"x"}, ClientLevel(0.5, 2.0, 5), torch.Generator().manual_seed(1))
+    assert noisy["x"].std().item() == pytest.approx(2.0 * 0.5 / 5, rel=0.03) and m["dp_noise_std"] == 0.2
+    assert not noisy["y"].any()  # a tensor no client may move gets no noise
+    with pytest.raises(ValueError, match="released without noise"):
+        private_mean(big, [{"x": big["x"], "y": torch.ones(3)}], {"x"}, ClientLevel(0.5, 2.0, 5),
+                     torch.Generator().manual_seed(1))
+
+
+def test_client_epsilon_is_the_sampled_gaussian_over_the_rounds() -> None:
+    dp = dpsgd.ClientDPSettings(noise_multiplier=1.2, sample_rate=0.1, rounds=50)
+    assert dpsgd.client_epsilon(dp, 0) == 0.0
+    assert dpsgd.client_epsilon(dp, 30) == pytest.approx(rdp_epsilon(1.2, 0.1, 30, 1e-5), rel=1e-9)
+    calibrated = dpsgd.ClientDPSettings(noise_multiplier=None, target_epsilon=3.0, sample_rate=0.1, rounds=50)
+    assert 2.98 <= dpsgd.client_epsilon(calibrated, 50) <= 3.0
+
+
+def _client_dp_run(run_dir: Path, rounds: int, z: float, clip: float, resume: bool = False,
+                   strategy: Any = None) -> tuple[dict, list[str]]:
+    from federation_kit import TinyModel, TinyTrainer
+
+    from fedlora.federation.client import ClientSide
+    from fedlora.federation.loop import Federation, LoopSettings
+    from fedlora.federation.memory import InMemoryTransport
+    from fedlora.results.recorder import RunRecorder
+    from fedlora.serving.runtime import ClientDPLedger
+    from strategies.fedavg import FedAvg
+
+    ledger = None if z < 0 else ClientDPLedger(dpsgd.ClientDPSettings(noise_multiplier=z, clip=clip, rounds=4), 3)
+    transport = InMemoryTransport({0: 2, 1: 4, 2: 8}, ClientSide(trainer=TinyTrainer(examples=(30,))))
+    lines: list[str] = []
+    settings = LoopSettings(name="t", seed=2, num_clients=3, num_rounds=rounds, round_timeout=30.0, resume=resume)
+    fed = Federation(settings, strategy=strategy or FedAvg(), transport=transport, model=TinyModel(run_dir),
+                     run_dir=run_dir, recorder=RunRecorder(run_dir, tensorboard=False), say=lines.append,
+                     client_dp=ledger)
+    return fed.run(), lines
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # z = 0: epsilon is infinite
+def test_without_noise_or_clipping_dp_fedavg_is_fedavg_and_with_noise_it_resumes_exactly(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fedlora.results.record import read_records
+
+    def saved(run_dir: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+    _client_dp_run(tmp_path / "plain", 3, z=-1, clip=1.0)
+    summary, lines = _client_dp_run(tmp_path / "open", 3, z=0.0, clip=1e9)  # equal sizes: FedAvg's weights are 1/3
+    assert "client-level DP (DP-FedAvg)" in lines[0] and "max_norm_ratio=10 is not applied" in lines[0]
+    for key, value in saved(tmp_path / "plain").items():
+        torch.testing.assert_close(saved(tmp_path / "open")[key], value, rtol=1e-5, atol=1e-6)
+    assert summary["dp_level"] == "client" and summary["dp_epsilon"] == math.inf  # no noise, no privacy
+
+    _client_dp_run(tmp_path / "straight", 4, z=0.8, clip=0.5)
+    killed = tmp_path / "killed"
+    _client_dp_run(killed, 2, z=0.8, clip=0.5)
+    _client_dp_run(killed, 4, z=0.8, clip=0.5, resume=True)
+    assert all(torch.equal(saved(killed)[k], v) for k, v in saved(tmp_path / "straight").items())
+    straight = read_records(tmp_path / "straight")
+    assert [r.strategy for r in read_records(killed)] == [r.strategy for r in straight]
+    assert all(r.strategy["dp_clipped_fraction"] == 1.0 for r in straight[1:])  # TinyTrainer moves far more than 0.5
+    assert [r.dp_epsilon for r in straight[1:]] == [dpsgd.client_epsilon(
+        dpsgd.ClientDPSettings(noise_multiplier=0.8, clip=0.5, rounds=4), t) for t in (1, 2, 3, 4)]
+
+
+def test_ffa_lora_under_client_level_dp_never_noises_its_frozen_a(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fedlora.core import lora_math as lm
+    from strategies.ffa_lora import FFALoRA
+
+    _client_dp_run(tmp_path, 3, z=1.0, clip=0.5, strategy=FFALoRA())
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    from federation_kit import MODULES
+
+    for module, (_, n) in MODULES.items():
+        assert torch.equal(weights[lm.lora_a_key(module)], lm.init_lora_a(2, module, 8, n))
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "rolora", "flora", "lora_fair", "flexlora", "fedex_lora"])
+def test_dp_fedavg_runs_exactly_the_strategies_that_declare_linearity(strategy: str) -> None:
+    cfg = compose(["privacy=dp_fedavg", f"strategy={strategy}"])
+    linear = strategy in ("fedavg", "ffa_lora", "rolora")
+    if linear:
+        validate(cfg, check_model=False, check_data=False)
+    else:
+        text = _problems(["privacy=dp_fedavg", f"strategy={strategy}"])
+        assert "privacy.kind='dp_fedavg'" in text and "not linear in what clients send" in text
+    validate(compose(["privacy=dp_sgd", f"strategy={strategy}"]), check_model=False, check_data=False)

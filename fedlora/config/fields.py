@@ -81,8 +81,8 @@ def _dirichlet(cfg: Mapping[str, Any]) -> bool:
     return (cfg.get("partition") or {}).get("kind") in ("dirichlet", "inner_dirichlet")
 
 
-def _dp_sgd(cfg: Mapping[str, Any]) -> bool:
-    return (cfg.get("privacy") or {}).get("kind") == "dp_sgd"
+def _private(cfg: Mapping[str, Any]) -> bool:
+    return (cfg.get("privacy") or {}).get("kind") in ("dp_sgd", "dp_fedavg")
 
 
 FIELDS: tuple[Field, ...] = (
@@ -144,18 +144,19 @@ FIELDS: tuple[Field, ...] = (
     Field("logging.tensorboard", "bool", "use true or false"),
     Field("logging.wandb.enabled", "bool", "use true or false"),
     Field("logging.wandb.mode", "str", "use offline, online or disabled", choices=("offline", "online", "disabled")),
-    Field("privacy.kind", "str", "use privacy=none or privacy=dp_sgd (sample-level DP-SGD with Opacus)",
-          choices=("none", "dp_sgd")),
-    Field("privacy.target_epsilon", "number", "each client's epsilon over the run: use a number > 0 (for example 8), "
-          "or null and set privacy.noise_multiplier", low=0, low_open=True, optional=True, when=_dp_sgd),
+    Field("privacy.kind", "str", "use privacy=none, privacy=dp_sgd (sample-level, DP-SGD in each client) or "
+          "privacy=dp_fedavg (client-level, on the server)", choices=("none", "dp_sgd", "dp_fedavg")),
+    Field("privacy.target_epsilon", "number", "the epsilon over the run: use a number > 0 (for example 8), "
+          "or null and set privacy.noise_multiplier", low=0, low_open=True, optional=True, when=_private),
     Field("privacy.noise_multiplier", "number", "sigma, the noise std over the clip: use a number > 0 (for example "
-          "1.0), or null and set privacy.target_epsilon", low=0, low_open=True, optional=True, when=_dp_sgd),
-    Field("privacy.clip", "number", "the per-example gradient L2 bound: use a number > 0 (for example 1.0)",
-          low=0, low_open=True, when=_dp_sgd),
-    Field("privacy.delta", "number", "delta must be in (0, 1); use well below 1 / (a client's examples), "
-          "for example 1e-5", low=0, low_open=True, high=1, high_open=True, when=_dp_sgd),
+          "1.0), or null and set privacy.target_epsilon", low=0, low_open=True, optional=True, when=_private),
+    Field("privacy.clip", "number", "the L2 bound (of each example's gradient, or each client's update): use a "
+          "number > 0 (for example 1.0)",
+          low=0, low_open=True, when=_private),
+    Field("privacy.delta", "number", "delta must be in (0, 1); use well below 1 / (the examples, or clients, "
+          "protected), for example 1e-5", low=0, low_open=True, high=1, high_open=True, when=_private),
     Field("privacy.accountant", "str", "use one of Opacus' accountants: rdp, prv or gdp",
-          choices=("rdp", "prv", "gdp"), when=_dp_sgd),
+          choices=("rdp", "prv", "gdp"), when=_private),
     Field("faults.fail_prob", "number", "a probability: use a number in [0, 1]", low=0, high=1),
     Field("faults.straggler_prob", "number", "a probability: use a number in [0, 1]", low=0, high=1),
     Field("faults.corrupt_prob", "number", "a probability: use a number in [0, 1]", low=0, high=1),

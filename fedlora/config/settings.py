@@ -21,10 +21,11 @@ from typing import Any
 from fedlora.core import seeds
 from fedlora.core.faults import FaultSettings
 from fedlora.federation.loop import LoopSettings
+from fedlora.federation.sampling import sample_size
 from fedlora.runtime.data.settings import DataSettings
 from fedlora.runtime.models import ModelSettings
 from fedlora.runtime.tasks import TaskSettings, task_class
-from fedlora.runtime.training.dp import DPSettings
+from fedlora.runtime.training.dp import ClientDPSettings, DPSettings
 from fedlora.runtime.training.local import TrainSettings
 from fedlora.runtime.training.workspace import WorkspaceKey
 
@@ -130,11 +131,21 @@ def _pick(cls: type, values: Mapping[str, Any], **extra: Any) -> Any:
 
 
 def _privacy(cfg: Mapping[str, Any]) -> DPSettings | None:
-    """DP-SGD's settings (``privacy=dp_sgd``), its budget over the run's rounds; ``None`` without privacy."""
+    """DP-SGD's settings (``privacy=dp_sgd``), its budget over the run's rounds; ``None`` otherwise."""
     privacy = cfg.get("privacy") or {}
-    if privacy.get("kind", "none") == "none":
+    if privacy.get("kind", "none") != "dp_sgd":
         return None
     return _pick(DPSettings, privacy, rounds=int(cfg["num_rounds"]))
+
+
+def _client_privacy(cfg: Mapping[str, Any]) -> ClientDPSettings | None:
+    """DP-FedAvg's settings (``privacy=dp_fedavg``): its sampling rate is the share of clients a round samples."""
+    privacy = cfg.get("privacy") or {}
+    if privacy.get("kind", "none") != "dp_fedavg":
+        return None
+    n = int(cfg["num_clients"])
+    per_round = sample_size(n, float(cfg.get("fraction_train", 1.0)), int(cfg.get("min_clients", 1)))
+    return _pick(ClientDPSettings, privacy, sample_rate=per_round / n, rounds=int(cfg["num_rounds"]))
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,7 @@ class Settings:
     train: TrainSettings
     task: TaskSettings
     faults: FaultSettings = field(default_factory=FaultSettings)
+    client_dp: ClientDPSettings | None = None  # privacy=dp_fedavg (privacy=dp_sgd is train.dp)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     eval_batch_size: int = 64
@@ -198,7 +210,7 @@ class Settings:
             ranks=_pick(RankSettings, cfg.get("ranks") or {}),
             model=_pick(ModelSettings, cfg["model"], decoder=task_class(task.kind).decoder),
             data=data, train=_pick(TrainSettings, cfg["train"], dp=_privacy(cfg)), task=task,
-            faults=FaultSettings.from_config(cfg.get("faults")),
+            faults=FaultSettings.from_config(cfg.get("faults")), client_dp=_client_privacy(cfg),
             simulation=_pick(SimulationSettings, sim, client_cpus=resources.get("num_cpus", 1),
                              client_gpus=resources.get("num_gpus", 0.0)),
             logging=LoggingSettings(tensorboard=bool((cfg.get("logging") or {}).get("tensorboard", True)),

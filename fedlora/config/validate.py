@@ -110,8 +110,8 @@ def _check_component(group: str, node: Mapping[str, Any], p: Problems) -> Any:
         return None
 
 
-def _check_targets(cfg: Mapping[str, Any], p: Problems) -> None:
-    """The strategy and the compressor build (their constructors check their hyperparameters)."""
+def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
+    """The strategy and the compressor build (their constructors check their hyperparameters); the strategy."""
     node = cfg.get("strategy") or {}
     if not node.get("_target_"):
         p.add("strategy", node, "choose one: " + "|".join(f"strategy={o}" for o in options("strategy")))
@@ -125,6 +125,7 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> None:
               f"{type(strategy).__name__} starts fresh LoRA factors every round, so a residual kept in last "
               "round's factors has nothing to be added to; use auto (error feedback for the classifier head "
               "only) or false")
+    return strategy
 
 
 def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:
@@ -144,15 +145,33 @@ def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:
               "use faults=none with strategy=centralized")
 
 
-def _check_privacy(cfg: Mapping[str, Any], p: Problems) -> None:
-    """DP-SGD needs exactly one of a budget and a noise multiplier, and per-example gradients Opacus can capture."""
+def _check_privacy(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """Exactly one of a budget and a noise multiplier; what each DP level needs of the model and the strategy.
+
+    DP-SGD captures per-example gradients (no gradient checkpointing). DP-FedAvg noises a sum, so the
+    strategy's aggregate must be linear in what clients send (``Strategy.linear``; the reason it is
+    not is the strategy's own), and it needs clients: not the centralized bound.
+    """
     privacy = cfg.get("privacy") or {}
-    if privacy.get("kind") != "dp_sgd":
+    kind = privacy.get("kind")
+    if kind not in ("dp_sgd", "dp_fedavg"):
         return
     eps, sigma = privacy.get("target_epsilon"), privacy.get("noise_multiplier")
     if (eps is None) == (sigma is None):
         p.add("privacy.target_epsilon", eps, f"with privacy.noise_multiplier={sigma}: set exactly one of the two "
-              "(a budget each client's noise is calibrated to, or the noise itself); the other must be null")
+              "(a budget the noise is calibrated to, or the noise itself); the other must be null")
+    if kind == "dp_fedavg":
+        if (cfg.get("transport") or "flower") == "pooled":
+            p.add("privacy.kind", kind, "the centralized bound has one learner and no clients to protect; use "
+                  "privacy=dp_sgd (sample-level) with strategy=centralized")
+        elif strategy is not None and not getattr(strategy, "linear", False):
+            name = type(strategy).__name__
+            p.add("privacy.kind", kind, f"client-level DP noises the sum of the clients' clipped updates, and "
+                  f"{name}'s aggregate is not linear in what clients send: "
+                  f"{getattr(strategy, 'why_not_linear', '') or 'it declares no linearity'}; the noise would not "
+                  f"protect its released model. Use strategy=fedavg (zero padding, example weights), "
+                  f"strategy=ffa_lora or strategy=rolora, or privacy=dp_sgd, which composes with {name}")
+        return
     if (cfg.get("model") or {}).get("gradient_checkpointing") is True:
         p.add("model.gradient_checkpointing", True, "privacy=dp_sgd captures per-example gradients with hooks that "
               "recomputed activations would confuse; set model.gradient_checkpointing=false")
@@ -292,10 +311,10 @@ def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bo
     _check_reliability(cfg, p)
     _check_resume(cfg, p)
     _check_logging(cfg, p)
-    _check_privacy(cfg, p)
     _check_resources(cfg, p)
     ranks = _check_ranks(cfg, p)
-    _check_targets(cfg, p)
+    strategy = _check_targets(cfg, p)
+    _check_privacy(cfg, strategy, p)
     _check_transport(cfg, p)
     if check_data and task is not None:
         task.check_data(cfg, p)

@@ -61,6 +61,12 @@ def dp_stream(training_seed: int, stream: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
+def client_dp_noise(seed: int, server_round: int) -> int:
+    """A 62-bit seed for the Gaussian noise of client-level DP's aggregate in one round."""
+    digest = hashlib.blake2b(f"client-dp/{seed}/{server_round}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
 def faults(seed: int, server_round: int, client_id: int) -> random.Random:
     """The generator of one client's injected faults in one round (a string seed: SHA-512 in ``random``)."""
     return random.Random(f"fedlora-faults/{seed}/{server_round}/{client_id}")

@@ -151,9 +151,20 @@ class Strategy(Protocol):
         Whether every round's client adapter starts with fresh LoRA factors (``plan.adapter`` is
         ``None``: FLoRA) rather than continuing from the global ones. A compressor's error
         feedback cannot carry a residual across fresh factors; the configuration check reads this.
+    linear:
+        Whether the aggregate is a weighted mean of per-client images, each a function of one
+        client's update alone (``aggregate`` of that update by itself): what client-level DP
+        (:mod:`fedlora.core.privacy`: clip each image's change, sum, noise) and secure aggregation (the
+        server sees only the sum) need. FedAvg with zero-padding, FFA-LoRA and RoLoRA are; a method that
+        needs each client's product ``B_k A_k`` or stacks the clients' factors is not.
+    why_not_linear:
+        When not ``linear``: what the aggregate needs from individual clients (shown when a privacy
+        mode that needs linearity is refused); empty otherwise.
     """
 
     fresh_adapters: bool
+    linear: bool
+    why_not_linear: str
 
     def init(self, spec: AdapterSpec, seed: int) -> AggregateResult:
         """Return the round-0 global adapter (at ``spec.r_max``) and strategy state."""

@@ -29,11 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from fedlora.core import lora_math as lm
-from fedlora.core import validation
+from fedlora.core import seeds, validation
 from fedlora.core.errors import RunError
 from fedlora.core.metrics import Metric
-from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge, ClientUpdate, Compressor, Strategy, Tensor
+from fedlora.core.privacy import ClientLevel, private_mean
+from fedlora.core.types import (
+    AdapterSpec,
+    AdapterState,
+    AggregateResult,
+    BaseMerge,
+    ClientUpdate,
+    Compressor,
+    Strategy,
+    Tensor,
+)
 from fedlora.federation import wire
 from fedlora.federation.sampling import describe_rank_change, sample_clients
 from fedlora.federation.transport import ClientInfo, Exchange, Transport
@@ -125,6 +137,21 @@ class PrivacyLedger(Protocol):
         ...
 
 
+class ClientLevelLedger(Protocol):
+    """Client-level DP (``privacy=dp_fedavg``): the mechanism's parameters and its accountant."""
+
+    level: ClientLevel
+    delta: float
+
+    def epsilon(self, rounds: int) -> float:
+        """Every client's epsilon at ``delta`` after ``rounds`` rounds."""
+        ...
+
+    def describe(self) -> str:
+        """One line on the mechanism (the run's first line)."""
+        ...
+
+
 @dataclass
 class ServerState:
     """Everything the server holds between rounds; all of it goes into the checkpoint."""
@@ -178,9 +205,10 @@ class Federation:
     def __init__(self, settings: LoopSettings, *, strategy: Strategy, transport: Transport, model: ServerModel,
                  run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
                  say: Callable[[str], None] = console, stop: threading.Event | None = None,
-                 privacy: PrivacyLedger | None = None) -> None:
+                 privacy: PrivacyLedger | None = None, client_dp: ClientLevelLedger | None = None) -> None:
         self.settings = settings
         self.privacy = privacy
+        self.client_dp = client_dp
         self.strategy = strategy
         self.compressor = compressor
         self.transport = transport
@@ -246,8 +274,10 @@ class Federation:
         self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
         rows, updates = self._collect(assignments, exchange, state)
         spent = self._charge_privacy(clients, state, rows)
+        if self.client_dp is not None:
+            spent = self.client_dp.epsilon(server_round)
         previous = state.adapter
-        skipped, strategy_metrics = self._aggregate(state, updates, server_round)
+        skipped, strategy_metrics = self._aggregate(state, updates, server_round, assignments)
         slots, shared = slot_shares(previous, state.adapter, [u.rank for u in updates])
         metrics, eval_seconds = self._evaluate(state, server_round, r_max)
         state.round = server_round
@@ -299,7 +329,9 @@ class Federation:
             if update is not None:
                 accepted[cid] = update
         norms = {cid: validation.change_norm(u.state, assignments[cid].start) for cid, u in accepted.items()}
-        for cid, reason in validation.norm_outliers(norms, self.settings.max_norm_ratio).items():
+        # under client-level DP, clipping bounds each client; a rejection that depends on the others' norms would not
+        ratio = None if self.client_dp is not None else self.settings.max_norm_ratio
+        for cid, reason in validation.norm_outliers(norms, ratio).items():
             rows[cid].reject(reason)
             del accepted[cid]
         return rows, [accepted[c] for c in sorted(accepted)]
@@ -332,7 +364,7 @@ class Federation:
                             wire.complete(received, assignment.start))
 
     def _aggregate(self, state: ServerState, updates: Sequence[ClientUpdate], server_round: int,
-                   ) -> tuple[str | None, dict[str, float]]:
+                   assignments: Mapping[int, wire.Assignment]) -> tuple[str | None, dict[str, float]]:
         """Adopt the strategy's aggregate when enough updates arrived and it is finite.
 
         Returns why the global adapter was kept (``None``: it was replaced) and the strategy's metrics.
@@ -341,7 +373,10 @@ class Federation:
         if len(updates) < min_fit:
             return (f"{len(updates)} valid update(s), fewer than min_fit_clients={min_fit}: the global adapter "
                     "is kept"), {}
-        result = self.strategy.aggregate(state.adapter, state.strategy_state, updates, server_round=server_round)
+        if self.client_dp is not None:
+            result = self._private_aggregate(state, updates, server_round, assignments)
+        else:
+            result = self.strategy.aggregate(state.adapter, state.strategy_state, updates, server_round=server_round)
         merge_tensors = [t for pair in (result.merge or {}).values() for t in pair]
         if not validation.is_finite_state(result.adapter) or not all(bool(t.isfinite().all()) for t in merge_tensors):
             return "aggregation produced non-finite values: the global adapter is kept", {}
@@ -349,6 +384,26 @@ class Federation:
         if result.merge is not None:
             state.merges.append(result.merge)
         return None, {k: float(v) for k, v in result.metrics.items()}
+
+    def _private_aggregate(self, state: ServerState, updates: Sequence[ClientUpdate], server_round: int,
+                           assignments: Mapping[int, wire.Assignment]) -> AggregateResult:
+        """Client-level DP (:func:`fedlora.core.privacy.private_mean`) over the strategy's per-client images.
+
+        Each image is the strategy's aggregate of one update alone (a ``linear`` strategy's aggregate is
+        their weighted mean); the noise covers every tensor a plan let a client send. A linear strategy
+        keeps no state that depends on the updates and merges nothing into the base.
+        """
+        assert self.client_dp is not None
+        images = [self.strategy.aggregate(state.adapter, state.strategy_state, [u], server_round=server_round)
+                  for u in updates]
+        if any(image.merge is not None for image in images):
+            raise RunError(f"{type(self.strategy).__name__} merged into the base under client-level DP; only a "
+                           "linear strategy may run with privacy=dp_fedavg")
+        noised = {k for a in assignments.values() for k in wire.uplink_keys(a.plan, a.start)}
+        generator = torch.Generator().manual_seed(seeds.client_dp_noise(self.settings.seed, server_round))
+        adapter, metrics = private_mean(state.adapter, [image.adapter for image in images], noised,
+                                        self.client_dp.level, generator)
+        return AggregateResult(adapter=adapter, state=dict(images[-1].state), metrics=metrics)
 
     def _evaluate(self, state: ServerState, server_round: int, r_max: int) -> tuple[dict[str, float], float]:
         """The global model's metrics (merged base + global adapter) and the seconds it took."""
@@ -425,8 +480,10 @@ class Federation:
             "wall_time_seconds": self.elapsed(),
             "bytes_up_total": sum(r.bytes_total("up") for r in last),
             "bytes_down_total": sum(r.bytes_total("down") for r in last),
-            **({"dp_epsilon": max((r.dp_epsilon or 0.0) for r in last), "dp_delta": self.privacy.delta}
-               if self.privacy is not None else {}),
+            **({"dp_epsilon": max((r.dp_epsilon or 0.0) for r in last), "dp_delta": self.privacy.delta,
+                "dp_level": "example"} if self.privacy is not None else {}),
+            **({"dp_epsilon": max((r.dp_epsilon or 0.0) for r in last), "dp_delta": self.client_dp.delta,
+                "dp_level": "client"} if self.client_dp is not None else {}),
             **saved, "adapter_rank": rank, "adapter_lora_alpha": alpha, "base_merges": len(state.merges),
             "plot": str(plot), "label_names": list(self.model.label_names),
         }
@@ -452,6 +509,11 @@ class Federation:
             text += f" + {type(self.compressor).__name__} ({words})"
         if self.privacy is not None:
             text += f"; {self.privacy.describe([c.num_examples for c in clients.values()])}"
+        if self.client_dp is not None:
+            text += f"; {self.client_dp.describe()}"
+            if self.settings.max_norm_ratio is not None:
+                text += (f" (max_norm_ratio={self.settings.max_norm_ratio:g} is not applied: clipping bounds each "
+                         "client, and a rejection that depends on the other clients' norms would not)")
         text += f"; {self.settings.num_rounds} rounds"
         return text + (f"; resuming after round {self.resumed_from}" if self.resumed_from else "")
 

@@ -19,7 +19,7 @@ from fedlora.federation.transport import ClientInfo, Transport
 from fedlora.results.recorder import RunRecorder
 from fedlora.runtime.training.local import TrainSettings
 from fedlora.runtime.training.workspace import get_workspace
-from fedlora.serving.runtime import DPLedger, PooledTrainer, PooledTransport, WorkspaceModel
+from fedlora.serving.runtime import ClientDPLedger, DPLedger, PooledTrainer, PooledTransport, WorkspaceModel
 
 
 def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = None,
@@ -38,8 +38,17 @@ def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = 
     compressor = settings.compression.build() if settings.compression else None
     federation = Federation(loop or settings.loop, strategy=settings.strategy.build(), compressor=compressor,
                             transport=transport, model=model, run_dir=settings.run_dir, recorder=recorder,
-                            stop=stop, privacy=DPLedger(train) if train.dp is not None else None)
+                            stop=stop, privacy=DPLedger(train) if train.dp is not None else None,
+                            client_dp=client_dp_ledger(settings))
     return federation.run()
+
+
+def client_dp_ledger(settings: Settings) -> ClientDPLedger | None:
+    """DP-FedAvg's ledger (``privacy=dp_fedavg``): its fixed denominator is the number of clients a round samples."""
+    if settings.client_dp is None:
+        return None
+    loop = settings.loop
+    return ClientDPLedger(settings.client_dp, sample_size(loop.num_clients, loop.fraction_train, loop.min_clients))
 
 
 def run_pooled(settings: Settings, stop: threading.Event | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 from fedlora.core import lora_math as lm
 from fedlora.core import seeds
 from fedlora.core.metrics import Metric
+from fedlora.core.privacy import ClientLevel
 from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge
 from fedlora.federation import wire
 from fedlora.federation.client import ClientSide
@@ -171,6 +172,34 @@ class DPLedger:
                   if self.dp.target_epsilon is not None else "as configured")
         return (f"DP-SGD (Opacus, {self.dp.accountant} accountant): per-example clip {self.dp.clip:g}, noise "
                 f"multiplier {sigma} {budget}, delta {self.delta:g}")
+
+
+class ClientDPLedger:
+    """The loop's :class:`~fedlora.federation.loop.ClientLevelLedger` for DP-FedAvg: Opacus' accountant.
+
+    The mechanism samples a fixed number ``m`` of clients per round (``fraction_train``), while the
+    accountant's sampled Gaussian mechanism assumes each client is included independently at rate
+    ``q = m / N`` (Poisson); this is the usual approximation of DP-FedAvg implementations and is said
+    in the run's first line.
+    """
+
+    def __init__(self, dp: dpsgd.ClientDPSettings, denominator: int) -> None:
+        self.dp, self.delta = dp, dp.delta
+        self.level = ClientLevel(clip=dp.clip, noise_multiplier=dpsgd.client_noise_multiplier(dp),
+                                 denominator=denominator)
+
+    def epsilon(self, rounds: int) -> float:
+        """Every client's epsilon after ``rounds`` rounds."""
+        return dpsgd.client_epsilon(self.dp, rounds)
+
+    def describe(self) -> str:
+        """The mechanism, its noise and its budget."""
+        budget = (f"calibrated to epsilon {self.dp.target_epsilon:g} over {self.dp.rounds} rounds"
+                  if self.dp.target_epsilon is not None else "as configured")
+        return (f"client-level DP (DP-FedAvg): each client's update clipped to {self.dp.clip:g}, every client "
+                f"weighing 1/{self.level.denominator}, noise multiplier {self.level.noise_multiplier:.3g} {budget}, "
+                f"delta {self.delta:g} ({self.dp.accountant} accountant, sampling rate {self.dp.sample_rate:.3g} "
+                "taken as Poisson)")
 
 
 class PooledTrainer(WorkspaceTrainer):

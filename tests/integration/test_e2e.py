@@ -105,12 +105,31 @@ def test_dp_sgd_end_to_end_with_ffa_lora_at_mixed_ranks(tmp_path: Path) -> None:
     # every client trains in both rounds (fraction_train=1): each spends its whole budget, never more
     assert all(1.95 <= c["epsilon"] <= 2.0 for c in rows[2]["clients"])
     assert summary["dp_epsilon"] == rows[2]["dp_epsilon"] and summary["dp_delta"] == 1e-5
+    assert summary["dp_level"] == "example"
     from safetensors.torch import load_file
 
     from fedlora.core.lora_math import init_lora_a
 
     weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     for key in (k for k in weights if "lora_A" in k):
+        assert torch.equal(weights[key], init_lora_a(0, key.replace(".lora_A.weight", ""), 8, 384))
+
+
+def test_dp_fedavg_end_to_end_noises_the_sum_and_never_ffa_loras_a(tmp_path: Path) -> None:
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=ffa_lora", "privacy=dp_fedavg", "privacy.clip=0.5"])
+    _check_common(run_dir, summary, rows, log)
+    assert "client-level DP (DP-FedAvg)" in log and "every client weighing 1/3" in log
+    for row in rows[1:]:
+        assert row["strategy"]["dp_noise_std"] == pytest.approx(1.0 * 0.5 / 3)
+        assert 0 <= row["strategy"]["dp_clipped_fraction"] <= 1 and row["strategy"]["dp_update_norm_median"] > 0
+    assert 0 < rows[1]["dp_epsilon"] < rows[2]["dp_epsilon"] == summary["dp_epsilon"]
+    assert summary["dp_level"] == "client"
+    from safetensors.torch import load_file
+
+    from fedlora.core.lora_math import init_lora_a
+
+    weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    for key in (k for k in weights if "lora_A" in k):  # the noise never touches the frozen A
         assert torch.equal(weights[key], init_lora_a(0, key.replace(".lora_A.weight", ""), 8, 384))
 
 

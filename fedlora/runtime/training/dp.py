@@ -112,6 +112,51 @@ def epsilon(dp: DPSettings, num_examples: int, batch_size: int, local_steps: int
     return float(accountant.get_epsilon(delta=dp.delta, **_epsilon_kwargs(dp.accountant)))
 
 
+@dataclass(frozen=True)
+class ClientDPSettings:
+    """Client-level DP (DP-FedAvg, ``conf/privacy/dp_fedavg.yaml``); the mechanism is :mod:`fedlora.core.privacy`.
+
+    ``sample_rate`` is the share of clients a round samples and ``rounds`` the run's rounds: the
+    accountant composes ``rounds`` sampled Gaussian mechanisms at that rate.
+    """
+
+    clip: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = 1.0
+    accountant: str = "rdp"
+    sample_rate: float = 1.0
+    rounds: int = 1
+
+
+@functools.lru_cache(maxsize=256)
+def client_noise_multiplier(dp: ClientDPSettings) -> float:
+    """``z``: the configured one, or the least that keeps ``target_epsilon`` over ``dp.rounds`` rounds."""
+    if dp.target_epsilon is None:
+        if dp.noise_multiplier is None:
+            raise ValueError("privacy: set target_epsilon or noise_multiplier")
+        return float(dp.noise_multiplier)
+    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(
+            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=dp.sample_rate, steps=dp.rounds,
+            accountant=dp.accountant, epsilon_tolerance=0.005, **_epsilon_kwargs(dp.accountant)))
+
+
+@functools.lru_cache(maxsize=4096)
+def client_epsilon(dp: ClientDPSettings, rounds: int) -> float:
+    """Every client's epsilon at ``dp.delta`` after ``rounds`` rounds of the mechanism (0 before any)."""
+    if rounds <= 0:
+        return 0.0
+    from opacus.accountants import create_accountant  # noqa: PLC0415
+
+    accountant = create_accountant(dp.accountant)
+    accountant.history.append((client_noise_multiplier(dp), dp.sample_rate, rounds))
+    return float(accountant.get_epsilon(delta=dp.delta, **_epsilon_kwargs(dp.accountant)))
+
+
 def poisson_batches(indices: Sequence[int], rate: float, steps: int, seed: int) -> list[list[int]]:
     """``steps`` Poisson samples of ``indices`` at ``rate`` (Opacus' sampler, seeded; a batch may be empty)."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: PLC0415
