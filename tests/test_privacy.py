@@ -354,3 +354,20 @@ def test_dp_fedavg_runs_exactly_the_strategies_that_declare_linearity(strategy: 
         text = _problems(["privacy=dp_fedavg", f"strategy={strategy}"])
         assert "privacy.kind='dp_fedavg'" in text and "not linear in what clients send" in text
     validate(compose(["privacy=dp_sgd", f"strategy={strategy}"]), check_model=False, check_data=False)
+
+
+def test_an_infinite_budget_is_the_non_private_baseline_of_a_sweep() -> None:
+    from fedlora.results.report import method_label
+
+    for kind in ("dp_sgd", "dp_fedavg"):
+        cfg = compose(["experiment=privacy", f"privacy={kind}", "privacy.target_epsilon=inf",
+                       "privacy.noise_multiplier=null"])
+        validate(cfg, check_model=False, check_data=False)
+        settings = Settings.from_config(cfg)
+        assert settings.train.dp is None and settings.client_dp is None
+        assert method_label(cfg) == ("fedavg", "fedavg")
+    private = compose(["experiment=privacy", "privacy.target_epsilon=3", "strategy=ffa_lora"])
+    assert method_label(private) == ("ffa_lora", "ffa_lora+dp_sgd(eps=3)")
+    client = compose(["privacy=dp_fedavg", "privacy.clip=0.5"])
+    assert method_label(client) == ("fedavg", "fedavg+dp_fedavg(z=1,C=0.5)")
+    assert "privacy.target_epsilon=-inf" in _problems(["privacy=dp_sgd", "privacy.target_epsilon=-inf"])

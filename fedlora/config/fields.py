@@ -42,6 +42,8 @@ class Field:
         Only check the field when this holds for the config (``partition.alpha`` for Dirichlet).
     choices:
         For ``str`` fields with a fixed set of values.
+    infinite_ok:
+        ``inf`` is a value of the field (``privacy.target_epsilon=inf``: no privacy, a sweep's baseline).
     """
 
     path: str
@@ -54,6 +56,7 @@ class Field:
     optional: bool = False
     when: Callable[[Mapping[str, Any]], bool] | None = None
     choices: tuple[str, ...] = ()
+    infinite_ok: bool = False
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` does not fit, or ``None``."""
@@ -68,7 +71,7 @@ class Field:
             return self.fix
         if self.kind == "int" and not isinstance(value, int):
             return self.fix
-        if not math.isfinite(value):
+        if not math.isfinite(value) and not (self.infinite_ok and value == math.inf):
             return self.fix
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return self.fix
@@ -146,8 +149,9 @@ FIELDS: tuple[Field, ...] = (
     Field("logging.wandb.mode", "str", "use offline, online or disabled", choices=("offline", "online", "disabled")),
     Field("privacy.kind", "str", "use privacy=none, privacy=dp_sgd (sample-level, DP-SGD in each client) or "
           "privacy=dp_fedavg (client-level, on the server)", choices=("none", "dp_sgd", "dp_fedavg")),
-    Field("privacy.target_epsilon", "number", "the epsilon over the run: use a number > 0 (for example 8), "
-          "or null and set privacy.noise_multiplier", low=0, low_open=True, optional=True, when=_private),
+    Field("privacy.target_epsilon", "number", "the epsilon over the run: use a number > 0 (for example 8; inf: no "
+          "privacy, a sweep's baseline), or null and set privacy.noise_multiplier", low=0, low_open=True,
+          optional=True, when=_private, infinite_ok=True),
     Field("privacy.noise_multiplier", "number", "sigma, the noise std over the clip: use a number > 0 (for example "
           "1.0), or null and set privacy.target_epsilon", low=0, low_open=True, optional=True, when=_private),
     Field("privacy.clip", "number", "the L2 bound (of each example's gradient, or each client's update): use a "

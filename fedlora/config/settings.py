@@ -13,6 +13,7 @@ test; nothing here lists them.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -131,17 +132,24 @@ def _pick(cls: type, values: Mapping[str, Any], **extra: Any) -> Any:
 
 
 def _privacy(cfg: Mapping[str, Any]) -> DPSettings | None:
-    """DP-SGD's settings (``privacy=dp_sgd``), its budget over the run's rounds; ``None`` otherwise."""
+    """DP-SGD's settings (``privacy=dp_sgd``), its budget over the run's rounds; ``None`` otherwise.
+
+    ``target_epsilon=inf`` is no privacy at all (plain training: no clipping, no noise, no Poisson
+    batches), so that one sweep over ``privacy.target_epsilon`` holds its non-private baseline.
+    """
     privacy = cfg.get("privacy") or {}
-    if privacy.get("kind", "none") != "dp_sgd":
+    if privacy.get("kind", "none") != "dp_sgd" or privacy.get("target_epsilon") == math.inf:
         return None
     return _pick(DPSettings, privacy, rounds=int(cfg["num_rounds"]))
 
 
 def _client_privacy(cfg: Mapping[str, Any]) -> ClientDPSettings | None:
-    """DP-FedAvg's settings (``privacy=dp_fedavg``): its sampling rate is the share of clients a round samples."""
+    """DP-FedAvg's settings (``privacy=dp_fedavg``): its sampling rate is the share of clients a round samples.
+
+    ``target_epsilon=inf`` is no privacy (the strategy's own aggregate), as for DP-SGD.
+    """
     privacy = cfg.get("privacy") or {}
-    if privacy.get("kind", "none") != "dp_fedavg":
+    if privacy.get("kind", "none") != "dp_fedavg" or privacy.get("target_epsilon") == math.inf:
         return None
     n = int(cfg["num_clients"])
     per_round = sample_size(n, float(cfg.get("fraction_train", 1.0)), int(cfg.get("min_clients", 1)))

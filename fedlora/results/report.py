@@ -237,13 +237,34 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     if target == "strategies.centralized.Centralized" or config.get("transport") == "pooled":
         strategy = "centralized"  # (the first: runs made before the bound became a transport)
     compression = config.get("compression") or {}
-    if not compression.get("_target_"):
-        return strategy, strategy
-    comp = str(compression["_target_"]).rsplit(".", 2)
-    comp_name = comp[-2] if len(comp) > 1 else comp[0]
-    density = compression.get("density")
-    suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
-    return strategy, f"{strategy}+{comp_name}{suffix}"
+    method = strategy
+    if compression.get("_target_"):
+        comp = str(compression["_target_"]).rsplit(".", 2)
+        comp_name = comp[-2] if len(comp) > 1 else comp[0]
+        density = compression.get("density")
+        suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
+        method = f"{strategy}+{comp_name}{suffix}"
+    return strategy, method + privacy_label(config.get("privacy") or {})
+
+
+def privacy_label(privacy: dict[str, Any]) -> str:
+    """``+dp_sgd(eps=3)``, ``+dp_fedavg(z=1,C=0.5)``; empty without privacy (``target_epsilon=inf`` included).
+
+    >>> privacy_label({"kind": "dp_sgd", "target_epsilon": 3.0, "clip": 1.0})
+    '+dp_sgd(eps=3)'
+    >>> privacy_label({"kind": "dp_sgd", "target_epsilon": float("inf")})
+    ''
+    """
+    kind = privacy.get("kind", "none")
+    eps, sigma = privacy.get("target_epsilon"), privacy.get("noise_multiplier")
+    if kind == "none" or eps == math.inf:
+        return ""
+    budget = (f"eps={eps:g}" if isinstance(eps, int | float) else
+              f"z={sigma:g}" if isinstance(sigma, int | float) else "")
+    clip = privacy.get("clip")
+    if kind == "dp_fedavg" and isinstance(clip, int | float):
+        budget += f",C={clip:g}"
+    return f"+{kind}({budget})"
 
 
 # --------------------------------------------------------------------------------------- summarize
