@@ -119,7 +119,8 @@ def config_probes() -> list[Probe]:
         value: Any = ({"int": 2.5, "number": "abc", "bool": "maybe", "str": 3}[f.kind] if f.low is None or
                       f.kind in ("bool", "str") else (f.low if f.low_open else f.low - 1))
         text = {True: "true", False: "false"}.get(value, repr(value) if isinstance(value, str) else str(value))
-        context = ["task=causal_lm"] if f.path == "model.base_seed" else []
+        context = (["task=causal_lm"] if f.path == "model.base_seed" else
+                   ["privacy=dp_sgd"] if f.path.startswith("privacy.") and f.path != "privacy.kind" else [])
         probes.append(Probe("config", f"{f.path}={text}", lambda _, p=f.path, t=text, c=context: [*c, f"{p}={t}"],
                             expect=(f"{f.path}=",)))
     combos = [
@@ -142,6 +143,12 @@ def config_probes() -> list[Probe]:
         ("the wrong model for the task", ["task=causal_lm", "model=minilm"], "model=tiny_decoder"),
         ("error feedback on FLoRA's fresh factors", ["strategy=flora", "compression=compeft",
                                                       "compression.error_feedback=true"], "fresh LoRA factors"),
+        ("client-level DP with a non-linear strategy", ["privacy=dp_fedavg", "strategy=flora"],
+         "not linear in what clients send"),
+        ("client-level DP on the centralized bound", ["privacy=dp_fedavg", "strategy=centralized"],
+         "no clients to protect"),
+        ("both a privacy budget and a noise multiplier", ["privacy=dp_sgd", "privacy.noise_multiplier=1.0"],
+         "set exactly one of the two"),
     ]
     probes += [Probe("config", name, lambda _, a=a: a, expect=(e,)) for name, a, e in combos]
     return probes

@@ -19,12 +19,14 @@ COMPEFT = {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}
 
 
 def make_run(run_dir: Path, target: str, seed: int, accs: list[float], up: int, down: int, *,
-             compression: dict | None = None, failed_clients: dict[int, int] | None = None) -> Path:
+             compression: dict | None = None, failed_clients: dict[int, int] | None = None,
+             privacy: dict | None = None, epsilon: float | None = None) -> Path:
     """Write a fake completed run: two clients, ``up``/``down`` bytes per client and round."""
     run_dir.mkdir(parents=True)
     name = target.split(".")[1]
     config = {"name": name, "seed": seed, "strategy": {"_target_": target}, "compression": compression or {},
-              "num_rounds": len(accs) - 1, "num_clients": 2, "output_dir": str(run_dir)}
+              "num_rounds": len(accs) - 1, "num_clients": 2, "output_dir": str(run_dir),
+              **({"privacy": privacy} if privacy else {})}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"round": 0, "test_accuracy": accs[0], "test_loss": 1.0, "train_loss": None, "wall_time": 1.0,
              "clients": []}]
@@ -41,7 +43,8 @@ def make_run(run_dir: Path, target: str, seed: int, accs: list[float], up: int, 
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"final_test_accuracy": accs[-1], "best_test_accuracy": max(accs),
                "wall_time_seconds": 100.0 + seed, "strategy": target.rsplit(".", 1)[1],
-               "compression": "ComPEFT" if compression else None, "name": name}
+               "compression": "ComPEFT" if compression else None, "name": name,
+               **({"dp_epsilon": epsilon, "dp_delta": 1e-5} if epsilon is not None else {})}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -279,3 +282,22 @@ def test_main_takes_a_target_and_a_budget(sweep: Path, capsys: pytest.CaptureFix
         with pytest.raises(SystemExit) as exc:
             report.main([str(sweep), *bad])
         assert exc.value.code == 2 and field in capsys.readouterr().err
+
+
+def test_private_runs_are_their_own_methods_with_the_epsilon_they_spent(tmp_path: Path) -> None:
+    root = tmp_path / "privacy"
+    dp = {"kind": "dp_sgd", "target_epsilon": 3, "clip": 1.0}
+    for seed, eps in ((0, 2.99), (1, 2.97)):
+        make_run(root / f"{seed}_fedavg_eps3", FEDAVG, seed, [0.2, 0.4, 0.5], up=1000, down=1000, privacy=dp,
+                 epsilon=eps)
+        make_run(root / f"{seed}_fedavg_epsinf", FEDAVG, seed, [0.2, 0.6, 0.8], up=1000, down=1000,
+                 privacy={**dp, "target_epsilon": float("inf")})
+    runs = report.load_runs(root)
+    rows = by_method(report.summarize(runs))
+    assert set(rows) == {"fedavg", "fedavg+dp_sgd(eps=3)"}
+    assert rows["fedavg+dp_sgd(eps=3)"]["epsilon"] == pytest.approx(2.98) and math.isnan(rows["fedavg"]["epsilon"])
+    table = report.markdown_table(report.summarize(runs))
+    assert table.splitlines()[0].endswith("| epsilon |")
+    assert "| 2.98 |" in table and "∞ (no DP) |" in table
+    plain = report.markdown_table(report.summarize([r for r in runs if "inf" in r.path.name]))
+    assert "epsilon" not in plain

@@ -50,7 +50,7 @@ def columns(metric: Metric = ACCURACY) -> list[str]:
     return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", "target",
             "rounds_to_target", "seeds_reached_target", "up_bytes_to_target", "down_bytes_to_target",
             "budget_bytes", f"{s}_at_budget_mean", "rounds_in_budget", "up_bytes_per_round",
-            "down_bytes_per_round", "up_compression_ratio", "wall_time_s", "failed_clients"]
+            "down_bytes_per_round", "up_compression_ratio", "wall_time_s", "failed_clients", "epsilon"]
 
 
 #: The columns for classification runs.
@@ -452,6 +452,8 @@ def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]
         "down_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "down") for r in group])),
         "wall_time_s": float(np.mean([wall_time(r) for r in group])),
         "failed_clients": int(sum(row.count("failed") for r in group for row in r.rows)),
+        # the largest epsilon any client spent (summary.json's dp_epsilon), mean over seeds; nan without privacy
+        "epsilon": float(np.mean([float(r.summary.get("dp_epsilon", math.nan)) for r in group])),
     }
 
 
@@ -543,6 +545,9 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
         target = f"{TARGET_SHARE:.0%} of best" if metric.higher_is_better else f"best / {TARGET_SHARE}"
     head = ["method", "seeds", f"final {s}", f"best {s}", f"rounds to {target}", "bytes to target (up / down)",
             f"{s} at budget (rounds)", "up / round", "down / round", "up compression", "wall time", "failed clients"]
+    private = any(math.isfinite(row.get("epsilon", math.nan)) for row in rows)
+    if private:
+        head.append("epsilon")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         final = f"{row[f'final_{s}_mean']:.3f} ± {row[f'final_{s}_std']:.3f}"
@@ -554,6 +559,8 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
                  _fmt_rounds(row), to_target, at_budget, fmt_bytes(row["up_bytes_per_round"]),
                  fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
                  f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
+        if private:
+            cells.append(f"{row['epsilon']:.2f}" if math.isfinite(row["epsilon"]) else "∞ (no DP)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
