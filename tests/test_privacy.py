@@ -371,3 +371,34 @@ def test_an_infinite_budget_is_the_non_private_baseline_of_a_sweep() -> None:
     client = compose(["privacy=dp_fedavg", "privacy.clip=0.5"])
     assert method_label(client) == ("fedavg", "fedavg+dp_fedavg(z=1,C=0.5)")
     assert "privacy.target_epsilon=-inf" in _problems(["privacy=dp_sgd", "privacy.target_epsilon=-inf"])
+
+
+def test_a_causal_lms_examples_are_clipped_on_their_own_tokens() -> None:
+    # DP-SGD on the tiny decoder: per-example losses (each over its own target tokens), equal to the model's
+    # own loss when every example has the same number of targets; training runs and moves only LoRA factors
+    from fedlora.runtime.models import AdapterHost, ModelSettings
+    from fedlora.runtime.training.sft import IGNORE, SFTEncoded
+
+    host = AdapterHost(ModelSettings(name="tiny-random-llama", target_modules=("q_proj", "v_proj"), decoder=True,
+                                     dropout=0.0), 0, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(12):
+        ids = torch.randint(5, 200, (10 + i % 3,), generator=gen).tolist()
+        examples.append((ids, [IGNORE] * 4 + ids[4:]))
+    data = SFTEncoded.from_examples(examples, pad_id=0)
+    host.activate(2)
+    host.model.eval()
+    same = data.batch([0, 3, 6])  # equal lengths: token mean == mean of per-example means
+    with torch.no_grad():
+        torch.testing.assert_close(dpsgd.per_example_mean_loss(host.model, same), host.model(**same).loss)
+        mixed = data.batch([0, 1, 2])
+        by_hand = torch.stack([dpsgd.per_example_mean_loss(host.model, data.batch([i])) for i in (0, 1, 2)]).mean()
+        torch.testing.assert_close(dpsgd.per_example_mean_loss(host.model, mixed), by_hand)
+    start = host.get_state(2)
+    settings = TrainSettings(local_steps=3, batch_size=4, lr=1e-2,
+                             dp=dpsgd.DPSettings(target_epsilon=None, noise_multiplier=0.5, rounds=1))
+    loss = train_steps(host.model, host.set_trainable(2, True), data, list(range(12)), settings, seed=1)
+    assert math.isfinite(loss)
+    after = host.get_state(2)
+    assert all(not torch.equal(after[k], start[k]) for k in start)

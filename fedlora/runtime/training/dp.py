@@ -167,6 +167,25 @@ def poisson_batches(indices: Sequence[int], rate: float, steps: int, seed: int) 
     return [[indices[i] for i in batch] for batch in sampler]
 
 
+def per_example_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch mean of per-example losses: what Opacus' ``loss_reduction="mean"`` assumes.
+
+    A classifier's loss already is that (one label per example). A causal LM's built-in loss averages
+    over every target token of the batch, so an example's share of the gradient would depend on the
+    other examples' lengths (and its clipped gradient on data not its own); here each example's loss
+    is the mean over its own target tokens (labels ``-100`` ignored), then the batch mean is taken.
+    """
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return model(**batch).loss
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logits, target = out.logits[:, :-1].float(), labels[:, 1:]  # predict token t+1 from the prefix through t
+    tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                               reduction="none")
+    counted = (target != -100).sum(dim=1).clamp(min=1)
+    return (tokens.sum(dim=1) / counted).mean()
+
+
 class PrivateOptimizer:
     """Opacus' ``DPOptimizer`` around an optimiser of ``params``, whose per-example gradients Opacus captures."""
 

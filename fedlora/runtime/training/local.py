@@ -104,9 +104,9 @@ def _train_steps_private(
         for idx in dpsgd.poisson_batches(indices, rate, settings.local_steps,
                                             seeds.dp_stream(seed, "batches")):
             if idx:
-                out = wrapped(**data.batch(idx, _device_of(model)))
-                out.loss.backward()
-                losses.append(float(out.loss.detach()))
+                loss = dpsgd.per_example_mean_loss(wrapped, data.batch(idx, _device_of(model)))
+                loss.backward()
+                losses.append(float(loss.detach()))
             else:
                 optimizer.empty_batch()
             optimizer.step(settings.max_grad_norm)
