@@ -82,22 +82,39 @@ def _epsilon_kwargs(accountant: str) -> dict[str, object]:
     return {"alphas": list(_RDP_ALPHAS)} if accountant == "rdp" else {}
 
 
-@functools.lru_cache(maxsize=4096)
-def noise_multiplier(dp: DPSettings, num_examples: int, batch_size: int, local_steps: int) -> float:
-    """The client's ``sigma``: the configured one, or the least that keeps ``target_epsilon`` over ``dp.rounds``."""
-    if dp.target_epsilon is None:
-        if dp.noise_multiplier is None:
+def _calibrated(target: float | None, sigma: float | None, delta: float, rate: float, steps: int,
+                accountant: str) -> float:
+    """The configured ``sigma``, or Opacus' least noise multiplier that keeps ``target`` over ``steps`` at ``rate``."""
+    if target is None:
+        if sigma is None:
             raise ValueError("privacy: set target_epsilon or noise_multiplier")
-        return float(dp.noise_multiplier)
+        return float(sigma)
     from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415
 
     with warnings.catch_warnings():
         # the search tries large sigmas, whose epsilon is tightest beyond any order tried; harmless there
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(
-            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=sample_rate(num_examples, batch_size),
-            steps=local_steps * dp.rounds, accountant=dp.accountant, epsilon_tolerance=0.01,
-            **_epsilon_kwargs(dp.accountant)))
+        return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.01,
+                                          **_epsilon_kwargs(accountant)))
+
+
+def _spent(sigma: float, rate: float, steps: int, delta: float, accountant: str) -> float:
+    """Opacus' epsilon at ``delta`` of ``steps`` sampled Gaussian mechanisms (0 for no step)."""
+    if steps <= 0:
+        return 0.0
+    from opacus.accountants import create_accountant  # noqa: PLC0415
+
+    acc = create_accountant(accountant)
+    acc.history.append((sigma, rate, steps))
+    return float(acc.get_epsilon(delta=delta, **_epsilon_kwargs(accountant)))
+
+
+@functools.lru_cache(maxsize=4096)
+def noise_multiplier(dp: DPSettings, num_examples: int, batch_size: int, local_steps: int) -> float:
+    """The client's ``sigma``: the configured one, or the least that keeps ``target_epsilon`` over ``dp.rounds``."""
+    return _calibrated(dp.target_epsilon, dp.noise_multiplier, dp.delta, sample_rate(num_examples, batch_size),
+                       local_steps * dp.rounds, dp.accountant)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,12 +122,8 @@ def epsilon(dp: DPSettings, num_examples: int, batch_size: int, local_steps: int
     """The client's epsilon at ``dp.delta`` after training in ``rounds`` rounds (0 before any)."""
     if rounds <= 0:
         return 0.0
-    from opacus.accountants import create_accountant  # noqa: PLC0415
-
-    accountant = create_accountant(dp.accountant)
-    sigma = noise_multiplier(dp, num_examples, batch_size, local_steps)
-    accountant.history.append((sigma, sample_rate(num_examples, batch_size), local_steps * rounds))
-    return float(accountant.get_epsilon(delta=dp.delta, **_epsilon_kwargs(dp.accountant)))
+    return _spent(noise_multiplier(dp, num_examples, batch_size, local_steps), sample_rate(num_examples, batch_size),
+                  local_steps * rounds, dp.delta, dp.accountant)
 
 
 @dataclass(frozen=True)
@@ -133,17 +146,7 @@ class ClientDPSettings:
 @functools.lru_cache(maxsize=256)
 def client_noise_multiplier(dp: ClientDPSettings) -> float:
     """``z``: the configured one, or the least that keeps ``target_epsilon`` over ``dp.rounds`` rounds."""
-    if dp.target_epsilon is None:
-        if dp.noise_multiplier is None:
-            raise ValueError("privacy: set target_epsilon or noise_multiplier")
-        return float(dp.noise_multiplier)
-    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(
-            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=dp.sample_rate, steps=dp.rounds,
-            accountant=dp.accountant, epsilon_tolerance=0.01, **_epsilon_kwargs(dp.accountant)))
+    return _calibrated(dp.target_epsilon, dp.noise_multiplier, dp.delta, dp.sample_rate, dp.rounds, dp.accountant)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -151,11 +154,7 @@ def client_epsilon(dp: ClientDPSettings, rounds: int) -> float:
     """Every client's epsilon at ``dp.delta`` after ``rounds`` rounds of the mechanism (0 before any)."""
     if rounds <= 0:
         return 0.0
-    from opacus.accountants import create_accountant  # noqa: PLC0415
-
-    accountant = create_accountant(dp.accountant)
-    accountant.history.append((client_noise_multiplier(dp), dp.sample_rate, rounds))
-    return float(accountant.get_epsilon(delta=dp.delta, **_epsilon_kwargs(dp.accountant)))
+    return _spent(client_noise_multiplier(dp), dp.sample_rate, rounds, dp.delta, dp.accountant)
 
 
 def poisson_batches(indices: Sequence[int], rate: float, steps: int, seed: int) -> list[list[int]]:
