@@ -1,4 +1,4 @@
-"""Benchmark 8: what privacy costs: a client's round with DP-SGD, the server's DP-FedAvg aggregate, the bytes.
+"""Benchmark 7: what privacy costs: a client's round with DP-SGD, the server's DP-FedAvg aggregate, the bytes.
 
 1. **Local training** (``privacy=dp_sgd``): one client's round of the default task (MiniLM, its
    Dirichlet partition, ``train.local_steps`` AdamW steps at ``train.batch_size``) timed with plain
