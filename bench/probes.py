@@ -118,7 +118,9 @@ def config_probes() -> list[Probe]:
     for f in FIELDS:
         value: Any = ({"int": 2.5, "number": "abc", "bool": "maybe", "str": 3}[f.kind] if f.low is None or
                       f.kind in ("bool", "str") else (f.low if f.low_open else f.low - 1))
-        text = {True: "true", False: "false"}.get(value, repr(value) if isinstance(value, str) else str(value))
+        # a bool by type only: 0 == False would otherwise turn a bound of 0 into "false"
+        text = (str(value).lower() if isinstance(value, bool) else
+                repr(value) if isinstance(value, str) else str(value))
         context = (["task=causal_lm"] if f.path == "model.base_seed" else
                    ["privacy=dp_sgd"] if f.path.startswith("privacy.") and f.path != "privacy.kind" else [])
         probes.append(Probe("config", f"{f.path}={text}", lambda _, p=f.path, t=text, c=context: [*c, f"{p}={t}"],
