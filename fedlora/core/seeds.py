@@ -70,3 +70,15 @@ def client_dp_noise(seed: int, server_round: int) -> int:
 def faults(seed: int, server_round: int, client_id: int) -> random.Random:
     """The generator of one client's injected faults in one round (a string seed: SHA-512 in ``random``)."""
     return random.Random(f"fedlora-faults/{seed}/{server_round}/{client_id}")
+
+
+def secure_ring(seed: int, server_round: int) -> random.Random:
+    """Where a secure round places its clients on SecAgg+'s ring (who holds whose shares)."""
+    return random.Random(f"fedlora-secagg-ring/{seed}/{server_round}")
+
+
+def secure_quantization(seed: int, server_round: int, client_id: int) -> int:
+    """The seed of a client's stochastic quantization in a secure round (NumPy's legacy 32-bit seed)."""
+    digest = hashlib.blake2b(f"fedlora-secagg-quantization/{seed}/{server_round}/{client_id}".encode(),
+                             digest_size=4).digest()
+    return int.from_bytes(digest, "little")

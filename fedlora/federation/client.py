@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from fedlora.core import lora_math as lm
+from fedlora.core import secure
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.core.types import AdapterState, BaseMerge, Compressor, Tensor
 from fedlora.federation import wire
@@ -128,10 +129,12 @@ def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: Cl
     sent = wire.uplink_keys(plan, start)
     report = wire.Report(num_examples=side.trainer.num_examples(client_id), train_loss=float(loss),
                          train_seconds=0.0, rank=plan.rank, base_version=len(merges))
-    if decision.corrupt is not None or side.compressor is None:
+    if decision.corrupt is not None or side.compressor is None or assignment.secure_rank:
         state = {k: trained[k] for k in sent}
         if decision.corrupt is not None:
             state = corrupt_state(state, start, decision.corrupt)
+        if assignment.secure_rank:
+            return wire.encode_secure(secure_vector(state, assignment.secure_rank), _timed(report, t0))
         return wire.encode_update(state, _timed(report, t0))
     comp = side.compressor
     delta = {k: trained[k] - start[k] for k in sent}
@@ -144,6 +147,19 @@ def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: Cl
         store.save_residual(assignment.server_round, {**{k: v for k, v in (kept or {}).items() if k not in delta},
                                                       **residual})
     return wire.encode_compressed(payload, sent, _timed(report, t0))
+
+
+def secure_vector(state: Mapping[str, Tensor], rank: int) -> Tensor:
+    """A secure round's vector (:func:`fedlora.core.secure.embed` at ``rank``).
+
+    The server cannot check a masked update, so the client does what it can: a non-finite update
+    is refused here (the client then drops out of the round) instead of poisoning the sum.
+    """
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise RuntimeError(f"the update has non-finite values in {bad[:3]}; under secure aggregation the server "
+                           "cannot reject it, so this client drops out of the round")
+    return secure.embed(state, secure.layout({k: tuple(v.shape) for k, v in state.items()}, rank))
 
 
 def carried_residual(kept: Mapping[str, Tensor] | None, delta: Mapping[str, Tensor],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -76,6 +77,12 @@ class Assignment:
     resume_round:
         The checkpoint round a resumed run continued from (0: a fresh run); a client that lost
         its state reloads what it kept on disk up to that round.
+    secure_rank:
+        A secure-aggregation round: the rank of the layout the client pads its uplink tensors to
+        (:mod:`fedlora.core.secure`); 0 for a round whose reply carries the tensors themselves.
+    secure_seed:
+        A secure round: the seed of the client's stochastic quantization (Flower's mod draws it
+        from NumPy's global generator), so that a rerun or resume sums the same.
     """
 
     server_round: int
@@ -83,6 +90,8 @@ class Assignment:
     start: AdapterState
     merges: tuple[tuple[int, BaseMerge], ...] = ()
     resume_round: int = 0
+    secure_rank: int = 0
+    secure_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,9 @@ def encode_assignment(assignment: Assignment) -> Packet:
         packet.config[keys.TRAIN_LORA_B] = False
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
+    if assignment.secure_rank:
+        packet.config[keys.SECURE_RANK] = assignment.secure_rank
+        packet.config[keys.SECURE_SEED] = assignment.secure_seed
     return packet
 
 
@@ -180,7 +192,8 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]]) ->
                           train_lora_b=train_b)
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
-                      _int(conf.get(keys.RESUME_ROUND, 0)))
+                      _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
+                      _int(conf.get(keys.SECURE_SEED, 0)))
 
 
 # -- up -------------------------------------------------------------------------------------------
@@ -198,6 +211,22 @@ def _report_metrics(report: Report) -> dict[str, int | float]:
 def encode_update(sent: Mapping[str, Tensor], report: Report) -> Packet:
     """A reply carrying the trained tensors as they are."""
     return Packet(arrays={keys.ADAPTER: to_arrays(sent)}, metrics=_report_metrics(report))
+
+
+def encode_secure(vector: Tensor, report: Report) -> Packet:
+    """A secure round's reply: the flat vector secure aggregation masks (it never reaches the server as
+    such) and the report, which travels in the clear."""
+    return Packet(arrays={keys.SECURE: {"vector": vector.detach().to(torch.float64).numpy()}},
+                  metrics=_report_metrics(report))
+
+
+def decode_report(metrics: Mapping[str, ConfigValue | int | float]) -> Report:
+    """A reply's report from its metrics (raises ``KeyError``/``ValueError`` on a malformed one)."""
+    return Report(num_examples=_int(metrics[keys.NUM_EXAMPLES]),
+                  train_loss=float(cast(float, metrics[keys.TRAIN_LOSS])),
+                  train_seconds=float(cast(float, metrics[keys.TRAIN_SECONDS])),
+                  rank=_int(metrics[keys.RANK]) if keys.RANK in metrics else None,
+                  base_version=_int(metrics[keys.BASE_VERSION]) if keys.BASE_VERSION in metrics else None)
 
 
 def encode_compressed(payload: Payload, sent_keys: Sequence[str], report: Report) -> Packet:
@@ -227,10 +256,7 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
             received = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
         else:
             received = to_tensors(arrays[keys.ADAPTER])
-        report = Report(num_examples=_int(m[keys.NUM_EXAMPLES]), train_loss=float(m[keys.TRAIN_LOSS]),
-                        train_seconds=float(m[keys.TRAIN_SECONDS]),
-                        rank=_int(m[keys.RANK]) if keys.RANK in m else None,
-                        base_version=_int(m[keys.BASE_VERSION]) if keys.BASE_VERSION in m else None)
+        report = decode_report(m)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise WireError(f"cannot decode the update: {type(exc).__name__}: {str(exc)[:200]}") from exc
     return received, report

@@ -289,3 +289,49 @@ def test_a_linear_strategy_aggregates_the_mean_of_its_per_client_images(strategy
         assert strategy.why_not_linear == "" and max(gaps) < 1e-6, gaps
     else:
         assert len(strategy.why_not_linear) > 20 and max(gaps) > 1e-3, gaps
+
+
+@pytest.mark.parametrize("strategy", [c for c in _linearity_cases() if c.values[0].linear])
+def test_a_linear_strategy_aggregates_the_same_from_the_secure_sum_alone(strategy):
+    # Secure aggregation hands the strategy one update: sum_k n_k embed(x_k) / sum_k n_k at r_max
+    # (fedlora.core.secure). For a linear strategy that is its aggregate of the individual updates.
+    from fedlora.core import secure
+    from fedlora.federation import wire
+
+    for server_round in (1, 2):  # RoLoRA: both phases
+        init, plans, updates = round_one(strategy, [8, 4, 2], [3, 5, 11], seed=server_round,
+                                         server_round=server_round)
+        whole = strategy.aggregate(init.adapter, init.state, updates, server_round=server_round)
+        wide = strategy.plan(init.adapter, init.state, client_id=-1, rank=8, server_round=server_round, seed=SEED)
+        start = lm.plan_start(wide, MODULES)
+        keys = wire.uplink_keys(wide, start)
+        plan = secure.layout({k: start[k].shape for k in keys}, 8)
+        total = torch.zeros(secure.vector_size(plan), dtype=torch.float64)
+        for p, u in zip(plans, updates, strict=True):
+            sent = wire.uplink_keys(p, lm.plan_start(p, MODULES))
+            assert sorted(sent) == sorted(keys)  # every client sends the same tensors, at its own rank
+            total += u.num_examples * secure.embed({k: u.state[k] for k in sent}, plan)
+        virtual = secure.mean_update(total, sum(u.num_examples for u in updates), plan, start, scaling=S)
+        alone = strategy.aggregate(init.adapter, init.state, [virtual], server_round=server_round)
+        for key in whole.adapter:
+            gap = float((whole.adapter[key].double() - alone.adapter[key].double()).abs().max())
+            assert gap < 1e-6, (key, gap)
+
+
+def test_embed_and_unembed_are_inverse_and_pad_with_zeros():
+    from fedlora.core import secure
+
+    a, b = lm.lora_a_key("m"), lm.lora_b_key("m")
+    tensors = {a: torch.randn(2, 5), b: torch.randn(3, 2), "head.bias": torch.randn(4)}
+    plan = secure.layout({k: v.shape for k, v in tensors.items()}, 6)
+    assert dict(plan) == {a: (6, 5), b: (3, 6), "head.bias": (4,)}
+    vector = secure.embed(tensors, plan)
+    assert vector.dtype == torch.float64 and vector.numel() == secure.vector_size(plan) == 30 + 18 + 4
+    back = secure.unembed(vector, plan)
+    assert torch.equal(back[a][:2], tensors[a]) and not back[a][2:].any()
+    assert torch.equal(back[b][:, :2], tensors[b]) and not back[b][:, 2:].any()
+    assert torch.equal(back["head.bias"], tensors["head.bias"])
+    with pytest.raises(ValueError, match="tensors"):
+        secure.embed({a: tensors[a]}, plan)
+    with pytest.raises(ValueError, match="larger than the layout"):
+        secure.embed({**tensors, a: torch.randn(7, 5)}, plan)
