@@ -402,3 +402,41 @@ def test_a_causal_lms_examples_are_clipped_on_their_own_tokens() -> None:
     assert math.isfinite(loss)
     after = host.get_state(2)
     assert all(not torch.equal(after[k], start[k]) for k in start)
+
+
+# -- secure aggregation: what it refuses before Ray starts ----------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "rolora", "flora", "lora_fair", "flexlora", "fedex_lora"])
+def test_secure_aggregation_runs_exactly_the_strategies_that_declare_linearity(strategy: str) -> None:
+    overrides = ["privacy=secagg", f"strategy={strategy}"]
+    if strategy in ("fedavg", "ffa_lora", "rolora"):
+        validate(compose(overrides), check_model=False, check_data=False)
+        validate(compose([*overrides[1:], "privacy=dp_sgd", "privacy.secure=true"]), check_model=False,
+                 check_data=False)
+    else:
+        text = _problems(overrides)
+        assert "privacy.secure=True" in text and "not linear in what clients send" in text
+
+
+@pytest.mark.parametrize(("overrides", "named", "fix"), [
+    (["compression=compeft"], "compression='compeft'", "use compression=none"),
+    (["privacy=dp_fedavg", "privacy.secure=true"], "privacy.kind='dp_fedavg'", "privacy=dp_sgd privacy.secure=true"),
+    (["strategy=fedavg", "strategy.padding=owners"], "privacy.secure=True", "use padding=zero"),
+    (["strategy=fedavg", "strategy.weighting=norm"], "privacy.secure=True", "HetLoRA's norm weights"),
+    (["secure_aggregation.num_shares=4"], "secure_aggregation.num_shares=4", "use an odd number, e.g. 5"),
+    (["secure_aggregation.threshold=7", "secure_aggregation.num_shares=5"], "secure_aggregation.threshold=7",
+     "<= secure_aggregation.num_shares=5"),
+    (["num_clients=2"], "secure_aggregation.threshold=3", "a round samples 2 client(s)"),
+    (["secure_aggregation.modulus_range=8388608"], "secure_aggregation.modulus_range=8388608",
+     "would wrap around the modulus"),
+    (["secure_aggregation.quantization_range=4294967296", "secure_aggregation.modulus_range=1099511627776"],
+     "secure_aggregation.quantization_range=4294967296", "below 2**31"),
+    (["secure_aggregation.clipping_range=0"], "secure_aggregation.clipping_range=0", "use a number > 0"),
+    (["secure_aggregation.threshold=1"], "secure_aggregation.threshold=1", "an integer >= 2"),
+    (["strategy=centralized"], "privacy.secure=True", "nothing to sum"),
+])
+def test_secure_aggregation_refuses_what_it_cannot_sum_naming_the_field_and_the_fix(
+        overrides: list[str], named: str, fix: str) -> None:
+    text = _problems(["privacy=secagg", *overrides])
+    assert named in text and fix in text, text

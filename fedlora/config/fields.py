@@ -147,8 +147,11 @@ FIELDS: tuple[Field, ...] = (
     Field("logging.tensorboard", "bool", "use true or false"),
     Field("logging.wandb.enabled", "bool", "use true or false"),
     Field("logging.wandb.mode", "str", "use offline, online or disabled", choices=("offline", "online", "disabled")),
-    Field("privacy.kind", "str", "use privacy=none, privacy=dp_sgd (sample-level, DP-SGD in each client) or "
-          "privacy=dp_fedavg (client-level, on the server)", choices=("none", "dp_sgd", "dp_fedavg")),
+    Field("privacy.kind", "str", "use privacy=none, privacy=dp_sgd (sample-level, DP-SGD in each client), "
+          "privacy=dp_fedavg (client-level, on the server) or privacy=secagg (secure aggregation)",
+          choices=("none", "dp_sgd", "dp_fedavg")),
+    Field("privacy.secure", "bool", "use true (secure aggregation: the server sees only the sum of the updates; "
+          "privacy=secagg) or false"),
     Field("privacy.target_epsilon", "number", "the epsilon over the run: use a number > 0 (for example 8; inf: no "
           "privacy, a sweep's baseline), or null and set privacy.noise_multiplier", low=0, low_open=True,
           optional=True, when=_private, infinite_ok=True),

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedlora.core import seeds
 from fedlora.core.faults import FaultSettings
+from fedlora.core.secure import SecureSettings
 from fedlora.federation.loop import LoopSettings
 from fedlora.federation.sampling import sample_size
 from fedlora.runtime.data.settings import DataSettings
@@ -143,6 +144,13 @@ def _privacy(cfg: Mapping[str, Any]) -> DPSettings | None:
     return _pick(DPSettings, privacy, rounds=int(cfg["num_rounds"]))
 
 
+def _secure(cfg: Mapping[str, Any]) -> SecureSettings | None:
+    """Secure aggregation's settings (``secure_aggregation.*``) when ``privacy.secure`` is on; ``None`` otherwise."""
+    if not (cfg.get("privacy") or {}).get("secure"):
+        return None
+    return _pick(SecureSettings, cfg.get("secure_aggregation") or {})
+
+
 def _client_privacy(cfg: Mapping[str, Any]) -> ClientDPSettings | None:
     """DP-FedAvg's settings (``privacy=dp_fedavg``): its sampling rate is the share of clients a round samples.
 
@@ -171,6 +179,7 @@ class Settings:
     task: TaskSettings
     faults: FaultSettings = field(default_factory=FaultSettings)
     client_dp: ClientDPSettings | None = None  # privacy=dp_fedavg (privacy=dp_sgd is train.dp)
+    secure: SecureSettings | None = None  # secure aggregation (privacy=secagg, or privacy.secure=true)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     eval_batch_size: int = 64
@@ -219,6 +228,7 @@ class Settings:
             model=_pick(ModelSettings, cfg["model"], decoder=task_class(task.kind).decoder),
             data=data, train=_pick(TrainSettings, cfg["train"], dp=_privacy(cfg)), task=task,
             faults=FaultSettings.from_config(cfg.get("faults")), client_dp=_client_privacy(cfg),
+            secure=_secure(cfg),
             simulation=_pick(SimulationSettings, sim, client_cpus=resources.get("num_cpus", 1),
                              client_gpus=resources.get("num_gpus", 0.0)),
             logging=LoggingSettings(tensorboard=bool((cfg.get("logging") or {}).get("tensorboard", True)),

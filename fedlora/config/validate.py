@@ -177,6 +177,75 @@ def _check_privacy(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
               "recomputed activations would confuse; set model.gradient_checkpointing=false")
 
 
+def _check_secure(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """Secure aggregation (``privacy.secure``): what the masked sum can carry and what it takes away.
+
+    The server sees only ``sum_k n_k x_k``, so the strategy's aggregate must be linear in what clients
+    send (its own reason otherwise), a compressed payload would be masked into a dense vector (ComPEFT
+    saves nothing and its decoder needs each client's payload), and the protocol needs clients and
+    enough of them per round; its ring arithmetic needs ``clients per round * levels < modulus``.
+    """
+    privacy = cfg.get("privacy") or {}
+    if privacy.get("secure") is not True:
+        return
+    from fedlora.federation.sampling import sample_size  # noqa: PLC0415
+
+    sec = cfg.get("secure_aggregation") or {}
+    if (cfg.get("transport") or "flower") == "pooled":
+        p.add("privacy.secure", True, "the centralized bound has one learner and nothing to sum; use privacy.secure="
+              "false with strategy=centralized")
+        return
+    if strategy is not None and not getattr(strategy, "linear", False):
+        name = type(strategy).__name__
+        p.add("privacy.secure", True, f"secure aggregation gives the server only the weighted sum of the clients' "
+              f"updates, and {name}'s aggregate is not linear in what clients send: "
+              f"{getattr(strategy, 'why_not_linear', '') or 'it declares no linearity'}. Use strategy=fedavg (zero "
+              "padding, example weights), strategy=ffa_lora or strategy=rolora")
+    if (cfg.get("compression") or {}).get("_target_"):
+        p.add("compression", "compeft", "under secure aggregation each update is masked into a dense vector of "
+              "integers, so ComPEFT's sparsity saves nothing and its decoder would need each client's payload; "
+              "use compression=none with privacy.secure=true")
+    if privacy.get("kind") == "dp_fedavg":
+        p.add("privacy.kind", "dp_fedavg", "client-level DP with secure aggregation needs each client to clip its "
+              "own update against the global adapter at the largest rank before masking, which fedlora does not "
+              "do yet; use privacy=dp_sgd privacy.secure=true (sample-level DP, which composes with the masked "
+              "sum), or privacy=dp_fedavg without privacy.secure")
+    ints = {"num_shares": 3, "threshold": 2, "quantization_range": 2, "modulus_range": 4}
+    for key, low in ints.items():
+        value = sec.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            p.add(f"secure_aggregation.{key}", value, f"use an integer >= {low} (the default is "
+                  f"{ {'num_shares': 5, 'threshold': 3, 'quantization_range': 2**22, 'modulus_range': 2**32}[key]})")
+            return
+    c = sec.get("clipping_range")
+    if isinstance(c, bool) or not isinstance(c, int | float) or not c > 0 or c == float("inf"):
+        p.add("secure_aggregation.clipping_range", c, "use a number > 0 (8.0: LoRA factors and heads stay well "
+              "inside it)")
+        return
+    shares, threshold = sec["num_shares"], sec["threshold"]
+    if shares % 2 == 0:
+        p.add("secure_aggregation.num_shares", shares, f"each client's neighbours on SecAgg+'s ring are itself "
+              f"and as many on each side: use an odd number, e.g. {shares + 1}")
+    if threshold > shares:
+        p.add("secure_aggregation.threshold", threshold, f"must be <= secure_aggregation.num_shares={shares} "
+              "(the shares a secret is split into)")
+    if sec["quantization_range"] >= 2**31:
+        p.add("secure_aggregation.quantization_range", sec["quantization_range"], "Flower's quantization is "
+              "32-bit: use a number of levels below 2**31 (the default 2**22)")
+    try:
+        per_round = sample_size(int(cfg["num_clients"]), float(cfg["fraction_train"]), int(cfg["min_clients"]))
+    except (KeyError, TypeError, ValueError):
+        return  # reported by the fields' own checks
+    if per_round < threshold:
+        p.add("secure_aggregation.threshold", threshold, f"a round samples {per_round} client(s), fewer than the "
+              "threshold, so no round could complete; lower the threshold or sample more clients")
+    if per_round * sec["quantization_range"] >= sec["modulus_range"]:
+        p.add("secure_aggregation.modulus_range", sec["modulus_range"], f"{per_round} clients per round x "
+              f"{sec['quantization_range']} levels would wrap around the modulus; use a modulus_range above "
+              f"{per_round * sec['quantization_range']} (a power of two, e.g. "
+              f"{1 << (per_round * sec['quantization_range']).bit_length()})")
+
+
 def _check_logging(cfg: Mapping[str, Any], p: Problems) -> None:
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
     if wandb.get("enabled") is True:
@@ -315,6 +384,7 @@ def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bo
     ranks = _check_ranks(cfg, p)
     strategy = _check_targets(cfg, p)
     _check_privacy(cfg, strategy, p)
+    _check_secure(cfg, strategy, p)
     _check_transport(cfg, p)
     if check_data and task is not None:
         task.check_data(cfg, p)

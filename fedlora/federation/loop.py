@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
 from fedlora.core import lora_math as lm
-from fedlora.core import seeds, validation
+from fedlora.core import secure, seeds, validation
 from fedlora.core.errors import RunError
 from fedlora.core.metrics import Metric
 from fedlora.core.privacy import ClientLevel, private_mean
@@ -48,7 +48,7 @@ from fedlora.core.types import (
 )
 from fedlora.federation import wire
 from fedlora.federation.sampling import describe_rank_change, sample_clients
-from fedlora.federation.transport import ClientInfo, Exchange, Transport
+from fedlora.federation.transport import ClientInfo, Exchange, SecureExchange, SecureTransport, Transport
 from fedlora.results import checkpoint as ckpt
 from fedlora.results.generations import truncate_generations
 from fedlora.results.plots import plot_run
@@ -205,8 +205,10 @@ class Federation:
     def __init__(self, settings: LoopSettings, *, strategy: Strategy, transport: Transport, model: ServerModel,
                  run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
                  say: Callable[[str], None] = console, stop: threading.Event | None = None,
-                 privacy: PrivacyLedger | None = None, client_dp: ClientLevelLedger | None = None) -> None:
+                 privacy: PrivacyLedger | None = None, client_dp: ClientLevelLedger | None = None,
+                 secure: secure.SecureSettings | None = None) -> None:
         self.settings = settings
+        self.secure = secure  # secure aggregation: the server learns only the sum of the clients' vectors
         self.privacy = privacy
         self.client_dp = client_dp
         self.strategy = strategy
@@ -268,17 +270,24 @@ class Federation:
         """Run round ``server_round``: update ``state`` and return the round's record."""
         s, t_round = self.settings, time.perf_counter()
         sampled = sample_clients(sorted(clients), s.fraction_train, server_round, s.seed, s.min_clients)
-        assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round) for cid in sampled}
+        layout_rank = r_max if self.secure is not None else 0
+        assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round, layout_rank) for cid in sampled}
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
-        exchange = self.transport.exchange(server_round, packets, s.round_timeout)
-        self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
-        rows, updates = self._collect(assignments, exchange, state)
-        spent = self._charge_privacy(clients, state, rows)
-        if self.client_dp is not None:
-            spent = self.client_dp.epsilon(server_round)
         previous = state.adapter
-        skipped, strategy_metrics = self._aggregate(state, updates, server_round, assignments)
-        slots, shared = slot_shares(previous, state.adapter, [u.rank for u in updates])
+        if self.secure is not None:
+            rows, skipped, strategy_metrics, ranks = self._secure_round(clients, state, server_round, r_max,
+                                                                        assignments, packets)
+            spent = self._charge_privacy(clients, state, rows)
+        else:
+            exchange = self.transport.exchange(server_round, packets, s.round_timeout)
+            self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
+            rows, updates = self._collect(assignments, exchange, state)
+            spent = self._charge_privacy(clients, state, rows)
+            if self.client_dp is not None:
+                spent = self.client_dp.epsilon(server_round)
+            skipped, strategy_metrics = self._aggregate(state, updates, server_round, assignments)
+            ranks = [u.rank for u in updates]
+        slots, shared = slot_shares(previous, state.adapter, ranks)
         metrics, eval_seconds = self._evaluate(state, server_round, r_max)
         state.round = server_round
         ok = [rows[c] for c in sorted(rows) if rows[c].status == "ok"]
@@ -303,14 +312,79 @@ class Federation:
             row.epsilon = self.privacy.epsilon(clients[cid].num_examples, state.trained[cid])
         return max(self.privacy.epsilon(clients[cid].num_examples, n) for cid, n in state.trained.items())
 
-    def _assign(self, state: ServerState, cid: int, rank: int, server_round: int) -> wire.Assignment:
-        """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks."""
+    def _assign(self, state: ServerState, cid: int, rank: int, server_round: int,
+                layout_rank: int = 0) -> wire.Assignment:
+        """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks (and in a
+        secure round the rank its vector is padded to, and its quantization seed)."""
         plan = self.strategy.plan(state.adapter, state.strategy_state, client_id=cid, rank=rank,
                                   server_round=server_round, seed=self.settings.seed)
         start = lm.plan_start(plan, self.model.spec(rank).modules)
         first = state.acked.get(cid, 0)
         pending = tuple((i, state.merges[i]) for i in range(first, len(state.merges)))
-        return wire.Assignment(server_round, plan, start, pending, self.resumed_from)
+        quantization = seeds.secure_quantization(self.settings.seed, server_round, cid) if layout_rank else 0
+        return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization)
+
+    def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
+                      assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],
+                      ) -> tuple[dict[int, ClientRow], str | None, dict[str, float], list[int]]:
+        """A round under secure aggregation: the rows (reports in the clear), why the global adapter was
+        kept (``None``: replaced), the strategy's metrics (none: they would describe one update) and the
+        ranks of the clients in the sum.
+
+        The strategy aggregates one update, the weighted mean of the clients' vectors
+        (:mod:`fedlora.core.secure`); per-client checks of an update (shape, finiteness, ``max_norm_ratio``)
+        cannot see a masked vector: each client checks its own before it sends.
+        """
+        assert self.secure is not None
+        transport = self.transport
+        if not hasattr(transport, "secure_exchange"):
+            raise RunError(f"{type(transport).__name__} cannot run secure aggregation; run on Flower (simulation "
+                           "or deployment)")
+        wide = self.strategy.plan(state.adapter, state.strategy_state, client_id=-1, rank=r_max,
+                                  server_round=server_round, seed=self.settings.seed)
+        start = lm.plan_start(wide, self.model.spec(r_max).modules)
+        keys = wire.uplink_keys(wide, start)
+        for cid, a in assignments.items():
+            if wire.uplink_keys(a.plan, a.start) != keys:
+                raise RunError(f"secure aggregation: client {cid} would send {wire.uplink_keys(a.plan, a.start)}, "
+                               f"a client of rank {r_max} {keys}; {type(self.strategy).__name__} cannot be summed")
+        weight = secure.max_weight([clients[c].num_examples for c in clients])
+        sx: SecureExchange = cast(SecureTransport, transport).secure_exchange(
+            server_round, packets, self.settings.round_timeout, self.secure, weight,
+            seed=seeds.secure_ring(self.settings.seed, server_round).getrandbits(62))
+        self._check_stop(state.round)
+        rows: dict[int, ClientRow] = {}
+        for cid in sorted(assignments):
+            rows[cid] = row = ClientRow(client=cid, rank=assignments[cid].plan.rank,
+                                        bytes_down=int(sx.bytes_down.get(cid, 0)))
+            row.bytes_up = int(sx.bytes_up.get(cid, 0))
+            if cid in sx.reports:
+                state.acked[cid] = len(state.merges)
+                try:
+                    report = wire.decode_report(sx.reports[cid].metrics)
+                except (KeyError, ValueError, TypeError) as exc:  # its vector is in the sum all the same
+                    row.error = f"its report could not be read ({type(exc).__name__}: {exc})"
+                    continue
+                row.num_examples, row.train_loss = report.num_examples, report.train_loss
+                row.train_seconds, row.base_version = report.train_seconds, report.base_version
+            else:
+                row.fail(sx.dropped.get(cid) or sx.failure or "not in the secure sum")
+        in_sum = sorted(sx.reports)
+        ranks = [assignments[c].plan.rank for c in in_sum]
+        min_fit = self.settings.min_fit_clients
+        if sx.weighted_sum is None:
+            return rows, f"secure aggregation failed: {sx.failure}; the global adapter is kept", {}, []
+        if len(in_sum) < min_fit:
+            return rows, (f"{len(in_sum)} update(s) in the secure sum, fewer than min_fit_clients={min_fit}: the "
+                          "global adapter is kept"), {}, []
+        plan = secure.layout({k: tuple(start[k].shape) for k in keys}, r_max)
+        mean = secure.mean_update(torch.from_numpy(sx.weighted_sum), sx.total_weight, plan, start,
+                                  scaling=self.model.scaling(r_max))
+        result = self.strategy.aggregate(state.adapter, state.strategy_state, [mean], server_round=server_round)
+        if result.merge is not None or not validation.is_finite_state(result.adapter):
+            return rows, "the aggregate of the secure sum is not finite: the global adapter is kept", {}, []
+        state.adapter, state.strategy_state = result.adapter, dict(result.state)
+        return rows, None, {}, ranks
 
     def _collect(self, assignments: Mapping[int, wire.Assignment], exchange: Exchange, state: ServerState,
                  ) -> tuple[dict[int, ClientRow], list[ClientUpdate]]:
@@ -509,6 +583,13 @@ class Federation:
             text += f" + {type(self.compressor).__name__} ({words})"
         if self.privacy is not None:
             text += f"; {self.privacy.describe([c.num_examples for c in clients.values()])}"
+        if self.secure is not None:
+            sec = self.secure
+            text += (f"; secure aggregation (SecAgg+, {sec.num_shares} shares, threshold {sec.threshold}, entries "
+                     f"clipped to +-{sec.clipping_range:g} and quantized to {sec.quantization_range} levels; the "
+                     "server sees only the sum, so no per-client check: each client checks its own update"
+                     + (f", and max_norm_ratio={self.settings.max_norm_ratio:g} is not applied)"
+                        if self.settings.max_norm_ratio is not None else ")"))
         if self.client_dp is not None:
             text += f"; {self.client_dp.describe()}"
             if self.settings.max_norm_ratio is not None:

@@ -18,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
+from fedlora.core.secure import SecureSettings
 from fedlora.federation.wire import Packet
 
 
@@ -50,6 +53,26 @@ class Exchange:
     replies: Mapping[int, Delivery]
 
 
+@dataclass(frozen=True)
+class SecureExchange:
+    """A secure round's traffic: what the server learns under secure aggregation, and no more.
+
+    ``weighted_sum`` is ``sum_k n_k x_k`` (float64) and ``total_weight`` ``sum_k n_k`` over the
+    clients in ``reports`` (each one's report, sent in the clear; their vectors went only into the
+    sum); ``None`` when the sum could not be recovered (``failure`` says why). ``dropped`` names
+    every other sampled client with the stage and reason it left at. Bytes are every message of
+    every stage, per client.
+    """
+
+    bytes_down: Mapping[int, int]
+    bytes_up: Mapping[int, int]
+    reports: Mapping[int, Packet]
+    dropped: Mapping[int, str]
+    weighted_sum: np.ndarray | None = None
+    total_weight: float = 0.0
+    failure: str | None = None
+
+
 class Transport(Protocol):
     """Carries the loop's packets to clients and their replies back."""
 
@@ -70,4 +93,15 @@ class Transport(Protocol):
 
     def describe(self, clients: Mapping[int, ClientInfo]) -> str:
         """Who takes part, for the run's first console line."""
+        ...
+
+
+class SecureTransport(Transport, Protocol):
+    """A transport that can also run a round under secure aggregation (Flower's Grid does)."""
+
+    def secure_exchange(self, server_round: int, packets: Mapping[int, Packet], timeout: float,
+                        secure: SecureSettings, weight: int, seed: int) -> SecureExchange:
+        """Run SecAgg+ over the clients of ``packets``: each gets its packet in the protocol's training
+        stage and answers a vector (``weight`` ``W`` is the example count that weighs 1, ``seed`` places
+        the clients on the protocol's ring). ``timeout`` bounds each stage."""
         ...

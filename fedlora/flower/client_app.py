@@ -45,15 +45,17 @@ import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from fedlora.federation import keys
 from fedlora.flower.records import arrays_to_record, record_to_arrays
+from fedlora.flower.secagg import as_vector_reply, is_secure, optional_secaggplus_mod
 from fedlora.serving import node_protocol as proto
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ def request_frame(kind: str, msg: Message, context: Context) -> Frame:
     config: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     for name, record in msg.content.items():
+        if name == RECORD_KEY_CONFIGS:  # SecAgg+'s, read by its mod
+            continue
         if isinstance(record, ArrayRecord):
             records[name] = record_to_arrays(record)
         elif isinstance(record, ConfigRecord):
@@ -81,6 +85,8 @@ def request_frame(kind: str, msg: Message, context: Context) -> Frame:
     state_arrays: dict[str, dict[str, np.ndarray]] = {}
     state_configs: dict[str, dict[str, Any]] = {}
     for name, record in context.state.items():
+        if name == RECORD_KEY_STATE:  # SecAgg+'s keys and shares: its mod's, left where they are
+            continue
         if isinstance(record, ArrayRecord):
             state_arrays[name] = record_to_arrays(record)
         elif isinstance(record, ConfigRecord):
@@ -208,7 +214,7 @@ def serve(kind: str, msg: Message, context: Context, settings: Settings | None) 
 
 def make_client_app(settings: Settings | None = None) -> ClientApp:
     """Build the ClientApp; ``settings`` of the run (``None``: read them from the run config)."""
-    app = ClientApp()
+    app = ClientApp(mods=[optional_secaggplus_mod])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -216,7 +222,13 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return serve("train", msg, context, settings)
+        reply = serve("train", msg, context, settings)
+        if not is_secure(msg):
+            return reply
+        # a secure round: the mod quantizes (stochastically, from NumPy's global generator) and masks
+        # the vector as soon as this returns; seeded from the message so a rerun or resume sums the same
+        np.random.seed(int(cast(int, msg.content.config_records[keys.CONFIG][keys.SECURE_SEED])) % 2**32)  # noqa: NPY002
+        return Message(as_vector_reply(reply.content, keys.SECURE, keys.METRICS, keys.NUM_EXAMPLES), reply_to=msg)
 
     return app
 

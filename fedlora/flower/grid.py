@@ -19,18 +19,23 @@ actors load the model before round 1) and checks that their answers equal what i
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import cast
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedlora.core.errors import RunError
+from fedlora.core.secure import SecureSettings
 from fedlora.federation import wire
 from fedlora.federation.sampling import describe_ranks
-from fedlora.federation.transport import ClientInfo, Delivery, Exchange
+from fedlora.federation.transport import ClientInfo, Delivery, Exchange, SecureExchange
 from fedlora.flower.records import content_bytes, to_content, to_packet
+from fedlora.flower.secagg import FITRES_METRICS, SecAggError, SecAggSettings, secure_sum
 from fedlora.serving.progress import RoundProgress
 
 
@@ -231,6 +236,41 @@ class GridTransport:
             else:
                 delivered[cid] = Delivery(packet=to_packet(reply.content), bytes_up=content_bytes(reply.content))
         return Exchange(sizes, delivered)
+
+    def secure_exchange(self, server_round: int, packets: Mapping[int, wire.Packet], timeout: float,
+                        secure: SecureSettings, weight: int, seed: int) -> SecureExchange:
+        """One round of SecAgg+ (:func:`fedlora.flower.secagg.secure_sum`) over the clients of ``packets``."""
+        client_of = {self.node_of[cid]: cid for cid in packets}
+        down, up = dict.fromkeys(packets, 0), dict.fromkeys(packets, 0)
+        stage = [0]
+
+        def send(messages: Iterable[Message], wait: float) -> list[Message]:
+            batch = list(messages)
+            for m in batch:
+                down[client_of[m.metadata.dst_node_id]] += content_bytes(m.content)
+            stage[0] += 1
+            label = f"{self.round_label(server_round)}, secure stage {stage[0]}/4"
+            replies = self.send_and_receive(batch, wait, label=label)
+            for r in replies:
+                if not r.has_error() and r.metadata.src_node_id in client_of:
+                    up[client_of[r.metadata.src_node_id]] += content_bytes(r.content)
+            return replies
+
+        settings = SecAggSettings(**dataclasses.asdict(secure), max_weight=weight, timeout=timeout)
+        training = {self.node_of[cid]: to_content(packet) for cid, packet in packets.items()}
+        try:
+            result = secure_sum(send, sorted(training), training, settings, group_id=str(server_round),
+                                rng=random.Random(seed))
+        except SecAggError as exc:
+            return SecureExchange(down, up, {}, {}, failure=str(exc))
+        reports = {client_of[node]: wire.Packet(metrics=cast(dict[str, int | float],
+                                                             dict(reply.content.config_records[FITRES_METRICS])))
+                   for node, reply in result.replies.items()}
+        dropped = {client_of[node]: (f"dropped out of secure aggregation at its {stage_name} stage"
+                                     + (f": {clean_reason(result.errors[node])}" if node in result.errors else
+                                        f" (no reply within round_timeout={timeout:g} s)"))
+                   for node, stage_name in result.dropped.items() if node in client_of}
+        return SecureExchange(down, up, reports, dropped, result.weighted_sum, result.total_weight)
 
     def describe(self, clients: Mapping[int, ClientInfo]) -> str:
         """How many clients connected and their ranks."""

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
@@ -111,6 +113,7 @@ class SecureSum:
     total_weight: float  # sum_k n_k over the contributors
     contributors: list[int]  # node ids whose vectors are in the sum (S3)
     dropped: dict[int, str] = field(default_factory=dict)  # node id -> the stage it dropped at
+    errors: dict[int, str] = field(default_factory=dict)  # node id -> the error it replied with (if it did)
     replies: dict[int, Message] = field(default_factory=dict)  # S3's stage-2 replies (their other records)
 
 
@@ -129,6 +132,30 @@ def vector_reply(vector: np.ndarray, num_examples: int, metrics: Mapping[str, fl
     })
 
 
+def is_secure(msg: Message) -> bool:
+    """Whether ``msg`` is a stage of SecAgg+ (a training message carrying the protocol's config record)."""
+    return msg.metadata.message_type == TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def optional_secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a secure round; every other message passes by.
+
+    The ClientApp always has it: whether a round is secure is the server's choice, per message.
+    """
+    if is_secure(msg):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def as_vector_reply(content: RecordDict, vector_record: str, metrics_record: str, num_examples_key: str,
+                    ) -> RecordDict:
+    """A secure round's reply content (the vector in ``vector_record``, the report in ``metrics_record``)
+    in the layout the mod reads (:func:`vector_reply`); the report travels in the clear."""
+    vector = next(iter(content.array_records[vector_record].values())).numpy()
+    metrics = cast(dict[str, float | int], dict(content.metric_records[metrics_record]))
+    return vector_reply(vector, int(metrics[num_examples_key]), metrics)
+
+
 SendAndReceive = Callable[[Iterable[Message], float], Iterable[Message]]
 
 
@@ -139,10 +166,19 @@ def _message(node: int, configs: dict[str, Any], group_id: str, extra: RecordDic
 
 
 def _exchange(send: SendAndReceive, messages: list[Message], timeout: float, stage: str,
-              dropped: dict[int, str]) -> dict[int, Message]:
-    """Send, keep the replies without error, mark every other destination dropped at ``stage``."""
+              dropped: dict[int, str], errors: dict[int, str] | None = None) -> dict[int, Message]:
+    """Send, keep the replies without error, mark every other destination dropped at ``stage`` (and
+    keep an error reply's reason in ``errors``)."""
     asked = {m.metadata.dst_node_id for m in messages}
-    good = {r.metadata.src_node_id: r for r in send(messages, timeout) if not r.has_error()}
+    good: dict[int, Message] = {}
+    replies = list(send(messages, timeout))
+    node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
+    for reply in replies:
+        if not reply.has_error():
+            good[reply.metadata.src_node_id] = reply
+        elif errors is not None:  # a SuperLink answers for a node it lost: named by the message it answers
+            node = node_of_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            errors[node] = str(reply.error.reason)
     for node in sorted(asked - set(good)):
         dropped[node] = stage
     return {n: good[n] for n in sorted(good) if n in asked}
@@ -159,7 +195,7 @@ def secure_sum(send: SendAndReceive, nodes: Sequence[int], training: Mapping[int
     ``send`` is ``Grid.send_and_receive`` (or a stand-in); ``rng`` places the nodes on the ring.
     Raises :class:`SecAggError` when fewer than ``threshold`` nodes (or shares) are left.
     """
-    s, dropped = settings, {}
+    s, dropped, errors = settings, cast(dict[int, str], {}), cast(dict[int, str], {})
     shares = min(s.num_shares, len(nodes))
     setup = {Key.SAMPLE_NUMBER: len(nodes), Key.SHARE_NUMBER: shares, Key.THRESHOLD: s.threshold,
              Key.CLIPPING_RANGE: float(s.clipping_range), Key.TARGET_RANGE: int(s.quantization_range),
@@ -168,7 +204,7 @@ def secure_sum(send: SendAndReceive, nodes: Sequence[int], training: Mapping[int
         raise SecAggError(f"secure aggregation needs at least threshold={s.threshold} nodes, {len(nodes)} sampled")
     # stage 0: public keys
     got = _exchange(send, [_message(n, {Key.STAGE: Stage.SETUP, **setup}, group_id) for n in nodes],
-                    s.timeout, Stage.SETUP, dropped)
+                    s.timeout, Stage.SETUP, dropped, errors)
     keys = {n: (cast(bytes, _configs(r)[Key.PUBLIC_KEY_1]), cast(bytes, _configs(r)[Key.PUBLIC_KEY_2]))
             for n, r in got.items()}
     _enough(keys, s.threshold, Stage.SETUP)
@@ -179,7 +215,7 @@ def secure_sum(send: SendAndReceive, nodes: Sequence[int], training: Mapping[int
     # stage 1: encrypted shares of each node's secrets for its neighbours
     got = _exchange(send, [_message(n, {Key.STAGE: Stage.SHARE_KEYS,
                                         **{str(m): list(keys[m]) for m in neighbours[n]}}, group_id)
-                           for n in ring], s.timeout, Stage.SHARE_KEYS, dropped)
+                           for n in ring], s.timeout, Stage.SHARE_KEYS, dropped, errors)
     _enough(got, s.threshold, Stage.SHARE_KEYS)
     inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in got}
     for src, reply in got.items():
@@ -193,7 +229,7 @@ def secure_sum(send: SendAndReceive, nodes: Sequence[int], training: Mapping[int
     # stage 2: train, mask, sum
     got = _exchange(send, [_message(n, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: inbox[n][1],
                                         Key.SOURCE_LIST: inbox[n][0]}, group_id, training[n]) for n in sorted(shared)],
-                    s.timeout, Stage.COLLECT_MASKED_VECTORS, dropped)
+                    s.timeout, Stage.COLLECT_MASKED_VECTORS, dropped, errors)
     _enough(got, s.threshold, Stage.COLLECT_MASKED_VECTORS)
     total: list[np.ndarray] | None = None
     for reply in got.values():
@@ -207,7 +243,7 @@ def secure_sum(send: SendAndReceive, nodes: Sequence[int], training: Mapping[int
     got = _exchange(send, [_message(n, {Key.STAGE: Stage.UNMASK,
                                         Key.ACTIVE_NODE_ID_LIST: sorted(neighbours[n] & survivors),
                                         Key.DEAD_NODE_ID_LIST: sorted(neighbours[n] & lost)}, group_id)
-                           for n in sorted(survivors)], s.timeout, Stage.UNMASK, dropped)
+                           for n in sorted(survivors)], s.timeout, Stage.UNMASK, dropped, errors)
     collected: dict[int, list[bytes]] = {n: [] for n in shared}
     for reply in got.values():
         cfg = _configs(reply)
@@ -233,7 +269,7 @@ def secure_sum(send: SendAndReceive, nodes: Sequence[int], training: Mapping[int
     weighted = dequantize(vector, s.clipping_range, s.quantization_range)[0].astype(np.float64)
     weighted += -(len(survivors) - 1) * s.clipping_range  # each survivor's shift by +c, but one
     return SecureSum(weighted_sum=weighted * s.max_weight, total_weight=float(q_total) * s.max_weight
-                     / s.quantization_range, contributors=sorted(survivors), dropped=dropped,
+                     / s.quantization_range, contributors=sorted(survivors), dropped=dropped, errors=errors,
                      replies=dict(stage_two))
 
 

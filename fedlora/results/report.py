@@ -254,17 +254,20 @@ def privacy_label(privacy: dict[str, Any]) -> str:
     '+dp_sgd(eps=3)'
     >>> privacy_label({"kind": "dp_sgd", "target_epsilon": float("inf")})
     ''
+    >>> privacy_label({"kind": "dp_sgd", "target_epsilon": 3.0, "secure": True})
+    '+dp_sgd(eps=3)+secagg'
     """
     kind = privacy.get("kind", "none")
     eps, sigma = privacy.get("target_epsilon"), privacy.get("noise_multiplier")
+    secagg = "+secagg" if privacy.get("secure") is True else ""
     if kind == "none" or eps == math.inf:
-        return ""
+        return secagg
     budget = (f"eps={eps:g}" if isinstance(eps, int | float) else
               f"z={sigma:g}" if isinstance(sigma, int | float) else "")
     clip = privacy.get("clip")
     if kind == "dp_fedavg" and isinstance(clip, int | float):
         budget += f",C={clip:g}"
-    return f"+{kind}({budget})"
+    return f"+{kind}({budget}){secagg}"
 
 
 # --------------------------------------------------------------------------------------- summarize

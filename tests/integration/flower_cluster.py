@@ -52,8 +52,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
 class LocalCluster:
     """SuperLink and SuperNodes as real processes; ``close()`` kills them all by PID."""
 
-    def __init__(self, root: Path, *, tls: bool = False, auth: bool = False, standby: bool = True) -> None:
+    def __init__(self, root: Path, *, tls: bool = False, auth: bool = False, standby: bool = True,
+                 node_keys: int = 2) -> None:
         self.root = root
+        self.node_keys = node_keys  # with TLS: node-1.key ... node-<n>.key (and .pub) are created
         self.home = root / "flwr_home"
         self.certs = root / "certs"
         self.logs = root / "logs"
@@ -137,7 +139,7 @@ class LocalCluster:
         if self.tls:
             from fedlora.cli import certs
 
-            certs.create(self.certs, nodes=2, names=[], days=1)
+            certs.create(self.certs, nodes=self.node_keys, names=[], days=1)
             security = ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile",
                         str(self.certs / "server.crt"), "--ssl-keyfile", str(self.certs / "server.key")]
         else:

@@ -1,0 +1,78 @@
+"""Secure aggregation in a run: real Flower simulation (Ray), real ClientApps with Flower's SecAgg+ mod.
+
+A secure round's aggregate equals the plain run's within the quantization bound
+(:func:`fedlora.core.secure.error_bound`), also when a client drops out mid-protocol (here: it
+refuses its own non-finite update in the masked-vector stage, after its key shares went out); a
+rerun sums bit for bit the same (the quantization is seeded); what the server records is what it
+can know (reports and bytes per client, no per-client vector).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_fedlora
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+ONE_ROUND = [*TINY, "num_rounds=1", "logging.tensorboard=false"]
+
+
+def _run(run_dir: Path, extra: list[str]) -> tuple[dict[str, torch.Tensor], list[dict], str]:
+    out = run_fedlora([*ONE_ROUND, *extra], run_dir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors")), rows, out.stdout + out.stderr
+
+
+def _bound(rows: list[dict], clients: int) -> float:
+    from fedlora.core.secure import SecureSettings, error_bound, max_weight
+
+    ok = [c for c in rows[1]["clients"] if c["status"] == "ok"]
+    weight = max_weight([c["num_examples"] for c in rows[1]["clients"] if c.get("num_examples")])
+    return error_bound(SecureSettings(), weight, sum(c["num_examples"] for c in ok), clients)
+
+
+def _gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora"])
+def test_a_secure_round_aggregates_what_the_plain_round_does_and_reruns_bitwise(strategy: str,
+                                                                                tmp_path: Path) -> None:
+    plain, _, _ = _run(tmp_path / "plain", [f"strategy={strategy}"])
+    secure, rows, log = _run(tmp_path / "secure", [f"strategy={strategy}", "privacy=secagg"])
+    assert "secure aggregation (SecAgg+" in log and "max_norm_ratio=10 is not applied" in log
+    row = rows[1]
+    assert row["num_ok"] == 3 and "aggregation_skipped" not in row and not row.get("strategy")
+    for client in row["clients"]:
+        # every stage's messages count; the masked vector is the rank-8 layout whatever the client's rank
+        assert client["status"] == "ok" and client["bytes_up"] > 0 and client["num_examples"] > 0
+    up = [c["bytes_up"] for c in row["clients"]]  # the same layout for ranks 2, 4 and 8 (reports differ a little)
+    assert max(up) - min(up) < 100 < min(up)
+    bound = _bound(rows, 3)
+    assert 0 < _gap(plain, secure) <= bound, (_gap(plain, secure), bound)
+    again, _, _ = _run(tmp_path / "again", [f"strategy={strategy}", "privacy=secagg"])
+    assert _gap(secure, again) == 0.0
+
+
+def test_a_client_dropping_out_mid_protocol_leaves_the_sum_of_the_others(tmp_path: Path) -> None:
+    # 4 clients, client 1 sends a non-finite update: the plain server rejects it; under secure
+    # aggregation the client refuses to send it (the server could not), so it drops out at the
+    # masked-vector stage after its shares went out, and the server removes its pairwise masks.
+    extra = ["num_clients=4", "ranks.tiers=[2,4,8,8]", "faults.corrupt={1: nan}",
+             "secure_aggregation.num_shares=3", "secure_aggregation.threshold=2"]
+    plain, plain_rows, _ = _run(tmp_path / "plain", extra)
+    secure, rows, log = _run(tmp_path / "secure", [*extra, "privacy=secagg"])
+    assert [c["status"] for c in plain_rows[1]["clients"]] == ["ok", "rejected", "ok", "ok"]
+    dropped = rows[1]["clients"][1]
+    assert dropped["status"] == "failed" and "collect_masked_vectors stage" in dropped["error"]
+    assert "non-finite" in dropped["error"] and "client 1 failed" in log
+    assert [c["status"] for c in rows[1]["clients"]] == ["ok", "failed", "ok", "ok"]
+    bound = _bound(rows, 3)
+    assert 0 < _gap(plain, secure) <= bound, (_gap(plain, secure), bound)
