@@ -1,4 +1,4 @@
-"""Benchmark 7: what privacy costs: a client's round with DP-SGD, the server's DP-FedAvg aggregate, the bytes.
+"""Benchmark 7: what privacy costs: DP-SGD in a client's round, DP-FedAvg's and SecAgg+'s aggregation, the bytes.
 
 1. **Local training** (``privacy=dp_sgd``): one client's round of the default task (MiniLM, its
    Dirichlet partition, ``train.local_steps`` AdamW steps at ``train.batch_size``) timed with plain
@@ -8,8 +8,16 @@
    client for its image, clipping, noise) against the strategy's own ``aggregate``, FedAvg and
    FFA-LoRA, on the default task's adapter shapes (12 modules of 384 x 384) and on LLaMA-7B-shaped
    ones (64 modules of 4096 x 4096), 10 clients at ranks 2/4/8/16.
-3. **Runs** (``--runs``): the quick setting (3 clients, 3 rounds) with ``privacy=none``, ``dp_sgd`` and
-   ``dp_fedavg``: median round seconds and the bytes up and down per round (what each mode adds on the wire).
+3. **Secure aggregation's protocol** (``privacy=secagg``): SecAgg+ in-process over 10 real ClientApps
+   with Flower's mod, each answering a fixed vector of the default task's rank-16 layout (its
+   uplink at rank 16: 12 modules' ``A`` and ``B`` and the head) and of a LLaMA-7B-shaped rank-16
+   layout (8 of its 64 modules with ``--quick``), against the plain weighted sum of the same
+   vectors: the protocol's own cost, both sides in one process (the clients' keys, shares, masks and
+   quantization and the server's unmasking), no training, no network; and the same with one client
+   dropping after it shared its keys.
+4. **Runs** (``--runs``): the quick setting (3 clients, 3 rounds) with ``privacy=none``, ``dp_sgd``,
+   ``dp_fedavg`` and ``secagg``: median round seconds and the bytes up and down per round (what each
+   mode adds on the wire).
 
     PYTHONPATH=. python bench/privacy.py [--quick] [--runs] [--json out.json]
 """
@@ -132,9 +140,9 @@ def aggregation(repeats: int, quick: bool) -> list[dict[str, Any]]:
 
 
 def runs(work: Path) -> list[dict[str, Any]]:
-    """Item 3: the quick federation with each privacy mode: round time and bytes per round."""
+    """Item 4: the quick federation with each privacy mode: round time and bytes per round."""
     out = []
-    for mode in ("none", "dp_sgd", "dp_fedavg"):
+    for mode in ("none", "dp_sgd", "dp_fedavg", "secagg"):
         overrides = [*QUICK, "num_rounds=3", f"privacy={mode}", "strategy=fedavg"]
         result = run_fedlora(overrides, work / f"privacy_{mode}")
         rounds = result["rows"][1:]
@@ -147,6 +155,77 @@ def runs(work: Path) -> list[dict[str, Any]]:
               f"{row['bytes_up_per_round']:.0f} B, down {row['bytes_down_per_round']:.0f} B per round, "
               f"epsilon {row['dp_epsilon']}", flush=True)
         out.append(row)
+    return out
+
+
+def _secagg_nodes(n: int, size: int) -> tuple[Any, dict[int, Any], dict[int, Any]]:
+    """``n`` ClientApps with Flower's SecAgg+ mod, node ``i`` answering a fixed vector of ``size`` entries."""
+    import numpy as np
+    from flwr.app import Context, Message, RecordDict
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    from fedlora.flower.secagg import vector_reply
+
+    vectors = {i: np.random.default_rng(i).normal(0.0, 0.05, size) for i in range(1, n + 1)}
+    contexts = {i: Context(run_id=1, node_id=i, node_config={}, state=RecordDict(), run_config={}) for i in vectors}
+    app = ClientApp(mods=[secaggplus_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(vector_reply(vectors[context.node_id], 100 + context.node_id), reply_to=msg)
+
+    return app, contexts, vectors
+
+
+def _secagg_send(app: Any, contexts: dict[int, Any], drop: int | None, messages: Any, _timeout: float) -> list[Any]:
+    """Deliver each message to its node's ClientApp; node ``drop`` vanishes after it shared its keys."""
+    replies = []
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        if node == drop and msg.content.config_records["secaggplus_configs"]["stage"] == "collect_masked_vectors":
+            continue  # its pairwise masks must be removed by the others' shares
+        replies.append(app(msg, contexts[node]))
+    return replies
+
+
+def _weighted_sum(vectors: dict[int, Any]) -> Any:
+    return sum((100 + n) * v for n, v in vectors.items())
+
+
+def secure_protocol(repeats: int, quick: bool) -> list[dict[str, Any]]:
+    """Item 3: SecAgg+ over 10 in-process ClientApps against the plain weighted sum of the same vectors."""
+    import logging
+    import random
+
+    from flwr.app import RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.core import secure
+    from fedlora.flower.secagg import SecAggSettings, secure_sum
+
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1  # what a ServerApp has
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the mod logs every stage of every node at DEBUG
+    layouts = {"default task, rank 16 (12 x 384x384 + head)":
+               {**{lm.lora_a_key(f"m{i}"): (16, 384) for i in range(12)},
+                **{lm.lora_b_key(f"m{i}"): (384, 16) for i in range(12)}, "head.weight": (5, 384), "head.bias": (5,)},
+               "LLaMA-7B, rank 16 (64 x 4096x4096)":
+               {**{lm.lora_a_key(f"m{i}"): (16, 4096) for i in range(8 if quick else 64)},
+                **{lm.lora_b_key(f"m{i}"): (4096, 16) for i in range(8 if quick else 64)}}}
+    out = []
+    for name, shapes in layouts.items():
+        size = secure.vector_size(secure.layout(shapes, 16))
+        app, contexts, vectors = _secagg_nodes(10, size)
+        for drop in (None, 3):
+            send = functools.partial(_secagg_send, app, contexts, drop)
+            protocol = functools.partial(secure_sum, send, sorted(vectors), {n: RecordDict() for n in vectors},
+                                         SecAggSettings(max_weight=128), group_id="1", rng=random.Random(0))
+            plain = functools.partial(_weighted_sum, vectors)
+            row = {"layout": name, "entries": size, "clients": 10, "dropped": 0 if drop is None else 1,
+                   "secure": _times(protocol, repeats), "plain_sum": _times(plain, repeats)}
+            print(f"  {name}, {size} entries, 10 clients{', one dropping' if drop else ''}: SecAgg+ "
+                  f"{row['secure']['median']:.2f} s, plain sum {row['plain_sum']['median']:.4f} s", flush=True)
+            out.append(row)
     return out
 
 
@@ -163,9 +242,11 @@ def main() -> None:
     results["local_training"] = local_training(repeats, args.quick)
     print("2. the server's aggregate, plain and with DP-FedAvg", flush=True)
     results["aggregation"] = aggregation(repeats, args.quick)
+    print("3. secure aggregation's protocol, in-process", flush=True)
+    results["secure_protocol"] = secure_protocol(repeats, args.quick)
     work = Path(tempfile.mkdtemp(prefix="fedlora-bench-privacy-"))
     if args.runs:
-        print("3. the quick federation with each privacy mode", flush=True)
+        print("4. the quick federation with each privacy mode", flush=True)
         results["runs"] = runs(work)
     write_results(results, args.json, work)
 
