@@ -76,3 +76,35 @@ def test_a_client_dropping_out_mid_protocol_leaves_the_sum_of_the_others(tmp_pat
     assert [c["status"] for c in rows[1]["clients"]] == ["ok", "failed", "ok", "ok"]
     bound = _bound(rows, 3)
     assert 0 < _gap(plain, secure) <= bound, (_gap(plain, secure), bound)
+
+
+COMPATIBLE = {  # every strategy x privacy mode that validation lets through (tests/test_privacy.py refuses the rest)
+    "privacy=dp_sgd": "fedavg,ffa_lora,rolora,flora,lora_fair,flexlora,fedex_lora,centralized",
+    "privacy=dp_fedavg": "fedavg,ffa_lora,rolora",
+    "privacy=secagg": "fedavg,ffa_lora,rolora",
+    "privacy=dp_sgd privacy.secure=true": "fedavg,ffa_lora,rolora",
+}
+
+
+@pytest.mark.parametrize("mode", list(COMPATIBLE))
+def test_every_compatible_strategy_and_privacy_mode_runs_end_to_end(mode: str, tmp_path: Path) -> None:
+    import subprocess
+
+    from conftest import FEDLORA, ROOT
+
+    sweep = tmp_path / "sweep"
+    strategies = COMPATIBLE[mode].split(",")
+    out = subprocess.run([FEDLORA, "-m", *ONE_ROUND, *mode.split(), f"strategy={COMPATIBLE[mode]}",
+                          f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == len(strategies), [p.name for p in jobs]
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+        assert rows[1]["num_ok"] >= 1 and "aggregation_skipped" not in rows[1], (job.name, rows[1])
+        assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+        private = "dp_" in mode
+        assert (summary.get("dp_epsilon") is not None) == private, (job.name, summary)
+        if "secagg" in mode or "secure=true" in mode:
+            assert all(c["bytes_up"] > 0 for c in rows[1]["clients"]) and not rows[1].get("strategy")
