@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import FEDLORA, ROOT
 
 
@@ -35,3 +36,31 @@ def test_printing_the_config_claims_no_directory(tmp_path: Path) -> None:
         out = subprocess.run([FEDLORA, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), args
+
+
+def test_an_experiment_sweep_leaves_only_its_own_directory(tmp_path: Path) -> None:
+    # experiment=privacy sets its own hydra.sweep.dir; OmegaConf's merge over config.yaml's resolves
+    # (claims) runs/sweep_<time> once per job composition: each job releases what it does not use.
+    out = subprocess.run([FEDLORA, "-m", "experiment=privacy", "seed=0", "strategy=fedavg,ffa_lora",
+                          "num_clients=0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "num_clients=0" in out.stderr, out.stderr[-2000:]
+    left = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(left) == 1 and left[0].startswith("privacy_"), left
+    assert (tmp_path / "runs" / left[0] / "0_fedavg_epsinf_seed0" / "FAILED").is_file()
+
+
+def test_release_keeps_the_used_directory_its_parents_and_anything_written_into(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from fedlora.cli import rundir
+
+    monkeypatch.setattr(rundir, "_claimed", {})  # this process's claims of other tests are not this test's
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep, stray, written = (rundir.claim(f"{tmp}/{n}") for n in ("sweep", "stray", "written"))
+        (Path(written) / "x").write_text("kept")
+        job = Path(sweep) / "0_job"
+        job.mkdir()
+        assert rundir.release_unused(job) == [Path(stray).resolve()]
+        assert Path(sweep).is_dir() and Path(written).is_dir() and not Path(stray).exists()
+        assert rundir.claim(f"{tmp}/stray") == stray and not Path(stray).exists()  # remembered, not re-created

@@ -24,7 +24,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedlora.cli.rundir import FAILED, mark_failed, register_resolvers  # noqa: E402
+from fedlora.cli.rundir import FAILED, mark_failed, register_resolvers, release_unused  # noqa: E402
 from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
 
@@ -135,6 +135,7 @@ def hydra_main(cfg: DictConfig) -> float:
     from fedlora.serving.signals import Stop  # noqa: PLC0415
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    release_unused(run_dir)  # names an experiment's composition claimed and does not use (fedlora/cli/rundir.py)
     resuming = bool(OmegaConf.select(cfg, "resume"))
     try:
         container = prepare(cfg, run_dir)

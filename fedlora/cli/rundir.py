@@ -34,6 +34,28 @@ def claim(candidate: str) -> str:
     return str(path)
 
 
+def release_unused(used: Path) -> list[Path]:
+    """Remove the directories this process claimed and does not use: empty, and neither ``used`` (the
+    job's output directory) nor one of its parents. Return them.
+
+    OmegaConf dereferences an interpolation it merges a config over, so an experiment that sets its own
+    ``hydra.sweep.dir`` (``experiment=privacy``: ``runs/privacy_<time>``) makes every composition of a
+    job claim ``config.yaml``'s ``runs/sweep_<time>`` too, which would stay behind empty. The name stays
+    remembered: a later resolution in this process answers it without creating the directory again.
+    """
+    used = used.resolve()
+    released = []
+    for path in sorted({Path(p).resolve() for p in _claimed.values()}):
+        if path == used or path in used.parents:
+            continue
+        try:
+            path.rmdir()  # only an empty directory: a claimed one that something wrote into stays
+        except OSError:
+            continue
+        released.append(path)
+    return released
+
+
 # Hydra flags that only print (the config, Hydra's info, help): the directory names they resolve are
 # not claimed, so `fedlora --cfg job` leaves no empty runs/sweep_<time> behind.
 PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
