@@ -240,10 +240,11 @@ def test_tls_and_authentication_admit_only_registered_nodes(secure_cluster: Loca
     assert "https://127.0.0.1" in cluster.log("superlink")
 
 
-def test_secure_aggregation_deployed_over_tls_sums_what_the_simulation_sums(tmp_path: Path) -> None:
-    """SecAgg+ on three registered SuperNodes over TLS with node authentication: every round's masked
-    sum unmasks to the simulation's, bit for bit (the nodes' ids, and so the protocol's ring and keys,
-    differ; the quantization is seeded per client and round)."""
+def test_dp_sgd_with_secure_aggregation_deployed_over_tls_equals_the_simulation(tmp_path: Path) -> None:
+    """DP-SGD in every client and SecAgg+ on three registered SuperNodes over TLS with node
+    authentication: every round's masked sum unmasks to the simulation's, bit for bit (the nodes'
+    ids, and so the protocol's ring and keys, differ; Poisson batches, noise and quantization are
+    seeded per client and round), and each client's epsilon is the same."""
     cluster = LocalCluster(tmp_path / "cluster", tls=True, auth=True, node_keys=3)
     try:
         cluster.start_superlink()
@@ -251,13 +252,15 @@ def test_secure_aggregation_deployed_over_tls_sums_what_the_simulation_sums(tmp_
             registered = cluster.flwr("supernode", "register", str(cluster.certs / f"node-{i}.pub"), "test")
             assert registered.returncode == 0, registered.stdout + registered.stderr
             cluster.start_supernode(f"node{i - 1}", f"partition-id={i - 1} num-partitions=3", key=f"node-{i}.key")
-        overrides = [*SMALL, "privacy=secagg"]
+        overrides = [*SMALL, "privacy=dp_sgd", "privacy.secure=true"]
         deployed = tmp_path / "deployed"
         log = cluster.deploy(overrides, deployed)
     finally:
         cluster.close()
     assert "secure aggregation (SecAgg+" in log and "https://127.0.0.1" in cluster.log("superlink")
+    assert "DP-SGD" in log and "max epsilon" in log
     rows, _ = _check_run(deployed, 3)
+    assert all(c["epsilon"] > 0 for row in rows[1:] for c in row["clients"])
     simulated = tmp_path / "simulated"
     out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
