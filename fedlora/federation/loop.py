@@ -381,7 +381,10 @@ class Federation:
         mean = secure.mean_update(torch.from_numpy(sx.weighted_sum), sx.total_weight, plan, start,
                                   scaling=self.model.scaling(r_max))
         result = self.strategy.aggregate(state.adapter, state.strategy_state, [mean], server_round=server_round)
-        if result.merge is not None or not validation.is_finite_state(result.adapter):
+        if result.merge is not None:
+            raise RunError(f"{type(self.strategy).__name__} merged into the base under secure aggregation; only a "
+                           "linear strategy may run with privacy.secure=true")
+        if not validation.is_finite_state(result.adapter):
             return rows, "the aggregate of the secure sum is not finite: the global adapter is kept", {}, []
         state.adapter, state.strategy_state = result.adapter, dict(result.state)
         return rows, None, {}, ranks
