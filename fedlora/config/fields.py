@@ -169,6 +169,17 @@ FIELDS: tuple[Field, ...] = (
     Field("faults.corrupt_prob", "number", "a probability: use a number in [0, 1]", low=0, high=1),
     Field("faults.straggler_delay_s", "number", "seconds a straggler sleeps: use a number >= 0", low=0),
     Field("faults.seed", "int", "use an integer, or null for the run seed", optional=True),
+    Field("participation.model", "str", "use participation=uniform (the server samples fraction_train) or "
+          "participation=bernoulli (each client takes part on its own)", choices=("uniform", "bernoulli")),
+    Field("participation.mean", "number", "the drawn probabilities' mean: use a number in (0, 1), e.g. 0.2",
+          low=0, high=1, low_open=True, high_open=True),
+    Field("participation.concentration", "number", "Beta's concentration: use a number > 0 (2.0; smaller "
+          "spreads the probabilities more)", low=0, low_open=True),
+    Field("participation.minimum", "number", "the lowest probability of taking part: use a number in (0, 1], "
+          "e.g. 0.02", low=0, high=1, low_open=True),
+    Field("participation.fedau", "bool", "use true (FedAU's weights) or false"),
+    Field("participation.fedau_cutoff", "int", "the longest interval FedAU records: use an integer >= 1 (50; "
+          "100000 is the paper's 'no cutoff')", low=1),
 )
 
 

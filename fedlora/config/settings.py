@@ -21,6 +21,7 @@ from typing import Any
 
 from fedlora.core import seeds
 from fedlora.core.faults import FaultSettings
+from fedlora.core.participation import ParticipationSettings
 from fedlora.core.secure import SecureSettings
 from fedlora.federation.loop import LoopSettings
 from fedlora.federation.sampling import sample_size
@@ -219,7 +220,8 @@ class Settings:
         sim = dict(cfg.get("simulation") or {})
         resources = sim.pop("client_resources", None) or {}
         wandb = (cfg.get("logging") or {}).get("wandb") or {}
-        loop = _pick(LoopSettings, cfg, name=str(cfg.get("name") or ""), resume=bool(cfg.get("resume")))
+        loop = _pick(LoopSettings, cfg, name=str(cfg.get("name") or ""), resume=bool(cfg.get("resume")),
+                     participation=_pick(ParticipationSettings, cfg.get("participation") or {}))
         return cls(
             loop=loop, output_dir=str(cfg.get("output_dir", ".")),
             strategy=Component.from_node(cfg["strategy"]),  # type: ignore[arg-type]

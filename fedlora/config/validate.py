@@ -246,6 +246,54 @@ def _check_secure(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
               f"{1 << (per_round * sec['quantization_range']).bit_length()})")
 
 
+def _check_participation(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """The ``participation`` group: fixed probabilities, and what Bernoulli participation and FedAU compose with.
+
+    Client-level DP's accountant and secure aggregation's threshold assume a fixed number of clients
+    sampled uniformly per round; FedAU rescales each update about its start, which is the FedAU rule
+    only for a strategy that averages its updates (``linear``) or FLoRA's fresh factors
+    (:mod:`fedlora.core.participation`).
+    """
+    part = cfg.get("participation") or {}
+    bernoulli = part.get("model") == "bernoulli"
+    probabilities = part.get("probabilities") or []
+    bad = [v for v in probabilities if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1]
+    if not isinstance(probabilities, list | tuple) or bad:
+        p.add("participation.probabilities", probabilities, "a list of probabilities in (0, 1], client k gets "
+              "entry k % length, e.g. [0.9, 0.1]; or [] to draw them")
+    elif probabilities and not bernoulli:
+        p.add("participation.probabilities", probabilities, "only participation=bernoulli uses them; add "
+              "participation=bernoulli, or drop them")
+    privacy = cfg.get("privacy") or {}
+    pooled = (cfg.get("transport") or "flower") == "pooled"
+    if bernoulli:
+        if pooled:
+            p.add("participation.model", "bernoulli", "the centralized bound has no clients to come and go; use "
+                  "participation=uniform with strategy=centralized")
+        if privacy.get("kind") == "dp_fedavg":
+            p.add("participation.model", "bernoulli", "client-level DP's accountant assumes the server samples "
+                  "fraction_train of the clients uniformly; use participation=uniform with privacy=dp_fedavg")
+        if privacy.get("secure") is True:
+            p.add("participation.model", "bernoulli", "secure aggregation's threshold is checked against a fixed "
+                  "number of clients per round, which Bernoulli participation does not have; use "
+                  "participation=uniform with privacy.secure=true")
+    if part.get("fedau") is not True:
+        return
+    if pooled:
+        p.add("participation.fedau", True, "the centralized bound has one learner and nothing to weigh; use "
+              "participation.fedau=false with strategy=centralized")
+    elif strategy is not None and not (getattr(strategy, "linear", False)
+                                       or getattr(strategy, "fresh_adapters", False)):
+        name = type(strategy).__name__
+        p.add("participation.fedau", True, f"FedAU weighs each client's update, and {name} aggregates what no "
+              f"per-client rescaling reaches ({getattr(strategy, 'why_not_linear', '') or 'it is not linear'}); use "
+              "strategy=fedavg (zero padding, example weights), ffa_lora, rolora or flora")
+    if privacy.get("kind") == "dp_fedavg" or privacy.get("secure") is True:
+        p.add("participation.fedau", True, "FedAU rescales each client's update on the server, which client-level "
+              "DP (each client clipped to the same bound) and secure aggregation (the server sees only the sum) "
+              "do not allow; use participation.fedau=false, or privacy=none or dp_sgd")
+
+
 def _check_logging(cfg: Mapping[str, Any], p: Problems) -> None:
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
     if wandb.get("enabled") is True:
@@ -385,6 +433,7 @@ def validate(cfg: Mapping[str, Any], *, check_model: bool = True, check_data: bo
     strategy = _check_targets(cfg, p)
     _check_privacy(cfg, strategy, p)
     _check_secure(cfg, strategy, p)
+    _check_participation(cfg, strategy, p)
     _check_transport(cfg, p)
     if check_data and task is not None:
         task.check_data(cfg, p)

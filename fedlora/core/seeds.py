@@ -82,3 +82,13 @@ def secure_quantization(seed: int, server_round: int, client_id: int) -> int:
     digest = hashlib.blake2b(f"fedlora-secagg-quantization/{seed}/{server_round}/{client_id}".encode(),
                              digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+def participation_probabilities(seed: int) -> random.Random:
+    """The generator of the clients' drawn participation probabilities (``participation=bernoulli``)."""
+    return random.Random(f"fedlora-participation-probabilities/{seed}")
+
+
+def participation(seed: int, server_round: int) -> random.Random:
+    """The generator of who takes part in one round under ``participation=bernoulli`` (one draw per client)."""
+    return random.Random(f"fedlora-participation/{seed}/{server_round}")

@@ -32,6 +32,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from fedlora.core import lora_math as lm
+from fedlora.core import participation as part
 from fedlora.core import secure, seeds, validation
 from fedlora.core.errors import RunError
 from fedlora.core.metrics import Metric
@@ -89,6 +90,8 @@ class LoopSettings:
     max_norm_ratio: float | None = 10.0  # reject updates moving more than this x the others' median
     checkpoint: bool = True
     resume: bool = False  # continue from the run directory's checkpoint
+    # who takes part in a round: sampled by the server (uniform) or on their own (bernoulli), FedAU's weights
+    participation: part.ParticipationSettings = field(default_factory=part.ParticipationSettings)
 
 
 class ServerModel(Protocol):
@@ -222,6 +225,11 @@ class Federation:
         self.start_wall = time.perf_counter()
         self.resumed_from = 0  # the checkpoint round this run continued from (0: a fresh run)
         self.merges_saved = 0  # base merges already in the checkpoint directory
+        self.online: dict[int, float] = {}  # participation=bernoulli: each client's probability of taking part
+        self.fedau: part.FedAUWeights | None = None  # FedAU's bookkeeping (participation.fedau)
+        if settings.participation.fedau and (client_dp is not None or secure is not None):
+            raise RunError("participation.fedau rescales each client's update on the server, which client-level DP "
+                           "and secure aggregation do not allow; turn one of them off")
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -231,6 +239,10 @@ class Federation:
         self._check_stop(-1)
         ranks = {cid: c.rank for cid, c in clients.items()}
         r_max = max(ranks.values())
+        if s.participation.bernoulli:
+            self.online = s.participation.client_probabilities(clients, s.seed)
+        if s.participation.fedau:
+            self.fedau = part.FedAUWeights(clients, s.participation.fedau_cutoff)
         state = self._resume(ranks) if s.resume else self._fresh(r_max)
         self.say(self._first_line(clients))
         for note in self.model.notes():
@@ -269,12 +281,20 @@ class Federation:
                     r_max: int) -> RoundRecord:
         """Run round ``server_round``: update ``state`` and return the round's record."""
         s, t_round = self.settings, time.perf_counter()
-        sampled = sample_clients(sorted(clients), s.fraction_train, server_round, s.seed, s.min_clients)
+        sampled = (part.participants(self.online, server_round, s.seed) if self.online else
+                   sample_clients(sorted(clients), s.fraction_train, server_round, s.seed, s.min_clients))
         layout_rank = r_max if self.secure is not None else 0
         assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round, layout_rank) for cid in sampled}
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
         previous = state.adapter
-        if self.secure is not None:
+        rows: dict[int, ClientRow]
+        skipped: str | None
+        strategy_metrics: dict[str, float]
+        ranks: list[int]
+        if not sampled:  # participation=bernoulli: nobody was online
+            rows, skipped, strategy_metrics, ranks = {}, "no client took part: the global adapter is kept", {}, []
+            spent = self._charge_privacy(clients, state, rows)
+        elif self.secure is not None:
             rows, skipped, strategy_metrics, ranks = self._secure_round(clients, state, server_round, r_max,
                                                                         assignments, packets)
             spent = self._charge_privacy(clients, state, rows)
@@ -287,6 +307,8 @@ class Federation:
                 spent = self.client_dp.epsilon(server_round)
             skipped, strategy_metrics = self._aggregate(state, updates, server_round, assignments)
             ranks = [u.rank for u in updates]
+        if self.fedau is not None:  # after the round's weights were read
+            self.fedau.record({cid for cid, row in rows.items() if row.status == "ok"})
         slots, shared = slot_shares(previous, state.adapter, ranks)
         metrics, eval_seconds = self._evaluate(state, server_round, r_max)
         state.round = server_round
@@ -310,7 +332,8 @@ class Federation:
         for cid, row in rows.items():
             state.trained[cid] = state.trained.get(cid, 0) + 1
             row.epsilon = self.privacy.epsilon(clients[cid].num_examples, state.trained[cid])
-        return max(self.privacy.epsilon(clients[cid].num_examples, n) for cid, n in state.trained.items())
+        return max((self.privacy.epsilon(clients[cid].num_examples, n) for cid, n in state.trained.items()),
+                   default=0.0)
 
     def _assign(self, state: ServerState, cid: int, rank: int, server_round: int,
                 layout_rank: int = 0) -> wire.Assignment:
@@ -450,9 +473,12 @@ class Federation:
         if len(updates) < min_fit:
             return (f"{len(updates)} valid update(s), fewer than min_fit_clients={min_fit}: the global adapter "
                     "is kept"), {}
+        extra: dict[str, float] = {}
         if self.client_dp is not None:
             result = self._private_aggregate(state, updates, server_round, assignments)
         else:
+            if self.fedau is not None:
+                updates, extra = self._fedau_rescale(updates, assignments)
             result = self.strategy.aggregate(state.adapter, state.strategy_state, updates, server_round=server_round)
         merge_tensors = [t for pair in (result.merge or {}).values() for t in pair]
         if not validation.is_finite_state(result.adapter) or not all(bool(t.isfinite().all()) for t in merge_tensors):
@@ -460,7 +486,22 @@ class Federation:
         state.adapter, state.strategy_state = result.adapter, dict(result.state)
         if result.merge is not None:
             state.merges.append(result.merge)
-        return None, {k: float(v) for k, v in result.metrics.items()}
+        return None, {**{k: float(v) for k, v in result.metrics.items()}, **extra}
+
+    def _fedau_rescale(self, updates: Sequence[ClientUpdate], assignments: Mapping[int, wire.Assignment],
+                       ) -> tuple[list[ClientUpdate], dict[str, float]]:
+        """The updates rescaled so that the strategy's weighted mean is FedAU's ``x + 1/N sum omega_k Delta_k``
+        (:mod:`fedlora.core.participation`), and the round's FedAU metrics."""
+        assert self.fedau is not None
+        weighting = str(getattr(self.strategy, "weighting", "examples"))
+        p = lm.participant_weights(weighting, [u.num_examples for u in updates])
+        omegas = [self.fedau.weight(u.client_id) for u in updates]
+        factors = part.fedau_factors(omegas, p, len(self.fedau.absent))
+        fresh = self.strategy.fresh_adapters
+        scaled = [part.rescale(u, assignments[u.client_id].start, c, keep_lora_a=fresh)
+                  for u, c in zip(updates, factors, strict=True)]
+        n = len(self.fedau.absent)
+        return scaled, {"fedau_weight_max": max(omegas), "fedau_step": sum(omegas) / n}
 
     def _private_aggregate(self, state: ServerState, updates: Sequence[ClientUpdate], server_round: int,
                            assignments: Mapping[int, wire.Assignment]) -> AggregateResult:
@@ -516,9 +557,15 @@ class Federation:
         truncate_generations(self.run_dir, saved.round)
         ckpt.restore_rng(saved.rng, saved.rng.get("torch"))
         trained: dict[int, int] = {}
+        took_part: list[set[int]] = []
         for line in filter(str.strip, saved.metrics):
-            for row in RoundRecord.from_dict(json.loads(line)).clients:
+            record = RoundRecord.from_dict(json.loads(line))
+            for row in record.clients:
                 trained[row.client] = trained.get(row.client, 0) + 1
+            if record.round >= 1:
+                took_part.append({row.client for row in record.clients if row.status == "ok"})
+        if self.fedau is not None:  # FedAU's state is a function of who took part: replay it
+            self.fedau = part.FedAUWeights.replay(self.fedau.absent, self.fedau.cutoff, took_part)
         return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
                            best=saved.best, merges=list(saved.merges), trained=trained)
 
@@ -593,6 +640,8 @@ class Federation:
                      "server sees only the sum, so no per-client check: each client checks its own update"
                      + (f", and max_norm_ratio={self.settings.max_norm_ratio:g} is not applied)"
                         if self.settings.max_norm_ratio is not None else ")"))
+        if self.online or self.fedau is not None:
+            text += f"; {self.settings.participation.describe(self.online, len(clients))}"
         if self.client_dp is not None:
             text += f"; {self.client_dp.describe()}"
             if self.settings.max_norm_ratio is not None:

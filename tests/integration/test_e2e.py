@@ -197,3 +197,26 @@ def test_sweep_and_report(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr
     assert "fedavg" in report.stdout and "ffa_lora" in report.stdout
     assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 10_000
+
+
+def test_clients_that_come_and_go_with_fedau_weights_end_to_end(tmp_path: Path) -> None:
+    from fedlora.core import participation as part
+
+    probs = [1.0, 0.5, 0.3]
+    run_dir = tmp_path / "run"
+    out = run_fedlora([*TINY, "num_rounds=3", "strategy=flora", "participation=bernoulli",
+                       f"participation.probabilities=[{','.join(map(str, probs))}]", "participation.fedau=true"],
+                      run_dir)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = {cid: p for cid, p in enumerate(probs)}
+    for row in rows[1:]:  # who took part is the seeded draw, and FedAU's step is sum omega / N
+        joined = part.participants(expected, row["round"], 0)
+        assert [c["client"] for c in row["clients"]] == joined and row["num_ok"] == len(joined)
+        assert row["strategy"]["fedau_step"] >= len(joined) / 3
+    assert rows[1]["strategy"]["fedau_step"] == pytest.approx(len(part.participants(expected, 1, 0)) / 3)
+    assert "participation: each client on its own" in log and "FedAU weights" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["base_merges"] == 3 and reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"],
+                                                                                     abs=1e-9)
