@@ -115,13 +115,19 @@ def _round(strategy: Any, ranks: list[int], seed: int = 0) -> tuple[dict, dict, 
 def test_fedau_through_an_averaging_strategy_is_the_published_rule(strategy: Any) -> None:
     ranks, n, omegas = [4, 4, 4], 7, [1.0, 3.5, 6.0]  # 3 of 7 clients took part, with these weights
     global_adapter, starts, updates = _round(strategy, ranks)
-    p = lm.participant_weights(getattr(strategy, "weighting", "examples"), [u.num_examples for u in updates])
-    factors = part.fedau_factors(omegas, p, n)
+    weighting = getattr(strategy, "weighting", "examples")
+    p = lm.participant_weights(weighting, [u.num_examples for u in updates])
+    # w_k: 1/N (uniform, the paper's), or n_k over all N clients' examples (10, 20, ..., 60, 10 here)
+    sizes = {cid: TinyTrainer().num_examples(cid) for cid in range(n)}
+    full = part.full_weights(weighting, sizes)
+    assert full == ({c: 1 / 7 for c in range(7)} if weighting == "uniform" else {c: sizes[c] / 220 for c in range(7)})
+    w = [full[u.client_id] for u in updates]
+    factors = part.fedau_factors(omegas, w, p)
     scaled = [part.rescale(u, starts[u.client_id], c, keep_lora_a=False) for u, c in zip(updates, factors, strict=True)]
     got = strategy.aggregate(global_adapter, {}, scaled, server_round=1).adapter
     for key, x in global_adapter.items():  # every client started from the global adapter (same rank)
-        want = x.double() + sum(w / n * (u.state[key].double() - x.double())
-                                for w, u in zip(omegas, updates, strict=True))
+        want = x.double() + sum(o * wk * (u.state[key].double() - x.double())
+                                for o, wk, u in zip(omegas, w, updates, strict=True))
         torch.testing.assert_close(got[key].double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -130,19 +136,21 @@ def test_fedau_through_flora_scales_each_clients_product() -> None:
     strategy = FLoRA()
     global_adapter, starts, updates = _round(strategy, ranks)
     p = lm.participant_weights(strategy.weighting, [u.num_examples for u in updates])
+    total = sum(TinyTrainer().num_examples(c) for c in range(n))  # 310 examples among the 10 clients
+    w = [u.num_examples / total for u in updates]  # FLoRA's default weighting: examples
     scaled = [part.rescale(u, starts[u.client_id], c, keep_lora_a=True)
-              for u, c in zip(updates, part.fedau_factors(omegas, p, n), strict=True)]
+              for u, c in zip(updates, part.fedau_factors(omegas, w, p), strict=True)]
     result = strategy.aggregate(global_adapter, {}, scaled, server_round=1)
     assert result.merge is not None
     for module in MODULES:
-        want = sum(w / n * SCALING * (u.state[f"{module}.lora_B.weight"].double() @
-                                      u.state[f"{module}.lora_A.weight"].double())
-                   for w, u in zip(omegas, updates, strict=True))
+        want = sum(o * wk * SCALING * (u.state[f"{module}.lora_B.weight"].double() @
+                                       u.state[f"{module}.lora_A.weight"].double())
+                   for o, wk, u in zip(omegas, w, updates, strict=True))
         torch.testing.assert_close(lm.merge_delta(result.merge, module).double(), want, rtol=1e-5, atol=1e-6)
     head = "classifier.weight"
     want_head = global_adapter[head].double() + sum(
-        w / n * (u.state[head].double() - starts[u.client_id][head].double())
-        for w, u in zip(omegas, updates, strict=True))
+        o * wk * (u.state[head].double() - starts[u.client_id][head].double())
+        for o, wk, u in zip(omegas, w, updates, strict=True))
     torch.testing.assert_close(result.adapter[head].double(), want_head, rtol=1e-5, atol=1e-6)
 
 
@@ -174,11 +182,12 @@ def test_fedau_in_the_loop_weighs_the_first_round_by_one_over_n(tmp_path: Path) 
     assert joined and "FedAU weights" in lines[0]
     global_adapter, _, updates = _round(FedAvg(), ranks)
     saved = adapter(tmp_path)
-    for key, x in global_adapter.items():  # every weight is 1 in round 1: x + 1/4 sum of the changes
-        want = x + sum((u.state[key] - x) / 4 for u in updates if u.client_id in joined)
+    # every omega is 1 in round 1: x + sum of n_k / 100 times the changes (10 + 20 + 30 + 40 examples in all)
+    for key, x in global_adapter.items():
+        want = x + sum((u.state[key] - x) * u.num_examples / 100 for u in updates if u.client_id in joined)
         torch.testing.assert_close(saved[key], want, rtol=1e-5, atol=1e-6)
     record = read_records(tmp_path)[1]
-    assert record.strategy["fedau_step"] == pytest.approx(len(joined) / 4)
+    assert record.strategy["fedau_step"] == pytest.approx(sum(10 * (c + 1) for c in joined) / 100)
 
 
 @pytest.mark.parametrize("strategy", [FedAvg, FLoRA])

@@ -78,6 +78,8 @@ def test_method_label() -> None:
     assert report.method_label({"strategy": {"_target_": FLORA}, "compression": {}}) == ("flora", "flora")
     assert report.method_label({"strategy": {"_target_": FLORA}, "compression": COMPEFT}) == (
         "flora", "flora+compeft(d=0.1)")
+    fedau = {"strategy": {"_target_": FLORA}, "participation": {"model": "bernoulli", "fedau": True}}
+    assert report.method_label(fedau) == ("flora", "flora+fedau")  # Bernoulli participation alone adds nothing
 
 
 def test_load_runs_finds_jobs_and_marks_failed(sweep: Path) -> None:

@@ -30,17 +30,22 @@ Choices this platform makes where the paper speaks of plain vectors:
 
 * *participating* is a reply that passed the server's checks in that round (a client that was
   online but failed, or whose update was rejected, did not take part);
-* the rule above is applied to the LoRA strategies through their own aggregate: each update is
-  rescaled about its start, :math:`x_k' = x_k^0 + c_k (x_k - x_k^0)` with
-  :math:`c_k = \omega_k / (N p_k)` and :math:`p_k` the strategy's own weight, so a strategy whose
-  aggregate is the :math:`p_k`-weighted mean of its updates (FedAvg with zero-padding, FFA-LoRA,
-  RoLoRA) returns exactly :math:`x + \frac1N \sum \omega_k \Delta_k`. FLoRA's clients start fresh
-  factors with ``B = 0`` and its merge is :math:`\sum p_k s B_k A_k`, so scaling ``B`` (and the
-  head's change), not ``A``, gives exactly :math:`\frac1N \sum \omega_k s B_k A_k`. A strategy that
-  aggregates the clients' products ``B_k A_k`` of continuing factors (FlexLoRA, FedEx-LoRA, LoRA-FAIR)
-  has no such rescaling, and is refused;
-* the weights, like the paper's, optimise the clients' mean objective, whatever ``strategy.weighting``
-  says (the run's first line repeats it);
+* the paper's ``1/N`` is the weight each client would have if all took part; fedlora uses the
+  strategy's own full-participation weight :math:`w_k`: :math:`1/N` under ``strategy.weighting=uniform``
+  (the paper's rule exactly), :math:`n_k / \sum_{j=1}^N n_j` under ``examples`` (every client's
+  example count is known from when it connected). Then :math:`\sum_{k \in S_t} \omega_k w_k \Delta_k`
+  estimates the full federation's :math:`\sum_k w_k \Delta_k` without bias, as in the paper, and the
+  objective is the one the strategy states (the example-weighted one, which the pooled test set
+  measures, by default);
+* the rule is applied to the LoRA strategies through their own aggregate: each update is rescaled
+  about its start, :math:`x_k' = x_k^0 + c_k (x_k - x_k^0)` with :math:`c_k = \omega_k w_k / p_k` and
+  :math:`p_k` the strategy's weight over the participants, so a strategy whose aggregate is the
+  :math:`p_k`-weighted mean of its updates (FedAvg with zero-padding, FFA-LoRA, RoLoRA) returns
+  exactly :math:`x + \sum \omega_k w_k \Delta_k`. FLoRA's clients start fresh factors with ``B = 0``
+  and its merge is :math:`\sum p_k s B_k A_k`, so scaling ``B`` (and the head's change), not ``A``,
+  gives exactly :math:`\sum \omega_k w_k s B_k A_k`. A strategy that aggregates the clients' products
+  ``B_k A_k`` of continuing factors (FlexLoRA, FedEx-LoRA, LoRA-FAIR) has no such rescaling, and is
+  refused;
 * the state is a pure function of which clients took part in which round, so a resumed run rebuilds
   it from ``metrics.jsonl`` and computes what the uninterrupted run would have.
 """
@@ -97,8 +102,7 @@ class ParticipationSettings:
                          "fraction_train and min_clients do not apply)")
         if self.fedau:
             parts.append(f"FedAU weights (each client's mean participation interval, cutoff {self.fedau_cutoff}, "
-                         f"over all {num_clients} clients: the clients' mean objective, whatever strategy.weighting "
-                         "says)")
+                         f"times its weight among all {num_clients} clients)")
         return "; ".join(parts)
 
 
@@ -168,9 +172,17 @@ def rescale(update: ClientUpdate, start: AdapterState, factor: float, *, keep_lo
     return ClientUpdate(update.client_id, update.rank, update.scaling, update.num_examples, state)
 
 
-def fedau_factors(omegas: Sequence[float], strategy_weights: Sequence[float], num_clients: int) -> list[float]:
-    """``c_k = omega_k / (N p_k)``: the rescaling that turns a ``p_k``-weighted mean into FedAU's sum."""
-    return [w / (num_clients * p) for w, p in zip(omegas, strategy_weights, strict=True)]
+def full_weights(weighting: str, num_examples: Mapping[int, int]) -> dict[int, float]:
+    """``w_k``, each client's weight if every client took part: ``1/N`` (``uniform``) or ``n_k / sum_j n_j``."""
+    if weighting == "uniform":
+        return {cid: 1.0 / len(num_examples) for cid in num_examples}
+    total = sum(num_examples.values())
+    return {cid: n / total for cid, n in num_examples.items()}
+
+
+def fedau_factors(omegas: Sequence[float], full: Sequence[float], strategy_weights: Sequence[float]) -> list[float]:
+    """``c_k = omega_k w_k / p_k``: the rescaling that turns a ``p_k``-weighted mean into FedAU's sum."""
+    return [o * w / p for o, w, p in zip(omegas, full, strategy_weights, strict=True)]
 
 
 def expected_weight(p: float, cutoff: float) -> float:

@@ -227,6 +227,7 @@ class Federation:
         self.merges_saved = 0  # base merges already in the checkpoint directory
         self.online: dict[int, float] = {}  # participation=bernoulli: each client's probability of taking part
         self.fedau: part.FedAUWeights | None = None  # FedAU's bookkeeping (participation.fedau)
+        self.sizes: dict[int, int] = {}  # every client's example count, as it connected
         if settings.participation.fedau and (client_dp is not None or secure is not None):
             raise RunError("participation.fedau rescales each client's update on the server, which client-level DP "
                            "and secure aggregation do not allow; turn one of them off")
@@ -243,6 +244,7 @@ class Federation:
             self.online = s.participation.client_probabilities(clients, s.seed)
         if s.participation.fedau:
             self.fedau = part.FedAUWeights(clients, s.participation.fedau_cutoff)
+            self.sizes = {cid: c.num_examples for cid, c in clients.items()}
         state = self._resume(ranks) if s.resume else self._fresh(r_max)
         self.say(self._first_line(clients))
         for note in self.model.notes():
@@ -490,18 +492,21 @@ class Federation:
 
     def _fedau_rescale(self, updates: Sequence[ClientUpdate], assignments: Mapping[int, wire.Assignment],
                        ) -> tuple[list[ClientUpdate], dict[str, float]]:
-        """The updates rescaled so that the strategy's weighted mean is FedAU's ``x + 1/N sum omega_k Delta_k``
-        (:mod:`fedlora.core.participation`), and the round's FedAU metrics."""
+        """The updates rescaled so that the strategy's weighted mean is FedAU's ``x + sum omega_k w_k Delta_k``
+        (:mod:`fedlora.core.participation`), and the round's FedAU metrics (``fedau_step``: ``sum omega_k w_k``,
+        1 in expectation)."""
         assert self.fedau is not None
         weighting = str(getattr(self.strategy, "weighting", "examples"))
         p = lm.participant_weights(weighting, [u.num_examples for u in updates])
+        full = part.full_weights(weighting, self.sizes)
         omegas = [self.fedau.weight(u.client_id) for u in updates]
-        factors = part.fedau_factors(omegas, p, len(self.fedau.absent))
+        w = [full[u.client_id] for u in updates]
+        factors = part.fedau_factors(omegas, w, p)
         fresh = self.strategy.fresh_adapters
         scaled = [part.rescale(u, assignments[u.client_id].start, c, keep_lora_a=fresh)
                   for u, c in zip(updates, factors, strict=True)]
-        n = len(self.fedau.absent)
-        return scaled, {"fedau_weight_max": max(omegas), "fedau_step": sum(omegas) / n}
+        step = sum(o * x for o, x in zip(omegas, w, strict=True))
+        return scaled, {"fedau_weight_max": max(omegas), "fedau_step": step}
 
     def _private_aggregate(self, state: ServerState, updates: Sequence[ClientUpdate], server_round: int,
                            assignments: Mapping[int, wire.Assignment]) -> AggregateResult:

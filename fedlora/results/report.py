@@ -231,6 +231,10 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     ('flora', 'flora+compeft(d=0.1)')
 
     The centralized bound (``transport: pooled``) is ``"centralized"`` whatever aggregates its learner.
+    FedAU's weights (``participation.fedau``) add ``"+fedau"``:
+
+    >>> method_label({"strategy": {"_target_": "strategies.fedavg.FedAvg"}, "participation": {"fedau": True}})
+    ('fedavg', 'fedavg+fedau')
     """
     target = str((config.get("strategy") or {}).get("_target_", "?"))
     strategy = target.rsplit(".", 2)[-2] if target.count(".") >= 1 else target
@@ -244,7 +248,8 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
         density = compression.get("density")
         suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
         method = f"{strategy}+{comp_name}{suffix}"
-    return strategy, method + privacy_label(config.get("privacy") or {})
+    fedau = "+fedau" if (config.get("participation") or {}).get("fedau") is True else ""
+    return strategy, method + fedau + privacy_label(config.get("privacy") or {})
 
 
 def privacy_label(privacy: dict[str, Any]) -> str:
