@@ -1,6 +1,7 @@
 """FlexLoRA against a dense reference: the SVD of the weighted product average, formed as an m x n matrix.
 
-The strategy never forms that matrix (QR of the stacked factors, SVD of the small core); here it is
+The strategy never forms that matrix (Gram matrices of the stacked factors, an eigendecomposition of
+the small core); here it is
 formed in float64 and decomposed with ``torch.linalg.svd``, and the strategy must agree with it:
 the global adapter is its best rank-``r_max`` approximation (Eckart-Young: the error is the norm of
 the dropped singular values), each client's plan its best rank-``r_k`` approximation, the core has
@@ -127,3 +128,34 @@ def test_a_large_module_is_aggregated_without_its_dense_matrix() -> None:
     x = torch.randn((n, 2), generator=gen, dtype=torch.float64)
     expected = sum(w * (b @ (a @ x)) for (a, b), w in zip(pairs, [0.5, 0.25, 0.25], strict=True))
     assert torch.allclose(u @ (s[:, None] * (v.T @ x)), expected, rtol=1e-9, atol=1e-8)
+
+
+def test_a_rank_deficient_product_gives_zero_components_not_noise() -> None:
+    # Two clients with the same factors and one that did not move (B = 0): Delta has rank 2 of the
+    # stacked 6. The components beyond are exactly zero (no division by a noise-level singular value),
+    # the rank-4 adapter reproduces Delta and its A rows beyond the rank are zero slots.
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn((2, 11), generator=gen, dtype=torch.float64), torch.randn((6, 2), generator=gen,
+                                                                                 dtype=torch.float64)
+    pairs = [(a, b), (a.clone(), b.clone()), (torch.randn((2, 11), generator=gen, dtype=torch.float64),
+                                              torch.zeros((6, 2), dtype=torch.float64))]
+    u, s, v = product_svd(pairs, [0.25, 0.25, 0.5], rank=4)
+    assert s.shape == (6,) and bool((s[2:] == 0).all()) and bool((s[:2] > 0).all())
+    assert u.shape == (6, 2) and v.shape == (11, 2) and bool(torch.isfinite(u).all() and torch.isfinite(v).all())
+    assert torch.allclose(u @ torch.diag(s[:2]) @ v.T, 0.5 * (b @ a), atol=1e-12)
+
+
+def test_singular_values_over_five_decades_are_resolved() -> None:
+    # Delta = U diag(1, 1e-1, ..., 1e-5) V^T as three stacked clients: the top components to 1e-10 of the
+    # largest, as the dense SVD has them (the Gram form's limit is about 2e-7 of the largest).
+    gen = torch.Generator().manual_seed(6)
+    m, n = 40, 30
+    u0 = torch.linalg.qr(torch.randn((m, 6), generator=gen, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn((n, 6), generator=gen, dtype=torch.float64)).Q
+    sig = torch.tensor([1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5], dtype=torch.float64)
+    pairs = [((v0[:, i:i + 2] * sig[i:i + 2]).T.contiguous(), u0[:, i:i + 2].contiguous()) for i in (0, 2, 4)]
+    u, s, v = product_svd(pairs, [1.0, 1.0, 1.0], rank=4)
+    assert torch.allclose(s, sig, rtol=0, atol=1e-10)
+    dense = u0 @ torch.diag(sig) @ v0.T
+    assert torch.allclose(u @ torch.diag(s[:4]) @ v.T, best_rank(dense, 4), atol=1e-10)
+    assert torch.allclose(v.T @ v, torch.eye(4, dtype=torch.float64), atol=1e-12)
