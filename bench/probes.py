@@ -151,6 +151,16 @@ def config_probes() -> list[Probe]:
          "no clients to protect"),
         ("both a privacy budget and a noise multiplier", ["privacy=dp_sgd", "privacy.noise_multiplier=1.0"],
          "set exactly one of the two"),
+        ("secure aggregation with a non-linear strategy", ["privacy=secagg", "strategy=flora"],
+         "not linear in what clients send"),
+        ("secure aggregation with an even number of shares", ["privacy=secagg", "secure_aggregation.num_shares=4"],
+         "use an odd number"),
+        ("clients that come and go under client-level DP", ["participation=bernoulli", "privacy=dp_fedavg"],
+         "use participation=uniform"),
+        ("participation probabilities without Bernoulli participation", ["participation.probabilities=[0.5]"],
+         "only participation=bernoulli"),
+        ("FedAU with a strategy that aggregates products", ["participation.fedau=true", "strategy=lora_fair"],
+         "no per-client rescaling reaches"),
     ]
     probes += [Probe("config", name, lambda _, a=a: a, expect=(e,)) for name, a, e in combos]
     return probes
