@@ -251,3 +251,7 @@ def test_what_cannot_work_is_refused_before_anything_starts(overrides: list[str]
 def test_fedau_composes_with_these_strategies_and_dp_sgd(strategy: str) -> None:
     validate(compose([f"strategy={strategy}", "participation=bernoulli", "participation.fedau=true",
                       "privacy=dp_sgd"]), check_model=False, check_data=False)
+
+
+def test_a_client_without_weight_gets_no_rescaling_instead_of_a_division_by_zero() -> None:
+    assert part.fedau_factors([2.0, 1.0], [0.0, 0.5], [0.0, 1.0]) == [0.0, 0.5]

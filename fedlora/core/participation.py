@@ -181,8 +181,11 @@ def full_weights(weighting: str, num_examples: Mapping[int, int]) -> dict[int, f
 
 
 def fedau_factors(omegas: Sequence[float], full: Sequence[float], strategy_weights: Sequence[float]) -> list[float]:
-    """``c_k = omega_k w_k / p_k``: the rescaling that turns a ``p_k``-weighted mean into FedAU's sum."""
-    return [o * w / p for o, w, p in zip(omegas, full, strategy_weights, strict=True)]
+    """``c_k = omega_k w_k / p_k``: the rescaling that turns a ``p_k``-weighted mean into FedAU's sum.
+
+    A client the strategy gives no weight (no examples) gets ``c_k = 0``: it contributes nothing either way.
+    """
+    return [o * w / p if p > 0 else 0.0 for o, w, p in zip(omegas, full, strategy_weights, strict=True)]
 
 
 def expected_weight(p: float, cutoff: float) -> float:
