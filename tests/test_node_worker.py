@@ -226,3 +226,22 @@ def test_the_clientapp_falls_back_when_no_worker_can_start(tmp_path: Path, monke
     assert len(started) == 1 and started[0] == proto.socket_path(str(tmp_path), 12345, client_app._app_dir())
     assert "(exit status 3)" in caplog.text
     assert caplog.text.count("training in this flwr-clientapp process") == 1
+
+
+@pytest.mark.parametrize("error,traced", [("fault", False), ("bug", True)])
+def test_an_injected_fault_comes_back_without_a_traceback_a_bug_with_one(monkeypatch: pytest.MonkeyPatch,
+                                                                         error: str, traced: bool) -> None:
+    # The console of a run with faults.fail_prob=1 showed every injected failure's traceback (bench/probes.py
+    # "every client fails every round"); a real error keeps its traceback for whoever debugs it.
+    from fedlora.core.faults import InjectedFault
+    from fedlora.flower import node_worker
+
+    def train(*_: object, **__: object) -> None:
+        raise InjectedFault("injected failure (round 1, client 0)") if error == "fault" else ValueError("a bug")
+
+    monkeypatch.setattr(node_worker, "_packet", lambda header, arrays: None)
+    monkeypatch.setattr(node_worker, "train", train)
+    header = {"kind": "train", "run": "1", "node_config": {}, "state": {"records": [], "configs": {}}}
+    reply, _ = node_worker.handle(header, {}, settings=object())  # type: ignore[arg-type]
+    assert reply["ok"] is False and reply["error_class"] == ("InjectedFault" if error == "fault" else "ValueError")
+    assert ("Traceback (most recent call last)" in reply["traceback"]) is traced
