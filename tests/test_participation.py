@@ -230,6 +230,8 @@ def test_the_settings_reach_the_loop() -> None:
     (["participation=bernoulli", "participation.probabilities=[0.5,0]"], "participation.probabilities",
      "in (0, 1]"),
     (["participation.probabilities=[0.5]"], "participation.probabilities", "only participation=bernoulli"),
+    (["participation=bernoulli", "participation.probabilities=0.5"], "participation.probabilities=0.5",
+     "a list of probabilities"),
     (["participation=bernoulli", "participation.mean=1.5"], "participation.mean", "(0, 1)"),
     (["participation=bernoulli", "participation.fedau_cutoff=0"], "participation.fedau_cutoff", ">= 1"),
     (["participation=bernoulli", "privacy=dp_fedavg"], "participation.model", "use participation=uniform"),

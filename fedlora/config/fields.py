@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.core.errors import Problems
+from fedlora.core.participation import MODELS as PARTICIPATION_MODELS
 
 _MISSING = object()
 
@@ -170,7 +171,7 @@ FIELDS: tuple[Field, ...] = (
     Field("faults.straggler_delay_s", "number", "seconds a straggler sleeps: use a number >= 0", low=0),
     Field("faults.seed", "int", "use an integer, or null for the run seed", optional=True),
     Field("participation.model", "str", "use participation=uniform (the server samples fraction_train) or "
-          "participation=bernoulli (each client takes part on its own)", choices=("uniform", "bernoulli")),
+          "participation=bernoulli (each client takes part on its own)", choices=PARTICIPATION_MODELS),
     Field("participation.mean", "number", "the drawn probabilities' mean: use a number in (0, 1), e.g. 0.2",
           low=0, high=1, low_open=True, high_open=True),
     Field("participation.concentration", "number", "Beta's concentration: use a number > 0 (2.0; smaller "
@@ -179,7 +180,7 @@ FIELDS: tuple[Field, ...] = (
           "e.g. 0.02", low=0, high=1, low_open=True),
     Field("participation.fedau", "bool", "use true (FedAU's weights) or false"),
     Field("participation.fedau_cutoff", "int", "the longest interval FedAU records: use an integer >= 1 (50; "
-          "100000 is the paper's 'no cutoff')", low=1),
+          "100000, the authors' code's default, is in effect no cutoff)", low=1),
 )
 
 

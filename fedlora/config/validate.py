@@ -257,8 +257,10 @@ def _check_participation(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> 
     part = cfg.get("participation") or {}
     bernoulli = part.get("model") == "bernoulli"
     probabilities = part.get("probabilities") or []
-    bad = [v for v in probabilities if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1]
-    if not isinstance(probabilities, list | tuple) or bad:
+    listed = isinstance(probabilities, list | tuple)  # a bare number or string is not a list of them
+    bad = [v for v in probabilities if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1
+           ] if listed else [probabilities]
+    if bad:
         p.add("participation.probabilities", probabilities, "a list of probabilities in (0, 1], client k gets "
               "entry k % length, e.g. [0.9, 0.1]; or [] to draw them")
     elif probabilities and not bernoulli:
