@@ -174,10 +174,8 @@ def rescale(update: ClientUpdate, start: AdapterState, factor: float, *, keep_lo
 
 def full_weights(weighting: str, num_examples: Mapping[int, int]) -> dict[int, float]:
     """``w_k``, each client's weight if every client took part: ``1/N`` (``uniform``) or ``n_k / sum_j n_j``."""
-    if weighting == "uniform":
-        return {cid: 1.0 / len(num_examples) for cid in num_examples}
-    total = sum(num_examples.values())
-    return {cid: n / total for cid, n in num_examples.items()}
+    ids = list(num_examples)
+    return dict(zip(ids, lm.participant_weights(weighting, [num_examples[c] for c in ids]), strict=True))
 
 
 def fedau_factors(omegas: Sequence[float], full: Sequence[float], strategy_weights: Sequence[float]) -> list[float]:
