@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from fedlora.serving.signals import ignore_interrupts
@@ -35,10 +36,25 @@ def local_client_actors(busy: bool = False) -> list[Any]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            title = " ".join(proc.cmdline()[:1])
+            title = _title(proc)
             if title.startswith(ACTOR_TITLE) and (not busy or title.startswith(ACTOR_TITLE + ".")):
                 found.append(proc)
     return found
+
+
+def _title(proc: Any, attempts: int = 20) -> str:
+    """A process's title, read again while it reads empty.
+
+    /proc/<pid>/cmdline reads empty for a moment while a process execs or retitles itself (Ray
+    retitles an actor at each method it starts and ends); measured here about 1 read in 3000
+    right after an exec under load, enough to miss an actor now and then.
+    """
+    for _ in range(attempts):
+        title = " ".join(proc.cmdline()[:1])
+        if title:
+            return title
+        time.sleep(0.005)
+    return ""
 
 
 def prepare_actor() -> None:
