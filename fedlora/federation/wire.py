@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fedlora.core import lora_math as lm
+from fedlora.core import varint
 from fedlora.core.types import AdapterState, BaseMerge, ClientPlan, Compressor, Payload, Tensor
 from fedlora.federation import keys
 
@@ -286,45 +287,87 @@ def decode_hello_reply(packet: Packet) -> tuple[int, int, int]:
 
 
 # -- compressed payload framing ---------------------------------------------------------------------
+_PACK_VERSION = 1
+_PACKED = "packed"  # the one array a packed payload travels as
+
+
 def _keys_fingerprint(names: Sequence[str]) -> int:
     return zlib.crc32("\n".join(names).encode())
 
 
 def pack_payload(payload: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Pack a per-tensor payload ``{"<key>|<field>": array}`` into one array per field.
+    """Pack a per-tensor payload ``{"<key>|<field>": array}`` into one byte array.
 
-    Long tensor names would otherwise travel once per array (Flower's envelope per array is ~100
-    bytes plus the name), which for a small compressed adapter costs more than the data. Both sides
-    know ``names`` (the sorted names of the tensors sent), so only the per-field lengths and a
-    fingerprint of the name list travel.
+    Flower frames every array with its name, dtype and shape (about 100 bytes, more with a long
+    tensor name), which for a small compressed adapter costs more than the data. Both sides know
+    ``names`` (the sorted names of the tensors sent), so one array travels: varints (the format,
+    the number of names, a CRC-32 fingerprint of them, the fields, each ``field:dtype``, then the
+    element count of every field of every tensor), followed by the fields' data, field by field,
+    tensor by tensor, little-endian. Headers cost what they carry (:mod:`fedlora.core.varint`).
+
+    Raises
+    ------
+    ValueError
+        When one field has arrays of two dtypes, or a payload name is not one of ``names``.
     """
     fields = sorted({name.rpartition(_FIELD_SEP)[2] for name in payload})
-    packed: dict[str, np.ndarray] = {}
-    lengths = np.zeros((len(names), len(fields)), dtype=np.int64)
-    for j, part in enumerate(fields):
-        parts = []
-        for i, name in enumerate(names):
+    unknown = sorted({name.rpartition(_FIELD_SEP)[0] for name in payload} - set(names))
+    if unknown:
+        raise ValueError(f"payload tensors {unknown[:3]} are not among the {len(names)} tensors sent")
+    dtypes: list[np.dtype] = []
+    for part in fields:
+        kinds = {np.asarray(arr).dtype.newbyteorder("<") for name, arr in payload.items()
+                 if name.rpartition(_FIELD_SEP)[2] == part}
+        if len(kinds) != 1:
+            raise ValueError(f"payload field {part!r} has arrays of dtypes {sorted(map(str, kinds))}; pack one")
+        dtypes.append(kinds.pop())
+    description = ",".join(f"{part}:{dtype.str}" for part, dtype in zip(fields, dtypes, strict=True)).encode()
+    counts: list[int] = []
+    data: list[bytes] = []
+    for part, dtype in zip(fields, dtypes, strict=True):
+        for name in names:
             arr = payload.get(f"{name}{_FIELD_SEP}{part}")
+            counts.append(0 if arr is None else int(np.asarray(arr).size))
             if arr is not None:
-                lengths[i, j] = arr.size
-                parts.append(np.ravel(arr))
-        packed[part] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
-    packed["_lengths"] = lengths
-    packed["_meta"] = np.array([len(names), _keys_fingerprint(names)], dtype=np.int64)
-    packed["_fields"] = np.frombuffer(",".join(fields).encode(), dtype=np.uint8).copy()
-    return packed
+                data.append(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+    head = varint.encode([_PACK_VERSION, len(names), _keys_fingerprint(names), len(description)])
+    blob = b"".join([head, description, varint.encode(counts), *data])
+    return {_PACKED: np.frombuffer(blob, dtype=np.uint8).copy()}
 
 
 def unpack_payload(packed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`pack_payload` given the same ``names``."""
-    n, fingerprint = (int(x) for x in packed["_meta"])
+    """Inverse of :func:`pack_payload` given the same ``names`` (every field of every tensor, empty
+    where it had none).
+
+    Raises
+    ------
+    ValueError
+        When the payload is for other tensors, of another format, or cut short.
+    """
+    if set(packed) != {_PACKED}:
+        raise ValueError(f"a packed payload is one array {_PACKED!r}, not {sorted(packed)[:4]}")
+    blob = np.ascontiguousarray(packed[_PACKED], dtype=np.uint8).tobytes()
+    (version, n, fingerprint, desc_len), pos = varint.decode(blob, 4)
+    if version != _PACK_VERSION:
+        raise ValueError(f"packed payload format {version}; this decoder reads {_PACK_VERSION}")
     if n != len(names) or fingerprint != _keys_fingerprint(names):
         raise ValueError(f"packed payload is for {n} other tensors than the {len(names)} expected")
-    fields = bytes(packed["_fields"]).decode().split(",") if packed["_fields"].size else []
-    lengths = packed["_lengths"]
+    description = blob[pos:pos + desc_len].decode()
+    pos += desc_len
+    fields = [item.split(":", 1) for item in description.split(",")] if description else []
+    counts, pos = varint.decode(blob, n * len(fields), pos)
     out: dict[str, np.ndarray] = {}
-    for j, part in enumerate(fields):
-        offsets = np.concatenate([[0], np.cumsum(lengths[:, j])])
-        for i, name in enumerate(names):
-            out[f"{name}{_FIELD_SEP}{part}"] = packed[part][offsets[i]:offsets[i + 1]]
+    at = 0
+    for part, dtype_str in fields:
+        dtype = np.dtype(dtype_str)
+        for name in names:
+            size = counts[at] * dtype.itemsize
+            at += 1
+            if pos + size > len(blob):
+                raise ValueError(f"packed payload ends at byte {len(blob)}, inside {name}{_FIELD_SEP}{part}")
+            out[f"{name}{_FIELD_SEP}{part}"] = np.frombuffer(blob, dtype=dtype, count=counts[at - 1],
+                                                             offset=pos).astype(dtype.newbyteorder("="))
+            pos += size
+    if pos != len(blob):
+        raise ValueError(f"packed payload has {len(blob) - pos} bytes after its last field")
     return out

@@ -200,7 +200,7 @@ def test_decode_inverts_the_encoding(shape, density, scale, pattern, seed):
     assert {name.rpartition("|")[0] for name in payload} == {"m.lora_B.weight"}
     for name, arr in payload.items():
         assert isinstance(arr, np.ndarray)
-        assert arr.dtype == {"hdr": np.int64, "scale": np.float32, "val": np.float32}.get(
+        assert arr.dtype == {"scale": np.float32, "val": np.float32}.get(
             name.rpartition("|")[2], np.uint8
         )
 
@@ -382,3 +382,21 @@ def test_rolora_keeps_each_factors_residual_for_the_round_it_is_sent_again():
         assert torch.allclose(decoded_sum[key] + store.kept[key], true_sum[key], atol=1e-5), key
     b_key = lm.lora_b_key(next(iter(MODULES)))
     assert store.kept[b_key].abs().sum() > 0  # something was dropped, and carried
+
+
+def test_the_header_is_varints_of_what_the_decoder_needs() -> None:
+    from fedlora.core import varint
+
+    v = gaussian(13, 384, 8)
+    payload, _ = ComPEFT(density=0.1).compress({"w": v}, None)
+    hdr = payload["w|hdr"]
+    assert hdr.dtype == np.uint8 and hdr.size <= 14  # int64 took 80 bytes
+    fields, end = varint.decode(hdr.tobytes(), 9)
+    version, mode, numel, nnz, b, unary_bits, ndim, *shape = fields
+    assert end == hdr.size and (version, mode, numel, nnz, ndim, shape) == (2, 0, 3072, 307, 2, [384, 8])
+    positions = np.flatnonzero(ComPEFT(density=0.1).decode(payload)["w"].numpy().ravel())
+    gaps = np.diff(positions, prepend=-1) - 1
+    assert b == rice_parameter(307 / 3072) and unary_bits == int((gaps >> b).sum()) + nnz  # q ones + a zero each
+    old = dict(payload, **{"w|hdr": np.frombuffer(varint.encode([1, *fields[1:]]), dtype=np.uint8)})
+    with pytest.raises(ValueError, match="version 1"):
+        ComPEFT(density=0.1).decode(old)

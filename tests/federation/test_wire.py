@@ -124,3 +124,42 @@ def test_payload_packing_round_trip_and_fingerprint() -> None:
     assert all(np.array_equal(back[k], payload[k]) for k in payload) and back["b|sign"].size == 0
     with pytest.raises(ValueError, match="other tensors"):
         wire.unpack_payload(packed, ["a", "c"])
+
+
+def test_a_packed_payload_is_one_byte_array_that_keeps_every_dtype() -> None:
+    rng = np.random.default_rng(0)
+    payload = {"a|val": rng.standard_normal(5).astype(np.float32), "a|wide": np.array([2**40, 7], dtype=np.int64),
+               "b|val": rng.standard_normal(3).astype(np.float32), "b|bits": np.array([255, 0, 9], dtype=np.uint8),
+               "c|val": np.zeros(0, dtype=np.float32), "c|f64": np.array([np.pi])}
+    names = ["a", "b", "c"]
+    packed = wire.pack_payload(payload, names)
+    assert list(packed) == ["packed"] and packed["packed"].dtype == np.uint8
+    back = wire.unpack_payload(packed, names)
+    for key, arr in payload.items():
+        assert back[key].dtype == arr.dtype and np.array_equal(back[key], arr), key
+        back[key][...] = 0  # writable copies, not views of the message
+    assert back["a|bits"].size == 0 and back["c|wide"].dtype == np.int64
+    # the framing costs what it carries: data + a few bytes per field and tensor
+    data = sum(a.nbytes for a in payload.values())
+    assert data < packed["packed"].size <= data + 60
+
+
+@pytest.mark.parametrize("damage", ["truncated", "trailing", "format", "two_arrays"])
+def test_a_damaged_packed_payload_is_refused_with_the_reason(damage: str) -> None:
+    names = ["a", "b"]
+    payload = {"a|x": np.arange(4, dtype=np.int64), "b|x": np.arange(2, dtype=np.int64)}
+    blob = wire.pack_payload(payload, names)["packed"]
+    bad = {"truncated": {"packed": blob[:-3]}, "trailing": {"packed": np.concatenate([blob, blob[:2]])},
+           "format": {"packed": np.concatenate([[9], blob[1:]]).astype(np.uint8)},
+           "two_arrays": {"packed": blob, "_lengths": blob}}[damage]
+    reason = {"truncated": "ends at byte", "trailing": "after its last field", "format": "format 9",
+              "two_arrays": "one array"}[damage]
+    with pytest.raises(ValueError, match=reason):
+        wire.unpack_payload(bad, names)
+
+
+def test_packing_refuses_what_it_cannot_frame() -> None:
+    with pytest.raises(ValueError, match="dtypes"):
+        wire.pack_payload({"a|x": np.zeros(2, np.float32), "b|x": np.zeros(2, np.float64)}, ["a", "b"])
+    with pytest.raises(ValueError, match="not among"):
+        wire.pack_payload({"z|x": np.zeros(2, np.float32)}, ["a", "b"])
