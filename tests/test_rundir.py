@@ -64,3 +64,14 @@ def test_release_keeps_the_used_directory_its_parents_and_anything_written_into(
         assert rundir.release_unused(job) == [Path(stray).resolve()]
         assert Path(sweep).is_dir() and Path(written).is_dir() and not Path(stray).exists()
         assert rundir.claim(f"{tmp}/stray") == stray and not Path(stray).exists()  # remembered, not re-created
+
+
+def test_a_long_job_name_is_cut_with_a_hash_and_a_short_one_is_kept() -> None:
+    from fedlora.cli.rundir import NAME_LIMIT, fit_name
+
+    assert fit_name("0_fedavg_seed=1") == "0_fedavg_seed=1"
+    long = "0_fedavg_" + ",".join(f"key{i}.value={i}" for i in range(40))
+    cut = fit_name(long)
+    assert len(cut.encode()) == NAME_LIMIT and cut.startswith(long[:150]) and fit_name(long) == cut
+    assert fit_name(long + "x") != cut  # a different tail keeps its own directory
+    assert len(fit_name("é" * 300).encode()) <= NAME_LIMIT  # bytes, not characters, and no cut character

@@ -9,6 +9,7 @@ job of a sweep shares the sweep's directory), so resolving again returns the sam
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -56,6 +57,24 @@ def release_unused(used: Path) -> list[Path]:
     return released
 
 
+NAME_LIMIT = 200  # characters of a job's directory name (file systems allow 255 bytes; "-<n>" may follow)
+
+
+def fit_name(name: str) -> str:
+    """``name`` when it is short enough for a directory, else its start and a hash of all of it.
+
+    A sweep names each job's directory after its overrides (``hydra.job.override_dirname``); with many
+    overrides that passes the file system's 255-byte limit and the job dies with "File name too long".
+    The hash keeps two long names that share their start apart, and the same name maps to the same
+    directory on every run (the overrides themselves are in each job's ``config.yaml``).
+    """
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    head = name.encode()[:NAME_LIMIT - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
 # Hydra flags that only print (the config, Hydra's info, help): the directory names they resolve are
 # not claimed, so `fedlora --cfg job` leaves no empty runs/sweep_<time> behind.
 PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
@@ -67,6 +86,8 @@ def register_resolvers(argv: list[str] | None = None) -> None:
     if not OmegaConf.has_resolver("claim"):
         printing = any(a in PRINT_ONLY or a.startswith("--cfg=") for a in (argv or []))
         OmegaConf.register_new_resolver("claim", str if printing else claim)
+    if not OmegaConf.has_resolver("fit_name"):
+        OmegaConf.register_new_resolver("fit_name", fit_name)
 
 
 def mark_failed(run_dir: Path, text: str) -> None:
