@@ -86,3 +86,12 @@ def test_two_commands_started_together_claim_two_directories(tmp_path: Path) -> 
         assert proc.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same", "same-2"]
     assert all((tmp_path / name / "FAILED").is_file() for name in ("same", "same-2"))
+
+
+def test_a_sweeper_optimises_the_validation_metric_when_there_is_one() -> None:
+    from fedlora.cli.main import objective
+
+    assert objective({"primary_metric": "test_accuracy", "final_test_accuracy": 0.9}) == 0.9
+    assert objective({"primary_metric": "test_accuracy", "final_test_accuracy": 0.9, "final_val_accuracy": 0.8}) == 0.8
+    assert objective({"primary_metric": "test_perplexity", "final_test_perplexity": 9.0,
+                      "final_val_perplexity": 11.0}) == 11.0

@@ -139,3 +139,23 @@ def test_local_file_without_the_columns_names_them(tmp_path) -> None:
     pd.DataFrame({"body": ["x"], "y": [0]}).to_json(path, orient="records", lines=True)
     with pytest.raises(ds.DataError, match=r"no column\(s\) \['text', 'label'\].*data.text_column"):
         ds.load_corpus(str(path))
+
+
+def test_a_validation_split_is_held_out_of_training_and_leaves_the_test_set_alone(bbc: ds.Corpus) -> None:
+    from fedlora.runtime.data.settings import DataSettings
+    from fedlora.runtime.training.workspace import split_and_partition
+
+    groups = tuple(bbc.labels)
+    plain = split_and_partition(groups, True, DataSettings(), 10)
+    held = split_and_partition(groups, True, DataSettings(validation_fraction=0.1), 10)
+    assert plain.validation == [] and held.test == plain.test  # the test set does not move
+    assert sorted(held.train + held.validation) == plain.train
+    trained = {i for part in held.partitions for i in part}
+    assert trained == set(held.train) and not trained & set(held.validation)
+    assert not set(held.test) & set(held.validation)
+    assert len(held.validation) == pytest.approx(0.1 * len(plain.train), abs=5)
+    by_class, share = Counter(groups[i] for i in held.validation), Counter(groups[i] for i in plain.train)
+    assert all(abs(by_class[c] - 0.1 * share[c]) <= 1 for c in share)  # stratified: each class's tenth
+    assert split_and_partition(groups, True, DataSettings(validation_fraction=0.1), 10).validation == held.validation
+    with pytest.raises(ds.DataError, match="data.validation_fraction=0.0001 holds out no example"):
+        split_and_partition(groups, True, DataSettings(validation_fraction=0.0001), 10)

@@ -303,3 +303,46 @@ def test_private_runs_are_their_own_methods_with_the_epsilon_they_spent(tmp_path
     assert "| 2.98 |" in table and "∞ (no DP) |" in table
     plain = report.markdown_table(report.summarize([r for r in runs if "inf" in r.path.name]))
     assert "epsilon" not in plain
+
+
+def _with_validation(run_dir: Path, vals: list[float]) -> Path:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row, val in zip(rows, vals, strict=True):
+        row["val_accuracy"] = val
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_tune_reports_the_test_accuracy_of_the_value_chosen_on_validation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        make_run(root / f"base{seed}", FEDAVG, seed, [0.2, 0.9], up=1000, down=1500)
+        # alpha 1: the better test accuracy, the worse validation; alpha 2 must be chosen
+        _with_validation(make_run(root / f"a1_{seed}", FEDAVG, seed, [0.2, 0.9 - seed / 100], up=100, down=1500,
+                                  compression={**COMPEFT, "alpha": 1.0}), [0.2, 0.6])
+        _with_validation(make_run(root / f"a2_{seed}", FEDAVG, seed, [0.2, 0.7 + seed / 10], up=100, down=1500,
+                                  compression={**COMPEFT, "alpha": 2.0}), [0.2, 0.8 - seed / 10])
+    runs = report.load_runs(root)
+    kept, choices = report.choose_on_validation(runs, "compression.alpha")
+    assert [c["chosen"] for c in choices] == ["2"]
+    assert choices[0]["candidates"] == {"1": (pytest.approx(0.6), 2), "2": (pytest.approx(0.75), 2)}
+    rows = by_method(report.summarize(kept))
+    chosen = rows["fedavg+compeft(d=0.1) [compression.alpha=2]"]
+    assert chosen["n_seeds"] == 2 and chosen["final_acc_mean"] == pytest.approx(0.75)  # not alpha 1's 0.895
+    assert rows["fedavg"]["n_seeds"] == 2 and chosen["up_compression_ratio"] == pytest.approx(10.0)
+    assert report.main([str(root), "--tune", "compression.alpha"]) == 0
+    text = (root / "report.md").read_text()
+    assert "## compression.alpha chosen on validation" in text and "**2** among 1: 0.6000 (2 seeds)" in text
+    assert "--tune compression.alpha" in text and "6 of 6 jobs completed, 2 method(s)" in text
+
+
+def test_tune_needs_validation_metrics_and_a_key_the_sweep_sets(
+        sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(report.ChoiceError, match="data.validation_fraction=0.1"):
+        report.choose_on_validation(report.load_runs(sweep), "compression.density")
+    with pytest.raises(report.ChoiceError, match="no completed run sets compression.alpha"):
+        report.choose_on_validation(report.load_runs(sweep), "compression.alpha")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(sweep), "--tune", "compression.density"])
+    assert exit_info.value.code == 2 and "has no val_accuracy" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def hydra_main(cfg: DictConfig) -> float:
     if finished:
         print(f"fedlora: {finished}", file=sys.stderr)
         summary = json.loads((Path(container["output_dir"]) / "summary.json").read_text())
-        return float(summary.get(f"final_{summary.get('primary_metric', 'test_accuracy')}", math.nan))
+        return objective(summary)
     stop = Stop()
     try:
         summary = run(container, stop)
@@ -167,7 +167,16 @@ def hydra_main(cfg: DictConfig) -> float:
             _stopped(run_dir, stop)
         mark_failed(run_dir, traceback.format_exc())
         raise
-    return float(summary[f"final_{summary.get('primary_metric', 'test_accuracy')}"])
+    return objective(summary)
+
+
+def objective(summary: dict[str, Any]) -> float:
+    """The Hydra return value (what a sweeper optimises): the final validation metric when the run holds a
+    validation split (``data.validation_fraction > 0``), so that a sweeper never chooses on the test set;
+    else the final test metric."""
+    primary = str(summary.get("primary_metric", "test_accuracy"))
+    validation = f"final_val_{primary.removeprefix('test_')}"
+    return float(summary.get(validation, summary.get(f"final_{primary}", math.nan)))
 
 
 def finished_run(container: dict[str, Any]) -> str | None:

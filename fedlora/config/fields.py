@@ -125,6 +125,8 @@ FIELDS: tuple[Field, ...] = (
     Field("data.name", "str", "give a dataset: bbc_news, a local file, or a hub name"),
     Field("data.test_fraction", "number", "must be in (0, 1), for example 0.2", low=0, low_open=True, high=1,
           high_open=True),
+    Field("data.validation_fraction", "number", "the share of the training split held out for validation: a "
+          "number in [0, 1), for example 0.1 (0: none)", low=0, high=1, high_open=True),
     Field("data.split_seed", "int", "use an integer >= 0", low=0),
     Field("data.max_examples", "int", "how many examples to read: an integer >= 1, or null for all of them",
           low=1, optional=True),

@@ -276,7 +276,8 @@ class Federation:
         self.recorder.log_round(RoundRecord(0, metrics, None, self.elapsed(), eval_seconds=eval_seconds))
         self._checkpoint(state, ranks)
         m = self.model.metric
-        self.say(f"round 0/{self.settings.num_rounds}: {m.name} {metrics[m.key]:.4f}, loss {metrics['test_loss']:.4f}")
+        self.say(f"round 0/{self.settings.num_rounds}: {m.name} {metrics[m.key]:.4f}, loss {metrics['test_loss']:.4f}"
+                 + _validation_text(m, metrics))
 
     # -- one round ----------------------------------------------------------------------------------
     def train_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int,
@@ -661,7 +662,8 @@ class Federation:
         problems = "".join(f", {n} {status}" for status in ("failed", "rejected") if (n := r.count(status)))
         skipped = " (aggregation skipped)" if r.aggregation_skipped else ""
         self.say(f"round {r.round}/{self.settings.num_rounds}: {m.name} {r.metrics[m.key]:.4f}, "
-                 f"loss {r.metrics['test_loss']:.4f}, train loss {loss if loss is None else round(loss, 4)}, "
+                 f"loss {r.metrics['test_loss']:.4f}{_validation_text(m, r.metrics)}, "
+                 f"train loss {loss if loss is None else round(loss, 4)}, "
                  f"{r.num_ok} clients{problems}{skipped}, up {r.bytes_total('up') / 1e6:.2f} MB, "
                  f"down {r.bytes_total('down') / 1e6:.2f} MB, {r.round_seconds or 0.0:.1f} s "
                  f"(elapsed {r.wall_time:.0f} s)"
@@ -673,3 +675,9 @@ class Federation:
             more = (f" (and {len(trouble) - 1} more; each client's reason is in {METRICS_FILE})"
                     if len(trouble) > 1 else "")
             self.say(f"  client {first.client} {first.status}: {reason}{more}")
+
+
+def _validation_text(metric: Metric, metrics: Mapping[str, float]) -> str:
+    """``", validation 0.9213"`` when the run holds a validation split (``data.validation_fraction``)."""
+    key = "val_" + metric.key.removeprefix("test_")
+    return f", validation {metrics[key]:.4f}" if key in metrics else ""

@@ -30,7 +30,7 @@ import math
 import shlex
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +390,85 @@ def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
     return {m: sorted(groups[m], key=lambda r: str(r.seed)) for m in sorted(groups)}
 
 
+class ChoiceError(ValueError):
+    """``--tune`` cannot choose: a run has no validation metric, or no run sets the key."""
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
+                         ) -> tuple[list[Run], list[dict[str, Any]]]:
+    """For each method, keep only the runs of the value of ``key`` whose final validation metric is best.
+
+    ``key`` is a dotted config key that a sweep varies (``compression.alpha``); the validation metric
+    is ``val_<metric>`` of each run's last round (``data.validation_fraction > 0``), averaged over the
+    value's seeds. The kept runs are relabelled ``"<method> [<key>=<value>]"``, so the table reports
+    test metrics at the setting chosen on validation only, never at the best test value. Runs whose
+    config does not set ``key`` (an uncompressed baseline in a sweep of a compressor's setting) and
+    runs that did not complete pass through unchanged.
+
+    Returns
+    -------
+    tuple
+        The runs to report, and one entry per tuned method: ``method``, ``chosen``, and
+        ``candidates`` (value -> ``(mean validation metric, seeds)``).
+
+    Raises
+    ------
+    ChoiceError
+        When no completed run sets ``key``, or a run to choose among has no validation metric.
+    """
+    val_key = "val_" + metric.key.removeprefix("test_")
+    kept: list[Run] = [run for run in runs if not run.ok]
+    choices: list[dict[str, Any]] = []
+    tuned_any = False
+    for method, group in group_by_method(runs).items():
+        by_value: dict[str, list[Run]] = {}
+        for run in group:
+            flat = _flatten(run.config)
+            if key not in flat:
+                kept.append(run)
+                continue
+            by_value.setdefault(_shown(flat[key]), []).append(run)
+        if not by_value:
+            continue
+        tuned_any = True
+        candidates: dict[str, tuple[float, int]] = {}
+        for value, members in by_value.items():
+            scores = []
+            for run in members:
+                score = run.rows[-1].metrics.get(val_key) if run.rows else None
+                if score is None:
+                    raise ChoiceError(f"--tune {key}: {run.path} has no {val_key}; choosing on validation needs "
+                                      "runs with a validation split: rerun the sweep with data.validation_fraction=0.1")
+                scores.append(float(score))
+            candidates[value] = (float(np.mean(scores)), len(members))
+        pick = max if metric.higher_is_better else min
+        chosen = pick(candidates, key=lambda v: candidates[v][0])
+        label = f"{method} [{key}={chosen}]"
+        kept += [replace(run, method=label) for run in by_value[chosen]]
+        choices.append({"method": method, "label": label, "chosen": chosen, "candidates": candidates})
+    if not tuned_any:
+        raise ChoiceError(f"--tune {key}: no completed run sets {key}; give a key the sweep varies, "
+                          "for example compression.alpha")
+    return kept, choices
+
+
+def choices_markdown(key: str, choices: list[dict[str, Any]], metric: Metric = ACCURACY) -> list[str]:
+    """The report's section that says what was chosen on validation, and among what."""
+    name = "val_" + metric.key.removeprefix("test_")
+    lines = [f"## {key} chosen on validation", "",
+             f"For each method, the value of `{key}` with the best mean final `{name}` over its seeds; the table "
+             "above gives the test metrics of that value's runs only (test metrics never chose).", ""]
+    for choice in choices:
+        listed = ", ".join(f"{value}: {score:.4f} ({n} seed{'s' if n != 1 else ''})"
+                           for value, (score, n) in choice["candidates"].items())
+        lines.append(f"- {choice['method']}: **{choice['chosen']}** among {listed}")
+    return [*lines, ""]
+
+
 def summarize(runs: list[Run], metric: Metric | None = None, *, target: float | None = None,
               budget: float | None = None) -> list[dict[str, Any]]:
     """One row per method over its completed runs (failed/incomplete runs are left out).
@@ -587,20 +666,26 @@ def _fmt_ratio(ratio: float | None) -> str:
 
 
 def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, command: str,
-                    metric: Metric = ACCURACY, *, given_target: bool = False, given_budget: bool = False) -> str:
-    """The whole ``report.md``: heading, table, target, budget, problems, command."""
+                    metric: Metric = ACCURACY, *, given_target: bool = False, given_budget: bool = False,
+                    extra: list[str] | None = None, all_runs: list[Run] | None = None) -> str:
+    """The whole ``report.md``: heading, table, target, budget, problems, command.
+
+    ``runs`` are the runs the table reports; ``all_runs`` (default ``runs``) every job, which the count
+    of completed jobs is out of (with ``--tune``, the runs of the values not chosen are not reported).
+    """
     best = best_final_mean(rows, metric)
-    done = sum(r.ok for r in runs)
+    jobs = runs if all_runs is None else all_runs
+    done = sum(r.ok for r in jobs)
     target_note = (_metric_note(metric, best) if not given_target else
                    f"{metric.name.capitalize()}: final, mean ± sample std over seeds. Rounds to "
                    f"{rows[0]['target']:.3f} (given): first round reaching it, mean over the seeds that do.")
     parts = [f"# fedlora report: `{root}`", "",
-             f"{done} of {len(runs)} jobs completed, {len(rows)} method(s). " + target_note
+             f"{done} of {len(jobs)} jobs completed, {len(rows)} method(s). " + target_note
              + " Bytes to target: up and down from the start through that round (mean over those seeds). "
              + _budget_note(rows, metric, given_budget)
              + " Bytes per round: summed over clients; up compression: the uncompressed method's "
              "uplink over this one's.", "",
-             markdown_table(rows, metric, given_target), ""]
+             markdown_table(rows, metric, given_target), "", *(extra or [])]
     problems = problem_lines(runs, root)
     parts += ["## Failed or missing jobs", "", *(problems or ["- none"]), ""]
     parts += [f"Produced by `{command}`.", ""]
@@ -711,10 +796,11 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: 
 
 
 def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target: float | None = None,
-                 budget: float | None = None) -> tuple[str, list[dict[str, Any]]]:
+                 budget: float | None = None, tune: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``.
 
-    ``target`` and ``budget`` (bytes) override the defaults of :func:`summarize`.
+    ``target`` and ``budget`` (bytes) override the defaults of :func:`summarize`; ``tune`` reports each
+    method at the value of that config key chosen on validation (:func:`choose_on_validation`).
 
     Returns
     -------
@@ -723,12 +809,17 @@ def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target
     """
     out.mkdir(parents=True, exist_ok=True)
     metric = report_metric(runs)
-    rows = summarize(runs, metric, target=target, budget=budget)
-    text = markdown_report(runs, rows, root, command, metric, given_target=target is not None,
-                           given_budget=budget is not None)
+    chosen: list[str] = []
+    reported = runs
+    if tune is not None:  # the table and the plot hold the chosen values' runs; the job count, all of them
+        reported, choices = choose_on_validation(runs, tune, metric)
+        chosen = choices_markdown(tune, choices, metric)
+    rows = summarize(reported, metric, target=target, budget=budget)
+    text = markdown_report(reported, rows, root, command, metric, given_target=target is not None,
+                           given_budget=budget is not None, extra=chosen, all_runs=runs)
     (out / "report.md").write_text(text)
     write_csv(rows, out / "report.csv", metric)
-    plot_report(runs, out / "report.png", metric, budget=rows[0]["budget_bytes"] if rows else None)
+    plot_report(reported, out / "report.png", metric, budget=rows[0]["budget_bytes"] if rows else None)
     return text, rows
 
 
@@ -757,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-mb", type=float, default=None,
                         help="the traffic budget, up plus down, in MB (10^6 bytes) for the 'at budget' column "
                              "(default: what the cheapest communicating method spent over its whole run)")
+    parser.add_argument("--tune", metavar="KEY", default=None,
+                        help="a config key the sweep varies, e.g. compression.alpha: report each method at the value "
+                             "whose mean final validation accuracy is best (runs made with "
+                             "data.validation_fraction > 0), never at the best test value")
     args = parser.parse_args(argv)
     if not args.path.is_dir():
         parser.error(f"{args.path} is not a directory")
@@ -772,10 +867,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.path
     extra = (["--out", str(args.out)] if args.out else []) + (
         ["--target", str(args.target)] if args.target is not None else []) + (
-        ["--budget-mb", str(args.budget_mb)] if args.budget_mb is not None else [])
+        ["--budget-mb", str(args.budget_mb)] if args.budget_mb is not None else []) + (
+        ["--tune", args.tune] if args.tune else [])
     command = shlex.join(["fedlora-report", str(args.path), *extra])
     budget = args.budget_mb * 1e6 if args.budget_mb is not None else None
-    text, rows = write_report(runs, args.path, out, command, target=args.target, budget=budget)
+    try:
+        text, rows = write_report(runs, args.path, out, command, target=args.target, budget=budget, tune=args.tune)
+    except ChoiceError as exc:
+        parser.error(str(exc))
     print(text)
     print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
     if not rows:

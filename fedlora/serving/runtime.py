@@ -73,6 +73,7 @@ class WorkspaceModel:
         _set_base(self.ws, merges)
         self.ws.host.load_state(rank, adapter)
         metrics = self.ws.evaluate(self.eval_batch_size)
+        metrics.update(self.ws.evaluate_validation(self.eval_batch_size))
         generations = self.ws.generate()
         if generations:
             log_generations(self.run_dir, server_round, generations)

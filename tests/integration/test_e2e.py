@@ -186,17 +186,28 @@ def test_sweep_and_report(tmp_path: Path) -> None:
 
     from conftest import FEDLORA, ROOT
 
+    # two methods x two ComPEFT scales, each run holding a validation split; then the plain report and the
+    # one that picks each method's scale on validation
     sweep = tmp_path / "sweep"
-    out = subprocess.run([FEDLORA, "-m", *TINY, "num_rounds=1", "strategy=fedavg,ffa_lora",
-                          f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = subprocess.run([FEDLORA, "-m", *TINY, "num_rounds=1", "strategy=fedavg,ffa_lora", "compression=compeft",
+                          "compression.alpha=1,4", "data.validation_fraction=0.1", f"hydra.sweep.dir={sweep}"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "summary.json").exists())
-    assert len(jobs) == 2
-    report = subprocess.run([str(Path(sys.executable).parent / "fedlora-report"), str(sweep)],
-                            capture_output=True, text=True, timeout=300)
+    assert len(jobs) == 4
+    assert all("final_val_accuracy" in json.loads((job / "summary.json").read_text()) for job in jobs)
+    reporter = str(Path(sys.executable).parent / "fedlora-report")
+    report = subprocess.run([reporter, str(sweep)], capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     assert "fedavg" in report.stdout and "ffa_lora" in report.stdout
     assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 10_000
+    tuned = subprocess.run([reporter, str(sweep), "--tune", "compression.alpha", "--out", str(tmp_path / "tuned")],
+                           capture_output=True, text=True, timeout=300)
+    assert tuned.returncode == 0, tuned.stderr
+    text = (tmp_path / "tuned" / "report.md").read_text()
+    assert "4 of 4 jobs completed, 2 method(s)" in text and "## compression.alpha chosen on validation" in text
+    assert text.count(" [compression.alpha=") == 2  # each method's row, at the value chosen
+    assert "- fedavg+compeft(d=0.1): **" in text and "- ffa_lora+compeft(d=0.1): **" in text
 
 
 def test_clients_that_come_and_go_with_fedau_weights_end_to_end(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ class DataSettings:
     split: str = "train"
     max_examples: int | None = None
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0  # of the training split, held by the server for choosing settings (0: none)
     split_seed: int = 42
     max_test_examples: int | None = None
     partition: str = "dirichlet"

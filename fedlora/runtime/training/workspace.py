@@ -10,13 +10,15 @@ partitions follow each example's group (its class, or its instruction category).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedlora.runtime.data import datasets as ds
 from fedlora.runtime.data.partition import partition_indices
 from fedlora.runtime.data.settings import DataSettings, NodeData
 from fedlora.runtime.models import AdapterHost, ModelSettings
 from fedlora.runtime.tasks import TaskSettings, make_task
+
+VALIDATION_PREFIX = "val_"  # the validation split's metrics in metrics.jsonl: val_accuracy, val_loss, ...
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,13 @@ class WorkspaceKey:
 
 @dataclass(frozen=True)
 class Split:
-    """Which examples are held out for the test set, and which each client trains on (corpus indices)."""
+    """Which examples are held out for the test set and for validation, and which each client trains on
+    (corpus indices)."""
 
     train: list[int]
     test: list[int]
     partitions: list[list[int]]
+    validation: list[int] = field(default_factory=list)
 
 
 def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSettings, num_clients: int) -> Split:
@@ -62,6 +66,15 @@ def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSet
         labels = [groups[i] for i in test]
         _, keep = ds.stratified_split(labels, data.max_test_examples / len(test), data.split_seed)
         test = sorted(test[i] for i in keep)
+    validation: list[int] = []
+    if data.validation_fraction > 0:
+        # stratified like the test split, from the training split, so that no client trains on it; a seed of
+        # its own (split_seed + 1), so the test set is the same with or without validation
+        kept, held = ds.stratified_split([groups[i] for i in train], data.validation_fraction, data.split_seed + 1)
+        train, validation = [train[i] for i in kept], [train[i] for i in held]
+        if not validation:
+            raise ds.DataError(f"data.validation_fraction={data.validation_fraction:g} holds out no example of the "
+                               f"{len(kept)} in the training split; use a larger fraction, e.g. 0.1, or 0 for none")
     if len(train) < num_clients:
         raise ds.DataError(f"num_clients={num_clients}: the training split of data.name={data.name!r} holds only "
                            f"{len(train)} examples (after the test split); use at most {len(train)} clients, or more "
@@ -82,7 +95,7 @@ def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSet
         parts = partition_indices(train_labels, num_clients, kind=data.partition, alpha=data.alpha,
                                   seed=data.partition_seed, min_partition_size=data.min_partition_size,
                                   size_sigma=data.size_sigma)
-    return Split(train, test, [[train[i] for i in part] for part in parts])
+    return Split(train, test, [[train[i] for i in part] for part in parts], validation)
 
 
 class Workspace:
@@ -100,6 +113,7 @@ class Workspace:
         self.truncated = prepared.truncated
         split = split_and_partition(prepared.groups, prepared.has_groups, key.data, key.num_clients)
         self.train, self.test, self.partitions = split.train, split.test, split.partitions
+        self.validation = split.validation
         self.num_labels = prepared.num_labels
         self.generation_prompts = self.task.generation_prompts(self.test)
         self.host = AdapterHost(key.model, prepared.num_labels, key.seed)
@@ -112,6 +126,7 @@ class Workspace:
         self.truncated = prepared.truncated
         self.train = list(range(len(prepared.groups)))
         self.test = []
+        self.validation: list[int] = []
         self.partitions = [self.train]
         self.num_labels = prepared.num_labels
         self.generation_prompts = []
@@ -132,6 +147,14 @@ class Workspace:
     def evaluate(self, batch_size: int = 64) -> dict[str, float]:
         """The task's metrics of the host's active model on the held-out set."""
         return self.task.evaluate(self.host.model, self.data, self.test, batch_size)
+
+    def evaluate_validation(self, batch_size: int = 64) -> dict[str, float]:
+        """The task's metrics on the validation split, named ``val_*`` (``test_accuracy`` -> ``val_accuracy``);
+        empty without one (``data.validation_fraction=0``)."""
+        if not self.validation:
+            return {}
+        metrics = self.task.evaluate(self.host.model, self.data, self.validation, batch_size)
+        return {VALIDATION_PREFIX + key.removeprefix("test_"): value for key, value in metrics.items()}
 
     def generate(self) -> list[dict]:
         """The active model's completions of the fixed held-out prompts (none for classification)."""
