@@ -69,7 +69,7 @@ class LogWatch:
                 text = self.path.read_text(errors="replace")
                 now = time.perf_counter() - self.t0
                 for line in text[seen:].splitlines():
-                    if self.connected is None and "clients connected" in line:
+                    if self.connected is None and "connected, ranks" in line:
                         self.connected = now
                     if self.round0 is None and "] round 0/" in line:
                         self.round0 = now

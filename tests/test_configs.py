@@ -167,7 +167,7 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path) -> None:
     out = run_fedlora(["num_clients=0", "partition.alpha=-1"], tmp_path / "run", timeout=120)
     assert out.returncode == 2
     assert "num_clients=0" in out.stderr and "partition.alpha=-1" in out.stderr
-    assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr
+    assert "connected, ranks" not in out.stdout and "Ray" not in out.stdout + out.stderr
     assert (tmp_path / "run" / "FAILED").exists()
 
 
@@ -250,7 +250,7 @@ def test_cli_rejects_a_causal_config_before_ray_starts(tmp_path) -> None:
                       timeout=120)
     assert out.returncode == 2
     assert "data.name='bbc_news'" in out.stderr and "task.max_new_tokens=0" in out.stderr
-    assert "clients connected" not in out.stdout and "Ray" not in out.stdout + out.stderr
+    assert "connected, ranks" not in out.stdout and "Ray" not in out.stdout + out.stderr
 
 
 def test_hyperparameter_errors_come_with_the_others_before_flower_or_ray_is_imported(tmp_path: Path) -> None:

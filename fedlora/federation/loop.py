@@ -664,7 +664,8 @@ class Federation:
         self.say(f"round {r.round}/{self.settings.num_rounds}: {m.name} {r.metrics[m.key]:.4f}, "
                  f"loss {r.metrics['test_loss']:.4f}{_validation_text(m, r.metrics)}, "
                  f"train loss {loss if loss is None else round(loss, 4)}, "
-                 f"{r.num_ok} clients{problems}{skipped}, up {r.bytes_total('up') / 1e6:.2f} MB, "
+                 f"{r.num_ok} client{'s' if r.num_ok != 1 else ''}{problems}{skipped}, "
+                 f"up {r.bytes_total('up') / 1e6:.2f} MB, "
                  f"down {r.bytes_total('down') / 1e6:.2f} MB, {r.round_seconds or 0.0:.1f} s "
                  f"(elapsed {r.wall_time:.0f} s)"
                  + (f", max epsilon {r.dp_epsilon:.2f}" if r.dp_epsilon is not None else ""))

@@ -274,4 +274,5 @@ class GridTransport:
 
     def describe(self, clients: Mapping[int, ClientInfo]) -> str:
         """How many clients connected and their ranks."""
-        return f"{len(clients)} clients connected, {describe_ranks({c: i.rank for c, i in clients.items()})}"
+        ranks = describe_ranks({c: i.rank for c, i in clients.items()})
+        return f"{len(clients)} client{'s' if len(clients) != 1 else ''} connected, {ranks}"

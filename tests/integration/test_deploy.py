@@ -231,7 +231,7 @@ def test_tls_and_authentication_admit_only_registered_nodes(secure_cluster: Loca
     cluster.start_supernode("member", "partition-id=0", key="node-1.key")
     run_dir = tmp_path / "run"
     log = cluster.deploy([*SMALL, "num_clients=1", "num_rounds=1", "ranks.tiers=[4]"], run_dir)
-    assert "1 clients connected" in log
+    assert "1 client connected" in log
     rows = jsonl_rows(run_dir)
     assert [c["client"] for c in rows[1]["clients"]] == [0] and rows[1]["clients"][0]["status"] == "ok"
     listed = cluster.flwr("supernode", "list", "test", "--format", "json")
