@@ -116,13 +116,10 @@ def test_dirichlet_partitions_equal_loading_each_partition(bbc: ds.Corpus, n: in
         _partitioner_parts(labels, n, slow)
 
 
-def test_ten_thousand_partitions_take_well_under_a_second_each_process() -> None:
-    import time
-
+def test_ten_thousand_iid_partitions_cover_every_example_once() -> None:
+    # (their time is bench/clients.py's: 10.6 s when every partition was a Dataset.shard, 2026-12-02)
     labels = [i % 5 for i in range(32000)]
-    t0 = time.perf_counter()
     parts = partition_indices(labels, 10000, kind="iid")
-    assert time.perf_counter() - t0 < 2.0  # 10.6 s when every partition was a Dataset.shard (2026-12-02)
     assert sorted(i for p in parts for i in p) == list(range(32000))
     assert {len(p) for p in parts} == {3, 4}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -293,17 +292,14 @@ def test_encoded_size_at_ten_percent():
     assert bits / 100_000 == pytest.approx(expected, rel=0.02)
 
 
-def test_compress_is_fast_enough():
-    # 8.4M parameters (one LLaMA-7B q/v r=16 adapter) at 10% in well under a few seconds
+def test_a_llama_sized_upload_round_trips_at_under_0_7_bits_per_parameter():
+    # 8.4M parameters (eight LLaMA-7B 4096 x 256 factors) at 10%; the time it takes is bench/aggregation.py's
     delta = {f"m{i}.lora_B.weight": gaussian(i, 4096, 256) for i in range(8)}
     comp = ComPEFT(density=0.1)
-    t0 = time.perf_counter()
-    payload, _ = comp.compress(delta, None)
-    t1 = time.perf_counter()
-    comp.decode(payload)
-    t2 = time.perf_counter()
-    assert t1 - t0 < 4.0 and t2 - t1 < 2.0, (t1 - t0, t2 - t1)
-    assert encoded_bits(payload) / (8 * 4096 * 256) < 0.7
+    payload, residual = comp.compress(delta, None)
+    decoded = comp.decode(payload)
+    assert all(torch.allclose(decoded[k] + residual[k], delta[k], atol=1e-6) for k in delta)  # nothing lost
+    assert encoded_bits(payload) / sum(v.numel() for v in delta.values()) < 0.7
 
 
 def test_bits_shrink_with_density():
