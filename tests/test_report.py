@@ -346,3 +346,10 @@ def test_tune_needs_validation_metrics_and_a_key_the_sweep_sets(
     with pytest.raises(SystemExit) as exit_info:
         report.main([str(sweep), "--tune", "compression.density"])
     assert exit_info.value.code == 2 and "has no val_accuracy" in capsys.readouterr().err
+
+
+def test_every_metric_has_one_validation_name() -> None:
+    from fedlora.core.metrics import ACCURACY, validation_key
+
+    assert ACCURACY.validation == validation_key("test_accuracy") == "val_accuracy"
+    assert PERPLEXITY.validation == "val_perplexity" and validation_key("test_loss") == "val_loss"

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from fedlora.cli.rundir import FAILED, mark_failed, register_resolvers, release_unused  # noqa: E402
 from fedlora.config import CONF_DIR  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
+from fedlora.core.metrics import validation_key  # noqa: E402
 
 register_resolvers(sys.argv[1:])
 
@@ -175,7 +176,7 @@ def objective(summary: dict[str, Any]) -> float:
     validation split (``data.validation_fraction > 0``), so that a sweeper never chooses on the test set;
     else the final test metric."""
     primary = str(summary.get("primary_metric", "test_accuracy"))
-    validation = f"final_val_{primary.removeprefix('test_')}"
+    validation = f"final_{validation_key(primary)}"
     return float(summary.get(validation, summary.get(f"final_{primary}", math.nan)))
 
 

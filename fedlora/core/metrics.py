@@ -23,6 +23,11 @@ class Metric:
     short: str  # in report column names: final_<short>_mean
     higher_is_better: bool
 
+    @property
+    def validation(self) -> str:
+        """This metric's key on the validation split (:func:`validation_key`)."""
+        return validation_key(self.key)
+
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is strictly better than ``b`` (NaN is never better)."""
         if math.isnan(a):
@@ -36,6 +41,12 @@ class Metric:
             if self.better(value, found):
                 found = value
         return found
+
+
+def validation_key(key: str) -> str:
+    """The validation split's name for a test metric's key: ``test_accuracy`` -> ``val_accuracy``
+    (``data.validation_fraction > 0``; the loop logs, ``summary.json`` and ``fedlora-report --tune`` read it)."""
+    return "val_" + key.removeprefix("test_")
 
 
 ACCURACY = Metric("test_accuracy", "test accuracy", "acc", higher_is_better=True)

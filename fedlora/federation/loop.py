@@ -680,5 +680,5 @@ class Federation:
 
 def _validation_text(metric: Metric, metrics: Mapping[str, float]) -> str:
     """``", validation 0.9213"`` when the run holds a validation split (``data.validation_fraction``)."""
-    key = "val_" + metric.key.removeprefix("test_")
+    key = metric.validation
     return f", validation {metrics[key]:.4f}" if key in metrics else ""

@@ -420,7 +420,7 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
     ChoiceError
         When no completed run sets ``key``, or a run to choose among has no validation metric.
     """
-    val_key = "val_" + metric.key.removeprefix("test_")
+    val_key = metric.validation
     kept: list[Run] = [run for run in runs if not run.ok]
     choices: list[dict[str, Any]] = []
     tuned_any = False
@@ -458,7 +458,7 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
 
 def choices_markdown(key: str, choices: list[dict[str, Any]], metric: Metric = ACCURACY) -> list[str]:
     """The report's section that says what was chosen on validation, and among what."""
-    name = "val_" + metric.key.removeprefix("test_")
+    name = metric.validation
     lines = [f"## {key} chosen on validation", "",
              f"For each method, the value of `{key}` with the best mean final `{name}` over its seeds; the table "
              "above gives the test metrics of that value's runs only (test metrics never chose).", ""]

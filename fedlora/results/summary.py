@@ -22,7 +22,7 @@ def final_metrics(metric: Metric, last: Mapping[str, Any], best: float) -> dict[
     value, loss = float(last[metric.key]), float(last["test_loss"])
     out: dict[str, Any] = {f"final_{metric.key}": value, "final_test_loss": loss, f"best_{metric.key}": best,
                            "primary_metric": metric.key}
-    validation = "val_" + metric.key.removeprefix("test_")
+    validation = metric.validation
     if validation in last:  # data.validation_fraction > 0: what a choice of settings may look at
         out[f"final_{validation}"] = float(last[validation])
     if math.isnan(value) or math.isnan(loss):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from fedlora.core.metrics import validation_key
 from fedlora.runtime.data import datasets as ds
 from fedlora.runtime.data.partition import partition_indices
 from fedlora.runtime.data.settings import DataSettings, NodeData
 from fedlora.runtime.models import AdapterHost, ModelSettings
 from fedlora.runtime.tasks import TaskSettings, make_task
-
-VALIDATION_PREFIX = "val_"  # the validation split's metrics in metrics.jsonl: val_accuracy, val_loss, ...
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ class Workspace:
         if not self.validation:
             return {}
         metrics = self.task.evaluate(self.host.model, self.data, self.validation, batch_size)
-        return {VALIDATION_PREFIX + key.removeprefix("test_"): value for key, value in metrics.items()}
+        return {validation_key(key): value for key, value in metrics.items()}
 
     def generate(self) -> list[dict]:
         """The active model's completions of the fixed held-out prompts (none for classification)."""
