@@ -59,11 +59,18 @@ def measure() -> dict:
         plain = content_bytes(to_content(wire.encode_update(delta, report)))
         for density in DENSITIES:
             payload, _ = ComPEFT(density=density).compress(delta, None)
-            sent = content_bytes(to_content(wire.encode_compressed(payload, sorted(delta), report)))
+            packet = wire.encode_compressed(payload, sorted(delta), report)
+            sent = content_bytes(to_content(packet))
             coded = sum(int(a.nbytes) for k, a in payload.items() if k.rpartition("|")[2] not in HEADER_FIELDS)
             headers = sum(int(a.nbytes) for k, a in payload.items() if k.rpartition("|")[2] in HEADER_FIELDS)
+            packed = sum(int(a.nbytes) for arrays in packet.arrays.values() for a in arrays.values())
+            report_bytes = content_bytes(to_content(wire.Packet(metrics=packet.metrics)))
             rows.append({"rank": rank, "density": density, "tensors": len(delta), "plain_bytes": plain,
                          "compressed_bytes": sent, "coded_bytes": coded, "header_bytes": headers,
+                         # what the rest of a reply is: the packed array's length table and field list, the
+                         # report record (example count, loss, rank), and Flower's framing of the array
+                         "length_table_bytes": packed - coded - headers, "report_bytes": report_bytes,
+                         "framing_bytes": sent - packed - report_bytes,
                          "ratio_on_wire": plain / sent, "ratio_coded": plain / coded})
     return {"rows": rows}
 
@@ -76,10 +83,11 @@ def main() -> None:
     out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=False).stdout.strip()
     print(f"{'rank':>4} {'density':>7} {'plain B':>8} {'on wire B':>9} {'coded B':>8} {'headers B':>9} "
-          f"{'x on wire':>9} {'x coded':>8}")
+          f"{'lengths B':>9} {'report B':>8} {'framing B':>9} {'x on wire':>9} {'x coded':>8}")
     for r in out["rows"]:
         print(f"{r['rank']:>4} {r['density']:>7} {r['plain_bytes']:>8} {r['compressed_bytes']:>9} "
-              f"{r['coded_bytes']:>8} {r['header_bytes']:>9} {r['ratio_on_wire']:>9.1f} {r['ratio_coded']:>8.1f}")
+              f"{r['coded_bytes']:>8} {r['header_bytes']:>9} {r['length_table_bytes']:>9} {r['report_bytes']:>8} "
+              f"{r['framing_bytes']:>9} {r['ratio_on_wire']:>9.1f} {r['ratio_coded']:>8.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -99,8 +99,8 @@ def test_a_signal_ends_the_busy_client_actors_and_only_after_a_signal() -> None:
 
 
 def test_a_title_that_reads_empty_for_a_moment_is_read_again() -> None:
-    # /proc/<pid>/cmdline reads empty while a process execs or retitles (CI missed both stand-ins
-    # above once in 1156 tests; here 1 read in 3000 under load)
+    # /proc/<pid>/cmdline reads empty for a moment while a process execs or retitles (CI's run of
+    # 2026-12-03 missed both stand-ins of the test above at once)
     class Flickering:
         def __init__(self, empty_reads: int) -> None:
             self.reads = [[]] * empty_reads + [[actors.ACTOR_TITLE, "60"]]

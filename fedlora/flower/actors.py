@@ -46,8 +46,8 @@ def _title(proc: Any, attempts: int = 20) -> str:
     """A process's title, read again while it reads empty.
 
     /proc/<pid>/cmdline reads empty for a moment while a process execs or retitles itself (Ray
-    retitles an actor at each method it starts and ends); measured here about 1 read in 3000
-    right after an exec under load, enough to miss an actor now and then.
+    retitles an actor at each method it starts and ends): rarely, but CI's run of 2026-12-03 missed
+    both of a test's stand-in actors at once because of it.
     """
     for _ in range(attempts):
         title = " ".join(proc.cmdline()[:1])
