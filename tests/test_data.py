@@ -156,3 +156,11 @@ def test_a_validation_split_is_held_out_of_training_and_leaves_the_test_set_alon
     assert split_and_partition(groups, True, DataSettings(validation_fraction=0.1), 10).validation == held.validation
     with pytest.raises(ds.DataError, match="data.validation_fraction=0.0001 holds out no example"):
         split_and_partition(groups, True, DataSettings(validation_fraction=0.0001), 10)
+
+
+def test_a_validation_split_that_starves_the_clients_is_named_in_the_error(bbc: ds.Corpus) -> None:
+    from fedlora.runtime.data.settings import DataSettings
+    from fedlora.runtime.training.workspace import split_and_partition
+
+    with pytest.raises(ds.DataError, match=r"min_partition_size=10.*data.validation_fraction=0.95 holds out \d+"):
+        split_and_partition(tuple(bbc.labels), True, DataSettings(validation_fraction=0.95), 10)

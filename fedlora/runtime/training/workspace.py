@@ -74,6 +74,18 @@ def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSet
         if not validation:
             raise ds.DataError(f"data.validation_fraction={data.validation_fraction:g} holds out no example of the "
                                f"{len(kept)} in the training split; use a larger fraction, e.g. 0.1, or 0 for none")
+    try:
+        return _partition(groups, has_groups, data, num_clients, train, test, validation)
+    except ds.DataError as exc:
+        if not validation:
+            raise
+        raise ds.DataError(f"{exc} (data.validation_fraction={data.validation_fraction:g} holds out "
+                           f"{len(validation)} examples; a smaller one leaves more to the clients)") from exc
+
+
+def _partition(groups: tuple[int, ...], has_groups: bool, data: DataSettings, num_clients: int, train: list[int],
+               test: list[int], validation: list[int]) -> Split:
+    """The clients' partitions of ``train`` (:func:`split_and_partition`'s second half)."""
     if len(train) < num_clients:
         raise ds.DataError(f"num_clients={num_clients}: the training split of data.name={data.name!r} holds only "
                            f"{len(train)} examples (after the test split); use at most {len(train)} clients, or more "
