@@ -94,6 +94,12 @@ BAD = [
     (["resume=/nonexistent/run"], "resume='/nonexistent/run'", "no such directory"),
     (["strategy=flora", "compression=compeft", "compression.error_feedback=true"],
      "compression.error_feedback=True", "fresh LoRA factors every round"),
+    (["downlink=compeft", "downlink.scale=std"], "downlink.scale='std'", "downlink.scale=mean_abs"),
+    (["downlink=compeft", "downlink.density=5"], "downlink.density=5", "not a fraction in (0, 1]"),
+    (["downlink=compeft", "downlink.error_feedback=true"], "downlink.error_feedback=True", "count it twice"),
+    (["downlink=compeft", "strategy=flora"], "downlink='compeft'", "use downlink=none with this strategy"),
+    (["downlink=compeft", "privacy=secagg"], "downlink='compeft'", "use downlink=none with privacy.secure=true"),
+    (["downlink=compeft", "strategy=centralized"], "downlink='compeft'", "the centralized bound communicates"),
     # tasks: causal-LM data, models, prompts, generation, decoder options
     (["task=causal_lm", "data=bbc_news"], "data.name='bbc_news'", "data=synthetic_instructions"),
     (["task=causal_lm", "model=minilm"], "model.name='all-MiniLM-L6-v2'", "model=tiny_decoder"),

@@ -245,3 +245,22 @@ def test_an_injected_fault_comes_back_without_a_traceback_a_bug_with_one(monkeyp
     reply, _ = node_worker.handle(header, {}, settings=object())  # type: ignore[arg-type]
     assert reply["ok"] is False and reply["error_class"] == ("InjectedFault" if error == "fault" else "ValueError")
     assert ("Traceback (most recent call last)" in reply["traceback"]) is traced
+
+
+def test_a_node_keeps_its_residual_and_its_copies_on_disk_and_a_new_process_reloads_them(tmp_path: Path) -> None:
+    import torch
+
+    from fedlora.flower.node_worker import NodeState, StateStore
+
+    store = StateStore(NodeState(), tmp_path)
+    residual = {"enc.q.lora_B.weight": torch.full((2, 2), 0.5)}
+    copies = {3: {"enc.q.lora_B.weight": torch.ones(2, 2)}, 5: {"enc.q.lora_B.weight": torch.zeros(2, 2)}}
+    store.save_residual(3, residual)
+    store.save_views(5, copies)  # round 5's message; the residual is still round 3's
+    assert sorted(store.views(0)) == [3, 5] and store.residual(0) is not None
+    fresh = StateStore(NodeState(), tmp_path)  # a new process: nothing in context.state
+    assert fresh.views(0) == {} and fresh.residual(0) is None  # a fresh run reads no file
+    assert fresh.residual(4) is not None and sorted(fresh.views(4)) == []  # resumed after round 4: round 3's file
+    reloaded = fresh.views(5)
+    assert sorted(reloaded) == [3, 5] and torch.equal(reloaded[3]["enc.q.lora_B.weight"], torch.ones(2, 2))
+    assert torch.equal(fresh.residual(5)["enc.q.lora_B.weight"], residual["enc.q.lora_B.weight"])  # type: ignore[index]

@@ -179,6 +179,7 @@ class Settings:
     train: TrainSettings
     task: TaskSettings
     faults: FaultSettings = field(default_factory=FaultSettings)
+    downlink: Component | None = None  # compresses each client's start (downlink=compeft)
     client_dp: ClientDPSettings | None = None  # privacy=dp_fedavg (privacy=dp_sgd is train.dp)
     secure: SecureSettings | None = None  # secure aggregation (privacy=secagg, or privacy.secure=true)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
@@ -230,6 +231,7 @@ class Settings:
             model=_pick(ModelSettings, cfg["model"], decoder=task_class(task.kind).decoder),
             data=data, train=_pick(TrainSettings, cfg["train"], dp=_privacy(cfg)), task=task,
             faults=FaultSettings.from_config(cfg.get("faults")), client_dp=_client_privacy(cfg),
+            downlink=Component.from_node(cfg.get("downlink")),
             secure=_secure(cfg),
             simulation=_pick(SimulationSettings, sim, client_cpus=resources.get("num_cpus", 1),
                              client_gpus=resources.get("num_gpus", 0.0)),

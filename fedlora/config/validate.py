@@ -106,7 +106,8 @@ def _check_component(group: str, node: Mapping[str, Any], p: Problems) -> Any:
     try:
         return component.build()
     except Exception as exc:  # noqa: BLE001 - constructor validation messages are for the user
-        p.add(group, component.options, str(exc))
+        # a compressor names its fields compression.*; the downlink's are downlink.*
+        p.add(group, component.options, str(exc).replace("compression.", f"{group}."))
         return None
 
 
@@ -125,7 +126,38 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
               f"{type(strategy).__name__} starts fresh LoRA factors every round, so a residual kept in last "
               "round's factors has nothing to be added to; use auto (error feedback for the classifier head "
               "only) or false")
+    _check_downlink(cfg, strategy, p)
     return strategy
+
+
+def _check_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """Downlink compression (:mod:`fedlora.federation.downlink`): EF21's rule needs a contractive compressor
+    (no ``alpha``-scaled ``std``), a start that continues from the global adapter (not FLoRA's fresh
+    factors, whose downlink is its merges), a client per message (not the centralized bound) and
+    per-client starts (not secure aggregation, whose sum needs one start)."""
+    node = cfg.get("downlink") or {}
+    if not node.get("_target_"):
+        return
+    if _check_component("downlink", node, p) is None:
+        return
+    if node.get("scale", "std") == "std":
+        p.add("downlink.scale", node.get("scale", "std"), "the downlink keeps each client's copy with EF21's rule, "
+              "which converges only for a contractive compressor; alpha * std can overshoot a kept entry. Use "
+              "downlink.scale=mean_abs (the L2-optimal scale on the kept entries) or none")
+    if node.get("error_feedback", "auto") not in (False, "auto"):
+        p.add("downlink.error_feedback", node.get("error_feedback"), "the downlink's error feedback is the copy "
+              "each client holds (what compression dropped stays in the next difference); a residual would count "
+              "it twice. Leave downlink.error_feedback=false")
+    if strategy is not None and getattr(strategy, "fresh_adapters", False):
+        p.add("downlink", "compeft", f"{type(strategy).__name__}'s clients start fresh LoRA factors every round, so "
+              "its downlink is its base merges, which downlink compression does not compress yet; use downlink=none "
+              "with this strategy")
+    if (cfg.get("transport") or "flower") == "pooled":
+        p.add("downlink", "compeft", "the centralized bound communicates nothing; use downlink=none with "
+              "strategy=centralized")
+    if (cfg.get("privacy") or {}).get("secure") is True:
+        p.add("downlink", "compeft", "secure aggregation sums updates from one start, and a compressed downlink gives "
+              "each client its own; use downlink=none with privacy.secure=true")
 
 
 def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:

@@ -3,7 +3,8 @@
 :func:`train_round` is what every client runs for a training message, whatever carries it: the
 Flower ClientApp (:mod:`fedlora.flower.client_app`, in simulation and deployment) and the in-process
 transports (:mod:`fedlora.federation.memory`). It keeps what must survive between rounds in a
-:class:`ClientStore` (the base merges it applied, the compression residual), trains through a
+:class:`ClientStore` (the base merges it applied, the compression residual, the copies of its start
+that a compressed downlink is relative to), trains through a
 :class:`Trainer` (the runtime's model and data; :mod:`fedlora.serving.runtime`) and injects the
 faults the run asks for (:mod:`fedlora.core.faults`): it may fail (raise), straggle (sleep), or send
 a malformed update, always uncompressed, so that the server's checks see exactly the defect.
@@ -22,6 +23,7 @@ from fedlora.core import lora_math as lm
 from fedlora.core import secure
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.core.types import AdapterState, BaseMerge, Compressor, Tensor
+from fedlora.federation import downlink as dl
 from fedlora.federation import wire
 
 
@@ -61,6 +63,15 @@ class ClientStore(Protocol):
         """Keep the residual left after ``server_round`` (and write it where a kill cannot lose it)."""
         ...
 
+    def views(self, resume_round: int) -> dict[int, AdapterState]:
+        """The copies of its start it holds, by round (:mod:`fedlora.federation.downlink`); in a resumed
+        run from disk if need be."""
+        ...
+
+    def save_views(self, server_round: int, views: dict[int, AdapterState]) -> None:
+        """Keep these copies after ``server_round``'s message (and write them where a kill cannot lose them)."""
+        ...
+
 
 @dataclass
 class MemoryStore:
@@ -68,6 +79,7 @@ class MemoryStore:
 
     applied: list[tuple[int, BaseMerge]] = field(default_factory=list)
     kept: AdapterState | None = None
+    copies: dict[int, AdapterState] = field(default_factory=dict)
 
     def merges(self) -> list[tuple[int, BaseMerge]]:
         """The merges applied so far."""
@@ -85,6 +97,14 @@ class MemoryStore:
         """Keep the residual in memory."""
         self.kept = residual
 
+    def views(self, resume_round: int) -> dict[int, AdapterState]:  # noqa: ARG002 - nothing on disk
+        """The copies kept in memory."""
+        return dict(self.copies)
+
+    def save_views(self, server_round: int, views: dict[int, AdapterState]) -> None:  # noqa: ARG002
+        """Keep the copies in memory."""
+        self.copies = dict(views)
+
 
 @dataclass(frozen=True)
 class ClientSide:
@@ -94,6 +114,7 @@ class ClientSide:
     compressor: Compressor | None = None
     faults: FaultSettings = field(default_factory=FaultSettings)
     seed: int = 0  # the run seed (fault decisions)
+    downlink: Compressor | None = None  # decodes a compressed start (downlink=compeft)
 
 
 def apply_merges(store: ClientStore, incoming: Sequence[tuple[int, BaseMerge]]) -> list[BaseMerge]:
@@ -116,7 +137,12 @@ def apply_merges(store: ClientStore, incoming: Sequence[tuple[int, BaseMerge]]) 
 def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: ClientStore) -> wire.Packet:
     """Handle one training message: the reply packet (raises for an injected failure)."""
     t0 = time.perf_counter()
-    assignment = wire.decode_assignment(packet, side.trainer.modules())
+    assignment = wire.decode_assignment(packet, side.trainer.modules(), downlink=side.downlink, views=store.views)
+    down = assignment.downlink
+    if down is not None:  # keep the new copy (and those the server may still name) before anything can fail
+        views = store.views(assignment.resume_round)
+        store.save_views(assignment.server_round, dl.keep_views(views, down.base_round, assignment.server_round,
+                                                               down.view))
     decision = decide(side.faults, side.seed, assignment.server_round, client_id)
     if decision.fail:
         raise InjectedFault(f"injected failure (faults.fail_prob={side.faults.fail_prob:g}, round "

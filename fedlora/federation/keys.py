@@ -4,6 +4,7 @@
 ADAPTER = "adapter"  # ArrayRecord: a (possibly partial) adapter state
 BASE = "base"  # ArrayRecord: factored base merges the client has not applied yet
 COMPRESSED = "compressed"  # ArrayRecord: an encoded uplink (ComPEFT)
+DOWNLINK = "downlink"  # ArrayRecord: a compressed start adapter (fedlora.federation.downlink), packed
 SECURE = "secure"  # ArrayRecord: the vector a client puts into secure aggregation (fedlora.core.secure)
 CONFIG = "config"  # ConfigRecord: per-message instructions
 METRICS = "metrics"  # MetricRecord: client replies
@@ -27,6 +28,8 @@ TRAIN_SECONDS = "train-seconds"
 LABEL_NAMES = "label-names"  # the run's class names, in the server's numbering (hello)
 SECURE_RANK = "secure-rank"  # the layout rank of a secure round's vector (absent: the reply carries tensors)
 SECURE_SEED = "secure-seed"  # seeds the client's stochastic quantization in a secure round
+DOWNLINK_BASE = "downlink-base"  # the round of the client's copy a compressed downlink is relative to (0: reference)
+DOWNLINK_CRC = "downlink-crc"  # CRC-32 of that copy
 RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 

@@ -20,6 +20,7 @@ what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -47,6 +48,7 @@ from fedlora.core.types import (
     Strategy,
     Tensor,
 )
+from fedlora.federation import downlink as dl
 from fedlora.federation import wire
 from fedlora.federation.sampling import describe_rank_change, sample_clients
 from fedlora.federation.transport import ClientInfo, Exchange, SecureExchange, SecureTransport, Transport
@@ -167,6 +169,9 @@ class ServerState:
     acked: dict[int, int] = field(default_factory=dict)  # client -> number of merges it has applied
     # client -> rounds it was sent a training message (its privacy spend); rebuilt from metrics.jsonl on resume
     trained: dict[int, int] = field(default_factory=dict)
+    # downlink compression: client -> (round, the copy of its start it holds), moved when its reply arrives
+    views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)
+    sent_views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)  # this round's, until a reply
 
 
 def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | None:
@@ -209,8 +214,9 @@ class Federation:
                  run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
                  say: Callable[[str], None] = console, stop: threading.Event | None = None,
                  privacy: PrivacyLedger | None = None, client_dp: ClientLevelLedger | None = None,
-                 secure: secure.SecureSettings | None = None) -> None:
+                 secure: secure.SecureSettings | None = None, downlink: Compressor | None = None) -> None:
         self.settings = settings
+        self.downlink = downlink  # compresses each client's start against the copy it holds
         self.secure = secure  # secure aggregation: the server learns only the sum of the clients' vectors
         self.privacy = privacy
         self.client_dp = client_dp
@@ -228,6 +234,9 @@ class Federation:
         self.online: dict[int, float] = {}  # participation=bernoulli: each client's probability of taking part
         self.fedau: part.FedAUWeights | None = None  # FedAU's bookkeeping (participation.fedau)
         self.sizes: dict[int, int] = {}  # every client's example count, as it connected
+        if downlink is not None and (secure is not None or strategy.fresh_adapters):
+            raise RunError("downlink compression needs a strategy whose clients continue from the global adapter "
+                           "and no secure aggregation (each client starts from its own copy); use downlink=none")
         if settings.participation.fedau and (client_dp is not None or secure is not None):
             raise RunError("participation.fedau rescales each client's update on the server, which client-level DP "
                            "and secure aggregation do not allow; turn one of them off")
@@ -287,6 +296,7 @@ class Federation:
         sampled = (part.participants(self.online, server_round, s.seed) if self.online else
                    sample_clients(sorted(clients), s.fraction_train, server_round, s.seed, s.min_clients))
         layout_rank = r_max if self.secure is not None else 0
+        state.sent_views.clear()
         assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round, layout_rank) for cid in sampled}
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
         previous = state.adapter
@@ -344,11 +354,19 @@ class Federation:
         secure round the rank its vector is padded to, and its quantization seed)."""
         plan = self.strategy.plan(state.adapter, state.strategy_state, client_id=cid, rank=rank,
                                   server_round=server_round, seed=self.settings.seed)
-        start = lm.plan_start(plan, self.model.spec(rank).modules)
+        modules = self.model.spec(rank).modules
+        start = lm.plan_start(plan, modules)
         first = state.acked.get(cid, 0)
         pending = tuple((i, state.merges[i]) for i in range(first, len(state.merges)))
         quantization = seeds.secure_quantization(self.settings.seed, server_round, cid) if layout_rank else 0
-        return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization)
+        down = None
+        if self.downlink is not None:  # the client starts from its copy, moved towards the plan's start
+            target = {k: start[k] for k in wire.downlink_keys(plan, start)}
+            down = dl.encode(self.downlink, target, plan, modules, state.views.get(cid))
+            state.sent_views[cid] = (server_round, down.view)
+            plan = dataclasses.replace(plan, adapter=down.view, head={})
+            start = lm.plan_start(plan, modules)
+        return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down)
 
     def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
                       assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],
@@ -448,8 +466,12 @@ class Federation:
             return None
         if delivery.packet is None:
             row.fail(delivery.error or "failed without a reason")
+            if dl.LOST in (delivery.error or ""):  # it holds no copy the server knows: start it again
+                state.views.pop(row.client, None)
             return None
         state.acked[row.client] = len(state.merges)  # it applied every merge it was sent
+        if row.client in state.sent_views:  # and holds the copy of its start it was sent
+            state.views[row.client] = state.sent_views.pop(row.client)
         row.bytes_up = delivery.bytes_up
         try:
             received, report = wire.decode_reply(delivery.packet, assignment, self.compressor)
@@ -573,7 +595,7 @@ class Federation:
         if self.fedau is not None:  # FedAU's state is a function of who took part: replay it
             self.fedau = part.FedAUWeights.replay(self.fedau.absent, self.fedau.cutoff, took_part)
         return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
-                           best=saved.best, merges=list(saved.merges), trained=trained)
+                           best=saved.best, merges=list(saved.merges), trained=trained, views=dict(saved.views))
 
     def _checkpoint(self, state: ServerState, ranks: Mapping[int, int]) -> None:
         """Write the checkpoint of the last complete round (see :mod:`fedlora.results.checkpoint`)."""
@@ -582,7 +604,7 @@ class Federation:
         lines = (self.run_dir / METRICS_FILE).read_text().splitlines()
         saved = ckpt.Checkpoint(round=state.round, adapter=state.adapter, strategy_state=dict(state.strategy_state),
                                 merges=state.merges, ranks=dict(ranks), acked=dict(state.acked), best=state.best,
-                                elapsed=self.elapsed(), metrics=lines)
+                                elapsed=self.elapsed(), metrics=lines, views=dict(state.views))
         ckpt.save_checkpoint(self.run_dir, saved, merges_from=self.merges_saved)
         self.merges_saved = len(state.merges)
 
@@ -627,7 +649,8 @@ class Federation:
         comp = self.compressor
         return {"compression": type(comp).__name__ if comp else None,
                 "error_feedback": bool(comp.error_feedback) if comp else None,
-                "error_feedback_tensors": feedback_scope(comp, self.strategy)}
+                "error_feedback_tensors": feedback_scope(comp, self.strategy),
+                "downlink_compression": type(self.downlink).__name__ if self.downlink else None}
 
     def _first_line(self, clients: Mapping[int, ClientInfo]) -> str:
         text = f"{self.transport.describe(clients)}; strategy {type(self.strategy).__name__}"
@@ -637,6 +660,8 @@ class Federation:
                      "error feedback on for the tensors that continue from the global adapter (a classifier "
                      "head); not for the LoRA factors, which start fresh every round")
             text += f" + {type(self.compressor).__name__} ({words})"
+        if self.downlink is not None:
+            text += f"; downlink {type(self.downlink).__name__} (each client's copy of its start, EF21)"
         if self.privacy is not None:
             text += f"; {self.privacy.describe([c.num_examples for c in clients.values()])}"
         if self.secure is not None:

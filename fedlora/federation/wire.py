@@ -4,9 +4,10 @@ This is the only code that knows which tensors travel and which plan flags say s
 
 * **down** (:func:`encode_assignment` / :func:`decode_assignment`): the client's plan flags, the
   tensors of its start adapter that it cannot rebuild itself (:func:`downlink_keys`: none of the
-  LoRA factors of a fresh adapter, no ``A`` when ``send_lora_a`` is off) and the base merges it has
-  not applied yet. Both ends build the start adapter with :func:`fedlora.core.lora_math.plan_start`,
-  so they hold it bit for bit;
+  LoRA factors of a fresh adapter, no ``A`` when ``send_lora_a`` is off), as they are or, with a
+  downlink compressor, as the compressed difference from the copy the client holds
+  (:mod:`fedlora.federation.downlink`), and the base merges it has not applied yet. Both ends build
+  the start adapter with :func:`fedlora.core.lora_math.plan_start`, so they hold it bit for bit;
 * **up** (:func:`encode_update`, :func:`encode_compressed` / :func:`decode_reply`): the trained
   tensors of :func:`uplink_keys` (no frozen factor, no ``A`` when ``send_lora_a`` is off), plain or as the round's
   update encoded by the run's compressor, and the client's :class:`Report`;
@@ -20,7 +21,7 @@ transports pass it as it is. Nothing here imports Flower.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -30,6 +31,7 @@ import torch
 from fedlora.core import lora_math as lm
 from fedlora.core import varint
 from fedlora.core.types import AdapterState, BaseMerge, ClientPlan, Compressor, Payload, Tensor
+from fedlora.federation import downlink as dl
 from fedlora.federation import keys
 
 ConfigValue = int | float | bool | str | list[str]
@@ -84,6 +86,9 @@ class Assignment:
     secure_seed:
         A secure round: the seed of the client's stochastic quantization (Flower's mod draws it
         from NumPy's global generator), so that a rerun or resume sums the same.
+    downlink:
+        With a downlink compressor: the message that carries the start (``plan.adapter`` is then the
+        copy it leaves the client with, ``downlink.view``); ``None``: the start travels as it is.
     """
 
     server_round: int
@@ -93,6 +98,7 @@ class Assignment:
     resume_round: int = 0
     secure_rank: int = 0
     secure_seed: int = 0
+    downlink: dl.Downlink | None = None
 
 
 @dataclass(frozen=True)
@@ -155,14 +161,21 @@ def to_tensors(arrays: Mapping[str, np.ndarray]) -> AdapterState:
 # -- down -----------------------------------------------------------------------------------------
 def encode_assignment(assignment: Assignment) -> Packet:
     """The message that gives a client its round."""
-    plan, start = assignment.plan, assignment.start
+    plan, start, down = assignment.plan, assignment.start, assignment.downlink
+    sent = {} if down is not None else {k: start[k] for k in downlink_keys(plan, start)}
     packet = Packet(
-        arrays={keys.ADAPTER: to_arrays({k: start[k] for k in downlink_keys(plan, start)})},
+        arrays={keys.ADAPTER: to_arrays(sent)} if down is None or down.dense else {},
         config={keys.SERVER_ROUND: assignment.server_round, keys.RANK: plan.rank, keys.INIT_SEED: plan.init_seed,
                 keys.FRESH: plan.adapter is None, keys.TRAIN_LORA_A: plan.train_lora_a,
                 keys.SEND_LORA_A: plan.send_lora_a, keys.RESUME_ROUND: assignment.resume_round})
     if not plan.train_lora_b:  # only when set: every other plan's message stays as it was, byte for byte
         packet.config[keys.TRAIN_LORA_B] = False
+    if down is not None:
+        if down.dense:
+            packet.arrays[keys.ADAPTER] = to_arrays(down.dense)
+        packet.arrays[keys.DOWNLINK] = pack_payload(down.payload, sorted(down.view))
+        packet.config[keys.DOWNLINK_BASE] = down.base_round
+        packet.config[keys.DOWNLINK_CRC] = down.base_crc
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
     if assignment.secure_rank:
@@ -177,14 +190,30 @@ def _int(value: ConfigValue | int | float) -> int:
     return int(value)
 
 
-def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]]) -> Assignment:
-    """The client's view of its round; ``modules`` (name -> ``(m, n)``) rebuilds what did not travel."""
+def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
+                      downlink: Compressor | None = None,
+                      views: Callable[[int], Mapping[int, AdapterState]] | None = None) -> Assignment:
+    """The client's view of its round; ``modules`` (name -> ``(m, n)``) rebuilds what did not travel.
+
+    A compressed start (:mod:`fedlora.federation.downlink`) needs the run's ``downlink`` compressor and
+    ``views``: resume round -> the copies the client holds, by round.
+
+    Raises
+    ------
+    ValueError
+        For a compressed start the client cannot decode (no compressor, or the copy it names lost).
+    """
     conf = packet.config
     received = to_tensors(packet.arrays.get(keys.ADAPTER, {}))
     rank, seed = _int(conf[keys.RANK]), _int(conf[keys.INIT_SEED])
     train_a, send_a = bool(conf[keys.TRAIN_LORA_A]), bool(conf[keys.SEND_LORA_A])
     train_b = bool(conf.get(keys.TRAIN_LORA_B, True))
-    if bool(conf[keys.FRESH]):
+    down: dl.Downlink | None = None
+    if keys.DOWNLINK in packet.arrays:
+        down = _decode_downlink(packet, modules, received, downlink, views)
+        plan = ClientPlan(rank=rank, adapter=down.view, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
+                          train_lora_b=train_b)
+    elif bool(conf[keys.FRESH]):
         head = {k: v for k, v in received.items() if not lm.is_lora_key(k)}
         plan = ClientPlan(rank=rank, adapter=None, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
                           head=head, train_lora_b=train_b)
@@ -194,7 +223,30 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]]) ->
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
-                      _int(conf.get(keys.SECURE_SEED, 0)))
+                      _int(conf.get(keys.SECURE_SEED, 0)), down)
+
+
+def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], dense: AdapterState,
+                     compressor: Compressor | None,
+                     views: Callable[[int], Mapping[int, AdapterState]] | None) -> dl.Downlink:
+    """The copy a compressed start leaves the client with (:func:`fedlora.federation.downlink.decode`)."""
+    conf = packet.config
+    if compressor is None or views is None:
+        raise ValueError("a compressed start adapter, but this client has no downlink compressor; the node's "
+                         "fedlora settings differ from the server's (downlink=...)")
+    base_round, base_crc = _int(conf[keys.DOWNLINK_BASE]), _int(conf[keys.DOWNLINK_CRC])
+    rank, seed = _int(conf[keys.RANK]), _int(conf[keys.INIT_SEED])
+    held = views(_int(conf.get(keys.RESUME_ROUND, 0)))
+    reference = ClientPlan(rank=rank, adapter=None, init_seed=seed)
+    if base_round == 0:
+        names = sorted([*(lm.lora_b_key(m) for m in modules), *dense,
+                        *(lm.lora_a_key(m) for m in modules if bool(conf[keys.SEND_LORA_A]))])
+    else:
+        names = sorted(held.get(base_round, {}))
+    payload = unpack_payload(packet.arrays[keys.DOWNLINK], names) if names else {}
+    view = dl.decode(compressor, payload, base_round=base_round, base_crc=base_crc, dense=dense, plan=reference,
+                     modules=modules, names=names, views=held)
+    return dl.Downlink(base_round, base_crc, payload, dense, view)
 
 
 # -- up -------------------------------------------------------------------------------------------

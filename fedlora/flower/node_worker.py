@@ -54,6 +54,8 @@ from fedlora.serving.runtime import WorkspaceTrainer
 
 HISTORY = "fedlora-base-history"  # ArrayRecord in context.state: the base merges applied (FLoRA)
 RESIDUAL = "fedlora-ef-residual"  # ArrayRecord in context.state: the compression residual (error feedback)
+VIEWS = "fedlora-downlink-views"  # ArrayRecord in context.state: "<round>|<tensor>", the copies of the start
+_VIEW = "view|"  # the prefix of a copy's tensors in a client state file (the rest is the residual)
 LABELS = "fedlora-label-names"  # ConfigRecord in context.state: the run's label names (from the hello)
 
 
@@ -85,8 +87,9 @@ def client_state_dir(settings: Settings, node_config: Mapping[str, Any], cid: in
 class StateStore:
     """A client's :class:`~fedlora.federation.client.ClientStore` in a :class:`NodeState`.
 
-    The residual is also written to ``state_dir`` after every round, and a client of a resumed run
-    that has none in the state loads the newest file at or before the round resumed from.
+    The residual and the copies of the start (downlink compression) are also written to ``state_dir``
+    after every round, in one file, and a client of a resumed run that has none in the state loads
+    the newest file at or before the round resumed from.
     """
 
     def __init__(self, state: NodeState, state_dir: Path) -> None:
@@ -103,18 +106,49 @@ class StateStore:
         """Replace them."""
         self.state.arrays[HISTORY] = wire.to_arrays(lm.merges_to_tensors(merges))
 
+    def _from_disk(self, resume_round: int) -> tuple[AdapterState | None, dict[int, AdapterState]]:
+        """The residual and the copies in the newest file up to ``resume_round`` (a resumed run)."""
+        saved = load_client_state(self.state_dir, at_most=resume_round) if resume_round > 0 else None
+        residual = {k: v for k, v in (saved or {}).items() if not k.startswith(_VIEW)}
+        views = _split_views({k[len(_VIEW):]: v for k, v in (saved or {}).items() if k.startswith(_VIEW)})
+        return residual or None, views
+
     def residual(self, resume_round: int) -> AdapterState | None:
-        """The residual in the state, else (a resumed run) the newest file up to ``resume_round``."""
+        """The residual in the state, else (a resumed run) the newest file's up to ``resume_round``."""
         if RESIDUAL in self.state.arrays:
             return wire.to_tensors(self.state.arrays[RESIDUAL])
-        if resume_round > 0:
-            return load_client_state(self.state_dir, at_most=resume_round)
-        return None
+        return self._from_disk(resume_round)[0]
+
+    def views(self, resume_round: int) -> dict[int, AdapterState]:
+        """The copies of the start in the state, else (a resumed run) the newest file's up to ``resume_round``."""
+        if VIEWS in self.state.arrays:
+            return _split_views(wire.to_tensors(self.state.arrays[VIEWS]))
+        return self._from_disk(resume_round)[1]
 
     def save_residual(self, server_round: int, residual: AdapterState) -> None:
         """Keep it in the state and on disk."""
         self.state.arrays[RESIDUAL] = wire.to_arrays(residual)
-        save_client_state(self.state_dir, server_round, residual)
+        self._write(server_round)
+
+    def save_views(self, server_round: int, views: dict[int, AdapterState]) -> None:
+        """Keep them in the state and on disk."""
+        self.state.arrays[VIEWS] = wire.to_arrays({f"{r}|{k}": v for r, view in views.items() for k, v in view.items()})
+        self._write(server_round)
+
+    def _write(self, server_round: int) -> None:
+        """The client's state file of ``server_round``: the residual and the copies it holds now."""
+        tensors = wire.to_tensors(self.state.arrays.get(RESIDUAL, {}))
+        tensors.update({_VIEW + k: v for k, v in wire.to_tensors(self.state.arrays.get(VIEWS, {})).items()})
+        save_client_state(self.state_dir, server_round, tensors)
+
+
+def _split_views(flat: Mapping[str, Any]) -> dict[int, AdapterState]:
+    """``{"<round>|<tensor>": t}`` as ``{round: {tensor: t}}``."""
+    views: dict[int, AdapterState] = {}
+    for key, value in flat.items():
+        view_round, _, name = key.partition("|")
+        views.setdefault(int(view_round), {})[name] = value
+    return views
 
 
 @functools.lru_cache(maxsize=4)
@@ -142,7 +176,7 @@ def client_side(settings: Settings, node: NodeSettings, labels: tuple[str, ...] 
     trainer = WorkspaceTrainer(node_workspace_key(settings, node, labels), settings.train, settings.seed,
                                reload_per_call=settings.simulation.reload_model_per_call)
     return ClientSide(trainer=trainer, compressor=_compressor(settings.compression), faults=settings.faults,
-                      seed=settings.seed)
+                      seed=settings.seed, downlink=_compressor(settings.downlink))
 
 
 # the run whose base merges the host of each workspace holds (a long-lived worker serves run after run)

@@ -66,6 +66,8 @@ class Checkpoint:
     elapsed: float = 0.0
     metrics: list[str] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    # downlink compression: client -> (round, the copy of its start it holds)
+    views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -143,12 +145,14 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
     rng, torch_rng = capture_rng()
     tensors = {f"adapter/{k}": v for k, v in ckpt.adapter.items()}
     tensors.update({f"strategy/{k}": v for k, v in ckpt.strategy_state.items()})
+    tensors.update({f"view/{cid}/{k}": v for cid, (_, view) in ckpt.views.items() for k, v in view.items()})
     tensors["rng/torch"] = torch_rng
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
               str(tmp / "state.safetensors"))
     _write(tmp / "metrics.jsonl", "".join(line + "\n" for line in ckpt.metrics).encode())
     meta = {"round": ckpt.round, "ranks": {str(k): v for k, v in sorted(ckpt.ranks.items())},
             "acked": {str(k): v for k, v in sorted(ckpt.acked.items())}, "best": ckpt.best,
+            "view_rounds": {str(k): r for k, (r, _) in sorted(ckpt.views.items())},
             "elapsed": ckpt.elapsed, "num_merges": len(ckpt.merges), "rng": rng,
             "sha256": {name: sha256(tmp / name) for name in CHECKED_FILES}}
     _write(tmp / "meta.json", json.dumps(meta).encode())
@@ -262,6 +266,10 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
               for index in range(int(meta["num_merges"]))]
     rng = dict(meta.get("rng", {}))
     rng["torch"] = tensors.get("rng/torch")
+    views: dict[int, tuple[int, AdapterState]] = {}
+    for cid, view_round in meta.get("view_rounds", {}).items():
+        prefix = f"view/{cid}/"
+        views[int(cid)] = (int(view_round), {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return Checkpoint(
         round=int(meta["round"]),
         adapter={k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")},
@@ -269,6 +277,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         merges=merges, ranks={int(k): int(v) for k, v in meta["ranks"].items()},
         acked={int(k): int(v) for k, v in meta["acked"].items()}, best=float(meta["best"]),
         elapsed=float(meta["elapsed"]), metrics=(folder / "metrics.jsonl").read_text().splitlines(), rng=rng,
+        views=views,
     )
 
 

@@ -39,7 +39,8 @@ def serve(settings: Settings, transport: Transport, loop: LoopSettings | None = 
     federation = Federation(loop or settings.loop, strategy=settings.strategy.build(), compressor=compressor,
                             transport=transport, model=model, run_dir=settings.run_dir, recorder=recorder,
                             stop=stop, privacy=DPLedger(train) if train.dp is not None else None,
-                            client_dp=client_dp_ledger(settings), secure=settings.secure)
+                            client_dp=client_dp_ledger(settings), secure=settings.secure,
+                            downlink=settings.downlink.build() if settings.downlink else None)
     return federation.run()
 
 

@@ -1,0 +1,169 @@
+r"""Downlink compression: the server compresses what it sends, and always knows what each client holds.
+
+Without it, every training message carries the client's start adapter in full (the global factors
+at the client's rank and the classifier head). With a downlink compressor (``downlink=compeft``),
+the server keeps a **mirror** of the copy ``H_k`` that client ``k`` holds and sends only the
+compressed difference between the start it wants the client to have, ``T_k`` (the strategy's plan),
+and that copy:
+
+.. math::
+
+    m_k = C(T_k - H_k), \qquad H_k \leftarrow H_k + D(m_k),
+
+on both ends, with the same float32 operations, so the client's copy and the server's mirror are
+equal bit for bit, and the round's start (and the reply's decoding, and every check of it) uses
+``H_k``. This is EF21's rule (Richtárik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically
+Better, and Practically Faster Error Feedback", NeurIPS 2021) on the downlink: what compression
+dropped is not stored as a residual but stays in ``T_k - H_k``, and the next message compresses it
+again together with the new change. Why this rule and not ComPEFT's residual (EF14):
+
+* **It survives partial participation.** A client that sat out rounds is sent the difference from
+  the copy it holds, however old: the message is one compressed tensor per tensor whatever the
+  staleness, and the error never goes stale (EF14's residual describes a model that has since moved).
+* **It needs a contractive compressor**, ``||x - C(x)||^2 <= (1 - delta) ||x||^2``, for the copy to
+  converge to the target; ComPEFT's top-k with ``scale=mean_abs`` (the L2-optimal scale on the
+  support) or ``scale=none`` is; ``scale=std`` with ``alpha`` is not in general (at ``alpha = 4`` a kept
+  entry can overshoot), so the configuration check refuses it for the downlink.
+* **Any strategy's plan works**: the mirror is per client and per tensor of its start, so a plan that
+  truncates the global factors (FedAvg, LoRA-FAIR), regenerates ``A`` (FFA-LoRA) or gives each client
+  its own SVD slice (FlexLoRA) is compressed the same way. Clients sampled in the same rounds at the
+  same rank hold the same copy; a client that sat out holds an older approximation until its next
+  message, as the rule says.
+
+**First contact.** A client with no copy (its first round, or a plan of another shape) starts from a
+reference both ends can build: ``A`` from the plan's ``init_seed``, ``B = 0`` (a fresh adapter at its
+rank) and the non-LoRA tensors (the head) sent exactly; the compressed difference from it follows.
+For the strategies that start their global adapter from the run seed (FedAvg, LoRA-FAIR, FFA-LoRA,
+RoLoRA) the reference *is* round 1's start, so round 1 sends only the head.
+
+**Which copy.** The message names the round of the copy it is relative to and its CRC-32. The server
+moves its mirror only when the client's reply arrives (a client that failed, or whose reply was lost,
+may or may not have applied it), so a client keeps every copy from the one the server last named on
+(:func:`keep_views`); a copy it does not hold is an error that names the round, and the server then
+starts it again from the reference.
+
+What travels per round, per client: one compressed payload over the tensors of its start that the
+plan sends (:func:`fedlora.federation.wire.downlink_keys`), plus, at first contact, the head. Base
+merges (FLoRA, FedEx-LoRA) are not compressed: a strategy whose clients start fresh LoRA factors
+(FLoRA) is refused, since its downlink is its merges.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterState, ClientPlan, Compressor, Payload, Tensor
+
+LOST = "downlink copy lost"  # starts the error a client replies with when it lacks the copy a message names
+
+
+@dataclass(frozen=True)
+class Downlink:
+    """One compressed downlink message, and the copy it leaves the client with (both ends hold it).
+
+    Attributes
+    ----------
+    base_round:
+        The round of the copy the message is relative to (0: the first-contact reference).
+    base_crc:
+        CRC-32 of that copy (:func:`crc`), which the client checks before it applies the message.
+    payload:
+        The compressor's encoding of ``target - base``, over the tensors of ``view``.
+    dense:
+        The tensors sent exactly at first contact (the head); empty otherwise.
+    view:
+        The copy after this message: ``base + decode(payload)``, what the client starts from.
+    """
+
+    base_round: int
+    base_crc: int
+    payload: Payload
+    dense: AdapterState
+    view: AdapterState
+
+
+def crc(view: Mapping[str, Tensor]) -> int:
+    """CRC-32 of a copy: every tensor's name, shape and float32 bytes, in name order."""
+    value = 0
+    for key in sorted(view):
+        t = view[key].detach().contiguous()
+        value = zlib.crc32(f"{key}:{tuple(t.shape)}".encode(), value)
+        value = zlib.crc32(t.numpy().tobytes(), value)
+    return value
+
+
+def reference(plan: ClientPlan, modules: Mapping[str, tuple[int, int]], dense: Mapping[str, Tensor],
+              names: Sequence[str]) -> AdapterState:
+    """The first-contact copy: a fresh adapter at the plan's rank from its ``init_seed``, with ``dense``
+    as its non-LoRA tensors, restricted to ``names``."""
+    fresh = lm.fresh_state(modules, plan.rank, plan.init_seed, {k: v for k, v in dense.items()})
+    return {k: fresh[k] for k in names}
+
+
+def apply(base: Mapping[str, Tensor], update: Mapping[str, Tensor]) -> AdapterState:
+    """``base + update`` per tensor, in float32 (the one expression both ends evaluate)."""
+    return {k: (base[k] + update[k].reshape(base[k].shape)).to(base[k].dtype) for k in base}
+
+
+def _same_layout(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
+def encode(compressor: Compressor, target: Mapping[str, Tensor], plan: ClientPlan,
+           modules: Mapping[str, tuple[int, int]], held: tuple[int, AdapterState] | None) -> Downlink:
+    """The server's message to a client that holds ``held`` (``(round, copy)``; ``None``: nothing).
+
+    ``target`` is the start the plan gives the client, over the tensors the plan sends. A copy of
+    another layout (the plan's tensors or shapes changed) counts as none.
+    """
+    names = sorted(target)
+    if held is not None and _same_layout(held[1], target):
+        base_round, base, dense = held[0], held[1], {}
+    else:
+        dense = {k: target[k].clone() for k in names if not lm.is_lora_key(k)}
+        base_round, base = 0, reference(plan, modules, dense, names)
+    diff = {k: target[k] - base[k] for k in names}
+    payload, _ = compressor.compress(diff, None, ())
+    view = apply(base, compressor.decode(payload))
+    return Downlink(base_round, crc(base), payload, dense, view)
+
+
+def decode(compressor: Compressor, payload: Mapping[str, np.ndarray], *, base_round: int, base_crc: int,
+           dense: Mapping[str, Tensor], plan: ClientPlan, modules: Mapping[str, tuple[int, int]],
+           names: Sequence[str], views: Mapping[int, AdapterState]) -> AdapterState:
+    """The client's side of :func:`encode`: the copy the message leaves it with.
+
+    Raises
+    ------
+    ValueError
+        Starting with :data:`LOST` when the client does not hold the copy the message is relative to
+        (or holds another one: its CRC differs).
+    """
+    if base_round == 0:
+        base = reference(plan, modules, dense, names)
+    elif base_round in views:
+        base = views[base_round]
+    else:
+        raise ValueError(f"{LOST}: the message is relative to this client's copy of round {base_round}, and it "
+                         f"holds copies of rounds {sorted(views) or 'none'}; the server starts it again from "
+                         "the reference next round")
+    if crc(base) != base_crc:
+        raise ValueError(f"{LOST}: this client's copy of round {base_round} differs from the server's (CRC "
+                         f"{crc(base):#010x}, expected {base_crc:#010x}); the server starts it again from the "
+                         "reference next round")
+    return apply(base, compressor.decode(payload))
+
+
+def keep_views(views: Mapping[int, AdapterState], base_round: int, server_round: int,
+               view: AdapterState) -> dict[int, AdapterState]:
+    """The copies a client keeps after applying round ``server_round``'s message relative to ``base_round``:
+    the new one and every one from ``base_round`` on (the server may still name them), none older; after
+    a first-contact message (``base_round == 0``) only the new one."""
+    kept = {r: v for r, v in views.items() if base_round > 0 and base_round <= r != server_round}
+    kept[server_round] = view
+    return kept
