@@ -20,13 +20,13 @@ COMPEFT = {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}
 
 def make_run(run_dir: Path, target: str, seed: int, accs: list[float], up: int, down: int, *,
              compression: dict | None = None, failed_clients: dict[int, int] | None = None,
-             privacy: dict | None = None, epsilon: float | None = None) -> Path:
+             privacy: dict | None = None, epsilon: float | None = None, downlink: dict | None = None) -> Path:
     """Write a fake completed run: two clients, ``up``/``down`` bytes per client and round."""
     run_dir.mkdir(parents=True)
     name = target.split(".")[1]
     config = {"name": name, "seed": seed, "strategy": {"_target_": target}, "compression": compression or {},
               "num_rounds": len(accs) - 1, "num_clients": 2, "output_dir": str(run_dir),
-              **({"privacy": privacy} if privacy else {})}
+              **({"privacy": privacy} if privacy else {}), **({"downlink": downlink} if downlink else {})}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"round": 0, "test_accuracy": accs[0], "test_loss": 1.0, "train_loss": None, "wall_time": 1.0,
              "clients": []}]
@@ -124,8 +124,24 @@ def test_summarize_numbers(sweep: Path) -> None:
     assert comp["up_bytes_per_round"] == 400 and comp["down_bytes_per_round"] == 4000
     assert comp["up_compression_ratio"] == pytest.approx(flora["up_bytes_per_round"] / 400)
     assert fedavg["up_compression_ratio"] is None and flora["up_compression_ratio"] is None
+    # the uplink compressor leaves the downlink as it was: flora's 4000 B per round against flora's
+    assert comp["down_compression_ratio"] == pytest.approx(flora["down_bytes_per_round"] / 4000)
+    assert flora["down_compression_ratio"] is None
     assert fedavg["wall_time_s"] == pytest.approx(100.5)
     assert flora["failed_clients"] == 1 and fedavg["failed_clients"] == 0
+
+
+def test_downlink_compression_is_its_own_method_with_its_own_ratio(tmp_path: Path) -> None:
+    down = {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}
+    config = {"strategy": {"_target_": FEDAVG}, "downlink": down}
+    assert report.method_label(config) == ("fedavg", "fedavg+down-compeft(d=0.1)")
+    make_run(tmp_path / "0_fedavg", FEDAVG, 0, [0.5, 0.8], up=2000, down=3000)
+    make_run(tmp_path / "1_fedavg_down", FEDAVG, 0, [0.5, 0.7], up=2000, down=250, downlink=down)
+    rows = by_method(report.summarize(report.load_runs(tmp_path)))
+    assert rows["fedavg+down-compeft(d=0.1)"]["down_compression_ratio"] == pytest.approx(12.0)
+    assert rows["fedavg+down-compeft(d=0.1)"]["up_compression_ratio"] == pytest.approx(1.0)
+    table = report.markdown_table(list(rows.values()))
+    assert "| down compression |" in table and "| 12.0× |" in table
 
 
 def test_compression_ratio_needs_the_baseline(sweep: Path) -> None:

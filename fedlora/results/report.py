@@ -50,7 +50,8 @@ def columns(metric: Metric = ACCURACY) -> list[str]:
     return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", "target",
             "rounds_to_target", "seeds_reached_target", "up_bytes_to_target", "down_bytes_to_target",
             "budget_bytes", f"{s}_at_budget_mean", "rounds_in_budget", "up_bytes_per_round",
-            "down_bytes_per_round", "up_compression_ratio", "wall_time_s", "failed_clients", "epsilon"]
+            "down_bytes_per_round", "up_compression_ratio", "down_compression_ratio", "wall_time_s",
+            "failed_clients", "epsilon"]
 
 
 #: The columns for classification runs.
@@ -222,7 +223,8 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     -------
     tuple of str
         The strategy's module name (``strategies.flora.FLoRA`` -> ``"flora"``) and the method,
-        that name plus ``"+compeft(d=0.1)"`` when compression is on.
+        that name plus ``"+compeft(d=0.1)"`` when compression is on and ``"+down-compeft(d=0.1)"`` when
+        downlink compression is.
 
     Examples
     --------
@@ -248,6 +250,12 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
         density = compression.get("density")
         suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
         method = f"{strategy}+{comp_name}{suffix}"
+    downlink = config.get("downlink") or {}
+    if downlink.get("_target_"):
+        name = str(downlink["_target_"]).rsplit(".", 2)
+        density = downlink.get("density")
+        method += f"+down-{name[-2] if len(name) > 1 else name[0]}" + (
+            f"(d={density:g})" if isinstance(density, int | float) else "")
     fedau = "+fedau" if (config.get("participation") or {}).get("fedau") is True else ""
     return strategy, method + fedau + privacy_label(config.get("privacy") or {})
 
@@ -495,8 +503,9 @@ def summarize(runs: list[Run], metric: Metric | None = None, *, target: float | 
         ``down_bytes_to_target`` the bytes those seeds spent through that round (mean; NaN if none);
         ``acc_at_budget_mean`` the metric of the last round within ``budget`` (mean over seeds) and
         ``rounds_in_budget`` how many rounds fit (mean);
-        bytes per round are summed over clients; ``up_compression_ratio`` is the uncompressed
-        method's uplink over this one's (``None`` without compression or baseline);
+        bytes per round are summed over clients; ``up_compression_ratio`` and ``down_compression_ratio``
+        are the uncompressed method's bytes over this one's, each direction (``None`` for the
+        uncompressed method itself, or without it among the runs);
         ``failed_clients`` sums failed client replies over all rounds and seeds.
     """
     metric = metric or report_metric(runs)
@@ -518,11 +527,13 @@ def summarize(runs: list[Run], metric: Metric | None = None, *, target: float | 
         row["budget_bytes"] = budget
         row[f"{metric.short}_at_budget_mean"] = float(np.mean([v for v, _ in at_budget])) if at_budget else math.nan
         row["rounds_in_budget"] = float(np.mean([rnd for _, rnd in at_budget])) if at_budget else math.nan
-    uplink = {row["method"]: row["up_bytes_per_round"] for row in rows}
+    by_method = {row["method"]: row for row in rows}
     for row, group in zip(rows, groups.values(), strict=True):
-        base = uplink.get(group[0].strategy) if row["method"] != group[0].strategy else None
-        up = row["up_bytes_per_round"]
-        row["up_compression_ratio"] = base / up if base and up and math.isfinite(base / up) else None
+        plain = by_method.get(group[0].strategy) if row["method"] != group[0].strategy else None
+        for way in ("up", "down"):
+            base, sent = (plain or {}).get(f"{way}_bytes_per_round"), row[f"{way}_bytes_per_round"]
+            row[f"{way}_compression_ratio"] = (base / sent if base and sent and math.isfinite(base / sent)
+                                               else None)
     return [{key: row[key] for key in columns(metric)} for row in rows]
 
 
@@ -631,7 +642,8 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
     else:
         target = f"{TARGET_SHARE:.0%} of best" if metric.higher_is_better else f"best / {TARGET_SHARE}"
     head = ["method", "seeds", f"final {s}", f"best {s}", f"rounds to {target}", "bytes to target (up / down)",
-            f"{s} at budget (rounds)", "up / round", "down / round", "up compression", "wall time", "failed clients"]
+            f"{s} at budget (rounds)", "up / round", "down / round", "up compression", "down compression", "wall time",
+            "failed clients"]
     private = any(math.isfinite(row.get("epsilon", math.nan)) for row in rows)
     if private:
         head.append("epsilon")
@@ -645,7 +657,7 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
         cells = [row["method"], str(row["n_seeds"]), final, f"{row[f'best_{s}_mean']:.3f}",
                  _fmt_rounds(row), to_target, at_budget, fmt_bytes(row["up_bytes_per_round"]),
                  fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
-                 f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
+                 _fmt_ratio(row["down_compression_ratio"]), f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
         if private:
             cells.append(f"{row['epsilon']:.2f}" if math.isfinite(row["epsilon"]) else "∞ (no DP)")
         lines.append("| " + " | ".join(cells) + " |")
@@ -683,8 +695,8 @@ def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, com
              f"{done} of {len(jobs)} jobs completed, {len(rows)} method(s). " + target_note
              + " Bytes to target: up and down from the start through that round (mean over those seeds). "
              + _budget_note(rows, metric, given_budget)
-             + " Bytes per round: summed over clients; up compression: the uncompressed method's "
-             "uplink over this one's.", "",
+             + " Bytes per round: summed over clients; up and down compression: the uncompressed method's "
+             "bytes over this one's, in each direction.", "",
              markdown_table(rows, metric, given_target), "", *(extra or [])]
     problems = problem_lines(runs, root)
     parts += ["## Failed or missing jobs", "", *(problems or ["- none"]), ""]
