@@ -138,11 +138,18 @@ def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: Cl
     """Handle one training message: the reply packet (raises for an injected failure)."""
     t0 = time.perf_counter()
     assignment = wire.decode_assignment(packet, side.trainer.modules(), downlink=side.downlink, views=store.views)
+    reply = _train_and_encode(assignment, client_id, side, store, t0)
     down = assignment.downlink
-    if down is not None:  # keep the new copy (and those the server may still name) before anything can fail
-        views = store.views(assignment.resume_round)
+    if down is not None:  # the server moves its mirror when this reply arrives: keep the new copy first
+        views = store.views(assignment.resume_round)  # and every one the server may still name, if it does not
         store.save_views(assignment.server_round, dl.keep_views(views, down.base_round, assignment.server_round,
                                                                down.view))
+    return reply
+
+
+def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientSide, store: ClientStore,
+                      t0: float) -> wire.Packet:
+    """Inject the round's faults, train, and encode the reply (keeping the compression residual)."""
     decision = decide(side.faults, side.seed, assignment.server_round, client_id)
     if decision.fail:
         raise InjectedFault(f"injected failure (faults.fail_prob={side.faults.fail_prob:g}, round "

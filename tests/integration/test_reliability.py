@@ -3,9 +3,10 @@
 Real `fedlora` commands (real MiniLM, Flower, Ray), tiny settings (3 clients, 2 local steps,
 64 test articles). Two runs are killed and resumed: FLoRA + ComPEFT (the server holds base merges
 and strategy state; every client holds the merges it applied and the error-feedback residual of
-its classifier head, FLoRA's LoRA factors starting fresh every round) and FedAvg + ComPEFT (every
-client holds an error-feedback residual of every tensor on disk, the one client state that cannot
-be rebuilt from the server's checkpoint).
+its classifier head, FLoRA's LoRA factors starting fresh every round) and FedAvg + ComPEFT both ways
+(every client holds on disk an error-feedback residual of every tensor and the copies of its start
+that the compressed downlink is relative to, the client state that cannot be rebuilt from the
+server's checkpoint; the server checkpoints its mirror of each copy).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _straggler_seed() -> int:
 STRAGGLE = ["faults.straggler_prob=0.5", "faults.straggler_delay_s=4.0", f"faults.seed={_straggler_seed()}"]
 RESUMABLE = {
     strategy: [*TINY, f"strategy={strategy}", "compression=compeft", "num_rounds=4", "logging.tensorboard=false",
-               *STRAGGLE]
+               *STRAGGLE, *(["downlink=compeft"] if strategy == "fedavg" else [])]
     for strategy in ("flora", "fedavg")
 }
 
@@ -164,6 +165,11 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
     a = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (uninterrupted_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert summary["error_feedback"] is True
+    if name == "fedavg":  # both ways: each client's copy of its start is on its disk with the residual
+        assert summary["downlink_compression"] == "ComPEFT"
+        for cid in range(3):
+            kept = load_client_state(run_dir / "client_state" / str(cid), at_most=4) or {}
+            assert any(k.startswith("view|4|") for k in kept) and any(is_lora_key(k) for k in kept), sorted(kept)
     if name == "flora":  # fresh LoRA factors every round: only the classifier head keeps a residual
         assert summary["base_merges"] == 4
         assert summary["error_feedback_tensors"] == "all but the fresh LoRA factors"
