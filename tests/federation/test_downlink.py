@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import jsonl_rows, untimed
 from federation_kit import MODULES, TinyModel, TinyTrainer
 
 from fedlora.compression.compeft import ComPEFT
@@ -25,7 +26,7 @@ from fedlora.federation.client import ClientSide
 from fedlora.federation.loop import Federation, LoopSettings
 from fedlora.federation.memory import InMemoryTransport
 from fedlora.results import checkpoint as ckpt
-from fedlora.results.record import TIMING_FIELDS, read_records
+from fedlora.results.record import read_records
 from fedlora.results.recorder import RunRecorder
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FFALoRA
@@ -73,15 +74,6 @@ def federation(run_dir: Path, *, strategy: Any = None, down: Any = "compeft", tr
                    run_dir=run_dir, recorder=RunRecorder(run_dir, tensorboard=False), say=lambda _: None,
                    downlink=down)
     return fed, transport
-
-
-def untimed(run_dir: Path) -> list[dict]:
-    """``metrics.jsonl`` without the wall-clock fields."""
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in TIMING_FIELDS}
-        return [strip(v) for v in value] if isinstance(value, list) else value
-    return [strip(r.to_dict()) for r in read_records(run_dir)]
 
 
 def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -199,5 +191,6 @@ def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     # the clients kept their copies (on disk in Flower: fedlora.flower.node_worker.StateStore)
     resumed, _ = federation(killed, fraction_train=0.5, transport=transport, resume=True)
     resumed.run()
-    assert untimed(killed) == untimed(tmp_path / "straight")  # bytes, statuses and metrics, every round
+    # bytes, statuses and metrics, every round
+    assert untimed(jsonl_rows(killed)) == untimed(jsonl_rows(tmp_path / "straight"))
     assert all(equal(resumed.starts[key], straight.starts[key]) for key in resumed.starts)
