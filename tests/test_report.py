@@ -353,6 +353,18 @@ def test_tune_reports_the_test_accuracy_of_the_value_chosen_on_validation(
     assert "--tune compression.alpha" in text and "6 of 6 jobs completed, 2 method(s)" in text
 
 
+def test_tune_chooses_among_values_that_the_method_label_shows(tmp_path: Path) -> None:
+    # the label carries the density (+down-compeft(d=0.1)), and still the densities are one method's candidates
+    down = {"_target_": "fedlora.compression.compeft.ComPEFT"}
+    _with_validation(make_run(tmp_path / "d01", FEDAVG, 0, [0.2, 0.85], up=1000, down=50,
+                              downlink={**down, "density": 0.1}), [0.2, 0.83])
+    _with_validation(make_run(tmp_path / "d05", FEDAVG, 0, [0.2, 0.89], up=1000, down=130,
+                              downlink={**down, "density": 0.5}), [0.2, 0.87])
+    kept, choices = report.choose_on_validation(report.load_runs(tmp_path), "downlink.density")
+    assert [(c["method"], c["chosen"]) for c in choices] == [("fedavg+down-compeft", "0.5")]
+    assert [r.method for r in kept] == ["fedavg+down-compeft [downlink.density=0.5]"]
+
+
 def test_tune_needs_validation_metrics_and_a_key_the_sweep_sets(
         sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(report.ChoiceError, match="data.validation_fraction=0.1"):

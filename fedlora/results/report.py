@@ -432,16 +432,19 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
     kept: list[Run] = [run for run in runs if not run.ok]
     choices: list[dict[str, Any]] = []
     tuned_any = False
-    for method, group in group_by_method(runs).items():
+    # the method without the tuned key: a key the label shows (compression.density) must not split the choice
+    untuned: dict[str, list[Run]] = {}
+    for run in runs:
+        if not run.ok:
+            continue
+        if key not in _flatten(run.config):
+            kept.append(run)
+            continue
+        untuned.setdefault(method_label(_without(run.config, key))[1], []).append(run)
+    for method, group in sorted(untuned.items()):
         by_value: dict[str, list[Run]] = {}
         for run in group:
-            flat = _flatten(run.config)
-            if key not in flat:
-                kept.append(run)
-                continue
-            by_value.setdefault(_shown(flat[key]), []).append(run)
-        if not by_value:
-            continue
+            by_value.setdefault(_shown(_flatten(run.config)[key]), []).append(run)
         tuned_any = True
         candidates: dict[str, tuple[float, int]] = {}
         for value, members in by_value.items():
@@ -609,6 +612,17 @@ def _differing_keys(configs: list[dict[str, Any]]) -> list[str]:
     keys = set().union(*flats) if flats else set()
     return sorted(k for k in keys if k.split(".")[0] not in _PER_JOB_KEYS
                   and len({repr(f.get(k)) for f in flats}) > 1)
+
+
+def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """A copy of ``config`` without the dotted key ``dotted`` (``compression.density``)."""
+    head, _, rest = dotted.partition(".")
+    if head not in config:
+        return dict(config)
+    if not rest:
+        return {k: v for k, v in config.items() if k != head}
+    inner = config[head]
+    return {**config, head: _without(inner, rest) if isinstance(inner, dict) else inner}
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
