@@ -363,6 +363,13 @@ def test_tune_chooses_among_values_that_the_method_label_shows(tmp_path: Path) -
     kept, choices = report.choose_on_validation(report.load_runs(tmp_path), "downlink.density")
     assert [(c["method"], c["chosen"]) for c in choices] == [("fedavg+down-compeft", "0.5")]
     assert [r.method for r in kept] == ["fedavg+down-compeft [downlink.density=0.5]"]
+    # a tie on validation accuracy goes to the lower validation loss
+    for name, loss in (("d01", 0.4), ("d05", 0.5)):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows[-1].update(val_accuracy=0.87, val_loss=loss)
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, choices = report.choose_on_validation(report.load_runs(tmp_path), "downlink.density")
+    assert choices[0]["chosen"] == "0.1"
 
 
 def test_tune_needs_validation_metrics_and_a_key_the_sweep_sets(

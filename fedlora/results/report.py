@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedlora.core.metrics import ACCURACY, Metric, metric_of_run
+from fedlora.core.metrics import ACCURACY, Metric, metric_of_run, validation_key
 from fedlora.results.record import METRICS_FILE, RoundRecord, read_rows
 
 #: Share of the best final accuracy that "rounds to target" measures (perplexity: best / share).
@@ -412,10 +412,11 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
 
     ``key`` is a dotted config key that a sweep varies (``compression.alpha``); the validation metric
     is ``val_<metric>`` of each run's last round (``data.validation_fraction > 0``), averaged over the
-    value's seeds. The kept runs are relabelled ``"<method> [<key>=<value>]"``, so the table reports
-    test metrics at the setting chosen on validation only, never at the best test value. Runs whose
-    config does not set ``key`` (an uncompressed baseline in a sweep of a compressor's setting) and
-    runs that did not complete pass through unchanged.
+    value's seeds; values that tie on it are told apart by the mean final validation loss (lower wins).
+    The kept runs are relabelled ``"<method> [<key>=<value>]"``, so the table reports test metrics at
+    the setting chosen on validation only, never at the best test value. Runs whose config does not set
+    ``key`` (an uncompressed baseline in a sweep of a compressor's setting) and runs that did not
+    complete pass through unchanged.
 
     Returns
     -------
@@ -447,6 +448,7 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
             by_value.setdefault(_shown(_flatten(run.config)[key]), []).append(run)
         tuned_any = True
         candidates: dict[str, tuple[float, int]] = {}
+        losses: dict[str, float] = {}
         for value, members in by_value.items():
             scores = []
             for run in members:
@@ -456,8 +458,11 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
                                       "runs with a validation split: rerun the sweep with data.validation_fraction=0.1")
                 scores.append(float(score))
             candidates[value] = (float(np.mean(scores)), len(members))
-        pick = max if metric.higher_is_better else min
-        chosen = pick(candidates, key=lambda v: candidates[v][0])
+            val_loss = validation_key("test_loss")
+            losses[value] = float(np.mean([r.rows[-1].metrics.get(val_loss, math.inf) for r in members]))
+        sign = 1.0 if metric.higher_is_better else -1.0
+        # a tie on the metric (a few hundred validation examples tie often) goes to the lower validation loss
+        chosen = max(candidates, key=lambda v: (sign * candidates[v][0], -losses[v]))
         label = f"{method} [{key}={chosen}]"
         kept += [replace(run, method=label) for run in by_value[chosen]]
         choices.append({"method": method, "label": label, "chosen": chosen, "candidates": candidates})
