@@ -370,6 +370,9 @@ def test_tune_chooses_among_values_that_the_method_label_shows(tmp_path: Path) -
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, choices = report.choose_on_validation(report.load_runs(tmp_path), "downlink.density")
     assert choices[0]["chosen"] == "0.1"
+    (line,) = [x for x in report.choices_markdown("downlink.density", choices) if x.startswith("- ")]
+    assert "**0.1** among " in line and "0.1: 0.8700 [val loss 0.4000] (1 seed)" in line
+    assert "0.5: 0.8700 [val loss 0.5000] (1 seed)" in line
 
 
 def test_tune_needs_validation_metrics_and_a_key_the_sweep_sets(

@@ -465,7 +465,8 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
         chosen = max(candidates, key=lambda v: (sign * candidates[v][0], -losses[v]))
         label = f"{method} [{key}={chosen}]"
         kept += [replace(run, method=label) for run in by_value[chosen]]
-        choices.append({"method": method, "label": label, "chosen": chosen, "candidates": candidates})
+        choices.append({"method": method, "label": label, "chosen": chosen, "candidates": candidates,
+                        "val_loss": losses})
     if not tuned_any:
         raise ChoiceError(f"--tune {key}: no completed run sets {key}; give a key the sweep varies, "
                           "for example compression.alpha")
@@ -476,10 +477,15 @@ def choices_markdown(key: str, choices: list[dict[str, Any]], metric: Metric = A
     """The report's section that says what was chosen on validation, and among what."""
     name = metric.validation
     lines = [f"## {key} chosen on validation", "",
-             f"For each method, the value of `{key}` with the best mean final `{name}` over its seeds; the table "
-             "above gives the test metrics of that value's runs only (test metrics never chose).", ""]
+             f"For each method, the value of `{key}` with the best mean final `{name}` over its seeds (a tie goes "
+             "to the lower mean final validation loss, shown in brackets where values tie); the table above gives "
+             "the test metrics of that value's runs only (test metrics never chose).", ""]
     for choice in choices:
-        listed = ", ".join(f"{value}: {score:.4f} ({n} seed{'s' if n != 1 else ''})"
+        scores = [score for score, _ in choice["candidates"].values()]
+        losses = choice["val_loss"]
+        listed = ", ".join(f"{value}: {score:.4f}"
+                           + (f" [val loss {losses[value]:.4f}]" if scores.count(score) > 1 else "")
+                           + f" ({n} seed{'s' if n != 1 else ''})"
                            for value, (score, n) in choice["candidates"].items())
         lines.append(f"- {choice['method']}: **{choice['chosen']}** among {listed}")
     return [*lines, ""]
