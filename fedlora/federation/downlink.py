@@ -101,7 +101,7 @@ def reference(plan: ClientPlan, modules: Mapping[str, tuple[int, int]], dense: M
               names: Sequence[str]) -> AdapterState:
     """The first-contact copy: a fresh adapter at the plan's rank from its ``init_seed``, with ``dense``
     as its non-LoRA tensors, restricted to ``names``."""
-    fresh = lm.fresh_state(modules, plan.rank, plan.init_seed, {k: v for k, v in dense.items()})
+    fresh = lm.fresh_state(modules, plan.rank, plan.init_seed, dense)
     return {k: fresh[k] for k in names}
 
 

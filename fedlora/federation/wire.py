@@ -238,9 +238,9 @@ def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], den
     rank, seed = _int(conf[keys.RANK]), _int(conf[keys.INIT_SEED])
     held = views(_int(conf.get(keys.RESUME_ROUND, 0)))
     reference = ClientPlan(rank=rank, adapter=None, init_seed=seed)
-    if base_round == 0:
-        names = sorted([*(lm.lora_b_key(m) for m in modules), *dense,
-                        *(lm.lora_a_key(m) for m in modules if bool(conf[keys.SEND_LORA_A]))])
+    if base_round == 0:  # the reference's tensors that travel, by the one rule (downlink_keys of a continuing plan)
+        continuing = ClientPlan(rank=rank, adapter={}, init_seed=seed, send_lora_a=bool(conf[keys.SEND_LORA_A]))
+        names = sorted(downlink_keys(continuing, lm.fresh_state(modules, rank, seed, dense)))
     else:
         names = sorted(held.get(base_round, {}))
     payload = unpack_payload(packet.arrays[keys.DOWNLINK], names) if names else {}
