@@ -88,6 +88,24 @@ def reload_accuracy(run_dir: Path) -> float:
     return acc
 
 
+def reload_client_accuracies(run_dir: Path) -> list[float]:
+    """Load a run's saved adapter with plain peft on the pristine base and evaluate it on each client's held-out
+    examples (``data.client_test_fraction``), recomputed here from the run's config."""
+    import yaml
+    from peft import PeftModel
+
+    from fedlora.config.settings import Settings
+    from fedlora.runtime.models import load_base_model
+    from fedlora.runtime.training.local import evaluate
+    from fedlora.runtime.training.workspace import Workspace
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ws = Workspace(Settings.from_config(cfg).workspace_key())
+    base = load_base_model(cfg["model"]["name"], len(ws.label_names), seed=12345)  # different head seed
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    return [evaluate(model, ws.data, held)[1] for held in ws.client_tests]
+
+
 TIMING = {"wall_time", "round_seconds", "train_seconds", "eval_seconds"}
 
 

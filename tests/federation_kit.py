@@ -33,10 +33,13 @@ SCALING = 2.0
 class TinyTrainer:
     """Local "training": start + ``step`` x noise seeded by (round, client); the loss falls with the round."""
 
-    def __init__(self, step: float = 0.3, examples: Sequence[int] = (10, 20, 30, 40, 50, 60)) -> None:
+    def __init__(self, step: float = 0.3, examples: Sequence[int] = (10, 20, 30, 40, 50, 60),
+                 held_out: Sequence[int] = (2, 4, 6)) -> None:
         self.step = step
         self.examples = list(examples)
+        self.held_out = list(held_out)  # each client's held-out examples (per-client evaluation)
         self.calls: list[tuple[int, int, int]] = []  # (round, client, number of merges it trained on)
+        self.evaluations: list[tuple[int, int, int, int]] = []  # (round, client, rank, merges) of each evaluation
 
     @staticmethod
     def spec(r_max: int) -> AdapterSpec:
@@ -63,6 +66,26 @@ class TinyTrainer:
                 lm.is_lora_b_key(key) and not assignment.plan.train_lora_b)
             state[key] = value.clone() if frozen else value + self.step * torch.randn(value.shape, generator=gen)
         return state, 1.0 / assignment.server_round + 0.01 * client_id
+
+    def evaluate(self, client_id: int, assignment: wire.Assignment, merges: Sequence[BaseMerge],
+                 ) -> tuple[dict[str, float], int]:
+        """:func:`client_metrics` of the start on base + merges, and the client's held-out count."""
+        self.evaluations.append((assignment.server_round, client_id, assignment.plan.rank, len(merges)))
+        return client_metrics(client_id, assignment.start, merges), self.held_out[client_id % len(self.held_out)]
+
+
+def client_metrics(client_id: int, adapter: AdapterState, merges: Sequence[BaseMerge]) -> dict[str, float]:
+    """Client ``client_id``'s tiny "evaluation": the effective update's energy against a target that moves
+    with the client (so clients differ, and the worst one is known)."""
+    pairs, head = lm.split_state(adapter)
+    total = sum(float(v.double().square().sum()) for v in head.values())
+    for module, (a, b) in pairs.items():
+        dense = SCALING * (b.double() @ a.double())
+        for merge in merges:
+            dense = dense + lm.merge_delta(merge, module).double()
+        total += float(dense.square().sum())
+    loss = 1.0 / (1.0 + total) + 0.05 * (client_id % 3)
+    return {"test_accuracy": 1.0 - loss, "test_loss": loss}
 
 
 class TinyModel:

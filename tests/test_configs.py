@@ -100,6 +100,10 @@ BAD = [
     (["downlink=compeft", "strategy=flora"], "downlink='compeft'", "use downlink=none with this strategy"),
     (["downlink=compeft", "privacy=secagg"], "downlink='compeft'", "use downlink=none with privacy.secure=true"),
     (["downlink=compeft", "strategy=centralized"], "downlink='compeft'", "the centralized bound communicates"),
+    (["data.client_test_fraction=1.5"], "data.client_test_fraction=1.5", "a number in [0, 1)"),
+    (["eval.client_every=-1"], "eval.client_every=-1", "an integer >= 0"),
+    (["data.client_test_fraction=0.2", "strategy=centralized"], "data.client_test_fraction=0.2",
+     "use data.client_test_fraction=0 with strategy=centralized"),
     # tasks: causal-LM data, models, prompts, generation, decoder options
     (["task=causal_lm", "data=bbc_news"], "data.name='bbc_news'", "data=synthetic_instructions"),
     (["task=causal_lm", "model=minilm"], "model.name='all-MiniLM-L6-v2'", "model=tiny_decoder"),
@@ -302,3 +306,10 @@ def test_settings_are_built_once_from_a_valid_config() -> None:
     assert settings.model.decoder is False and Settings.from_config(compose(["task=causal_lm"])).model.decoder
     assert hash(settings) == hash(Settings.from_config(cfg))  # hashable: per-process caches key on it
     assert Settings.from_config(compose(["strategy=centralized"])).transport == "pooled"
+
+
+def test_per_client_evaluation_is_on_only_with_held_out_examples() -> None:
+    assert Settings.from_config(compose([])).loop.client_eval_every is None
+    on = Settings.from_config(compose(["data.client_test_fraction=0.2", "eval.client_every=3"]))
+    assert on.loop.client_eval_every == 3 and on.data.client_test_fraction == 0.2
+    assert Settings.from_config(compose(["eval.client_every=3"])).loop.client_eval_every is None

@@ -164,3 +164,33 @@ def test_a_validation_split_that_starves_the_clients_is_named_in_the_error(bbc: 
 
     with pytest.raises(ds.DataError, match=r"min_partition_size=10.*data.validation_fraction=0.95 holds out \d+"):
         split_and_partition(tuple(bbc.labels), True, DataSettings(validation_fraction=0.95), 10)
+
+
+def test_each_client_holds_out_its_own_examples_to_evaluate_on(bbc: ds.Corpus) -> None:
+    from fedlora.runtime.data.settings import DataSettings
+    from fedlora.runtime.training.workspace import split_and_partition
+
+    groups = tuple(bbc.labels)
+    plain = split_and_partition(groups, True, DataSettings(), 10)
+    held = split_and_partition(groups, True, DataSettings(client_test_fraction=0.2), 10)
+    assert plain.client_tests == [] and held.test == plain.test and held.validation == plain.validation
+    assert len(held.client_tests) == 10
+    for whole, train, test in zip(plain.partitions, held.partitions, held.client_tests, strict=True):
+        assert sorted(train + test) == sorted(whole) and not set(train) & set(test)  # the same partition, cut in two
+        assert len(test) == max(1, round(0.2 * len(whole)))
+    assert held.train == sorted(i for part in held.partitions for i in part)  # nobody trains on a held-out example
+    assert split_and_partition(groups, True, DataSettings(client_test_fraction=0.2), 10) == held  # seeded
+    other = split_and_partition(groups, True, DataSettings(client_test_fraction=0.2, split_seed=7), 10)
+    assert other.client_tests != held.client_tests
+
+
+def test_a_client_too_small_to_hold_out_an_example_is_an_error_naming_it() -> None:
+    from fedlora.runtime.training.workspace import hold_out_client_tests
+
+    trains, tests = hold_out_client_tests([[5, 6], [7, 8, 9]], 0.01, 0)
+    assert [len(t) for t in tests] == [1, 1] and [len(t) for t in trains] == [1, 2]  # at least one of each
+    trains, tests = hold_out_client_tests([[5, 6]], 0.99, 0)
+    assert len(trains[0]) == 1 and len(tests[0]) == 1
+    with pytest.raises(ds.DataError, match=r"client_test_fraction=0.2: client 1 holds 1 example\(s\), and needs at "
+                                           r"least 2 .*min_partition_size"):
+        hold_out_client_tests([[1, 2, 3], [4]], 0.2, 0)

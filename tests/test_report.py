@@ -391,3 +391,29 @@ def test_every_metric_has_one_validation_name() -> None:
 
     assert ACCURACY.validation == validation_key("test_accuracy") == "val_accuracy"
     assert PERPLEXITY.validation == "val_perplexity" and validation_key("test_loss") == "val_loss"
+
+
+def _with_client_eval(run_dir: Path, accs: list[float]) -> Path:
+    """Add a per-client evaluation (clients 0, 1 with ``accs``) to the last round of a made run."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    clients = [{"client": c, "bytes_down": 5, "num_examples": 4, "test_accuracy": a} for c, a in enumerate(accs)]
+    rows[-1]["client_eval"] = {"clients": clients, "mean": {"test_accuracy": sum(accs) / len(accs)},
+                               "worst": min(accs), "worst_client": accs.index(min(accs)), "eval_seconds": 0.1}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_per_client_mean_and_worst_are_reported_over_seeds(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    _with_client_eval(make_run(root / "0_fedavg_seed=0", FEDAVG, 0, [0.2, 0.8], up=10, down=10), [0.9, 0.5])
+    _with_client_eval(make_run(root / "1_fedavg_seed=1", FEDAVG, 1, [0.2, 0.8], up=10, down=10), [0.8, 0.6])
+    make_run(root / "2_flora_seed=0", FLORA, 0, [0.2, 0.8], up=10, down=10)  # its clients did not evaluate
+    rows = by_method(report.summarize(report.load_runs(root)))
+    assert rows["fedavg"]["client_acc_mean"] == pytest.approx((0.7 + 0.7) / 2)
+    assert rows["fedavg"]["client_acc_worst"] == pytest.approx((0.5 + 0.6) / 2)
+    assert math.isnan(rows["flora"]["client_acc_mean"]) and math.isnan(rows["flora"]["client_acc_worst"])
+    table = report.markdown_table(list(rows.values())).splitlines()
+    assert table[0].startswith("| method | seeds | final acc | best acc | clients' mean acc | worst client acc |")
+    assert "| 0.700 | 0.550 |" in table[2] and "| n/a | n/a |" in table[3]
+    plain = report.markdown_table([rows["flora"]])  # nobody evaluated per client: no such columns
+    assert "worst client" not in plain

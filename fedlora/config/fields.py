@@ -127,6 +127,10 @@ FIELDS: tuple[Field, ...] = (
           high_open=True),
     Field("data.validation_fraction", "number", "the share of the training split held out for validation: a "
           "number in [0, 1), for example 0.1 (0: none)", low=0, high=1, high_open=True),
+    Field("data.client_test_fraction", "number", "the share of each client's partition it holds out to evaluate "
+          "on: a number in [0, 1), for example 0.2 (0: no per-client evaluation)", low=0, high=1, high_open=True),
+    Field("eval.client_every", "int", "evaluate on every client's held-out examples every this many rounds: an "
+          "integer >= 0 (0: after the last round only)", low=0),
     Field("data.split_seed", "int", "use an integer >= 0", low=0),
     Field("data.max_examples", "int", "how many examples to read: an integer >= 1, or null for all of them",
           low=1, optional=True),

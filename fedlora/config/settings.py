@@ -221,8 +221,10 @@ class Settings:
         sim = dict(cfg.get("simulation") or {})
         resources = sim.pop("client_resources", None) or {}
         wandb = (cfg.get("logging") or {}).get("wandb") or {}
+        every = int((cfg.get("eval") or {}).get("client_every", 0))
         loop = _pick(LoopSettings, cfg, name=str(cfg.get("name") or ""), resume=bool(cfg.get("resume")),
-                     participation=_pick(ParticipationSettings, cfg.get("participation") or {}))
+                     participation=_pick(ParticipationSettings, cfg.get("participation") or {}),
+                     client_eval_every=every if data.client_test_fraction > 0 else None)
         return cls(
             loop=loop, output_dir=str(cfg.get("output_dir", ".")),
             strategy=Component.from_node(cfg["strategy"]),  # type: ignore[arg-type]

@@ -175,6 +175,10 @@ def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:
     if any(faults.get(k) for k in ("fail_prob", "straggler_prob", "corrupt_prob", "corrupt")):
         p.add("faults", {k: v for k, v in faults.items() if v}, "the centralized bound has no clients to fail; "
               "use faults=none with strategy=centralized")
+    held = (cfg.get("data") or {}).get("client_test_fraction") or 0
+    if isinstance(held, int | float) and held > 0:
+        p.add("data.client_test_fraction", held, "the centralized bound has one learner and no clients to evaluate "
+              "on their own data; use data.client_test_fraction=0 with strategy=centralized")
 
 
 def _check_privacy(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:

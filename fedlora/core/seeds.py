@@ -84,6 +84,11 @@ def secure_quantization(seed: int, server_round: int, client_id: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def client_test_split(split_seed: int, client_id: int) -> random.Random:
+    """Which of client ``client_id``'s examples it holds out to evaluate on (``data.client_test_fraction``)."""
+    return random.Random(f"fedlora-client-test/{split_seed}/{client_id}")
+
+
 def participation_probabilities(seed: int) -> random.Random:
     """The generator of the clients' drawn participation probabilities (``participation=bernoulli``)."""
     return random.Random(f"fedlora-participation-probabilities/{seed}")

@@ -43,6 +43,12 @@ class Trainer(Protocol):
         """Train from ``assignment.start`` on the base plus ``merges``; return the trained adapter and mean loss."""
         ...
 
+    def evaluate(self, client_id: int, assignment: wire.Assignment, merges: Sequence[BaseMerge],
+                 ) -> tuple[dict[str, float], int]:
+        """The task's metrics of ``assignment.start`` (on the base plus ``merges``) on the examples client
+        ``client_id`` holds out (``data.client_test_fraction``), and how many there are."""
+        ...
+
 
 class ClientStore(Protocol):
     """What one client keeps between its rounds."""
@@ -145,6 +151,22 @@ def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: Cl
         store.save_views(assignment.server_round, dl.keep_views(views, down.base_round, assignment.server_round,
                                                                down.view))
     return reply
+
+
+def evaluate_round(packet: wire.Packet, client_id: int, side: ClientSide, store: ClientStore) -> wire.Packet:
+    """Handle one evaluation message: the model it carries, evaluated on this client's held-out examples.
+
+    The message carries the adapter as it is (never compressed: evaluation is a measurement, not part of
+    a method's traffic) and the base merges the client lacks, which it applies as for training. No fault
+    is injected: the faults config is about training.
+    """
+    assignment = wire.decode_assignment(packet, side.trainer.modules())
+    merges = apply_merges(store, assignment.merges)
+    metrics, count = side.trainer.evaluate(client_id, assignment, merges)
+    if count < 1:
+        raise RuntimeError(f"client {client_id} holds no example to evaluate on; set data.client_test_fraction > 0 "
+                           "on every node (the server's and the nodes' data settings must agree)")
+    return wire.encode_evaluation(metrics, count)
 
 
 def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientSide, store: ClientStore,

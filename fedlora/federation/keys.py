@@ -30,6 +30,8 @@ SECURE_RANK = "secure-rank"  # the layout rank of a secure round's vector (absen
 SECURE_SEED = "secure-seed"  # seeds the client's stochastic quantization in a secure round
 DOWNLINK_BASE = "downlink-base"  # the round of the client's copy a compressed downlink is relative to (0: reference)
 DOWNLINK_CRC = "downlink-crc"  # CRC-32 of that copy
+# an evaluation reply's metrics: "eval/test_accuracy", ... (and NUM_EXAMPLES: how many examples it evaluated on)
+EVAL_PREFIX = "eval/"
 RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 

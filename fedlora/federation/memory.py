@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from fedlora.federation.client import ClientSide, MemoryStore, train_round
+from fedlora.federation.client import ClientSide, MemoryStore, evaluate_round, train_round
 from fedlora.federation.sampling import describe_ranks
 from fedlora.federation.transport import ClientInfo, Delivery, Exchange
 from fedlora.federation.wire import Packet
@@ -50,14 +50,23 @@ class InMemoryTransport:
 
     def exchange(self, server_round: int, packets: Mapping[int, Packet], timeout: float) -> Exchange:  # noqa: ARG002
         """Run each client's round in turn; an exception is that client's error reply."""
+        return self._run(packets, train_round, lambda cid: self.silent(server_round, cid))
+
+    def evaluate_exchange(self, server_round: int, packets: Mapping[int, Packet],  # noqa: ARG002
+                          timeout: float) -> Exchange:  # noqa: ARG002
+        """Have each client evaluate the model of its packet on its held-out examples, in turn."""
+        return self._run(packets, evaluate_round, lambda cid: False)
+
+    def _run(self, packets: Mapping[int, Packet], handle: Callable[[Packet, int, ClientSide, MemoryStore], Packet],
+             silent: Callable[[int], bool]) -> Exchange:
         replies: dict[int, Delivery] = {}
         for cid in sorted(packets):
             if self.stop.is_set():
                 break
-            if self.silent(server_round, cid):
+            if silent(cid):
                 continue
             try:
-                reply = train_round(packets[cid], cid, self.side, self.stores[cid])
+                reply = handle(packets[cid], cid, self.side, self.stores[cid])
             except Exception as exc:  # noqa: BLE001 - a client's failure is its reply, as in Flower
                 replies[cid] = Delivery(error=str(exc))
                 continue

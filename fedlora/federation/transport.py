@@ -96,6 +96,15 @@ class Transport(Protocol):
         ...
 
 
+class EvaluatingTransport(Transport, Protocol):
+    """A transport that can also ask clients to evaluate a model on their own held-out examples."""
+
+    def evaluate_exchange(self, server_round: int, packets: Mapping[int, Packet], timeout: float) -> Exchange:
+        """Send each client an evaluation message (an assignment it evaluates instead of training) and collect
+        the replies (:func:`fedlora.federation.wire.encode_evaluation`) that arrive within ``timeout`` seconds."""
+        ...
+
+
 class SecureTransport(Transport, Protocol):
     """A transport that can also run a round under secure aggregation (Flower's Grid does)."""
 

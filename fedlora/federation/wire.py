@@ -315,6 +315,34 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
     return received, report
 
 
+# -- evaluation -----------------------------------------------------------------------------------
+def encode_evaluation(metrics: Mapping[str, float], num_examples: int) -> Packet:
+    """A client's answer to an evaluation message: the task's metrics on its held-out examples, and how many."""
+    values: dict[str, int | float] = {keys.EVAL_PREFIX + k: float(v) for k, v in metrics.items()}
+    values[keys.NUM_EXAMPLES] = int(num_examples)
+    return Packet(metrics=values)
+
+
+def decode_evaluation(packet: Packet) -> tuple[dict[str, float], int]:
+    """The metrics and example count of an evaluation reply.
+
+    Raises
+    ------
+    WireError
+        When the packet is not an evaluation reply (no metrics, or no example count).
+    """
+    m = packet.metrics
+    try:
+        count = _int(m[keys.NUM_EXAMPLES])
+        metrics = {k[len(keys.EVAL_PREFIX):]: float(cast(float, v)) for k, v in m.items()
+                   if k.startswith(keys.EVAL_PREFIX)}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WireError(f"malformed evaluation reply: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not metrics:
+        raise WireError(f"malformed evaluation reply: records {packet.record_names()}, no eval/ metrics")
+    return metrics, count
+
+
 # -- hello ----------------------------------------------------------------------------------------
 def encode_hello(label_names: Sequence[str]) -> Packet:
     """The server's hello: the run's class names, in its numbering (a node with its own file needs them)."""

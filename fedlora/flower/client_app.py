@@ -1,4 +1,4 @@
-"""The ClientApp: one handler for the hello query and one for training, forwarded to a node worker.
+"""The ClientApp: handlers for the hello query, training and evaluation, forwarded to a node worker.
 
 What a node computes for a message is Flower-free (:func:`fedlora.flower.node_worker.hello` and
 :func:`~fedlora.flower.node_worker.train`, on top of :func:`fedlora.federation.client.train_round`);
@@ -175,7 +175,7 @@ def _via_worker(header: dict[str, Any], arrays: dict[str, np.ndarray], node_id: 
 
 
 def serve(kind: str, msg: Message, context: Context, settings: Settings | None) -> Message:
-    """Answer a hello (``kind="hello"``) or a training message."""
+    """Answer a hello (``kind="hello"``), a training message (``"train"``) or an evaluation (``"evaluate"``)."""
     t0 = time.perf_counter()
     header, arrays = request_frame(kind, msg, context)
     if settings is not None:  # simulation: this actor computes, and keeps its caches
@@ -219,6 +219,10 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         return serve("hello", msg, context, settings)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return serve("evaluate", msg, context, settings)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

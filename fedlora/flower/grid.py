@@ -217,11 +217,20 @@ class GridTransport:
         reply from the SuperLink, ``reply_to`` our message): that reply names the client only
         through the message it answers.
         """
+        return self._exchange("train", server_round, packets, timeout)
+
+    def evaluate_exchange(self, server_round: int, packets: Mapping[int, wire.Packet], timeout: float) -> Exchange:
+        """One ``evaluate`` message per client (the ClientApp's evaluate handler); the replies, by client."""
+        return self._exchange("evaluate", server_round, packets, timeout)
+
+    def _exchange(self, kind: str, server_round: int, packets: Mapping[int, wire.Packet], timeout: float,
+                  ) -> Exchange:
         contents = {cid: to_content(packet) for cid, packet in packets.items()}
         sizes = {cid: content_bytes(content) for cid, content in contents.items()}
-        messages = {cid: Message(content, self.node_of[cid], "train", group_id=str(server_round))
+        messages = {cid: Message(content, self.node_of[cid], kind, group_id=str(server_round))
                     for cid, content in contents.items()}
-        replies = self.send_and_receive(list(messages.values()), timeout, label=self.round_label(server_round))
+        label = self.round_label(server_round) + (": clients evaluate" if kind == "evaluate" else "")
+        replies = self.send_and_receive(list(messages.values()), timeout, label=label)
         client_of_node = {node: cid for cid, node in self.node_of.items()}
         client_of_message = {m.metadata.message_id: cid for cid, m in messages.items()}
         delivered: dict[int, Delivery] = {}

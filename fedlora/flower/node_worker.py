@@ -44,7 +44,7 @@ from fedlora.core import lora_math as lm
 from fedlora.core.faults import InjectedFault
 from fedlora.core.types import AdapterState, BaseMerge
 from fedlora.federation import keys, wire
-from fedlora.federation.client import ClientSide, train_round
+from fedlora.federation.client import ClientSide, evaluate_round, train_round
 from fedlora.flower.node import NodeSettings, node_rank, node_workspace_key, read_node_config
 from fedlora.flower.settings import resolve_settings
 from fedlora.results.checkpoint import CLIENT_STATE_DIR, load_client_state, save_client_state
@@ -174,7 +174,8 @@ def _node(settings: Settings, node_config: tuple[tuple[str, Any], ...]) -> NodeS
 def client_side(settings: Settings, node: NodeSettings, labels: tuple[str, ...] | None) -> ClientSide:
     """What this node trains with, built once per process (the workspace itself is cached by its key)."""
     trainer = WorkspaceTrainer(node_workspace_key(settings, node, labels), settings.train, settings.seed,
-                               reload_per_call=settings.simulation.reload_model_per_call)
+                               reload_per_call=settings.simulation.reload_model_per_call,
+                               eval_batch_size=settings.eval_batch_size)
     return ClientSide(trainer=trainer, compressor=_compressor(settings.compression), faults=settings.faults,
                       seed=settings.seed, downlink=_compressor(settings.downlink))
 
@@ -202,8 +203,9 @@ def hello(packet: wire.Packet, settings: Settings, node_config: Mapping[str, Any
 
 
 def train(packet: wire.Packet, settings: Settings, node_config: Mapping[str, Any], state: NodeState, *,
-          run: str, flwr_home: str | None) -> wire.Packet:
-    """Train this client's adapter from the server's assignment; the (encoded) reply.
+          run: str, flwr_home: str | None, evaluate: bool = False) -> wire.Packet:
+    """Train this client's adapter from the server's assignment (or, with ``evaluate``, evaluate the
+    model the message carries on the client's held-out examples); the (encoded) reply.
 
     ``run`` names the run (its base merges are this run's: a host that last held another run's
     is reset to the pristine base first).
@@ -217,6 +219,8 @@ def train(packet: wire.Packet, settings: Settings, node_config: Mapping[str, Any
             host.set_base(("pristine", run), None)  # W0, and a version no merge count equals
             _BASE_OWNER[id(host)] = run
     store = StateStore(state, client_state_dir(settings, node_config, node.client_id, flwr_home))
+    if evaluate:
+        return evaluate_round(packet, node.client_id, side, store)
     return train_round(packet, node.client_id, side, store)
 
 
@@ -255,7 +259,7 @@ def handle(header: dict[str, Any], arrays: dict[str, np.ndarray],
             reply = hello(packet, settings, node_config, state)
         else:
             reply = train(packet, settings, node_config, state, run=str(header["run"]),
-                          flwr_home=header.get("flwr_home"))
+                          flwr_home=header.get("flwr_home"), evaluate=header["kind"] == "evaluate")
         return reply_frame(reply, state)
     except Exception as exc:  # noqa: BLE001 - every error goes back to the ClientApp, which raises it
         cls = type(exc)

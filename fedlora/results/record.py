@@ -9,11 +9,13 @@ disk a record is one JSON object (keys sorted) with the task's metrics at the to
      "clients": [{"client": 0, "rank": 2, "status": "ok", "num_examples": 46, ...}, ...],
      "num_ok": 10, "num_failed": 0, "num_rejected": 0, "bytes_up_total": ..., "bytes_down_total": ...,
      "strategy": {"product_gap_rel": 0.14},
-     "slot_energy": [0.61, 0.22, 0.09, 0.05, ...], "shared_slot_energy": 0.83}
+     "slot_energy": [0.61, 0.22, 0.09, 0.05, ...], "shared_slot_energy": 0.83,
+     "client_eval": {"mean": {"test_accuracy": 0.86, ...}, "worst": 0.62, "worst_client": 7, "clients": [...]}}
 
 Round 0 (the evaluation before training) has no clients' counts, bytes or strategy metrics, and
 its ``train_loss`` is ``null``. ``aggregation_skipped`` appears only in a round that kept the
-global adapter, with the reason.
+global adapter, with the reason; ``client_eval`` only in a round after which every client evaluated the
+global model on its own held-out examples (``data.client_test_fraction > 0``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,45 @@ class ClientRow:
 
 
 @dataclass
+class ClientEvaluation:
+    """Every client's evaluation of the global model on the examples it holds out (``data.client_test_fraction``).
+
+    ``clients`` has one entry per client: ``{"client", "bytes_down", "num_examples", <metric>: value, ...}``, or
+    ``{"client", "bytes_down", "error"}`` for a client that did not answer. ``mean`` is each metric's mean over
+    the clients that answered, each client counting once (not weighted by its examples); ``worst`` is the task
+    metric of the worst of them and ``worst_client`` who that is (``None`` when nobody answered).
+    """
+
+    clients: list[dict[str, Any]]
+    mean: dict[str, float]
+    worst: float | None
+    worst_client: int | None
+    eval_seconds: float = 0.0
+
+    @property
+    def num_failed(self) -> int:
+        """Clients that did not answer."""
+        return sum("error" in c for c in self.clients)
+
+    @property
+    def bytes_down_total(self) -> int:
+        """Bytes of the evaluation messages."""
+        return sum(int(c.get("bytes_down", 0)) for c in self.clients)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object under a record's ``client_eval``."""
+        return {"clients": self.clients, "mean": self.mean, "worst": self.worst, "worst_client": self.worst_client,
+                "eval_seconds": self.eval_seconds, "num_failed": self.num_failed,
+                "bytes_down_total": self.bytes_down_total}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> ClientEvaluation:
+        """Read what :meth:`to_dict` wrote."""
+        return cls(clients=list(row.get("clients") or []), mean=dict(row.get("mean") or {}), worst=row.get("worst"),
+                   worst_client=row.get("worst_client"), eval_seconds=float(row.get("eval_seconds", 0.0)))
+
+
+@dataclass
 class RoundRecord:
     """One round of a run: the global model's metrics after it, and what every sampled client did.
 
@@ -97,6 +138,7 @@ class RoundRecord:
     slot_energy: list[float] | None = None  # share of the round's adapter update in each rank slot
     shared_slot_energy: float | None = None  # the share in the slots every aggregated client trains
     dp_epsilon: float | None = None  # privacy=dp_sgd: the largest epsilon any client has spent so far
+    client_eval: ClientEvaluation | None = None  # every client's evaluation of the global model (when due)
 
     def count(self, status: str) -> int:
         """How many sampled clients ended the round with ``status``."""
@@ -131,6 +173,8 @@ class RoundRecord:
             out.update(slot_energy=self.slot_energy, shared_slot_energy=self.shared_slot_energy)
         if self.dp_epsilon is not None:
             out["dp_epsilon"] = self.dp_epsilon
+        if self.client_eval is not None:
+            out["client_eval"] = self.client_eval.to_dict()
         return out
 
     def to_json(self) -> str:
@@ -141,7 +185,7 @@ class RoundRecord:
     def from_dict(cls, row: Mapping[str, Any]) -> RoundRecord:
         """Read a record written by :meth:`to_dict` (or by an earlier fedlora)."""
         own = {"round", "train_loss", "wall_time", "eval_seconds", "round_seconds", "clients", "strategy",
-               "aggregation_skipped", "slot_energy", "shared_slot_energy", "dp_epsilon"}
+               "aggregation_skipped", "slot_energy", "shared_slot_energy", "dp_epsilon", "client_eval"}
         derived = {"num_ok", "num_failed", "num_rejected", "bytes_down_total", "bytes_up_total"}
         metrics = {k: v for k, v in row.items() if k not in own | derived}
         return cls(round=int(row["round"]), metrics=metrics, train_loss=row.get("train_loss"),
@@ -150,7 +194,8 @@ class RoundRecord:
                    clients=[ClientRow.from_dict(c) for c in row.get("clients") or []],
                    strategy=row.get("strategy"), aggregation_skipped=row.get("aggregation_skipped"),
                    slot_energy=row.get("slot_energy"), shared_slot_energy=row.get("shared_slot_energy"),
-                   dp_epsilon=row.get("dp_epsilon"))
+                   dp_epsilon=row.get("dp_epsilon"),
+                   client_eval=ClientEvaluation.from_dict(row["client_eval"]) if row.get("client_eval") else None)
 
 
 def read_records(run_dir: Path) -> list[RoundRecord]:

@@ -47,7 +47,8 @@ TARGET_SHARE = 0.9
 def columns(metric: Metric = ACCURACY) -> list[str]:
     """The columns of ``report.csv`` (the keys of a :func:`summarize` row) for runs judged by ``metric``."""
     s = metric.short
-    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", "target",
+    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", f"client_{s}_mean",
+            f"client_{s}_worst", "target",
             "rounds_to_target", "seeds_reached_target", "up_bytes_to_target", "down_bytes_to_target",
             "budget_bytes", f"{s}_at_budget_mean", "rounds_in_budget", "up_bytes_per_round",
             "down_bytes_per_round", "up_compression_ratio", "down_compression_ratio", "wall_time_s",
@@ -560,6 +561,9 @@ def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]
         f"final_{s}_mean": float(np.mean(finals)),
         f"final_{s}_std": float(np.std(finals, ddof=1)) if len(group) > 1 else 0.0,
         f"best_{s}_mean": float(np.mean([best_value(r, metric) for r in group])),
+        # per-client evaluation after the last round (data.client_test_fraction > 0), mean over seeds; nan without
+        f"client_{s}_mean": _mean_or_nan([client_value(r, metric, "mean") for r in group]),
+        f"client_{s}_worst": _mean_or_nan([client_value(r, metric, "worst") for r in group]),
         "up_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "up") for r in group])),
         "down_bytes_per_round": float(np.mean([per_round_bytes(r.rows, "down") for r in group])),
         "wall_time_s": float(np.mean([wall_time(r) for r in group])),
@@ -567,6 +571,21 @@ def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]
         # the largest epsilon any client spent (summary.json's dp_epsilon), mean over seeds; nan without privacy
         "epsilon": float(np.mean([float(r.summary.get("dp_epsilon", math.nan)) for r in group])),
     }
+
+
+def client_value(run: Run, metric: Metric, which: str) -> float:
+    """The last round's per-client evaluation of ``run``: the mean over its clients (``which="mean"``) or the
+    worst client's value (``"worst"``); NaN when its clients did not evaluate (``data.client_test_fraction=0``)."""
+    evaluation = run.rows[-1].client_eval if run.rows else None
+    if evaluation is None:
+        return math.nan
+    value = evaluation.mean.get(metric.key) if which == "mean" else evaluation.worst
+    return math.nan if value is None else float(value)
+
+
+def _mean_or_nan(values: list[float]) -> float:
+    """The mean of ``values`` when every one is a number, else NaN (a method whose seeds did not all evaluate)."""
+    return float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else math.nan
 
 
 def best_final_mean(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> float:
@@ -672,6 +691,9 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
     private = any(math.isfinite(row.get("epsilon", math.nan)) for row in rows)
     if private:
         head.append("epsilon")
+    per_client = any(math.isfinite(row.get(f"client_{s}_mean", math.nan)) for row in rows)
+    if per_client:  # data.client_test_fraction > 0: each client's own held-out data, after the last round
+        head[4:4] = [f"clients' mean {s}", f"worst client {s}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         final = f"{row[f'final_{s}_mean']:.3f} ± {row[f'final_{s}_std']:.3f}"
@@ -685,6 +707,9 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
                  _fmt_ratio(row["down_compression_ratio"]), f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
         if private:
             cells.append(f"{row['epsilon']:.2f}" if math.isfinite(row["epsilon"]) else "∞ (no DP)")
+        if per_client:
+            cells[4:4] = [f"{row[f'client_{s}_{w}']:.3f}" if math.isfinite(row[f"client_{s}_{w}"]) else "n/a"
+                          for w in ("mean", "worst")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

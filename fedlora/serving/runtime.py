@@ -98,10 +98,12 @@ class WorkspaceModel:
 class WorkspaceTrainer:
     """A client's local training on its partition of the workspace's data."""
 
-    def __init__(self, key: WorkspaceKey, train: TrainSettings, seed: int, *, reload_per_call: bool = False) -> None:
+    def __init__(self, key: WorkspaceKey, train: TrainSettings, seed: int, *, reload_per_call: bool = False,
+                 eval_batch_size: int = 64) -> None:
         self.key = key
         self.settings = train
         self.seed = seed
+        self.eval_batch_size = eval_batch_size
         self.reload_per_call = reload_per_call  # benchmark only: load the base model on every call
 
     @property
@@ -142,6 +144,21 @@ class WorkspaceTrainer:
         loss = train_steps(ws.host.model, params, ws.data, self.indices(client_id), self.steps(),
                            self.round_seed(client_id, assignment.server_round))
         return ws.host.get_state(rank), loss
+
+    def test_indices(self, client_id: int) -> list[int]:
+        """The examples the client evaluates on (``data.client_test_fraction``; empty without)."""
+        return self.ws.client_test(client_id)
+
+    def evaluate(self, client_id: int, assignment: wire.Assignment, merges: Sequence[BaseMerge],
+                 ) -> tuple[dict[str, float], int]:
+        """The assignment's start adapter on base + merges, evaluated on the client's held-out examples."""
+        indices = self.test_indices(client_id)
+        if not indices:
+            return {}, 0
+        ws = self.ws
+        _set_base(ws, merges)
+        ws.host.load_state(assignment.plan.rank, assignment.start)
+        return ws.evaluate_indices(indices, self.eval_batch_size), len(indices)
 
 
 class DPLedger:

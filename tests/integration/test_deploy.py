@@ -208,11 +208,17 @@ def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tm
     _start_nodes(cluster, ["partition-id=0 num-partitions=3", "partition-id=1 node-worker=false",
                            f'partition-id=2 rank=6 data-path="{own}"'])
     run_dir = tmp_path / "run"
-    cluster.deploy([*SMALL, "strategy=ffa_lora"], run_dir)
+    # every node also holds out a quarter of its examples (node 2: of its own file) and evaluates the final
+    # global model on them: through its worker (nodes 0, 2) or in its flwr-clientapp process (node 1)
+    cluster.deploy([*SMALL, "strategy=ffa_lora", "data.client_test_fraction=0.25"], run_dir)
     assert cluster.node_workers("node1") == [] and len(cluster.node_workers("node2")) == 1
     rows, _ = _check_run(run_dir, 3)
+    held = max(1, round(0.25 * len(keep)))
     node2 = [row["clients"][2] for row in rows[1:]]
-    assert all(c["rank"] == 6 and c["num_examples"] == len(keep) for c in node2)
+    assert all(c["rank"] == 6 and c["num_examples"] == len(keep) - held for c in node2)
+    evaluation = rows[-1]["client_eval"]
+    assert evaluation["num_failed"] == 0 and evaluation["clients"][2]["num_examples"] == held
+    assert all(0 <= c["test_accuracy"] <= 1 for c in evaluation["clients"])
     assert [c["rank"] for c in rows[1]["clients"][:2]] == [2, 4]  # the run's rank tiers for the others
     full = 12 * 6 * (384 + 384) * 4  # A and B of a rank-6 adapter in fp32; FFA-LoRA sends B (and the head)
     assert all(0.45 * full < c["bytes_up"] < 0.6 * full for c in node2)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, reload_accuracy, run_fedlora
+from conftest import TINY, reload_accuracy, reload_client_accuracies, run_fedlora
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,22 @@ def test_fedavg_end_to_end(tmp_path: Path) -> None:
 
 def test_flora_end_to_end_merges_persist_across_rounds(tmp_path: Path) -> None:
     # 3 rounds: round 3 only works if each client kept the merges of earlier rounds in its state.
-    run_dir, summary, rows, log = _run(tmp_path, ["strategy=flora", "num_rounds=3"])
+    # Each client also holds out 30% of its articles and evaluates the global model on them after rounds 2 and 3
+    # (Flower evaluate messages, which carry the merges a client lacks).
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=flora", "num_rounds=3", "data.client_test_fraction=0.3",
+                                                  "eval.client_every=2"])
+    assert [("client_eval" in r) for r in rows] == [False, False, True, True]
+    for row in rows[2:]:
+        evaluation = row["client_eval"]
+        assert evaluation["num_failed"] == 0 and [c["client"] for c in evaluation["clients"]] == [0, 1, 2]
+        assert all(c["num_examples"] > 0 and 0 <= c["test_accuracy"] <= 1 for c in evaluation["clients"])
+    # each client's number is the saved model (merges folded in, reloaded with plain peft) on its held-out articles
+    final = rows[-1]["client_eval"]
+    own = reload_client_accuracies(run_dir)
+    assert [c["test_accuracy"] for c in final["clients"]] == pytest.approx(own, abs=1e-9)
+    assert summary["client_mean_test_accuracy"] == pytest.approx(sum(own) / 3, abs=1e-9)
+    assert summary["client_worst_test_accuracy"] == pytest.approx(min(own), abs=1e-9)
+    assert "clients' own held-out data: mean test accuracy" in log
     assert all(r["num_failed"] == 0 for r in rows[1:])
     assert summary["base_merges"] == 3
     for row in rows[1:]:

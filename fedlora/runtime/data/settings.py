@@ -19,6 +19,7 @@ class DataSettings:
     test_fraction: float = 0.2
     validation_fraction: float = 0.0  # of the training split, held by the server for choosing settings (0: none)
     split_seed: int = 42
+    client_test_fraction: float = 0.0  # of each client's partition, held out by the client to evaluate on (0: none)
     max_test_examples: int | None = None
     partition: str = "dirichlet"
     alpha: float = 0.5

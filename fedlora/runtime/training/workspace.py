@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from fedlora.core import seeds
 from fedlora.core.metrics import validation_key
 from fedlora.runtime.data import datasets as ds
 from fedlora.runtime.data.partition import partition_indices
@@ -38,13 +39,41 @@ class WorkspaceKey:
 
 @dataclass(frozen=True)
 class Split:
-    """Which examples are held out for the test set and for validation, and which each client trains on
-    (corpus indices)."""
+    """Which examples are held out for the test set and for validation, which each client trains on and
+    which each client holds out to evaluate on (corpus indices; ``client_tests`` is empty, or one list per
+    client, when ``data.client_test_fraction > 0``)."""
 
     train: list[int]
     test: list[int]
     partitions: list[list[int]]
     validation: list[int] = field(default_factory=list)
+    client_tests: list[list[int]] = field(default_factory=list)
+
+
+def hold_out_client_tests(parts: list[list[int]], fraction: float, split_seed: int,
+                          ) -> tuple[list[list[int]], list[list[int]]]:
+    """Each client's partition cut into what it trains on and what it evaluates on: a seeded draw of
+    ``max(1, round(fraction * n_k))`` of its ``n_k`` examples (at least one of each, so ``n_k >= 2``).
+
+    The draw is per client and not stratified: a client of a skewed partition evaluates on its own mix
+    of labels, which is the point of evaluating there.
+
+    Raises
+    ------
+    DataError
+        When a client holds fewer than two examples.
+    """
+    trains, tests = [], []
+    for cid, part in enumerate(parts):
+        if len(part) < 2:
+            raise ds.DataError(f"data.client_test_fraction={fraction:g}: client {cid} holds {len(part)} example(s), "
+                               "and needs at least 2 (one to train on, one to evaluate on); raise "
+                               "partition.min_partition_size, use fewer clients, or set data.client_test_fraction=0")
+        n_test = min(len(part) - 1, max(1, round(fraction * len(part))))
+        held = set(seeds.client_test_split(split_seed, cid).sample(range(len(part)), n_test))
+        trains.append([x for i, x in enumerate(part) if i not in held])
+        tests.append([x for i, x in enumerate(part) if i in held])
+    return trains, tests
 
 
 def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSettings, num_clients: int) -> Split:
@@ -106,7 +135,11 @@ def _partition(groups: tuple[int, ...], has_groups: bool, data: DataSettings, nu
         parts = partition_indices(train_labels, num_clients, kind=data.partition, alpha=data.alpha,
                                   seed=data.partition_seed, min_partition_size=data.min_partition_size,
                                   size_sigma=data.size_sigma)
-    return Split(train, test, [[train[i] for i in part] for part in parts], validation)
+    partitions = [[train[i] for i in part] for part in parts]
+    if data.client_test_fraction <= 0:
+        return Split(train, test, partitions, validation)
+    partitions, client_tests = hold_out_client_tests(partitions, data.client_test_fraction, data.split_seed)
+    return Split(sorted(i for part in partitions for i in part), test, partitions, validation, client_tests)
 
 
 class Workspace:
@@ -125,6 +158,7 @@ class Workspace:
         split = split_and_partition(prepared.groups, prepared.has_groups, key.data, key.num_clients)
         self.train, self.test, self.partitions = split.train, split.test, split.partitions
         self.validation = split.validation
+        self.client_tests = split.client_tests
         self.num_labels = prepared.num_labels
         self.generation_prompts = self.task.generation_prompts(self.test)
         self.host = AdapterHost(key.model, prepared.num_labels, key.seed)
@@ -138,6 +172,11 @@ class Workspace:
         self.train = list(range(len(prepared.groups)))
         self.test = []
         self.validation: list[int] = []
+        self.client_tests: list[list[int]] = []
+        if key.data.client_test_fraction > 0:  # the node evaluates on a share of its own file
+            parts, self.client_tests = hold_out_client_tests([self.train], key.data.client_test_fraction,
+                                                             key.data.split_seed)
+            self.train = parts[0]
         self.partitions = [self.train]
         self.num_labels = prepared.num_labels
         self.generation_prompts = []
@@ -172,10 +211,21 @@ class Workspace:
         return self.task.generate(self.host.model, self.generation_prompts)
 
     def partition(self, client_id: int) -> list[int]:
-        """Return the corpus indices client ``client_id`` trains on (a node's own file: all of it)."""
+        """Return the corpus indices client ``client_id`` trains on (a node's own file: all of it, less what it
+        holds out to evaluate on)."""
         if self.key.node_data is not None:
             return self.train
         return self.partitions[client_id]
+
+    def client_test(self, client_id: int) -> list[int]:
+        """Return the corpus indices client ``client_id`` evaluates on (empty: ``data.client_test_fraction=0``)."""
+        if not self.client_tests:
+            return []
+        return self.client_tests[0 if self.key.node_data is not None else client_id]
+
+    def evaluate_indices(self, indices: list[int], batch_size: int = 64) -> dict[str, float]:
+        """The task's metrics of the host's active model on the examples ``indices``."""
+        return self.task.evaluate(self.host.model, self.data, indices, batch_size)
 
 
 @functools.lru_cache(maxsize=2)
