@@ -754,6 +754,10 @@ class Federation:
                 text += (f" (max_norm_ratio={self.settings.max_norm_ratio:g} is not applied: clipping bounds each "
                          "client, and a rejection that depends on the other clients' norms would not)")
         text += f"; {self.settings.num_rounds} rounds"
+        every = self.settings.client_eval_every
+        if every is not None:
+            when = f"every {every} rounds and after the last" if every else "after the last round"
+            text += f"; every client evaluates the global model on its own held-out examples {when}"
         return text + (f"; resuming after round {self.resumed_from}" if self.resumed_from else "")
 
     def _say_round(self, record: RoundRecord) -> None:

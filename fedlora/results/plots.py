@@ -22,7 +22,14 @@ def plot_run(run_dir: Path, title: str = "", metric: Metric = ACCURACY) -> Path:
     slots = [(r.round, r.slot_energy) for r in records if r.slot_energy]
     fig, axes = plt.subplots(1, 3 if slots else 2, figsize=(15 if slots else 10, 4))
     ax_acc, ax_loss = axes[0], axes[1]
-    ax_acc.plot(rounds, [r.metric(metric.key) for r in records], marker="o")
+    ax_acc.plot(rounds, [r.metric(metric.key) for r in records], marker="o", label="global model, test set")
+    own = [(r.round, r.client_eval) for r in records if r.client_eval is not None and r.client_eval.worst is not None]
+    if own:  # data.client_test_fraction > 0: each client's own held-out examples
+        ax_acc.plot([rnd for rnd, _ in own], [e.mean.get(metric.key) for _, e in own], marker="^", linestyle="--",
+                    label="clients' own data: mean")
+        ax_acc.plot([rnd for rnd, _ in own], [e.worst for _, e in own], marker="v", linestyle=":",
+                    label="clients' own data: worst client")
+        ax_acc.legend()
     if metric.higher_is_better:  # accuracy, in [0, 1]
         ax_acc.set(xlabel="round", ylabel=metric.name, title=metric.name.removeprefix("test "), ylim=(0, 1))
     else:  # perplexity: falls by orders of magnitude early on

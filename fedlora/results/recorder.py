@@ -37,6 +37,10 @@ class RunRecorder:
             f.write(record.to_json() + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "round"}
         scalars.update({f"strategy/{k}": v for k, v in (record.strategy or {}).items()})
+        if record.client_eval is not None:  # every client's evaluation of the global model on its own data
+            scalars.update({f"clients/mean_{k}": v for k, v in record.client_eval.mean.items()})
+            if record.client_eval.worst is not None:
+                scalars["clients/worst"] = record.client_eval.worst
         if self._tb is not None:
             for key, value in scalars.items():
                 if isinstance(value, float) and math.isnan(value):

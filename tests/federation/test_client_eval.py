@@ -14,16 +14,20 @@ from typing import Any
 
 import pytest
 import torch
-from federation_kit import TinyTrainer, client_metrics
+from federation_kit import TinyModel, TinyTrainer, client_metrics
 from test_loop import adapter, rows, run
 
 from fedlora.core import lora_math as lm
 from fedlora.core.metrics import ACCURACY, PERPLEXITY
 from fedlora.core.types import ClientPlan
 from fedlora.federation import wire
-from fedlora.federation.loop import LoopSettings, summarize_clients
+from fedlora.federation.client import ClientSide
+from fedlora.federation.loop import Federation, LoopSettings, summarize_clients
+from fedlora.federation.memory import InMemoryTransport
 from fedlora.results.checkpoint import load_checkpoint
+from fedlora.results.plots import plot_run
 from fedlora.results.record import read_records
+from fedlora.results.recorder import RunRecorder
 from strategies.fedavg import FedAvg
 from strategies.flora import FLoRA
 
@@ -62,6 +66,8 @@ def test_every_client_evaluates_the_global_model_after_the_last_round(tmp_path: 
     assert summary["client_worst_test_accuracy"] == evaluation.worst and summary["client_worst_id"] == 2
     assert summary["client_eval_failed"] == 0
     assert summary["bytes_down_total"] == sum(r.bytes_total("down") for r in records)
+    assert lines[0].endswith("; 3 rounds; every client evaluates the global model on its own held-out examples after "
+                             "the last round")
     assert lines[-2].startswith("  clients' own held-out data: mean test accuracy ")
     assert "(client 2); 3 clients" in lines[-2]
 
@@ -162,3 +168,19 @@ def test_the_evaluation_message_carries_the_global_adapter_as_it_is() -> None:
     assert decoded.server_round == 3 and decoded.plan.rank == 8
     assert all(torch.equal(decoded.start[k], v) for k, v in init.adapter.items())
     assert lm.rank_of(decoded.start) == 8
+
+
+def test_tensorboard_and_the_plot_show_the_clients_mean_and_worst(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = LoopSettings(name="t", seed=0, num_clients=3, num_rounds=2, client_eval_every=1)
+    transport = InMemoryTransport(dict(enumerate(RANKS)), ClientSide(trainer=TinyTrainer()))
+    Federation(settings, strategy=FedAvg(), transport=transport, model=TinyModel(tmp_path), run_dir=tmp_path,
+               recorder=RunRecorder(tmp_path, tensorboard=True), say=lambda _: None).run()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = read_records(tmp_path)
+    worst = [(e.step, e.value) for e in events.Scalars("clients/worst")]
+    assert worst == [(r.round, pytest.approx(r.client_eval.worst)) for r in records[1:] if r.client_eval]
+    assert [e.step for e in events.Scalars("clients/mean_test_accuracy")] == [1, 2]
+    assert plot_run(tmp_path).stat().st_size > 10_000
