@@ -264,3 +264,20 @@ def test_a_node_keeps_its_residual_and_its_copies_on_disk_and_a_new_process_relo
     reloaded = fresh.views(5)
     assert sorted(reloaded) == [3, 5] and torch.equal(reloaded[3]["enc.q.lora_B.weight"], torch.ones(2, 2))
     assert torch.equal(fresh.residual(5)["enc.q.lora_B.weight"], residual["enc.q.lora_B.weight"])  # type: ignore[index]
+
+
+def test_a_node_keeps_its_own_b_and_head_on_disk_apart_from_its_residual(tmp_path: Path) -> None:
+    import torch
+
+    from fedlora.flower.node_worker import NodeState, StateStore
+
+    store = StateStore(NodeState(), tmp_path)
+    own = {2: {"enc.q.lora_B.weight": torch.ones(2, 2), "classifier.bias": torch.zeros(3)},
+           3: {"enc.q.lora_B.weight": torch.full((2, 2), 2.0), "classifier.bias": torch.ones(3)}}
+    store.save_personal(3, own)  # FedSA-LoRA: round 3's and the newest before it
+    assert sorted(store.personal(0)) == [2, 3] and store.residual(0) is None  # its own are not a residual
+    fresh = StateStore(NodeState(), tmp_path)  # a new process of a run resumed after round 3
+    reloaded = fresh.personal(3)
+    assert sorted(reloaded) == [2, 3] and torch.equal(reloaded[3]["classifier.bias"], torch.ones(3))
+    assert fresh.residual(3) is None and fresh.views(3) == {}
+    assert fresh.personal(2) == {}  # resumed after round 2: no file of round 2 or before

@@ -417,3 +417,17 @@ def test_per_client_mean_and_worst_are_reported_over_seeds(tmp_path: Path) -> No
     assert "| 0.700 | 0.550 |" in table[2] and "| n/a | n/a |" in table[3]
     plain = report.markdown_table([rows["flora"]])  # nobody evaluated per client: no such columns
     assert "worst client" not in plain
+
+
+def test_a_personalized_methods_accuracy_is_marked_as_the_clients_mean(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    run = make_run(root / "0_fedsa_lora_seed=0", "strategies.fedsa_lora.FedSALoRA", 0, [0.2, 0.8], up=10, down=10)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "personalized": True}))
+    make_run(root / "1_fedavg_seed=0", FEDAVG, 0, [0.2, 0.7], up=20, down=20)
+    rows = by_method(report.summarize(report.load_runs(root)))
+    assert rows["fedsa_lora"]["personalized"] is True and rows["fedavg"]["personalized"] is False
+    table = report.markdown_table(list(rows.values()))
+    assert "| fedsa_lora | 1 | 0.800 ± 0.000 † |" in table and "| fedavg | 1 | 0.700 ± 0.000 |" in table
+    assert "† no global model" in table
+    assert "†" not in report.markdown_table([rows["fedavg"]])

@@ -127,7 +127,24 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
               "round's factors has nothing to be added to; use auto (error feedback for the classifier head "
               "only) or false")
     _check_downlink(cfg, strategy, p)
+    _check_personal(cfg, strategy, p)
     return strategy
+
+
+def _check_personal(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """A personalized strategy (FedSA-LoRA: each client keeps its ``B`` and head) has no global model: its
+    clients must hold out examples to evaluate their own models on, and its start is not one adapter a
+    compressed downlink could mirror."""
+    if not getattr(strategy, "personalized", False):
+        return
+    name = type(strategy).__name__
+    held = (cfg.get("data") or {}).get("client_test_fraction") or 0
+    if not (isinstance(held, int | float) and held > 0):
+        p.add("data.client_test_fraction", held, f"{name} has no global model: each client's own model is evaluated "
+              "on examples the client holds out; set data.client_test_fraction=0.2 (or another share in (0, 1))")
+    if (cfg.get("downlink") or {}).get("_target_"):
+        p.add("downlink", "compeft", f"{name} sends each client only the shared A (its B and head stay with it), and "
+              "downlink compression of that is not built; use downlink=none")
 
 
 def _check_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:

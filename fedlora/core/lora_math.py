@@ -45,6 +45,12 @@ def is_lora_b_key(key: str) -> bool:
     return key.endswith(_B_SUFFIX)
 
 
+def is_personal_key(key: str) -> bool:
+    """Return whether tensor ``key`` stays on the client under a personal plan (``ClientPlan.personal``):
+    every ``B`` factor and every non-LoRA trainable (the head); only ``A`` is shared."""
+    return not key.endswith(_A_SUFFIX)
+
+
 def lora_modules(state: Mapping[str, Tensor]) -> list[str]:
     """Return the sorted names of the adapted modules in ``state`` (those with an ``A`` or ``B``)."""
     names = {k[: -len(_A_SUFFIX)] for k in state if k.endswith(_A_SUFFIX)}

@@ -65,6 +65,15 @@ class ClientPlan:
         ``init_seed``. Only valid when ``A`` is a pure function of the seed.
     head:
         Non-LoRA trainables to start from when ``adapter`` is ``None``.
+    train_lora_b:
+        ``False`` freezes ``B`` during local training (RoLoRA's ``A`` rounds).
+    personal:
+        ``""``: nothing is the client's own. Otherwise the client's ``B`` factors and non-LoRA trainables
+        (the head) are its own and never leave it (FedSA-LoRA): only ``A`` travels, both ways.
+        :data:`PERSONAL_KEPT`: the client starts them from what it kept after its last round (the
+        plan carries only ``A``); :data:`PERSONAL_START`: the plan carries them too, for a client that
+        holds none yet (the platform sends this on a client's first round; a client that holds its own
+        starts from those anyway).
     """
 
     rank: int
@@ -74,6 +83,11 @@ class ClientPlan:
     send_lora_a: bool = True
     head: AdapterState = field(default_factory=dict)
     train_lora_b: bool = True
+    personal: str = ""
+
+
+PERSONAL_KEPT = "kept"  # ClientPlan.personal: the client's own B and head, from what it kept
+PERSONAL_START = "start"  # ClientPlan.personal: its own from now on, starting from the plan's
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,10 @@ class Strategy(Protocol):
     why_not_linear:
         When not ``linear``: what the aggregate needs from individual clients (shown when a privacy
         mode that needs linearity is refused); empty otherwise.
+
+    A strategy may also set ``personalized = True`` (read with ``getattr``, default ``False``): its plans
+    keep each client's ``B`` and head on the client (``ClientPlan.personal``), so there is no global
+    model: the platform evaluates each client's own model on its own held-out examples instead.
     """
 
     fresh_adapters: bool

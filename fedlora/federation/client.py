@@ -12,6 +12,7 @@ a malformed update, always uncompressed, so that the server's checks see exactly
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from fedlora.core import lora_math as lm
 from fedlora.core import secure
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
-from fedlora.core.types import AdapterState, BaseMerge, Compressor, Tensor
+from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, Tensor
 from fedlora.federation import downlink as dl
 from fedlora.federation import wire
 
@@ -78,6 +79,15 @@ class ClientStore(Protocol):
         """Keep these copies after ``server_round``'s message (and write them where a kill cannot lose them)."""
         ...
 
+    def personal(self, resume_round: int) -> dict[int, AdapterState]:
+        """Its own ``B`` and head (a personal plan: FedSA-LoRA), by the round it trained them; in a resumed run
+        from disk if need be."""
+        ...
+
+    def save_personal(self, server_round: int, own: dict[int, AdapterState]) -> None:
+        """Keep these after ``server_round`` (and write them where a kill cannot lose them)."""
+        ...
+
 
 @dataclass
 class MemoryStore:
@@ -86,6 +96,7 @@ class MemoryStore:
     applied: list[tuple[int, BaseMerge]] = field(default_factory=list)
     kept: AdapterState | None = None
     copies: dict[int, AdapterState] = field(default_factory=dict)
+    own: dict[int, AdapterState] = field(default_factory=dict)
 
     def merges(self) -> list[tuple[int, BaseMerge]]:
         """The merges applied so far."""
@@ -110,6 +121,14 @@ class MemoryStore:
     def save_views(self, server_round: int, views: dict[int, AdapterState]) -> None:  # noqa: ARG002
         """Keep the copies in memory."""
         self.copies = dict(views)
+
+    def personal(self, resume_round: int) -> dict[int, AdapterState]:  # noqa: ARG002 - nothing on disk
+        """Its own ``B`` and head kept in memory."""
+        return dict(self.own)
+
+    def save_personal(self, server_round: int, own: dict[int, AdapterState]) -> None:  # noqa: ARG002
+        """Keep them in memory."""
+        self.own = dict(own)
 
 
 @dataclass(frozen=True)
@@ -140,10 +159,50 @@ def apply_merges(store: ClientStore, incoming: Sequence[tuple[int, BaseMerge]]) 
     return [m for _, m in history]
 
 
+def with_own(assignment: wire.Assignment, store: ClientStore, before: int) -> wire.Assignment:
+    """``assignment`` with the client's own ``B`` and head in its start, under a personal plan (FedSA-LoRA).
+
+    The client uses the newest it kept from a round before ``before`` (training in round ``t``: before ``t``;
+    evaluating after round ``t``: before ``t + 1``), so that a round run again after a resume starts where it
+    did the first time; a client that holds none takes the plan's (:data:`~fedlora.core.types.PERSONAL_START`).
+
+    Raises
+    ------
+    RuntimeError
+        Naming :data:`~fedlora.federation.wire.PERSONAL_LOST`, when the plan says the client keeps its own and
+        it holds none.
+    """
+    plan = assignment.plan
+    if not plan.personal:
+        return assignment
+    own = store.personal(assignment.resume_round)
+    rounds = [r for r in own if r < before]
+    if rounds:
+        start = {**assignment.start, **own[max(rounds)]}
+    elif plan.personal == PERSONAL_KEPT:
+        raise RuntimeError(f"{wire.PERSONAL_LOST}: the server expects this client to hold its own B and head "
+                           f"(FedSA-LoRA) from before round {before}, and it holds none; the server starts it again "
+                           "from its plan")
+    else:
+        start = assignment.start
+    return dataclasses.replace(assignment, start=start)
+
+
+def keep_own(store: ClientStore, resume_round: int, server_round: int, trained: Mapping[str, Tensor]) -> None:
+    """Keep the ``B`` and head trained in ``server_round`` and the newest from before it (what a rerun of
+    ``server_round`` after a resume starts from); older ones go."""
+    own = store.personal(resume_round)
+    older = [r for r in own if r < server_round]
+    kept = {max(older): own[max(older)]} if older else {}
+    kept[server_round] = {k: v.detach().clone() for k, v in trained.items() if lm.is_personal_key(k)}
+    store.save_personal(server_round, kept)
+
+
 def train_round(packet: wire.Packet, client_id: int, side: ClientSide, store: ClientStore) -> wire.Packet:
     """Handle one training message: the reply packet (raises for an injected failure)."""
     t0 = time.perf_counter()
     assignment = wire.decode_assignment(packet, side.trainer.modules(), downlink=side.downlink, views=store.views)
+    assignment = with_own(assignment, store, before=assignment.server_round)
     reply = _train_and_encode(assignment, client_id, side, store, t0)
     down = assignment.downlink
     if down is not None:  # the server moves its mirror when this reply arrives: keep the new copy first
@@ -161,6 +220,7 @@ def evaluate_round(packet: wire.Packet, client_id: int, side: ClientSide, store:
     is injected: the faults config is about training.
     """
     assignment = wire.decode_assignment(packet, side.trainer.modules())
+    assignment = with_own(assignment, store, before=assignment.server_round + 1)
     merges = apply_merges(store, assignment.merges)
     metrics, count = side.trainer.evaluate(client_id, assignment, merges)
     if count < 1:
@@ -181,6 +241,8 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
     merges = apply_merges(store, assignment.merges)
     trained, loss = side.trainer.train(client_id, assignment, merges)
     plan, start = assignment.plan, assignment.start
+    if plan.personal:  # kept before the reply goes: a resumed run's rerun of this round starts from the older ones
+        keep_own(store, assignment.resume_round, assignment.server_round, trained)
     sent = wire.uplink_keys(plan, start)
     report = wire.Report(num_examples=side.trainer.num_examples(client_id), train_loss=float(loss),
                          train_seconds=0.0, rank=plan.rank, base_version=len(merges))

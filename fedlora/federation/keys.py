@@ -32,6 +32,7 @@ DOWNLINK_BASE = "downlink-base"  # the round of the client's copy a compressed d
 DOWNLINK_CRC = "downlink-crc"  # CRC-32 of that copy
 # an evaluation reply's metrics: "eval/test_accuracy", ... (and NUM_EXAMPLES: how many examples it evaluated on)
 EVAL_PREFIX = "eval/"
+PERSONAL = "personal"  # ClientPlan.personal: the client's B and head are its own ("kept" or "start")
 RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import threading
 import time
@@ -39,6 +40,8 @@ from fedlora.core.errors import RunError
 from fedlora.core.metrics import Metric
 from fedlora.core.privacy import ClientLevel, private_mean
 from fedlora.core.types import (
+    PERSONAL_KEPT,
+    PERSONAL_START,
     AdapterSpec,
     AdapterState,
     AggregateResult,
@@ -190,6 +193,9 @@ class ServerState:
     # downlink compression: client -> (round, the copy of its start it holds), moved when its reply arrives
     views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)
     sent_views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)  # this round's, until a reply
+    # a personalized strategy (FedSA-LoRA): the clients known to hold their own B and head (a reply arrived to a
+    # personal plan); rebuilt from metrics.jsonl on resume
+    personal: set[int] = field(default_factory=set)
 
 
 def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | None:
@@ -266,6 +272,14 @@ class Federation:
         self.online: dict[int, float] = {}  # participation=bernoulli: each client's probability of taking part
         self.fedau: part.FedAUWeights | None = None  # FedAU's bookkeeping (participation.fedau)
         self.sizes: dict[int, int] = {}  # every client's example count, as it connected
+        # no global model: each client's own B and head stay with it, and the clients evaluate every round
+        self.personalized = bool(getattr(strategy, "personalized", False))
+        if self.personalized and (downlink is not None or secure is not None or client_dp is not None):
+            raise RunError(f"{type(strategy).__name__} keeps each client's B and head on the client; downlink "
+                           "compression, secure aggregation and client-level DP are not built for it; turn them off")
+        if self.personalized and settings.client_eval_every is None:
+            raise RunError(f"{type(strategy).__name__} has no global model: each client's own model is evaluated on "
+                           "its own held-out examples; set data.client_test_fraction > 0 (for example 0.2)")
         if downlink is not None and (secure is not None or strategy.fresh_adapters):
             raise RunError("downlink compression needs a strategy whose clients continue from the global adapter "
                            "and no secure aggregation (each client starts from its own copy); use downlink=none")
@@ -292,7 +306,7 @@ class Federation:
             self.say(note)
         try:
             if not s.resume:
-                self._round_zero(state, ranks, r_max)
+                self._round_zero(state, ranks, r_max, clients)
             for server_round in range(state.round + 1, s.num_rounds + 1):
                 self._check_stop(state.round)
                 record = self.train_round(clients, state, server_round, r_max)
@@ -310,15 +324,23 @@ class Federation:
         if self.stop.is_set():
             raise RunInterrupted(last_round)
 
-    def _round_zero(self, state: ServerState, ranks: Mapping[int, int], r_max: int) -> None:
-        """Evaluate the initial global model (round 0) and checkpoint it."""
+    def _round_zero(self, state: ServerState, ranks: Mapping[int, int], r_max: int,
+                    clients: Mapping[int, ClientInfo]) -> None:
+        """Evaluate the initial global model (round 0; a personalized strategy's clients evaluate their start)
+        and checkpoint it."""
         metrics, eval_seconds = self._evaluate(state, 0, r_max)
+        client_eval = None
+        if self.personalized:
+            client_eval = self._evaluate_clients(clients, state, 0, r_max)
+            metrics = self._personal_metrics(client_eval)
         state.best = metrics[self.model.metric.key]
-        self.recorder.log_round(RoundRecord(0, metrics, None, self.elapsed(), eval_seconds=eval_seconds))
+        self.recorder.log_round(RoundRecord(0, metrics, None, self.elapsed(), eval_seconds=eval_seconds,
+                                            client_eval=client_eval))
         self._checkpoint(state, ranks)
         m = self.model.metric
-        self.say(f"round 0/{self.settings.num_rounds}: {m.name} {metrics[m.key]:.4f}, loss {metrics['test_loss']:.4f}"
-                 + _validation_text(m, metrics))
+        self.say(f"round 0/{self.settings.num_rounds}: {self._metric_text(metrics)}" + _validation_text(m, metrics))
+        if client_eval is not None:
+            self.say(f"  {_client_eval_text(m, client_eval)}")
 
     # -- one round ----------------------------------------------------------------------------------
     def train_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int,
@@ -356,8 +378,11 @@ class Federation:
             self.fedau.record({cid for cid, row in rows.items() if row.status == "ok"})
         slots, shared = slot_shares(previous, state.adapter, ranks)
         metrics, eval_seconds = self._evaluate(state, server_round, r_max)
-        client_eval = self._evaluate_clients(clients, state, server_round, r_max) if s.client_eval_due(
-            server_round) else None
+        client_eval = None
+        if self.personalized or s.client_eval_due(server_round):
+            client_eval = self._evaluate_clients(clients, state, server_round, r_max)
+        if self.personalized and client_eval is not None:
+            metrics = self._personal_metrics(client_eval)
         state.round = server_round
         ok = [rows[c] for c in sorted(rows) if rows[c].status == "ok"]
         examples = sum(r.num_examples or 0 for r in ok)
@@ -382,9 +407,16 @@ class Federation:
         assignments = {}
         for cid in sorted(clients):
             first = state.acked.get(cid, 0)
-            plan = ClientPlan(rank=r_max, adapter=state.adapter, init_seed=self.settings.seed)
             pending = tuple((i, state.merges[i]) for i in range(first, len(state.merges)))
-            assignments[cid] = wire.Assignment(server_round, plan, state.adapter, pending, self.resumed_from)
+            if self.personalized:  # its own model: the shared part at its rank, with the B and head it holds
+                plan = self._personal(state, cid, self.strategy.plan(
+                    state.adapter, state.strategy_state, client_id=cid, rank=clients[cid].rank,
+                    server_round=server_round + 1, seed=self.settings.seed))
+                start = lm.plan_start(plan, self.model.spec(plan.rank).modules)
+            else:
+                plan = ClientPlan(rank=r_max, adapter=state.adapter, init_seed=self.settings.seed)
+                start = state.adapter
+            assignments[cid] = wire.Assignment(server_round, plan, start, pending, self.resumed_from)
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
         exchange = cast(EvaluatingTransport, transport).evaluate_exchange(server_round, packets,
                                                                           self.settings.round_timeout)
@@ -407,6 +439,17 @@ class Federation:
             rows.append(row)
         return summarize_clients(rows, self.model.metric, time.perf_counter() - t0)
 
+    def _personal(self, state: ServerState, cid: int, plan: ClientPlan) -> ClientPlan:
+        """A personal plan for a client not known to hold its own ``B`` and head carries the plan's."""
+        if plan.personal == PERSONAL_KEPT and cid not in state.personal:
+            return dataclasses.replace(plan, personal=PERSONAL_START)
+        return plan
+
+    def _personal_metrics(self, evaluation: ClientEvaluation) -> dict[str, float]:
+        """A personalized strategy's round metrics: the mean over clients of their own models on their own
+        held-out examples (NaN when no client answered)."""
+        return {self.model.metric.key: math.nan, "test_loss": math.nan, **evaluation.mean}
+
     def _charge_privacy(self, clients: Mapping[int, ClientInfo], state: ServerState,
                         rows: Mapping[int, ClientRow]) -> float | None:
         """Count the round against every client sent a training message; its epsilon goes in its row.
@@ -426,8 +469,9 @@ class Federation:
                 layout_rank: int = 0) -> wire.Assignment:
         """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks (and in a
         secure round the rank its vector is padded to, and its quantization seed)."""
-        plan = self.strategy.plan(state.adapter, state.strategy_state, client_id=cid, rank=rank,
-                                  server_round=server_round, seed=self.settings.seed)
+        plan = self._personal(state, cid, self.strategy.plan(state.adapter, state.strategy_state, client_id=cid,
+                                                             rank=rank, server_round=server_round,
+                                                             seed=self.settings.seed))
         modules = self.model.spec(rank).modules
         start = lm.plan_start(plan, modules)
         first = state.acked.get(cid, 0)
@@ -542,8 +586,12 @@ class Federation:
             row.fail(delivery.error or "failed without a reason")
             if dl.LOST in (delivery.error or ""):  # it holds no copy the server knows: start it again
                 state.views.pop(row.client, None)
+            if wire.PERSONAL_LOST in (delivery.error or ""):  # it holds no B and head of its own: send the plan's
+                state.personal.discard(row.client)
             return None
         state.acked[row.client] = len(state.merges)  # it applied every merge it was sent
+        if assignment.plan.personal:  # it kept what it trained before it replied
+            state.personal.add(row.client)
         if row.client in state.sent_views:  # and holds the copy of its start it was sent
             state.views[row.client] = state.sent_views.pop(row.client)
         row.bytes_up = delivery.bytes_up
@@ -626,7 +674,10 @@ class Federation:
         return AggregateResult(adapter=adapter, state=dict(images[-1].state), metrics=metrics)
 
     def _evaluate(self, state: ServerState, server_round: int, r_max: int) -> tuple[dict[str, float], float]:
-        """The global model's metrics (merged base + global adapter) and the seconds it took."""
+        """The global model's metrics (merged base + global adapter) and the seconds it took (nothing for a
+        personalized strategy, which has no global model: its clients evaluate their own)."""
+        if self.personalized:
+            return {}, 0.0
         t_eval = time.perf_counter()
         metrics = self.model.evaluate(server_round, state.adapter, r_max, state.merges)
         return metrics, time.perf_counter() - t_eval
@@ -660,16 +711,22 @@ class Federation:
         ckpt.restore_rng(saved.rng, saved.rng.get("torch"))
         trained: dict[int, int] = {}
         took_part: list[set[int]] = []
+        personal: set[int] = set()
         for line in filter(str.strip, saved.metrics):
             record = RoundRecord.from_dict(json.loads(line))
             for row in record.clients:
                 trained[row.client] = trained.get(row.client, 0) + 1
+                if self.personalized and row.status in ("ok", "rejected"):  # its reply arrived: it kept its own
+                    personal.add(row.client)
+                elif self.personalized and wire.PERSONAL_LOST in (row.error or ""):
+                    personal.discard(row.client)
             if record.round >= 1:
                 took_part.append({row.client for row in record.clients if row.status == "ok"})
         if self.fedau is not None:  # FedAU's state is a function of who took part: replay it
             self.fedau = part.FedAUWeights.replay(self.fedau.absent, self.fedau.cutoff, took_part)
         return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
-                           best=saved.best, merges=list(saved.merges), trained=trained, views=dict(saved.views))
+                           best=saved.best, merges=list(saved.merges), trained=trained, views=dict(saved.views),
+                           personal=personal)
 
     def _checkpoint(self, state: ServerState, ranks: Mapping[int, int]) -> None:
         """Write the checkpoint of the last complete round (see :mod:`fedlora.results.checkpoint`)."""
@@ -704,6 +761,8 @@ class Federation:
             "num_rounds": self.settings.num_rounds, "num_clients": self.settings.num_clients,
             **final_metrics(metric, last[-1].metrics, state.best),
             **client_summary(metric, last[-1].client_eval),
+            # no global model: final_<metric> is the mean over clients of their own models on their own data
+            **({"personalized": True} if self.personalized else {}),
             "wall_time_seconds": self.elapsed(),
             "bytes_up_total": sum(r.bytes_total("up") for r in last),
             "bytes_down_total": sum(r.bytes_total("down") for r in last),
@@ -755,18 +814,27 @@ class Federation:
                          "client, and a rejection that depends on the other clients' norms would not)")
         text += f"; {self.settings.num_rounds} rounds"
         every = self.settings.client_eval_every
-        if every is not None:
+        if self.personalized:
+            text += ("; each client keeps its own B and head: no global model, every client evaluates its own "
+                     "model on its own held-out examples every round")
+        elif every is not None:
             when = f"every {every} rounds and after the last" if every else "after the last round"
             text += f"; every client evaluates the global model on its own held-out examples {when}"
         return text + (f"; resuming after round {self.resumed_from}" if self.resumed_from else "")
+
+    def _metric_text(self, metrics: Mapping[str, float]) -> str:
+        """``test accuracy 0.9012, loss 0.3141``; a personalized strategy's says whose models they are."""
+        m = self.model.metric
+        text = f"{m.name} {metrics[m.key]:.4f}, loss {metrics['test_loss']:.4f}"
+        return f"clients' own models, mean {text}" if self.personalized else text
 
     def _say_round(self, record: RoundRecord) -> None:
         """Print the one-line summary of a round."""
         m, r, loss = self.model.metric, record, record.train_loss
         problems = "".join(f", {n} {status}" for status in ("failed", "rejected") if (n := r.count(status)))
         skipped = " (aggregation skipped)" if r.aggregation_skipped else ""
-        self.say(f"round {r.round}/{self.settings.num_rounds}: {m.name} {r.metrics[m.key]:.4f}, "
-                 f"loss {r.metrics['test_loss']:.4f}{_validation_text(m, r.metrics)}, "
+        self.say(f"round {r.round}/{self.settings.num_rounds}: {self._metric_text(r.metrics)}"
+                 f"{_validation_text(m, r.metrics)}, "
                  f"train loss {loss if loss is None else round(loss, 4)}, "
                  f"{r.num_ok} client{'s' if r.num_ok != 1 else ''}{problems}{skipped}, "
                  f"up {r.bytes_total('up') / 1e6:.2f} MB, "

@@ -30,11 +30,13 @@ import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core import varint
-from fedlora.core.types import AdapterState, BaseMerge, ClientPlan, Compressor, Payload, Tensor
+from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, ClientPlan, Compressor, Payload, Tensor
 from fedlora.federation import downlink as dl
 from fedlora.federation import keys
 
 ConfigValue = int | float | bool | str | list[str]
+# in the error of a client whose plan says it keeps its own B and head (ClientPlan.personal) and holds none
+PERSONAL_LOST = "personal state lost"
 _FIELD_SEP = "|"  # payload array names: "<tensor key>|<field>"
 
 
@@ -114,18 +116,22 @@ class Report:
 
 # -- which tensors travel -------------------------------------------------------------------------
 def downlink_keys(plan: ClientPlan, start: Mapping[str, Tensor]) -> list[str]:
-    """The tensors of ``start`` the server sends: what the client cannot rebuild from the plan."""
+    """The tensors of ``start`` the server sends: what the client cannot rebuild from the plan (nor holds:
+    its own ``B`` and head under a personal plan, :data:`~fedlora.core.types.PERSONAL_KEPT`)."""
     if plan.adapter is None:  # fresh factors: drawn on the client from init_seed
         return [k for k in start if not lm.is_lora_key(k)]
-    return [k for k in start if plan.send_lora_a or not lm.is_lora_a_key(k)]
+    kept = plan.personal == PERSONAL_KEPT
+    return [k for k in start if (plan.send_lora_a or not lm.is_lora_a_key(k)) and not (kept and lm.is_personal_key(k))]
 
 
 def uplink_keys(plan: ClientPlan, start: Mapping[str, Tensor]) -> list[str]:
     """The tensors a client sends back, sorted: those it trained (a frozen factor stays: the server has
-    it), and never ``A`` when it stays off the wire."""
+    it), never ``A`` when it stays off the wire, and never its own ``B`` and head under a personal plan."""
     def trained(key: str) -> bool:
         if lm.is_lora_a_key(key):
             return plan.train_lora_a and plan.send_lora_a
+        if plan.personal:
+            return False
         return plan.train_lora_b or not lm.is_lora_b_key(key)
 
     return sorted(k for k in start if trained(k))
@@ -170,6 +176,8 @@ def encode_assignment(assignment: Assignment) -> Packet:
                 keys.SEND_LORA_A: plan.send_lora_a, keys.RESUME_ROUND: assignment.resume_round})
     if not plan.train_lora_b:  # only when set: every other plan's message stays as it was, byte for byte
         packet.config[keys.TRAIN_LORA_B] = False
+    if plan.personal:
+        packet.config[keys.PERSONAL] = plan.personal
     if down is not None:
         if down.dense:
             packet.arrays[keys.ADAPTER] = to_arrays(down.dense)
@@ -208,6 +216,7 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
     rank, seed = _int(conf[keys.RANK]), _int(conf[keys.INIT_SEED])
     train_a, send_a = bool(conf[keys.TRAIN_LORA_A]), bool(conf[keys.SEND_LORA_A])
     train_b = bool(conf.get(keys.TRAIN_LORA_B, True))
+    personal = str(conf.get(keys.PERSONAL, ""))
     down: dl.Downlink | None = None
     if keys.DOWNLINK in packet.arrays:
         down = _decode_downlink(packet, modules, received, downlink, views)
@@ -219,7 +228,7 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
                           head=head, train_lora_b=train_b)
     else:
         plan = ClientPlan(rank=rank, adapter=received, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
-                          train_lora_b=train_b)
+                          train_lora_b=train_b, personal=personal)
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),

@@ -56,6 +56,8 @@ HISTORY = "fedlora-base-history"  # ArrayRecord in context.state: the base merge
 RESIDUAL = "fedlora-ef-residual"  # ArrayRecord in context.state: the compression residual (error feedback)
 VIEWS = "fedlora-downlink-views"  # ArrayRecord in context.state: "<round>|<tensor>", the copies of the start
 _VIEW = "view|"  # the prefix of a copy's tensors in a client state file (the rest is the residual)
+OWN = "fedlora-personal"  # ArrayRecord in context.state: "<round>|<tensor>", the client's own B and head (FedSA-LoRA)
+_OWN = "own|"  # the prefix of those tensors in a client state file
 LABELS = "fedlora-label-names"  # ConfigRecord in context.state: the run's label names (from the hello)
 
 
@@ -87,9 +89,9 @@ def client_state_dir(settings: Settings, node_config: Mapping[str, Any], cid: in
 class StateStore:
     """A client's :class:`~fedlora.federation.client.ClientStore` in a :class:`NodeState`.
 
-    The residual and the copies of the start (downlink compression) are also written to ``state_dir``
-    after every round, in one file, and a client of a resumed run that has none in the state loads
-    the newest file at or before the round resumed from.
+    The residual, the copies of the start (downlink compression) and the client's own ``B`` and head
+    (FedSA-LoRA) are also written to ``state_dir`` after every round, in one file, and a client of a
+    resumed run that has none in the state loads the newest file at or before the round resumed from.
     """
 
     def __init__(self, state: NodeState, state_dir: Path) -> None:
@@ -106,12 +108,15 @@ class StateStore:
         """Replace them."""
         self.state.arrays[HISTORY] = wire.to_arrays(lm.merges_to_tensors(merges))
 
-    def _from_disk(self, resume_round: int) -> tuple[AdapterState | None, dict[int, AdapterState]]:
-        """The residual and the copies in the newest file up to ``resume_round`` (a resumed run)."""
+    def _from_disk(self, resume_round: int,
+                   ) -> tuple[AdapterState | None, dict[int, AdapterState], dict[int, AdapterState]]:
+        """The residual, the copies and its own ``B`` and head in the newest file up to ``resume_round``
+        (a resumed run)."""
         saved = load_client_state(self.state_dir, at_most=resume_round) if resume_round > 0 else None
-        residual = {k: v for k, v in (saved or {}).items() if not k.startswith(_VIEW)}
+        residual = {k: v for k, v in (saved or {}).items() if not k.startswith((_VIEW, _OWN))}
         views = _split_views({k[len(_VIEW):]: v for k, v in (saved or {}).items() if k.startswith(_VIEW)})
-        return residual or None, views
+        own = _split_views({k[len(_OWN):]: v for k, v in (saved or {}).items() if k.startswith(_OWN)})
+        return residual or None, views, own
 
     def residual(self, resume_round: int) -> AdapterState | None:
         """The residual in the state, else (a resumed run) the newest file's up to ``resume_round``."""
@@ -125,6 +130,17 @@ class StateStore:
             return _split_views(wire.to_tensors(self.state.arrays[VIEWS]))
         return self._from_disk(resume_round)[1]
 
+    def personal(self, resume_round: int) -> dict[int, AdapterState]:
+        """Its own ``B`` and head in the state, else (a resumed run) the newest file's up to ``resume_round``."""
+        if OWN in self.state.arrays:
+            return _split_views(wire.to_tensors(self.state.arrays[OWN]))
+        return self._from_disk(resume_round)[2]
+
+    def save_personal(self, server_round: int, own: dict[int, AdapterState]) -> None:
+        """Keep them in the state and on disk."""
+        self.state.arrays[OWN] = wire.to_arrays({f"{r}|{k}": v for r, state in own.items() for k, v in state.items()})
+        self._write(server_round)
+
     def save_residual(self, server_round: int, residual: AdapterState) -> None:
         """Keep it in the state and on disk."""
         self.state.arrays[RESIDUAL] = wire.to_arrays(residual)
@@ -136,9 +152,11 @@ class StateStore:
         self._write(server_round)
 
     def _write(self, server_round: int) -> None:
-        """The client's state file of ``server_round``: the residual and the copies it holds now."""
+        """The client's state file of ``server_round``: the residual, the copies and its own ``B`` and head it
+        holds now."""
         tensors = wire.to_tensors(self.state.arrays.get(RESIDUAL, {}))
         tensors.update({_VIEW + k: v for k, v in wire.to_tensors(self.state.arrays.get(VIEWS, {})).items()})
+        tensors.update({_OWN + k: v for k, v in wire.to_tensors(self.state.arrays.get(OWN, {})).items()})
         save_client_state(self.state_dir, server_round, tensors)
 
 

@@ -52,7 +52,7 @@ def columns(metric: Metric = ACCURACY) -> list[str]:
             "rounds_to_target", "seeds_reached_target", "up_bytes_to_target", "down_bytes_to_target",
             "budget_bytes", f"{s}_at_budget_mean", "rounds_in_budget", "up_bytes_per_round",
             "down_bytes_per_round", "up_compression_ratio", "down_compression_ratio", "wall_time_s",
-            "failed_clients", "epsilon"]
+            "failed_clients", "epsilon", "personalized"]
 
 
 #: The columns for classification runs.
@@ -570,6 +570,8 @@ def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]
         "failed_clients": int(sum(row.count("failed") for r in group for row in r.rows)),
         # the largest epsilon any client spent (summary.json's dp_epsilon), mean over seeds; nan without privacy
         "epsilon": float(np.mean([float(r.summary.get("dp_epsilon", math.nan)) for r in group])),
+        # no global model (FedSA-LoRA): its final and best values are the mean over clients of their own models
+        "personalized": any(bool(r.summary.get("personalized")) for r in group),
     }
 
 
@@ -701,6 +703,8 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
                      else f"{fmt_bytes(row['up_bytes_to_target'])} / {fmt_bytes(row['down_bytes_to_target'])}")
         at_budget = ("n/a" if not math.isfinite(row[f"{s}_at_budget_mean"])
                      else f"{row[f'{s}_at_budget_mean']:.3f} ({row['rounds_in_budget']:.1f})")
+        if row.get("personalized"):
+            final += " †"
         cells = [row["method"], str(row["n_seeds"]), final, f"{row[f'best_{s}_mean']:.3f}",
                  _fmt_rounds(row), to_target, at_budget, fmt_bytes(row["up_bytes_per_round"]),
                  fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
@@ -711,6 +715,9 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
             cells[4:4] = [f"{row[f'client_{s}_{w}']:.3f}" if math.isfinite(row[f"client_{s}_{w}"]) else "n/a"
                           for w in ("mean", "worst")]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(row.get("personalized") for row in rows):
+        lines.append(f"\n† no global model (each client keeps its own B and head): the {s} columns are the mean over "
+                     "clients of each client's own model on its own held-out examples, not the test set.")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY, reload_accuracy, reload_client_accuracies, run_fedlora
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,38 @@ def test_flora_end_to_end_merges_persist_across_rounds(tmp_path: Path) -> None:
     # the saved adapter folds the 3 merges in: it loads on the pristine base and scores the same
     assert summary["adapter_rank"] == 8 + 3 * 14
     assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+
+
+def test_fedsa_lora_end_to_end_b_and_the_head_never_leave_the_clients(tmp_path: Path) -> None:
+    from fedlora.config.settings import Settings
+    from fedlora.core import lora_math as lm
+    from fedlora.results.checkpoint import load_checkpoint, load_client_state
+    from fedlora.runtime.training.workspace import Workspace
+    from strategies.fedsa_lora import personal_model
+
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=fedsa_lora", "data.client_test_fraction=0.3"])
+    assert [("client_eval" in r) for r in rows] == [True, True, True]  # its clients evaluate every round
+    a_floats = 384 * 12  # n x modules: 6 layers' query and value of MiniLM
+    for row in rows[1:]:
+        for c in row["clients"]:  # only A goes up (and after round 1, only A comes down)
+            assert c["status"] == "ok" and 4 * c["rank"] * a_floats <= c["bytes_up"] < 4 * c["rank"] * a_floats + 4000
+    assert all(c["bytes_down"] < 4 * c["rank"] * a_floats + 4000 for c in rows[2]["clients"])
+    assert all(c["bytes_down"] > 4 * c["rank"] * a_floats + 4000 for c in rows[1]["clients"])  # first: B, head too
+    # each client's own B and head are in its state file; its evaluation is of the shared A with them
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ws = Workspace(Settings.from_config(cfg).workspace_key())
+    shared = load_checkpoint(run_dir).adapter
+    final = rows[-1]["client_eval"]
+    for c in rows[-1]["clients"]:
+        saved = load_client_state(run_dir / "client_state" / str(c["client"]), at_most=2) or {}
+        own = {k.split("|", 2)[2]: v for k, v in saved.items() if k.startswith("own|2|")}
+        assert own and any(".lora_B." in k for k in own) and any("classifier" in k for k in own)
+        ws.host.load_state(c["rank"], personal_model(shared, own, c["rank"]))
+        mine = ws.evaluate_indices(ws.client_test(c["client"]))
+        assert final["clients"][c["client"]]["test_accuracy"] == pytest.approx(mine["test_accuracy"], abs=1e-9)
+    assert not any(bool(v.any()) for k, v in shared.items() if lm.is_lora_b_key(k))  # the server never had a B
+    assert summary["personalized"] is True and summary["final_test_accuracy"] == final["mean"]["test_accuracy"]
+    assert "no global model" in log and "clients' own models, mean test accuracy" in log
 
 
 def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Each YAML is loaded with plain PyYAML and its ``_target_`` imported with importlib (no Hydra), so a
 new strategy config is covered automatically. Clients are simulated from each strategy's own plan:
 a fresh adapter when ``plan.adapter`` is None, ``A`` (``B``) left alone when ``train_lora_a``
-(``train_lora_b``) is False.
+(``train_lora_b``) is False; under a personal plan (FedSA-LoRA) the server sees only the trained ``A``:
+the ``B`` and head it holds are its own start (those tensors never leave the client).
 
 The comparisons use the *effective* update of a round, which every strategy defines the same way:
 ``merge product + s * B_new @ A_new``, i.e. the change a client's trained model made relative to the
@@ -69,9 +70,11 @@ def start_state(plan: ClientPlan) -> dict:
 
 
 def train(plan: ClientPlan, gen: torch.Generator, step: float = 0.3) -> dict:
-    """A stand-in for local training that respects the plan."""
+    """A stand-in for local training that respects the plan (as the server sees its result)."""
     state = start_state(plan)
     for key in sorted(state):
+        if plan.personal and lm.is_personal_key(key):
+            continue
         if key.endswith(".lora_A.weight") and not plan.train_lora_a:
             continue
         if key.endswith(".lora_B.weight") and not plan.train_lora_b:
