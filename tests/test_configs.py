@@ -16,6 +16,8 @@ REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub"), ("dat
                  ("data", "instructions_hub")}  # need a user value
 HUB_MODELS = {("model", "tinyllama"), ("model", "qwen2_5_0_5b"), ("model", "llama3_2_1b")}  # offline=false
 CAUSAL_ONLY = {("model", "tiny_decoder"), ("data", "synthetic_instructions"), *HUB_MODELS}
+# options that need another setting: FedSA-LoRA has no global model, its clients evaluate their own
+NEEDS = {("strategy", "fedsa_lora"): ["data.client_test_fraction=0.2"]}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts
@@ -28,7 +30,7 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
 
         if not torch.cuda.is_available():  # without a GPU, declare one to Ray (else: "no client could start")
             task.append("simulation.num_gpus=1")
-    cfg = compose([*task, f"{prefix}{group}={option}"])
+    cfg = compose([*task, f"{prefix}{group}={option}", *NEEDS.get((group, option), [])])
     if (group, option) in HUB_MODELS:  # offline (the tests' setting) a hub model cannot even be probed
         with pytest.raises(ConfigError, match=r"(?s)model\.name=.*HF_HUB_OFFLINE=1.*offline=false"):
             validate(cfg)
