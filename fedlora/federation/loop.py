@@ -774,7 +774,8 @@ class Federation:
             "plot": str(plot), "label_names": list(self.model.label_names),
         }
         write_summary(self.run_dir, summary)
-        self.say(f"done: final {metric.name} {last[-1].metrics[metric.key]:.4f} (best {state.best:.4f}) in "
+        name = f"mean {metric.name} of the clients' own models" if self.personalized else metric.name
+        self.say(f"done: final {name} {last[-1].metrics[metric.key]:.4f} (best {state.best:.4f}) in "
                  f"{summary['wall_time_seconds']:.0f} s; outputs in {self.run_dir}")
         return summary
 

@@ -154,6 +154,7 @@ def test_each_client_keeps_its_own_b_and_head_and_is_evaluated_on_its_own_model(
     assert summary["personalized"] is True and summary["final_test_accuracy"] == final.mean["test_accuracy"]
     assert summary["client_worst_test_accuracy"] == final.worst
     assert "no global model" in lines[0] and lines[1].startswith("round 0/3: clients' own models, mean test accuracy")
+    assert lines[-1].startswith("done: final mean test accuracy of the clients' own models ")
 
 
 def test_a_client_that_lost_its_own_state_fails_one_round_and_starts_again(tmp_path: Path) -> None:
