@@ -74,9 +74,8 @@ class TinyTrainer:
         return client_metrics(client_id, assignment.start, merges), self.held_out[client_id % len(self.held_out)]
 
 
-def client_metrics(client_id: int, adapter: AdapterState, merges: Sequence[BaseMerge]) -> dict[str, float]:
-    """Client ``client_id``'s tiny "evaluation": the effective update's energy against a target that moves
-    with the client (so clients differ, and the worst one is known)."""
+def energy(adapter: AdapterState, merges: Sequence[BaseMerge]) -> float:
+    """The squared norm of the model's effective update (merges plus ``s B A``) and of its head."""
     pairs, head = lm.split_state(adapter)
     total = sum(float(v.double().square().sum()) for v in head.values())
     for module, (a, b) in pairs.items():
@@ -84,7 +83,13 @@ def client_metrics(client_id: int, adapter: AdapterState, merges: Sequence[BaseM
         for merge in merges:
             dense = dense + lm.merge_delta(merge, module).double()
         total += float(dense.square().sum())
-    loss = 1.0 / (1.0 + total) + 0.05 * (client_id % 3)
+    return total
+
+
+def client_metrics(client_id: int, adapter: AdapterState, merges: Sequence[BaseMerge]) -> dict[str, float]:
+    """Client ``client_id``'s tiny "evaluation": like :class:`TinyModel`'s, shifted by the client (so clients
+    differ, and the worst one is known)."""
+    loss = 1.0 / (1.0 + energy(adapter, merges)) + 0.05 * (client_id % 3)
     return {"test_accuracy": 1.0 - loss, "test_loss": loss}
 
 
@@ -114,14 +119,7 @@ class TinyModel:
                  merges: Sequence[BaseMerge]) -> dict[str, float]:
         """A loss that measures the global model's effective update; accuracy decreasing in it."""
         self.evaluated.append(server_round)
-        pairs, head = lm.split_state(adapter)
-        total = sum(float(v.double().square().sum()) for v in head.values())
-        for module, (a, b) in pairs.items():
-            dense = SCALING * (b.double() @ a.double())
-            for merge in merges:
-                dense = dense + lm.merge_delta(merge, module).double()
-            total += float(dense.square().sum())
-        loss = 1.0 / (1.0 + total)
+        loss = 1.0 / (1.0 + energy(adapter, merges))
         return {"test_accuracy": 1.0 - loss, "test_loss": loss}
 
     def save(self, adapter: AdapterState, rank: int, alpha: float) -> dict[str, Any]:  # noqa: ARG002

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, jsonl_rows, untimed
 from federation_kit import MODULES, TinyModel, TinyTrainer, client_metrics
 
 from fedlora.config.validate import validate
@@ -28,7 +28,7 @@ from fedlora.federation.client import ClientSide
 from fedlora.federation.loop import Federation, LoopSettings, RunInterrupted
 from fedlora.federation.memory import InMemoryTransport
 from fedlora.results.checkpoint import load_checkpoint
-from fedlora.results.record import TIMING_FIELDS, read_records
+from fedlora.results.record import read_records
 from fedlora.results.recorder import RunRecorder
 from strategies.fedsa_lora import FedSALoRA, personal_model
 
@@ -192,14 +192,7 @@ def test_a_run_stopped_mid_round_resumes_to_what_the_uninterrupted_one_computes(
     stop.clear()
     federate(tmp_path / "killed", transport=transport, stop=stop, num_rounds=4, client_eval_every=1, resume=True)
 
-    def rows(run_dir: Path) -> list[dict]:
-        def untimed(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: untimed(v) for k, v in value.items() if k not in TIMING_FIELDS}
-            return [untimed(v) for v in value] if isinstance(value, list) else value
-        return [untimed(r.to_dict()) for r in read_records(run_dir)]
-
-    assert rows(tmp_path / "killed") == rows(tmp_path / "straight")
+    assert untimed(jsonl_rows(tmp_path / "killed")) == untimed(jsonl_rows(tmp_path / "straight"))
 
 
 @pytest.mark.parametrize("overrides,field,fix", [
