@@ -26,6 +26,12 @@ _WEIGHTINGS = ("examples", "norm")
 _PADDINGS = ("zero", "owners")
 
 
+def check_client_rank(method: str, client_id: int, rank: int, r_max: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= rank <= r_max`` (a client holds the first ``rank`` slots)."""
+    if not 1 <= rank <= r_max:
+        raise ValueError(f"client {client_id} has rank {rank}; {method} needs 1 <= rank <= r_max={r_max}")
+
+
 def check_equal_scaling(updates: Sequence[ClientUpdate]) -> float:
     """Return the common scaling ``s = alpha / r`` or raise if clients disagree.
 

@@ -37,7 +37,7 @@ import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core.types import PERSONAL_KEPT, AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
-from strategies.fedavg import ContinuingClients, average_padded, check_equal_scaling
+from strategies.fedavg import ContinuingClients, average_padded, check_client_rank, check_equal_scaling
 
 _PADDINGS = ("owners", "zero")
 
@@ -77,8 +77,7 @@ class FedSALoRA(ContinuingClients):
     ) -> ClientPlan:
         """The first ``r_k`` rows of the shared ``A``; ``B`` and the head are the client's own."""
         r_max = lm.rank_of(global_adapter)
-        if not 1 <= rank <= r_max:
-            raise ValueError(f"client {client_id} has rank {rank}; FedSA-LoRA needs 1 <= rank <= r_max={r_max}")
+        check_client_rank("FedSA-LoRA", client_id, rank, r_max)
         return ClientPlan(rank=rank, adapter=lm.resize_state(global_adapter, rank), init_seed=seed,
                           personal=PERSONAL_KEPT)
 

@@ -31,7 +31,7 @@ import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core.types import AdapterSpec, AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
-from strategies.fedavg import check_equal_scaling, product_gap
+from strategies.fedavg import check_client_rank, check_equal_scaling, product_gap
 
 SEED_KEY = "seed"  # strategy state: the seed the shared A was drawn from
 
@@ -77,8 +77,7 @@ class FFALoRA:
             (then a client regenerating ``A`` from ``init_seed`` would train against another ``A``).
         """
         r_max = lm.rank_of(global_adapter)
-        if not 1 <= rank <= r_max:
-            raise ValueError(f"client {client_id} has rank {rank}; FFA-LoRA needs 1 <= rank <= r_max={r_max}")
+        check_client_rank("FFA-LoRA", client_id, rank, r_max)
         shared_seed = int(state[SEED_KEY].item()) if SEED_KEY in state else int(seed)
         adapter = lm.resize_state(global_adapter, rank)
         pairs, _ = lm.split_state(adapter)

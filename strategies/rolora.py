@@ -36,7 +36,7 @@ import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core.types import AdapterState, AggregateResult, ClientPlan, ClientUpdate, LoraPair, Tensor
-from strategies.fedavg import ContinuingClients, check_equal_scaling, product_gap
+from strategies.fedavg import ContinuingClients, check_client_rank, check_equal_scaling, product_gap
 
 
 def trains_b(server_round: int) -> bool:
@@ -71,8 +71,7 @@ class RoLoRA(ContinuingClients):
     ) -> ClientPlan:
         """The first ``r_k`` slots of the global factors, with the factor of the other phase frozen."""
         r_max = lm.rank_of(global_adapter)
-        if not 1 <= rank <= r_max:
-            raise ValueError(f"client {client_id} has rank {rank}; RoLoRA needs 1 <= rank <= r_max={r_max}")
+        check_client_rank("RoLoRA", client_id, rank, r_max)
         b_round = trains_b(server_round)
         return ClientPlan(rank=rank, adapter=lm.resize_state(global_adapter, rank), init_seed=seed,
                           train_lora_a=not b_round, train_lora_b=b_round)

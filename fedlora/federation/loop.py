@@ -57,6 +57,7 @@ from fedlora.federation import wire
 from fedlora.federation.sampling import describe_rank_change, sample_clients
 from fedlora.federation.transport import (
     ClientInfo,
+    Delivery,
     EvaluatingTransport,
     Exchange,
     SecureExchange,
@@ -406,8 +407,7 @@ class Federation:
                            "data.client_test_fraction=0")
         assignments = {}
         for cid in sorted(clients):
-            first = state.acked.get(cid, 0)
-            pending = tuple((i, state.merges[i]) for i in range(first, len(state.merges)))
+            pending = self._pending(state, cid)
             if self.personalized:  # its own model: the shared part at its rank, with the B and head it holds
                 plan = self._personal(state, cid, self.strategy.plan(
                     state.adapter, state.strategy_state, client_id=cid, rank=clients[cid].rank,
@@ -426,8 +426,7 @@ class Federation:
             delivery = exchange.replies.get(cid)
             row: dict[str, Any] = {"client": cid, "bytes_down": int(exchange.bytes_down[cid])}
             if delivery is None or delivery.packet is None:
-                row["error"] = (f"no reply within round_timeout={self.settings.round_timeout:g} s" if delivery is None
-                                else delivery.error or "failed without a reason")
+                row["error"] = self._no_answer(delivery)
             else:
                 state.acked[cid] = len(state.merges)  # it applied every merge it was sent
                 try:
@@ -438,6 +437,17 @@ class Federation:
                     row.update(values, num_examples=count)
             rows.append(row)
         return summarize_clients(rows, self.model.metric, time.perf_counter() - t0)
+
+    @staticmethod
+    def _pending(state: ServerState, cid: int) -> tuple[tuple[int, BaseMerge], ...]:
+        """The base merges client ``cid`` has not applied yet, ``(index, merge)``."""
+        return tuple((i, state.merges[i]) for i in range(state.acked.get(cid, 0), len(state.merges)))
+
+    def _no_answer(self, delivery: Delivery | None) -> str:
+        """Why a client's answer is missing: no reply in time, or the error it replied with."""
+        if delivery is None:
+            return f"no reply within round_timeout={self.settings.round_timeout:g} s"
+        return delivery.error or "failed without a reason"
 
     def _personal(self, state: ServerState, cid: int, plan: ClientPlan) -> ClientPlan:
         """A personal plan for a client not known to hold its own ``B`` and head carries the plan's."""
@@ -474,8 +484,7 @@ class Federation:
                                                              seed=self.settings.seed))
         modules = self.model.spec(rank).modules
         start = lm.plan_start(plan, modules)
-        first = state.acked.get(cid, 0)
-        pending = tuple((i, state.merges[i]) for i in range(first, len(state.merges)))
+        pending = self._pending(state, cid)
         quantization = seeds.secure_quantization(self.settings.seed, server_round, cid) if layout_rank else 0
         down = None
         if self.downlink is not None:  # the client starts from its copy, moved towards the plan's start
@@ -579,14 +588,12 @@ class Federation:
                      state: ServerState) -> ClientUpdate | None:
         """Fill ``row`` from the client's reply; return its update if it is well-formed."""
         delivery = exchange.replies.get(row.client)
-        if delivery is None:
-            row.fail(f"no reply within round_timeout={self.settings.round_timeout:g} s")
-            return None
-        if delivery.packet is None:
-            row.fail(delivery.error or "failed without a reason")
-            if dl.LOST in (delivery.error or ""):  # it holds no copy the server knows: start it again
+        if delivery is None or delivery.packet is None:
+            row.fail(self._no_answer(delivery))
+            error = (delivery.error if delivery is not None else None) or ""
+            if dl.LOST in error:  # it holds no copy the server knows: start it again
                 state.views.pop(row.client, None)
-            if wire.PERSONAL_LOST in (delivery.error or ""):  # it holds no B and head of its own: send the plan's
+            if wire.PERSONAL_LOST in error:  # it holds no B and head of its own: send the plan's
                 state.personal.discard(row.client)
             return None
         state.acked[row.client] = len(state.merges)  # it applied every merge it was sent

@@ -114,8 +114,8 @@ class StateStore:
         (a resumed run)."""
         saved = load_client_state(self.state_dir, at_most=resume_round) if resume_round > 0 else None
         residual = {k: v for k, v in (saved or {}).items() if not k.startswith((_VIEW, _OWN))}
-        views = _split_views({k[len(_VIEW):]: v for k, v in (saved or {}).items() if k.startswith(_VIEW)})
-        own = _split_views({k[len(_OWN):]: v for k, v in (saved or {}).items() if k.startswith(_OWN)})
+        views = _split_rounds({k[len(_VIEW):]: v for k, v in (saved or {}).items() if k.startswith(_VIEW)})
+        own = _split_rounds({k[len(_OWN):]: v for k, v in (saved or {}).items() if k.startswith(_OWN)})
         return residual or None, views, own
 
     def residual(self, resume_round: int) -> AdapterState | None:
@@ -127,18 +127,18 @@ class StateStore:
     def views(self, resume_round: int) -> dict[int, AdapterState]:
         """The copies of the start in the state, else (a resumed run) the newest file's up to ``resume_round``."""
         if VIEWS in self.state.arrays:
-            return _split_views(wire.to_tensors(self.state.arrays[VIEWS]))
+            return _split_rounds(wire.to_tensors(self.state.arrays[VIEWS]))
         return self._from_disk(resume_round)[1]
 
     def personal(self, resume_round: int) -> dict[int, AdapterState]:
         """Its own ``B`` and head in the state, else (a resumed run) the newest file's up to ``resume_round``."""
         if OWN in self.state.arrays:
-            return _split_views(wire.to_tensors(self.state.arrays[OWN]))
+            return _split_rounds(wire.to_tensors(self.state.arrays[OWN]))
         return self._from_disk(resume_round)[2]
 
     def save_personal(self, server_round: int, own: dict[int, AdapterState]) -> None:
         """Keep them in the state and on disk."""
-        self.state.arrays[OWN] = wire.to_arrays({f"{r}|{k}": v for r, state in own.items() for k, v in state.items()})
+        self.state.arrays[OWN] = _join_rounds(own)
         self._write(server_round)
 
     def save_residual(self, server_round: int, residual: AdapterState) -> None:
@@ -148,7 +148,7 @@ class StateStore:
 
     def save_views(self, server_round: int, views: dict[int, AdapterState]) -> None:
         """Keep them in the state and on disk."""
-        self.state.arrays[VIEWS] = wire.to_arrays({f"{r}|{k}": v for r, view in views.items() for k, v in view.items()})
+        self.state.arrays[VIEWS] = _join_rounds(views)
         self._write(server_round)
 
     def _write(self, server_round: int) -> None:
@@ -160,7 +160,12 @@ class StateStore:
         save_client_state(self.state_dir, server_round, tensors)
 
 
-def _split_views(flat: Mapping[str, Any]) -> dict[int, AdapterState]:
+def _join_rounds(by_round: Mapping[int, AdapterState]) -> dict[str, np.ndarray]:
+    """``{round: {tensor: t}}`` as arrays named ``"<round>|<tensor>"`` (the copies, its own B and head)."""
+    return wire.to_arrays({f"{r}|{k}": v for r, state in by_round.items() for k, v in state.items()})
+
+
+def _split_rounds(flat: Mapping[str, Any]) -> dict[int, AdapterState]:
     """``{"<round>|<tensor>": t}`` as ``{round: {tensor: t}}``."""
     views: dict[int, AdapterState] = {}
     for key, value in flat.items():

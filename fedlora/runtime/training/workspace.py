@@ -196,14 +196,14 @@ class Workspace:
 
     def evaluate(self, batch_size: int = 64) -> dict[str, float]:
         """The task's metrics of the host's active model on the held-out set."""
-        return self.task.evaluate(self.host.model, self.data, self.test, batch_size)
+        return self.evaluate_indices(self.test, batch_size)
 
     def evaluate_validation(self, batch_size: int = 64) -> dict[str, float]:
         """The task's metrics on the validation split, named ``val_*`` (``test_accuracy`` -> ``val_accuracy``);
         empty without one (``data.validation_fraction=0``)."""
         if not self.validation:
             return {}
-        metrics = self.task.evaluate(self.host.model, self.data, self.validation, batch_size)
+        metrics = self.evaluate_indices(self.validation, batch_size)
         return {validation_key(key): value for key, value in metrics.items()}
 
     def generate(self) -> list[dict]:
