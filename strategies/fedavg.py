@@ -12,7 +12,8 @@ Mixed ranks (Cho et al., EMNLP 2024): each client's factors are zero-padded to `
 own it (slots nobody trained keep their value), which avoids diluting high-rank slots.
 
 ``weighting="norm"`` is HetLoRA's sparsity weighting: :math:`p_k \propto \|B_k A_k\|_F`
-(summed over modules), falling back to example counts when every norm is zero.
+(summed over modules), falling back to example counts when every norm is zero; HetLoRA as published,
+with its local rank self-pruning, is :mod:`strategies.hetlora`.
 """
 
 from __future__ import annotations

@@ -128,7 +128,24 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
               "only) or false")
     _check_downlink(cfg, strategy, p)
     _check_personal(cfg, strategy, p)
+    _check_pruning(cfg, strategy, p)
     return strategy
+
+
+def _check_pruning(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """Rank self-pruning (HetLoRA, ``strategy.pruning``) adds a regulariser to each client's loss and changes its
+    rank between rounds: DP-SGD's per-example clipping would leave the regulariser out, and a compressed
+    downlink keeps each client's copy at a fixed rank."""
+    if getattr(strategy, "pruning", None) is None:
+        return
+    name = type(strategy).__name__
+    if (cfg.get("privacy") or {}).get("kind") == "dp_sgd":
+        p.add("privacy.kind", "dp_sgd", f"{name}'s rank regulariser is a term of each client's loss that Opacus' "
+              "per-example clipping does not see; use strategy.prune=false (the sparsity weighting alone) with "
+              "privacy=dp_sgd, or another privacy setting")
+    if (cfg.get("downlink") or {}).get("_target_"):
+        p.add("downlink", "compeft", f"{name}'s clients prune their rank between rounds, and the compressed "
+              "downlink keeps each client's copy at one rank; use downlink=none, or strategy.prune=false")
 
 
 def _check_personal(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:

@@ -121,6 +121,49 @@ def resize_state(state: Mapping[str, Tensor], rank: int) -> AdapterState:
     return join_state(out_pairs, {k: v.clone() for k, v in others.items()})
 
 
+def truncate_keys(state: Mapping[str, Tensor], rank: int) -> AdapterState:
+    """Every LoRA factor of ``state`` cut to its first ``rank`` slots, key by key (an ``A`` or a ``B`` alone
+    is fine: a residual or an upload need not hold both); factors already at or below ``rank`` and other
+    tensors are copied as they are."""
+    out = {}
+    for key, value in state.items():
+        if is_lora_a_key(key):
+            out[key] = value[:rank].clone()
+        elif is_lora_b_key(key):
+            out[key] = value[:, :rank].clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def pruned_rank(rank: int, gamma: float, min_rank: int) -> int:
+    """HetLoRA's next rank ``max(min_rank, floor(gamma * rank))``, never above ``rank``.
+
+    ``floor`` is taken with a small tolerance, so that ``gamma * rank`` a rounding error below an integer
+    (``0.7 * 10 = 6.999...``) does not lose a slot.
+    """
+    return min(rank, max(min_rank, math.floor(gamma * rank + 1e-9)))
+
+
+def tail_norm(pairs: Mapping[str, tuple[Tensor, Tensor]], keep: int) -> Tensor:
+    """``sum_modules ||B[:, keep:] A[keep:, :]||_F``, differentiable (HetLoRA's rank regulariser).
+
+    Computed from the tail's ``(w, w)`` Gram matrices (``w = r - keep``, a slot or a few), never the
+    ``(m, n)`` product: ``||B_t A_t||_F^2 = sum((B_t^T B_t) * (A_t A_t^T))``. The square root's gradient at
+    a zero tail (``B = 0``: round 1) is taken as zero, not ``nan``.
+    """
+    total: Tensor | None = None
+    for a, b in pairs.values():
+        a_t, b_t = a[keep:], b[:, keep:]  # (w, n), (m, w)
+        sq = ((b_t.T @ b_t) * (a_t @ a_t.T)).sum()
+        positive = sq > 0
+        norm = torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+        total = norm if total is None else total + norm
+    if total is None:
+        return torch.zeros(())
+    return total
+
+
 def example_weights(num_examples: Sequence[int]) -> list[float]:
     """Return ``p_k = n_k / sum_j n_j`` over the participants (renormalised each round).
 

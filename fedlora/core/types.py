@@ -42,6 +42,21 @@ BaseMerge = dict[str, LoraPair]
 
 
 @dataclass(frozen=True)
+class RankPruning:
+    """HetLoRA's local rank self-pruning (Cho et al., EMNLP 2024), asked of a client by its plan.
+
+    The client adds ``weight * sum_modules ||B[:, t:r] A[t:r, :]||_F`` to its training loss, with ``r`` its
+    rank and ``t = max(min_rank, floor(gamma * r))`` (:func:`fedlora.core.lora_math.pruned_rank`); when that
+    tail norm is smaller after training than at the start, it keeps only the first ``t`` slots: it sends
+    them and reports rank ``t``, and the server plans it at ``t`` from then on.
+    """
+
+    gamma: float = 0.99
+    weight: float = 0.01
+    min_rank: int = 2
+
+
+@dataclass(frozen=True)
 class ClientPlan:
     """What the server sends one client for one round (the downlink, before encoding).
 
@@ -65,8 +80,6 @@ class ClientPlan:
         ``init_seed``. Only valid when ``A`` is a pure function of the seed.
     head:
         Non-LoRA trainables to start from when ``adapter`` is ``None``.
-    train_lora_b:
-        ``False`` freezes ``B`` during local training (RoLoRA's ``A`` rounds).
     personal:
         ``""``: nothing is the client's own. Otherwise the client's ``B`` factors and non-LoRA trainables
         (the head) are its own and never leave it (FedSA-LoRA): only ``A`` travels, both ways.
@@ -74,6 +87,9 @@ class ClientPlan:
         plan carries only ``A``); :data:`PERSONAL_START`: the plan carries them too, for a client that
         holds none yet (the platform sends this on a client's first round; a client that holds its own
         starts from those anyway).
+    prune:
+        HetLoRA's rank self-pruning (:class:`RankPruning`), or ``None``: the client may then reply at a
+        smaller rank than ``rank`` (the first slots of what it trained).
     """
 
     rank: int
@@ -84,6 +100,7 @@ class ClientPlan:
     head: AdapterState = field(default_factory=dict)
     train_lora_b: bool = True
     personal: str = ""
+    prune: RankPruning | None = None
 
 
 PERSONAL_KEPT = "kept"  # ClientPlan.personal: the client's own B and head, from what it kept

@@ -23,7 +23,7 @@ import torch
 from fedlora.core import lora_math as lm
 from fedlora.core import secure
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
-from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, Tensor
+from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, RankPruning, Tensor
 from fedlora.federation import downlink as dl
 from fedlora.federation import wire
 
@@ -41,7 +41,10 @@ class Trainer(Protocol):
 
     def train(self, client_id: int, assignment: wire.Assignment, merges: Sequence[BaseMerge],
               ) -> tuple[AdapterState, float]:
-        """Train from ``assignment.start`` on the base plus ``merges``; return the trained adapter and mean loss."""
+        """Train from ``assignment.start`` on the base plus ``merges``; return the trained adapter and mean loss.
+
+        A plan with ``prune`` (HetLoRA) asks for its rank regulariser in the loss; the pruning itself is
+        decided here, after training (:func:`self_pruned_rank`)."""
         ...
 
     def evaluate(self, client_id: int, assignment: wire.Assignment, merges: Sequence[BaseMerge],
@@ -241,6 +244,11 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
     merges = apply_merges(store, assignment.merges)
     trained, loss = side.trainer.train(client_id, assignment, merges)
     plan, start = assignment.plan, assignment.start
+    if plan.prune is not None:  # HetLoRA: keep the first slots when training shrank the tail
+        rank = self_pruned_rank(plan.rank, plan.prune, start, trained)
+        if rank < plan.rank:
+            plan, start, trained = (dataclasses.replace(plan, rank=rank), lm.truncate_keys(start, rank),
+                                    lm.truncate_keys(trained, rank))
     if plan.personal:  # kept before the reply goes: a resumed run's rerun of this round starts from the older ones
         keep_own(store, assignment.resume_round, assignment.server_round, trained)
     sent = wire.uplink_keys(plan, start)
@@ -257,6 +265,8 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
     delta = {k: trained[k] - start[k] for k in sent}
     continuing = {k for k in sent if lm.continues(plan, k)}
     kept = store.residual(assignment.resume_round) if comp.error_feedback and continuing else None
+    if kept is not None and plan.rank < assignment.plan.rank:  # what it dropped of the pruned slots goes with them
+        kept = lm.truncate_keys(kept, plan.rank)
     residual = carried_residual(kept, delta, continuing)
     payload, residual = comp.compress(delta, residual, continuing)
     if residual:
@@ -264,6 +274,19 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
         store.save_residual(assignment.server_round, {**{k: v for k, v in (kept or {}).items() if k not in delta},
                                                       **residual})
     return wire.encode_compressed(payload, sent, _timed(report, t0))
+
+
+def self_pruned_rank(rank: int, prune: RankPruning, start: Mapping[str, Tensor], trained: Mapping[str, Tensor]) -> int:
+    """HetLoRA's local decision: the smaller rank (:func:`~fedlora.core.lora_math.pruned_rank`) when the
+    tail slots beyond it hold less of ``B A`` after training than at the start (the rank regulariser made
+    them shrink), else ``rank``. A tail that was zero at the start (``B = 0``) cannot have shrunk."""
+    keep = lm.pruned_rank(rank, prune.gamma, prune.min_rank)
+    if keep >= rank:
+        return rank
+    with torch.no_grad():
+        before = float(lm.tail_norm(lm.split_state(start)[0], keep))
+        after = float(lm.tail_norm(lm.split_state(trained)[0], keep))
+    return keep if after < before else rank
 
 
 def secure_vector(state: Mapping[str, Tensor], rank: int) -> Tensor:

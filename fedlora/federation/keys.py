@@ -33,6 +33,10 @@ DOWNLINK_CRC = "downlink-crc"  # CRC-32 of that copy
 # an evaluation reply's metrics: "eval/test_accuracy", ... (and NUM_EXAMPLES: how many examples it evaluated on)
 EVAL_PREFIX = "eval/"
 PERSONAL = "personal"  # ClientPlan.personal: the client's B and head are its own ("kept" or "start")
+# ClientPlan.prune (HetLoRA's rank self-pruning): present only when the plan asks for it
+PRUNE_GAMMA = "prune-gamma"
+PRUNE_WEIGHT = "prune-weight"
+PRUNE_MIN_RANK = "prune-min-rank"
 RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 

@@ -241,6 +241,11 @@ def summarize_clients(rows: list[dict[str, Any]], metric: Metric, seconds: float
                             worst_client=None if worst_row is None else int(worst_row["client"]), eval_seconds=seconds)
 
 
+def _start_at(assignment: wire.Assignment, rank: int) -> AdapterState:
+    """The client's start at the rank its update has (smaller than the plan's when it pruned: HetLoRA)."""
+    return assignment.start if rank >= assignment.plan.rank else lm.truncate_keys(assignment.start, rank)
+
+
 def console(text: str) -> None:
     """Print one line of the run's progress."""
     print(f"[fedlora] {text}", flush=True)
@@ -576,7 +581,8 @@ class Federation:
             update = self._check_reply(row, assignments[cid], exchange, state)
             if update is not None:
                 accepted[cid] = update
-        norms = {cid: validation.change_norm(u.state, assignments[cid].start) for cid, u in accepted.items()}
+        norms = {cid: validation.change_norm(u.state, _start_at(assignments[cid], u.rank))
+                 for cid, u in accepted.items()}
         # under client-level DP, clipping bounds each client; a rejection that depends on the others' norms would not
         ratio = None if self.client_dp is not None else self.settings.max_norm_ratio
         for cid, reason in validation.norm_outliers(norms, ratio).items():
@@ -607,7 +613,8 @@ class Federation:
         except wire.WireError as exc:
             row.reject(str(exc))
             return None
-        rank = assignment.plan.rank
+        assignment = wire.as_trained(assignment, report)  # a client that pruned its rank (HetLoRA) replies at it
+        rank = row.rank = assignment.plan.rank
         reason = validation.check_update(wire.uplink_shapes(assignment), received, rank, report.rank)
         if reason is not None:
             row.reject(reason)

@@ -20,6 +20,7 @@ transports pass it as it is. Nothing here imports Flower.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,16 @@ import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core import varint
-from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, ClientPlan, Compressor, Payload, Tensor
+from fedlora.core.types import (
+    PERSONAL_KEPT,
+    AdapterState,
+    BaseMerge,
+    ClientPlan,
+    Compressor,
+    Payload,
+    RankPruning,
+    Tensor,
+)
 from fedlora.federation import downlink as dl
 from fedlora.federation import keys
 
@@ -178,6 +188,10 @@ def encode_assignment(assignment: Assignment) -> Packet:
         packet.config[keys.TRAIN_LORA_B] = False
     if plan.personal:
         packet.config[keys.PERSONAL] = plan.personal
+    if plan.prune is not None:
+        packet.config[keys.PRUNE_GAMMA] = float(plan.prune.gamma)
+        packet.config[keys.PRUNE_WEIGHT] = float(plan.prune.weight)
+        packet.config[keys.PRUNE_MIN_RANK] = int(plan.prune.min_rank)
     if down is not None:
         if down.dense:
             packet.arrays[keys.ADAPTER] = to_arrays(down.dense)
@@ -217,18 +231,21 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
     train_a, send_a = bool(conf[keys.TRAIN_LORA_A]), bool(conf[keys.SEND_LORA_A])
     train_b = bool(conf.get(keys.TRAIN_LORA_B, True))
     personal = str(conf.get(keys.PERSONAL, ""))
+    prune = (RankPruning(gamma=float(cast(float, conf[keys.PRUNE_GAMMA])),
+                         weight=float(cast(float, conf[keys.PRUNE_WEIGHT])), min_rank=_int(conf[keys.PRUNE_MIN_RANK]))
+             if keys.PRUNE_GAMMA in conf else None)
     down: dl.Downlink | None = None
     if keys.DOWNLINK in packet.arrays:
         down = _decode_downlink(packet, modules, received, downlink, views)
         plan = ClientPlan(rank=rank, adapter=down.view, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
-                          train_lora_b=train_b)
+                          train_lora_b=train_b, prune=prune)
     elif bool(conf[keys.FRESH]):
         head = {k: v for k, v in received.items() if not lm.is_lora_key(k)}
         plan = ClientPlan(rank=rank, adapter=None, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
-                          head=head, train_lora_b=train_b)
+                          head=head, train_lora_b=train_b, prune=prune)
     else:
         plan = ClientPlan(rank=rank, adapter=received, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
-                          train_lora_b=train_b, personal=personal)
+                          train_lora_b=train_b, personal=personal, prune=prune)
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
@@ -296,9 +313,23 @@ def encode_compressed(payload: Payload, sent_keys: Sequence[str], report: Report
     return Packet(arrays={keys.COMPRESSED: pack_payload(payload, sorted(sent_keys))}, metrics=_report_metrics(report))
 
 
+def as_trained(assignment: Assignment, report: Report) -> Assignment:
+    """``assignment`` as the client replied to it: at the smaller rank it reports when its plan let it prune
+    (:class:`~fedlora.core.types.RankPruning`: exactly HetLoRA's next rank, the first slots of its start);
+    unchanged otherwise (a rank it was not allowed then fails the server's checks)."""
+    plan = assignment.plan
+    if plan.prune is None or report.rank is None or report.rank >= plan.rank:
+        return assignment
+    if report.rank != lm.pruned_rank(plan.rank, plan.prune.gamma, plan.prune.min_rank):
+        return assignment
+    return dataclasses.replace(assignment, plan=dataclasses.replace(plan, rank=report.rank),
+                               start=lm.truncate_keys(assignment.start, report.rank))
+
+
 def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor | None,
                  ) -> tuple[AdapterState, Report]:
-    """The tensors a client sent (decompressed: start plus update) and its report.
+    """The tensors a client sent (decompressed: start plus update, at the rank it replied at:
+    :func:`as_trained`) and its report.
 
     Raises
     ------
@@ -308,17 +339,19 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
     arrays = packet.arrays
     if not packet.metrics or (keys.COMPRESSED not in arrays and keys.ADAPTER not in arrays):
         raise WireError(f"malformed reply: records {packet.record_names()}; expected an adapter and metrics")
-    start, m = assignment.start, packet.metrics
+    m = packet.metrics
     try:
-        if keys.COMPRESSED in arrays:
-            if compressor is None:
-                raise ValueError("a compressed update, but this run has no compression")
+        if keys.COMPRESSED in arrays and compressor is None:
+            raise ValueError("a compressed update, but this run has no compression")
+        report = decode_report(m)
+        assignment = as_trained(assignment, report)
+        start = assignment.start
+        if compressor is not None and keys.COMPRESSED in arrays:
             sent = uplink_keys(assignment.plan, start)
             delta = compressor.decode(unpack_payload(arrays[keys.COMPRESSED], sent))
             received = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
         else:
             received = to_tensors(arrays[keys.ADAPTER])
-        report = decode_report(m)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise WireError(f"cannot decode the update: {type(exc).__name__}: {str(exc)[:200]}") from exc
     return received, report

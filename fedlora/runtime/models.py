@@ -310,6 +310,12 @@ class AdapterHost:
         state = get_peft_model_state_dict(self.model, adapter_name=f"r{rank}")
         return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
 
+    def lora_factors(self, rank: int) -> dict[str, LoraPair]:
+        """The rank-``rank`` adapter's live ``(A, B)`` parameters by module (gradients flow through them)."""
+        name = f"r{rank}"
+        return {self._state_module(p): LoraPair(m.lora_A[name].weight, m.lora_B[name].weight)
+                for p, m in self._lora_layers().items()}
+
     def set_trainable(self, rank: int, train_lora_a: bool, train_lora_b: bool = True) -> list[torch.nn.Parameter]:
         """Return the parameters to optimise for ``rank``; freezes ``A`` (FFA-LoRA) or ``B`` when asked."""
         name = f"r{rank}"

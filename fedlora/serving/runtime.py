@@ -19,21 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core import seeds
 from fedlora.core.metrics import Metric
 from fedlora.core.privacy import ClientLevel
-from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge
+from fedlora.core.types import AdapterSpec, AdapterState, BaseMerge, ClientPlan
 from fedlora.federation import wire
 from fedlora.federation.client import ClientSide
 from fedlora.federation.memory import InMemoryTransport
 from fedlora.federation.transport import ClientInfo
 from fedlora.results.generations import log_generations
-from fedlora.runtime.models import save_peft_adapter, save_reload_base
+from fedlora.runtime.models import AdapterHost, save_peft_adapter, save_reload_base
 from fedlora.runtime.training import dp as dpsgd
 from fedlora.runtime.training.local import TrainSettings, train_steps
 from fedlora.runtime.training.workspace import Workspace, WorkspaceKey, get_workspace
@@ -95,6 +97,19 @@ class WorkspaceModel:
                 f"model.max_length={self.ws.host.settings.max_length} tokens"]
 
 
+def rank_penalty(host: AdapterHost, plan: ClientPlan) -> Callable[[], torch.Tensor] | None:
+    """HetLoRA's rank regulariser on the plan's adapter (``weight`` times the tail norm beyond the rank it
+    may prune to, :func:`fedlora.core.lora_math.tail_norm`), or ``None`` when the plan asks for none."""
+    prune = plan.prune
+    if prune is None or prune.weight == 0:
+        return None
+    keep = lm.pruned_rank(plan.rank, prune.gamma, prune.min_rank)
+    if keep >= plan.rank:
+        return None
+    factors = host.lora_factors(plan.rank)
+    return lambda: prune.weight * lm.tail_norm(factors, keep)
+
+
 class WorkspaceTrainer:
     """A client's local training on its partition of the workspace's data."""
 
@@ -142,7 +157,7 @@ class WorkspaceTrainer:
         ws.host.load_state(rank, assignment.start)
         params = ws.host.set_trainable(rank, assignment.plan.train_lora_a, assignment.plan.train_lora_b)
         loss = train_steps(ws.host.model, params, ws.data, self.indices(client_id), self.steps(),
-                           self.round_seed(client_id, assignment.server_round))
+                           self.round_seed(client_id, assignment.server_round), rank_penalty(ws.host, assignment.plan))
         return ws.host.get_state(rank), loss
 
     def test_indices(self, client_id: int) -> list[int]:

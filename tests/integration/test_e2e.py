@@ -122,6 +122,32 @@ def test_fedsa_lora_end_to_end_b_and_the_head_never_leave_the_clients(tmp_path: 
     assert "no global model" in log and "clients' own models, mean test accuracy" in log
 
 
+def test_hetlora_end_to_end_clients_prune_their_rank_and_send_only_what_they_kept(tmp_path: Path) -> None:
+    from fedlora.core import lora_math as lm
+    from fedlora.results.checkpoint import load_checkpoint
+
+    # a strong regulariser (the published 0.01 prunes nothing this early): the tails shrink in round 2
+    run_dir, summary, rows, log = _run(tmp_path, ["strategy=hetlora", "strategy.reg_weight=1.0"])
+    assert [sorted(c["rank"] for c in r["clients"]) for r in rows[1:2]] == [[2, 4, 8]]  # B = 0 at round 1's start
+    lora_floats, head_floats = 768 * 12, 5 * 384 + 5  # (m + n) x modules; the classifier
+
+    def sent(c: dict) -> int:
+        return 4 * (c["rank"] * lora_floats + head_floats)
+
+    pruned = 0
+    for c in rows[2]["clients"]:
+        planned = {r["client"]: r["rank"] for r in rows[1]["clients"]}[c["client"]]
+        assert c["status"] == "ok" and c["rank"] in {planned, lm.pruned_rank(planned, 0.99, 2)}
+        assert sent(c) <= c["bytes_up"] < sent(c) + 8000  # only the slots it kept went up (a slot: 36.9 kB)
+        pruned += c["rank"] < planned
+    assert pruned >= 1
+    ranks = {k: int(v) for k, v in load_checkpoint(run_dir).strategy_state.items()}
+    assert ranks == {f"rank/{c['client']}": c["rank"] for c in rows[2]["clients"]}  # round 3 would plan these
+    assert rows[2]["strategy"]["mean_client_rank"] == pytest.approx(sum(c["rank"] for c in rows[2]["clients"]) / 3)
+    assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)
+    assert "strategy HetLoRA" in log
+
+
 def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=ffa_lora"])
     _check_common(run_dir, summary, rows, log)

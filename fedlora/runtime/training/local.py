@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,15 +58,20 @@ def batch_plan(indices: list[int], steps: int, batch_size: int, seed: int) -> li
 
 def train_steps(
     model: torch.nn.Module, params: list[torch.nn.Parameter], data: Encoded, indices: list[int],
-    settings: TrainSettings, seed: int,
+    settings: TrainSettings, seed: int, penalty: Callable[[], torch.Tensor] | None = None,
 ) -> float:
     """Run ``local_steps`` AdamW steps on batches of ``indices``; return the mean training loss.
 
-    With ``settings.dp`` the steps are DP-SGD's (:func:`_train_steps_private`).
+    ``penalty`` (HetLoRA's rank regulariser) is added to every step's loss; the loss returned is the task's
+    alone, comparable with every other method's. With ``settings.dp`` the steps are DP-SGD's
+    (:func:`_train_steps_private`), which take no penalty (Opacus clips per-example gradients of the task
+    loss; the configuration check refuses the pair).
     """
     if not indices:
         return math.nan
     if settings.dp is not None:
+        if penalty is not None:
+            raise ValueError("DP-SGD takes no loss penalty (HetLoRA's rank regulariser): Opacus would not see it")
         return _train_steps_private(model, params, data, indices, settings, settings.dp, seed)
     torch.manual_seed(seed)  # dropout masks
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -73,7 +79,7 @@ def train_steps(
     losses = []
     for idx in batch_plan(indices, settings.local_steps, settings.batch_size, seed):
         out = model(**data.batch(idx, _device_of(model)))
-        out.loss.backward()
+        (out.loss + penalty() if penalty is not None else out.loss).backward()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
