@@ -431,3 +431,27 @@ def test_a_personalized_methods_accuracy_is_marked_as_the_clients_mean(tmp_path:
     assert "| fedsa_lora | 1 | 0.800 ± 0.000 † |" in table and "| fedavg | 1 | 0.700 ± 0.000 |" in table
     assert "† no global model" in table
     assert "†" not in report.markdown_table([rows["fedavg"]])
+
+
+def test_runs_whose_method_settings_differ_are_different_methods(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        for alpha in (1.0, 4.0):
+            make_run(root / f"{seed}_a{alpha}", FEDAVG, seed, [0.2, 0.5 + alpha / 100], up=100, down=1000,
+                     compression={**COMPEFT, "alpha": alpha})
+    old = make_run(root / "2_old", FEDAVG, 2, [0.2, 0.5], up=100, down=1000, compression=COMPEFT)  # no alpha key
+    runs = report.load_runs(root)
+    methods = {r.path.name: r.method for r in runs}
+    assert methods["0_a1.0"] == methods["1_a1.0"] == "fedavg+compeft(d=0.1) [compression.alpha=1]"
+    assert methods["0_a4.0"] == methods["1_a4.0"] == "fedavg+compeft(d=0.1) [compression.alpha=4]"
+    assert methods[old.name] == "fedavg+compeft(d=0.1)"  # a key it lacks is not a difference
+    rows = by_method(report.summarize(runs))
+    assert rows["fedavg+compeft(d=0.1) [compression.alpha=4]"]["n_seeds"] == 2
+    assert rows["fedavg+compeft(d=0.1) [compression.alpha=4]"]["final_acc_mean"] == pytest.approx(0.54)
+    # a difference outside the method's settings stays one method, and is noted
+    other = tmp_path / "other"
+    make_run(other / "0", FEDAVG, 0, [0.2, 0.5], up=100, down=1000)
+    make_run(other / "1", FEDAVG, 1, [0.2, 0.5, 0.6], up=100, down=1000)
+    runs = report.load_runs(other)
+    assert {r.method for r in runs} == {"fedavg"}
+    assert any("differ in: num_rounds" in line for line in report.problem_lines(runs, other))

@@ -193,7 +193,41 @@ def load_runs(path: Path | str) -> list[Run]:
     list of Run
         All jobs, failed and incomplete ones included (see ``Run.status``); empty if none.
     """
-    return [load_run(d) for d in find_run_dirs(Path(path))]
+    return split_method_settings([load_run(d) for d in find_run_dirs(Path(path))])
+
+
+# the config groups whose settings make a method (a sweep of strategy.reg_weight compares two methods)
+_METHOD_GROUPS = ("strategy", "compression", "downlink")
+
+
+def split_method_settings(runs: list[Run]) -> list[Run]:
+    """Tell apart runs of one method label whose method settings differ: each gets them in its label.
+
+    Runs that share a label (``hetlora``) but differ in a setting of the strategy, the compressor or the
+    downlink (``strategy.reg_weight`` 0.01 and 1, ``compression.alpha`` 1 and 4) are different methods,
+    never seeds of one: their labels become ``hetlora [strategy.reg_weight=0.01]`` and ``... =1``. A run that
+    lacks the key (a setting added after it ran) keeps its label; differences elsewhere (``num_rounds``) stay
+    one method and the report notes them (:func:`problem_lines`).
+
+    >>> def run(alpha):
+    ...     return Run(path=Path("x"), config={"compression": {"alpha": alpha}}, method="m")
+    >>> [r.method for r in split_method_settings([run(1.0), run(4.0), run(1.0)])]
+    ['m [compression.alpha=1]', 'm [compression.alpha=4]', 'm [compression.alpha=1]']
+    """
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        if run.status != "unreadable":
+            groups.setdefault(run.method, []).append(i)
+    out = list(runs)
+    for members in groups.values():
+        flats = [_flatten({g: runs[i].config.get(g) or {} for g in _METHOD_GROUPS}) for i in members]
+        keys = set().union(*flats)
+        differing = sorted(k for k in keys if len({repr(f[k]) for f in flats if k in f}) > 1)
+        for i, flat in zip(members, flats, strict=True):
+            settings = ",".join(f"{k}={_shown(flat[k])}" for k in differing if k in flat)
+            if settings:
+                out[i] = replace(runs[i], method=f"{runs[i].method} [{settings}]")
+    return out
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
