@@ -6,7 +6,9 @@ and strategy state; every client holds the merges it applied and the error-feedb
 its classifier head, FLoRA's LoRA factors starting fresh every round) and FedAvg + ComPEFT both ways
 (every client holds on disk an error-feedback residual of every tensor and the copies of its start
 that the compressed downlink is relative to, the client state that cannot be rebuilt from the
-server's checkpoint; the server checkpoints its mirror of each copy).
+server's checkpoint; the server checkpoints its mirror of each copy). A third, HetLoRA + ComPEFT with a
+strong rank regulariser, is killed after its clients have pruned: the server's memory of each client's
+rank (its checkpointed strategy state) and each client's residual, cut with its pruned slots, survive.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def _straggler_seed() -> int:
 STRAGGLE = ["faults.straggler_prob=0.5", "faults.straggler_delay_s=4.0", f"faults.seed={_straggler_seed()}"]
 RESUMABLE = {
     strategy: [*TINY, f"strategy={strategy}", "compression=compeft", "num_rounds=4", "logging.tensorboard=false",
-               *STRAGGLE, *(["downlink=compeft"] if strategy == "fedavg" else [])]
-    for strategy in ("flora", "fedavg")
+               *STRAGGLE, *(["downlink=compeft"] if strategy == "fedavg" else []),
+               *(["strategy.reg_weight=1.0"] if strategy == "hetlora" else [])]
+    for strategy in ("flora", "fedavg", "hetlora")
 }
 
 
@@ -88,7 +91,8 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:  # noq
 # sends SIGINT to the whole process group, Ray's actors included; a service manager sends SIGTERM to the
 # process), after which it must exit with status 130, keep round 2 as its last checkpoint and say how to
 # resume. Either way the resumed run must equal the uninterrupted one.
-STOPS = {"flora": ["SIGKILL", "SIGINT to the group"], "fedavg": ["SIGKILL", "SIGTERM to the process"]}
+STOPS = {"flora": ["SIGKILL", "SIGINT to the group"], "fedavg": ["SIGKILL", "SIGTERM to the process"],
+         "hetlora": ["SIGKILL"]}
 
 
 def _stop(proc: subprocess.Popen, how: str) -> None:
@@ -117,7 +121,7 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
         # round-3 residual is on disk); client 2 sleeps 4 s before training (STRAGGLE).
         if not (latest.exists() and latest.read_text() == "round_00002"):
             return False
-        if name == "fedavg":
+        if name in ("fedavg", "hetlora"):
             return (run_dir / "client_state" / "0" / "round_00003.safetensors").exists()
         time.sleep(1.0)  # FLoRA keeps no residual to wait for; round 3 stays open while client 2 sleeps 4 s
         return True
@@ -170,6 +174,17 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
         for cid in range(3):
             kept = load_client_state(run_dir / "client_state" / str(cid), at_most=4) or {}
             assert any(k.startswith("view|4|") for k in kept) and any(is_lora_key(k) for k in kept), sorted(kept)
+    if name == "hetlora":  # clients pruned their rank: the server's memory of it and their residuals agree
+        from fedlora.core.lora_math import rank_of
+        from fedlora.results.checkpoint import load_checkpoint
+
+        ranks = {k: int(v) for k, v in load_checkpoint(run_dir).strategy_state.items()}
+        assert ranks == {f"rank/{c['client']}": c["rank"] for c in resumed[4]["clients"]}
+        assert any(c["rank"] < r for c, r in zip(resumed[4]["clients"], (2, 4, 8), strict=True)), resumed[4]
+        for c in resumed[4]["clients"]:
+            kept = load_client_state(run_dir / "client_state" / str(c["client"]), at_most=4) or {}
+            lora = {k.split("|")[-1]: v for k, v in kept.items() if is_lora_key(k)}
+            assert lora and rank_of(lora) == c["rank"], (c, sorted(kept))
     if name == "flora":  # fresh LoRA factors every round: only the classifier head keeps a residual
         assert summary["base_merges"] == 4
         assert summary["error_feedback_tensors"] == "all but the fresh LoRA factors"
