@@ -78,6 +78,19 @@ def test_a_client_dropping_out_mid_protocol_leaves_the_sum_of_the_others(tmp_pat
     assert 0 < _gap(plain, secure) <= bound, (_gap(plain, secure), bound)
 
 
+def test_under_secure_aggregation_every_client_evaluates_the_released_model_on_its_own_data(tmp_path: Path) -> None:
+    # evaluation messages are not training messages: SecAgg+ masks only what clients train, and each client's
+    # answer is its accuracy on its held-out articles, recomputed here from the saved adapter with plain peft
+    from conftest import reload_client_accuracies
+
+    _, rows, log = _run(tmp_path / "run", ["privacy=secagg", "data.client_test_fraction=0.3"])
+    final = rows[-1]["client_eval"]
+    assert final["num_failed"] == 0 and [c["client"] for c in final["clients"]] == [0, 1, 2]
+    assert "clients' own held-out data" in log
+    own = reload_client_accuracies(tmp_path / "run")
+    assert [c["test_accuracy"] for c in final["clients"]] == pytest.approx(own, abs=1e-9)
+
+
 COMPATIBLE = {  # every strategy x privacy mode that validation lets through (tests/test_privacy.py refuses the rest)
     "privacy=dp_sgd": "fedavg,ffa_lora,rolora,flora,lora_fair,flexlora,fedex_lora,centralized",
     "privacy=dp_fedavg": "fedavg,ffa_lora,rolora",
