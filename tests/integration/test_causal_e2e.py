@@ -93,6 +93,23 @@ def test_fedavg_causal_lm(tmp_path: Path) -> None:
     assert [g["output"] for g in again] == [g["output"] for g in last]
 
 
+def test_each_client_evaluates_the_causal_lm_on_its_own_held_out_instructions(tmp_path: Path) -> None:
+    # perplexity: the worst client is the one with the highest; each client's number is the saved model's
+    run_dir = tmp_path / "run"
+    summary, rows, log = _run(run_dir, ["strategy=fedavg", "data.client_test_fraction=0.3"])
+    final = rows[-1]["client_eval"]
+    per_client = {c["client"]: c["test_perplexity"] for c in final["clients"]}
+    assert sorted(per_client) == [0, 1, 2] and final["num_failed"] == 0
+    assert final["worst"] == max(per_client.values()) and final["worst_client"] == max(per_client, key=per_client.get)
+    assert summary["client_worst_test_perplexity"] == final["worst"]
+    assert summary["client_worst_id"] == final["worst_client"]
+    assert "clients' own held-out data: mean test perplexity" in log
+    ws, model = _reload(run_dir)
+    for cid, held in enumerate(ws.client_tests):
+        again = ws.task.evaluate(model, ws.data, held, 64)
+        assert again["test_perplexity"] == pytest.approx(per_client[cid], rel=1e-6)
+
+
 def test_flora_causal_lm_merges_fold_into_the_saved_adapter(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     summary, rows, log = _run(run_dir, ["strategy=flora"])
