@@ -39,6 +39,7 @@ Ray starts; and, like every norm-weighted method, not linear (no client-level DP
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,6 +49,10 @@ from fedlora.core.types import AdapterState, AggregateResult, ClientPlan, Client
 from strategies.fedavg import FedAvg, check_client_rank
 
 _RANK = "rank/"  # strategy state: rank/<client> -> the rank it holds after pruning
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class HetLoRA(FedAvg):
@@ -72,12 +77,16 @@ class HetLoRA(FedAvg):
     def __init__(self, *, weighting: str = "norm", padding: str = "zero", gamma: float = 0.99,
                  reg_weight: float = 0.01, min_rank: int = 2, prune: bool = True) -> None:
         super().__init__(weighting=weighting, padding=padding)
-        if not 0.0 < gamma < 1.0:
-            raise ValueError(f"strategy.gamma={gamma!r} must be in (0, 1) (0.99: one slot fewer per pruning round)")
-        if reg_weight < 0:
-            raise ValueError(f"strategy.reg_weight={reg_weight!r} must be >= 0 (0.01 is the published default)")
+        if not _is_number(gamma) or not 0.0 < gamma < 1.0:
+            raise ValueError(f"strategy.gamma={gamma!r} must be a number in (0, 1); use 0.99 (one slot fewer per "
+                             "pruning round, the published default)")
+        if not _is_number(reg_weight) or reg_weight < 0:
+            raise ValueError(f"strategy.reg_weight={reg_weight!r} must be a number >= 0; use 0.01 (the published "
+                             "default) or 0 (prune only when training alone shrank the tail)")
         if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-            raise ValueError(f"strategy.min_rank={min_rank!r} must be an integer >= 1")
+            raise ValueError(f"strategy.min_rank={min_rank!r} must be an integer >= 1; use 2 (the published default)")
+        if not isinstance(prune, bool):
+            raise ValueError(f"strategy.prune={prune!r} must be true or false (false: the sparsity weighting alone)")
         self.pruning = RankPruning(gamma=float(gamma), weight=float(reg_weight), min_rank=min_rank) if prune else None
         if self.pruning is not None:
             self.linear = False
@@ -96,14 +105,15 @@ class HetLoRA(FedAvg):
         seed: int,
     ) -> ClientPlan:
         """The first ``r_k`` slots of the global factors, ``r_k`` the client's rank after its pruning so far."""
-        r_max = lm.rank_of(global_adapter)
-        check_client_rank("HetLoRA", client_id, rank, r_max)
+        check_client_rank("HetLoRA", client_id, rank, lm.rank_of(global_adapter))
         held = state.get(f"{_RANK}{client_id}")
         current = min(rank, int(held)) if held is not None else rank
+        plan = super().plan(global_adapter, state, client_id=client_id, rank=current, server_round=server_round,
+                            seed=seed)
         prune = self.pruning
-        if prune is not None and lm.pruned_rank(current, prune.gamma, prune.min_rank) >= current:
-            prune = None  # nothing left to prune: the plan asks for no regulariser
-        return ClientPlan(rank=current, adapter=lm.resize_state(global_adapter, current), init_seed=seed, prune=prune)
+        if prune is None or lm.pruned_rank(current, prune.gamma, prune.min_rank) >= current:
+            return plan  # nothing left to prune: the plan asks for no regulariser
+        return dataclasses.replace(plan, prune=prune)
 
     def aggregate(
         self,

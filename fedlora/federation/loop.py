@@ -241,11 +241,6 @@ def summarize_clients(rows: list[dict[str, Any]], metric: Metric, seconds: float
                             worst_client=None if worst_row is None else int(worst_row["client"]), eval_seconds=seconds)
 
 
-def _start_at(assignment: wire.Assignment, rank: int) -> AdapterState:
-    """The client's start at the rank its update has (smaller than the plan's when it pruned: HetLoRA)."""
-    return assignment.start if rank >= assignment.plan.rank else lm.truncate_keys(assignment.start, rank)
-
-
 def console(text: str) -> None:
     """Print one line of the run's progress."""
     print(f"[fedlora] {text}", flush=True)
@@ -581,7 +576,8 @@ class Federation:
             update = self._check_reply(row, assignments[cid], exchange, state)
             if update is not None:
                 accepted[cid] = update
-        norms = {cid: validation.change_norm(u.state, _start_at(assignments[cid], u.rank))
+        # at the rank each update has (smaller than planned for a client that pruned: HetLoRA)
+        norms = {cid: validation.change_norm(u.state, wire.at_rank(assignments[cid], u.rank).start)
                  for cid, u in accepted.items()}
         # under client-level DP, clipping bounds each client; a rejection that depends on the others' norms would not
         ratio = None if self.client_dp is not None else self.settings.max_norm_ratio

@@ -322,8 +322,16 @@ def as_trained(assignment: Assignment, report: Report) -> Assignment:
         return assignment
     if report.rank != lm.pruned_rank(plan.rank, plan.prune.gamma, plan.prune.min_rank):
         return assignment
-    return dataclasses.replace(assignment, plan=dataclasses.replace(plan, rank=report.rank),
-                               start=lm.truncate_keys(assignment.start, report.rank))
+    return at_rank(assignment, report.rank)
+
+
+def at_rank(assignment: Assignment, rank: int) -> Assignment:
+    """``assignment`` cut to its first ``rank`` slots (the plan's rank and the start's factors); itself when
+    ``rank`` is not smaller than the plan's."""
+    if rank >= assignment.plan.rank:
+        return assignment
+    return dataclasses.replace(assignment, plan=dataclasses.replace(assignment.plan, rank=rank),
+                               start=lm.truncate_keys(assignment.start, rank))
 
 
 def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor | None,

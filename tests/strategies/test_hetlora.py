@@ -9,6 +9,7 @@ and a kill mid-round; and the configuration refusals before anything starts.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,11 @@ def test_without_pruning_it_is_fedavg_with_norm_weights() -> None:
     ({"gamma": 1.0}, "strategy.gamma=1.0"), ({"gamma": 0}, "strategy.gamma=0"),
     ({"reg_weight": -0.1}, "strategy.reg_weight=-0.1"), ({"min_rank": 0}, "strategy.min_rank=0"),
     ({"min_rank": 2.5}, "strategy.min_rank=2.5"), ({"weighting": "size"}, "strategy.weighting='size'"),
+    ({"gamma": "abc"}, "strategy.gamma='abc'"), ({"reg_weight": [1]}, "strategy.reg_weight=[1]"),
+    ({"prune": "yes"}, "strategy.prune='yes'"),
 ])
 def test_bad_hyperparameters_are_named(kwargs: dict[str, Any], named: str) -> None:
-    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(named)):
         HetLoRA(**kwargs)
 
 
@@ -338,7 +341,8 @@ def test_on_the_real_model_the_regulariser_shrinks_the_tail() -> None:
      "use downlink=none, or strategy.prune=false"),
     (["privacy=dp_fedavg"], "privacy.kind='dp_fedavg'", "rank self-pruning lets a client reply at a smaller rank"),
     (["privacy=secagg"], "privacy.secure=True", "HetLoRA's norm weights"),
-    (["strategy.gamma=1.5"], "strategy", "strategy.gamma=1.5 must be in (0, 1)"),
+    (["strategy.gamma=1.5"], "strategy", "strategy.gamma=1.5 must be a number in (0, 1); use 0.99"),
+    (["strategy.prune=yes"], "strategy", "strategy.prune='yes' must be true or false"),
 ])
 def test_what_hetlora_cannot_run_with_is_refused_before_anything_starts(overrides: list[str], field: str,
                                                                         fix: str) -> None:

@@ -71,7 +71,8 @@ def train_steps(
         return math.nan
     if settings.dp is not None:
         if penalty is not None:
-            raise ValueError("DP-SGD takes no loss penalty (HetLoRA's rank regulariser): Opacus would not see it")
+            raise ValueError("privacy.kind='dp_sgd' takes no loss penalty (HetLoRA's rank regulariser): Opacus would "
+                             "not see it; set strategy.prune=false")
         return _train_steps_private(model, params, data, indices, settings, settings.dp, seed)
     torch.manual_seed(seed)  # dropout masks
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
