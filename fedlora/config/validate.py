@@ -16,6 +16,7 @@ from typing import Any
 from fedlora.config import CONF_DIR
 from fedlora.config.fields import check_fields
 from fedlora.config.settings import RANK_POLICIES, TRANSPORTS, Component, Settings, import_target
+from fedlora.core import control as ctl
 from fedlora.core.env import hub_offline
 from fedlora.core.errors import Problems
 from fedlora.runtime.data.settings import DataSettings
@@ -127,9 +128,34 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
               "round's factors has nothing to be added to; use auto (error feedback for the classifier head "
               "only) or false")
     _check_downlink(cfg, strategy, p)
+    _check_controlled(cfg, strategy, compressor, p)
     _check_personal(cfg, strategy, p)
     _check_pruning(cfg, strategy, p)
     return strategy
+
+
+def _check_controlled(cfg: Mapping[str, Any], strategy: Any, compressor: Any, p: Problems) -> None:
+    """Controlled averaging (``compression=scafcom``, :mod:`fedlora.core.control`) turns each reply into
+    ``start + eta_g (c + d_k)`` and relies on the strategy averaging those: only a linear strategy does. Its local
+    drift correction is not part of Opacus' DP-SGD, and its server step is not the clipped, noised or masked sum
+    of client-level DP, nor FedAU's rescaled one (secure aggregation refuses every compressor)."""
+    if ctl.control_of(compressor) is None:
+        return
+    if strategy is not None and not getattr(strategy, "linear", False):
+        why = getattr(strategy, "why_not_linear", "") or "its aggregate is not a weighted mean of what clients send"
+        p.add("strategy", type(strategy).__name__, f"compression=scafcom hands the strategy start + eta_g (c + d_k) "
+              f"for each client and needs it averaged, but {why}; use a linear strategy (fedavg, ffa_lora, rolora) "
+              "or compression=compeft")
+    privacy = cfg.get("privacy") or {}
+    if privacy.get("kind") in ("dp_sgd", "dp_fedavg"):
+        p.add("privacy.kind", privacy.get("kind"), "compression=scafcom's drift correction and server step are not "
+              "part of the DP mechanism; use compression=compeft with differential privacy")
+    if (cfg.get("downlink") or {}).get("_target_"):
+        p.add("downlink", "compeft", "compression=scafcom sends each client the control variate c with its start, "
+              "and a compressed start is not built for it; use downlink=none")
+    if (cfg.get("participation") or {}).get("fedau") is True:
+        p.add("participation.fedau", True, "FedAU rescales each update on the server, SCAFCOM's server step is "
+              "its own; turn one of them off")
 
 
 def _check_pruning(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:

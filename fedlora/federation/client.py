@@ -20,10 +20,11 @@ from typing import Protocol
 
 import torch
 
+from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
 from fedlora.core import secure
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
-from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, RankPruning, Tensor
+from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, Payload, RankPruning, Tensor
 from fedlora.federation import downlink as dl
 from fedlora.federation import wire
 
@@ -242,6 +243,15 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
     if decision.delay_s > 0:
         time.sleep(decision.delay_s)
     merges = apply_merges(store, assignment.merges)
+    controlled = ctl.control_of(side.compressor)
+    own: AdapterState = {}
+    momentum: AdapterState = {}
+    if controlled is not None and decision.corrupt is None:  # SCAFCOM: train with the drift correction c - c_k
+        if assignment.control is None:
+            raise RuntimeError("compression=scafcom on this client, but the server sent no control variate; the "
+                               "node's fedlora settings differ from the server's (compression=...)")
+        own, momentum = ctl.split_client_state(store.residual(assignment.resume_round))
+        assignment = dataclasses.replace(assignment, drift=ctl.drift(assignment.control, own))
     trained, loss = side.trainer.train(client_id, assignment, merges)
     plan, start = assignment.plan, assignment.start
     if plan.prune is not None:  # HetLoRA: keep the first slots when training shrank the tail
@@ -263,6 +273,9 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
         return wire.encode_update(state, _timed(report, t0))
     comp = side.compressor
     delta = {k: trained[k] - start[k] for k in sent}
+    if controlled is not None:
+        return wire.encode_compressed(_controlled_payload(comp, controlled, assignment, store, delta, own, momentum),
+                                      sent, _timed(report, t0))
     continuing = {k for k in sent if lm.continues(plan, k)}
     kept = store.residual(assignment.resume_round) if comp.error_feedback and continuing else None
     if kept is not None and plan.rank < assignment.plan.rank:  # what it dropped of the pruned slots goes with them
@@ -274,6 +287,18 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
         store.save_residual(assignment.server_round, {**{k: v for k, v in (kept or {}).items() if k not in delta},
                                                       **residual})
     return wire.encode_compressed(payload, sent, _timed(report, t0))
+
+
+def _controlled_payload(comp: Compressor, settings: ctl.ControlSettings, assignment: wire.Assignment,
+                        store: ClientStore, delta: Mapping[str, Tensor], own: AdapterState,
+                        momentum: AdapterState) -> Payload:
+    """SCAFCOM's message (:mod:`fedlora.core.control`): ``C(v_k - c_k)``; ``c_k`` and ``v_k`` move and are kept
+    (on disk in a deployment) before the reply goes, by exactly what the server will decode."""
+    message = ctl.client_message(delta, assignment.drift or {}, own, momentum, settings)
+    payload, _ = comp.compress(message.target, None)
+    own = ctl.advance_own(own, comp.decode(payload), settings)
+    store.save_residual(assignment.server_round, ctl.join_client_state(own, {**momentum, **message.momentum}))
+    return payload
 
 
 def self_pruned_rank(rank: int, prune: RankPruning, start: Mapping[str, Tensor], trained: Mapping[str, Tensor]) -> int:

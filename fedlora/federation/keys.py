@@ -5,6 +5,7 @@ ADAPTER = "adapter"  # ArrayRecord: a (possibly partial) adapter state
 BASE = "base"  # ArrayRecord: factored base merges the client has not applied yet
 COMPRESSED = "compressed"  # ArrayRecord: an encoded uplink (ComPEFT)
 DOWNLINK = "downlink"  # ArrayRecord: a compressed start adapter (fedlora.federation.downlink), packed
+CONTROL = "control"  # ArrayRecord: the server's control variate c at the client's rank (compression=scafcom)
 SECURE = "secure"  # ArrayRecord: the vector a client puts into secure aggregation (fedlora.core.secure)
 CONFIG = "config"  # ConfigRecord: per-message instructions
 METRICS = "metrics"  # MetricRecord: client replies

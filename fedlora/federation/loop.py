@@ -33,6 +33,7 @@ from typing import Any, Protocol, cast
 
 import torch
 
+from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
 from fedlora.core import participation as part
 from fedlora.core import secure, seeds, validation
@@ -197,6 +198,8 @@ class ServerState:
     # a personalized strategy (FedSA-LoRA): the clients known to hold their own B and head (a reply arrived to a
     # personal plan); rebuilt from metrics.jsonl on resume
     personal: set[int] = field(default_factory=set)
+    # controlled averaging (compression=scafcom): the control variate c = (1/N) sum_i c_i, at the global rank
+    control: AdapterState = field(default_factory=dict)
 
 
 def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | None:
@@ -284,6 +287,14 @@ class Federation:
         if downlink is not None and (secure is not None or strategy.fresh_adapters):
             raise RunError("downlink compression needs a strategy whose clients continue from the global adapter "
                            "and no secure aggregation (each client starts from its own copy); use downlink=none")
+        self.controlled = ctl.control_of(compressor)  # SCAFCOM: control variates (fedlora.core.control)
+        if self.controlled is not None and (not getattr(strategy, "linear", False) or downlink is not None
+                                            or secure is not None or client_dp is not None
+                                            or settings.participation.fedau):
+            raise RunError(f"compression=scafcom needs a strategy whose aggregate is a weighted mean of what clients "
+                           f"send ({type(strategy).__name__} is {'' if getattr(strategy, 'linear', False) else 'not '}"
+                           "linear) and no downlink compression, secure aggregation, client-level DP or FedAU; use "
+                           "compression=compeft")
         if settings.participation.fedau and (client_dp is not None or secure is not None):
             raise RunError("participation.fedau rescales each client's update on the server, which client-level DP "
                            "and secure aggregation do not allow; turn one of them off")
@@ -370,6 +381,9 @@ class Federation:
             exchange = self.transport.exchange(server_round, packets, s.round_timeout)
             self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
             rows, updates = self._collect(assignments, exchange, state)
+            if self.controlled is not None:  # c moves by every accepted message, as each sender's c_k did
+                messages = [self._message(exchange, u.client_id, assignments[u.client_id]) for u in updates]
+                state.control = ctl.advance_control(state.control, messages, s.num_clients, self.controlled)
             spent = self._charge_privacy(clients, state, rows)
             if self.client_dp is not None:
                 spent = self.client_dp.epsilon(server_round)
@@ -493,7 +507,12 @@ class Federation:
             state.sent_views[cid] = (server_round, down.view)
             plan = dataclasses.replace(plan, adapter=down.view, head={})
             start = lm.plan_start(plan, modules)
-        return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down)
+        control = None
+        if self.controlled is not None:  # SCAFCOM: c at the client's rank, of every tensor it sends
+            at_rank = lm.truncate_keys(state.control, rank)
+            control = {k: at_rank[k] for k in wire.uplink_keys(plan, start)}
+        return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down,
+                               control)
 
     def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
                       assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],
@@ -620,6 +639,13 @@ class Federation:
         return ClientUpdate(row.client, rank, self.model.scaling(rank), report.num_examples,
                             wire.complete(received, assignment.start))
 
+    def _message(self, exchange: Exchange, cid: int, assignment: wire.Assignment) -> AdapterState:
+        """Client ``cid``'s accepted controlled reply, decoded: its message ``d_k``."""
+        packet = exchange.replies[cid].packet
+        if packet is None or self.compressor is None:
+            raise RunError(f"client {cid}'s update was accepted without a compressed reply")
+        return wire.compressed_message(packet, assignment, self.compressor)
+
     def _aggregate(self, state: ServerState, updates: Sequence[ClientUpdate], server_round: int,
                    assignments: Mapping[int, wire.Assignment]) -> tuple[str | None, dict[str, float]]:
         """Adopt the strategy's aggregate when enough updates arrived and it is finite.
@@ -700,7 +726,9 @@ class Federation:
         (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
         truncate_generations(self.run_dir, -1)
         init = self.strategy.init(self.model.spec(r_max), self.settings.seed)
-        return ServerState(adapter=init.adapter, strategy_state=dict(init.state))
+        control = ({k: torch.zeros_like(v, dtype=torch.float32) for k, v in init.adapter.items()}
+                   if self.controlled is not None else {})
+        return ServerState(adapter=init.adapter, strategy_state=dict(init.state), control=control)
 
     def _resume(self, ranks: Mapping[int, int]) -> ServerState:
         """The checkpoint's state; ``metrics.jsonl`` and the random-number state as they were then.
@@ -736,7 +764,7 @@ class Federation:
             self.fedau = part.FedAUWeights.replay(self.fedau.absent, self.fedau.cutoff, took_part)
         return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
                            best=saved.best, merges=list(saved.merges), trained=trained, views=dict(saved.views),
-                           personal=personal)
+                           personal=personal, control=dict(saved.control))
 
     def _checkpoint(self, state: ServerState, ranks: Mapping[int, int]) -> None:
         """Write the checkpoint of the last complete round (see :mod:`fedlora.results.checkpoint`)."""
@@ -745,7 +773,8 @@ class Federation:
         lines = (self.run_dir / METRICS_FILE).read_text().splitlines()
         saved = ckpt.Checkpoint(round=state.round, adapter=state.adapter, strategy_state=dict(state.strategy_state),
                                 merges=state.merges, ranks=dict(ranks), acked=dict(state.acked), best=state.best,
-                                elapsed=self.elapsed(), metrics=lines, views=dict(state.views))
+                                elapsed=self.elapsed(), metrics=lines, views=dict(state.views),
+                                control=dict(state.control))
         ckpt.save_checkpoint(self.run_dir, saved, merges_from=self.merges_saved)
         self.merges_saved = len(state.merges)
 
@@ -804,6 +833,10 @@ class Federation:
             words = (f"error feedback {'on' if scope == 'all' else 'off'}" if scope in ("all", "none") else
                      "error feedback on for the tensors that continue from the global adapter (a classifier "
                      "head); not for the LoRA factors, which start fresh every round")
+            if self.controlled is not None:
+                c = self.controlled
+                words = (f"control variates, momentum {c.momentum:g}, control step {c.control_step:g}, server step "
+                         f"{c.server_lr:g}; c_k is the error feedback")
             text += f" + {type(self.compressor).__name__} ({words})"
         if self.downlink is not None:
             text += f"; downlink {type(self.downlink).__name__} (each client's copy of its start, EF21)"

@@ -29,6 +29,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
 from fedlora.core import varint
 from fedlora.core.types import (
@@ -101,6 +102,12 @@ class Assignment:
     downlink:
         With a downlink compressor: the message that carries the start (``plan.adapter`` is then the
         copy it leaves the client with, ``downlink.view``); ``None``: the start travels as it is.
+    control:
+        Controlled averaging (``compression=scafcom``, :mod:`fedlora.core.control`): the server's control
+        variate ``c`` of every tensor the client sends, at its rank; ``None`` otherwise.
+    drift:
+        On the client only (never encoded): the drift correction ``c - c_k`` its local steps add, spread
+        evenly over them (:func:`fedlora.core.control.drift`); ``None``: no correction.
     """
 
     server_round: int
@@ -111,6 +118,8 @@ class Assignment:
     secure_rank: int = 0
     secure_seed: int = 0
     downlink: dl.Downlink | None = None
+    control: AdapterState | None = None
+    drift: AdapterState | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,8 @@ def encode_assignment(assignment: Assignment) -> Packet:
         packet.config[keys.DOWNLINK_CRC] = down.base_crc
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
+    if assignment.control is not None:
+        packet.arrays[keys.CONTROL] = to_arrays(assignment.control)
     if assignment.secure_rank:
         packet.config[keys.SECURE_RANK] = assignment.secure_rank
         packet.config[keys.SECURE_SEED] = assignment.secure_seed
@@ -247,9 +258,10 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
         plan = ClientPlan(rank=rank, adapter=received, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
                           train_lora_b=train_b, personal=personal, prune=prune)
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
+    control = to_tensors(packet.arrays[keys.CONTROL]) if keys.CONTROL in packet.arrays else None
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
-                      _int(conf.get(keys.SECURE_SEED, 0)), down)
+                      _int(conf.get(keys.SECURE_SEED, 0)), down, control)
 
 
 def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], dense: AdapterState,
@@ -355,14 +367,26 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
         assignment = as_trained(assignment, report)
         start = assignment.start
         if compressor is not None and keys.COMPRESSED in arrays:
-            sent = uplink_keys(assignment.plan, start)
-            delta = compressor.decode(unpack_payload(arrays[keys.COMPRESSED], sent))
-            received = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
+            delta = compressed_message(packet, assignment, compressor)
+            settings = ctl.control_of(compressor)
+            if settings is not None:  # SCAFCOM: the reply stands for start + eta_g (c + d_k)
+                if assignment.control is None:
+                    raise ValueError("a controlled reply to a message that carried no control variate")
+                received = ctl.effective_update(start, assignment.control, delta, settings)
+            else:
+                received = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
         else:
             received = to_tensors(arrays[keys.ADAPTER])
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise WireError(f"cannot decode the update: {type(exc).__name__}: {str(exc)[:200]}") from exc
     return received, report
+
+
+def compressed_message(packet: Packet, assignment: Assignment, compressor: Compressor) -> AdapterState:
+    """What a compressed reply's payload decodes to (the update, or SCAFCOM's ``d_k``), per tensor sent, at the
+    rank the client replied at (:func:`as_trained` of ``assignment`` must already have been applied)."""
+    sent = uplink_keys(assignment.plan, assignment.start)
+    return compressor.decode(unpack_payload(packet.arrays[keys.COMPRESSED], sent))
 
 
 # -- evaluation -----------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     # downlink compression: client -> (round, the copy of its start it holds)
     views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)
+    # controlled averaging (compression=scafcom): the server's control variate c
+    control: AdapterState = field(default_factory=dict)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -146,6 +148,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
     tensors = {f"adapter/{k}": v for k, v in ckpt.adapter.items()}
     tensors.update({f"strategy/{k}": v for k, v in ckpt.strategy_state.items()})
     tensors.update({f"view/{cid}/{k}": v for cid, (_, view) in ckpt.views.items() for k, v in view.items()})
+    tensors.update({f"control/{k}": v for k, v in ckpt.control.items()})
     tensors["rng/torch"] = torch_rng
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
               str(tmp / "state.safetensors"))
@@ -277,7 +280,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         merges=merges, ranks={int(k): int(v) for k, v in meta["ranks"].items()},
         acked={int(k): int(v) for k, v in meta["acked"].items()}, best=float(meta["best"]),
         elapsed=float(meta["elapsed"]), metrics=(folder / "metrics.jsonl").read_text().splitlines(), rng=rng,
-        views=views,
+        views=views, control={k[len("control/"):]: v for k, v in tensors.items() if k.startswith("control/")},
     )
 
 

@@ -316,6 +316,22 @@ class AdapterHost:
         return {self._state_module(p): LoraPair(m.lora_A[name].weight, m.lora_B[name].weight)
                 for p, m in self._lora_layers().items()}
 
+    def state_parameters(self, rank: int) -> dict[str, torch.nn.Parameter]:
+        """The rank-``rank`` adapter's live parameters by the key :meth:`get_state` gives each of them."""
+        name = f".r{rank}."
+        keys = set(self.get_state(rank))
+        out = {}
+        for pname, param in self.model.named_parameters():
+            if name not in pname:
+                continue
+            key = pname.replace(name, ".").replace(".modules_to_save.", ".")
+            if key in keys:
+                out[key] = param
+        missing = sorted(keys - set(out))
+        if missing:
+            raise ModelError(f"adapter keys without a live parameter: {missing[:5]}")
+        return out
+
     def set_trainable(self, rank: int, train_lora_a: bool, train_lora_b: bool = True) -> list[torch.nn.Parameter]:
         """Return the parameters to optimise for ``rank``; freezes ``A`` (FFA-LoRA) or ``B`` when asked."""
         name = f"r{rank}"

@@ -156,8 +156,13 @@ class WorkspaceTrainer:
         rank = assignment.plan.rank
         ws.host.load_state(rank, assignment.start)
         params = ws.host.set_trainable(rank, assignment.plan.train_lora_a, assignment.plan.train_lora_b)
+        drift = []
+        if assignment.drift:  # controlled averaging: c - c_k over the round, on the live parameters
+            live = ws.host.state_parameters(rank)
+            drift = [(live[k], v) for k, v in sorted(assignment.drift.items())]
         loss = train_steps(ws.host.model, params, ws.data, self.indices(client_id), self.steps(),
-                           self.round_seed(client_id, assignment.server_round), rank_penalty(ws.host, assignment.plan))
+                           self.round_seed(client_id, assignment.server_round), rank_penalty(ws.host, assignment.plan),
+                           drift)
         return ws.host.get_state(rank), loss
 
     def test_indices(self, client_id: int) -> list[int]:

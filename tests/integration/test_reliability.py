@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FEDLORA, ROOT, TINY, jsonl_rows, run_fedlora, untimed
 
 from fedlora.core.faults import FaultSettings, decide
@@ -53,6 +54,9 @@ RESUMABLE = {
                *(["strategy.reg_weight=1.0"] if strategy == "hetlora" else [])]
     for strategy in ("flora", "fedavg", "hetlora")
 }
+# SCAFCOM: each client's control variate and momentum on its disk, the server's c in the checkpoint
+RESUMABLE["scafcom"] = [*TINY, "strategy=fedavg", "compression=scafcom", "num_rounds=4", "logging.tensorboard=false",
+                        *STRAGGLE]
 
 
 def _run_ok(args: list[str], run_dir: Path, timeout: int = 600) -> str:
@@ -92,7 +96,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:  # noq
 # process), after which it must exit with status 130, keep round 2 as its last checkpoint and say how to
 # resume. Either way the resumed run must equal the uninterrupted one.
 STOPS = {"flora": ["SIGKILL", "SIGINT to the group"], "fedavg": ["SIGKILL", "SIGTERM to the process"],
-         "hetlora": ["SIGKILL"]}
+         "hetlora": ["SIGKILL"], "scafcom": ["SIGKILL"]}
 
 
 def _stop(proc: subprocess.Popen, how: str) -> None:
@@ -121,7 +125,7 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
         # round-3 residual is on disk); client 2 sleeps 4 s before training (STRAGGLE).
         if not (latest.exists() and latest.read_text() == "round_00002"):
             return False
-        if name in ("fedavg", "hetlora"):
+        if name in ("fedavg", "hetlora", "scafcom"):
             return (run_dir / "client_state" / "0" / "round_00003.safetensors").exists()
         time.sleep(1.0)  # FLoRA keeps no residual to wait for; round 3 stays open while client 2 sleeps 4 s
         return True
@@ -168,7 +172,7 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
     assert summary["final_test_accuracy"] == expected["final_test_accuracy"]
     a = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (uninterrupted_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert summary["error_feedback"] is True
+    assert summary["error_feedback"] is (name != "scafcom")  # SCAFCOM's feedback is its control variates
     if name == "fedavg":  # both ways: each client's copy of its start is on its disk with the residual
         assert summary["downlink_compression"] == "ComPEFT"
         for cid in range(3):
@@ -185,6 +189,17 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
             kept = load_client_state(run_dir / "client_state" / str(c["client"]), at_most=4) or {}
             lora = {k.split("|")[-1]: v for k, v in kept.items() if is_lora_key(k)}
             assert lora and rank_of(lora) == c["rank"], (c, sorted(kept))
+    if name == "scafcom":  # c = (1/N) sum_k c_k: the server's checkpointed c and the clients' own, on their disks
+        from fedlora.core import control as ctl
+        from fedlora.results.checkpoint import load_checkpoint
+
+        control = load_checkpoint(run_dir).control
+        owns = [ctl.split_client_state(load_client_state(run_dir / "client_state" / str(cid), at_most=4))[0]
+                for cid in range(3)]
+        assert all(owns) and control
+        for key, c in control.items():
+            mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / 3
+            torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
     if name == "flora":  # fresh LoRA factors every round: only the classifier head keeps a residual
         assert summary["base_merges"] == 4
         assert summary["error_feedback_tensors"] == "all but the fresh LoRA factors"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,7 @@ def batch_plan(indices: list[int], steps: int, batch_size: int, seed: int) -> li
 def train_steps(
     model: torch.nn.Module, params: list[torch.nn.Parameter], data: Encoded, indices: list[int],
     settings: TrainSettings, seed: int, penalty: Callable[[], torch.Tensor] | None = None,
+    drift: Sequence[tuple[torch.nn.Parameter, torch.Tensor]] = (),
 ) -> float:
     """Run ``local_steps`` AdamW steps on batches of ``indices``; return the mean training loss.
 
@@ -66,6 +67,10 @@ def train_steps(
     alone, comparable with every other method's. With ``settings.dp`` the steps are DP-SGD's
     (:func:`_train_steps_private`), which take no penalty (Opacus clips per-example gradients of the task
     loss; the configuration check refuses the pair).
+
+    ``drift`` (controlled averaging, :mod:`fedlora.core.control`): ``(parameter, total)`` pairs; after every
+    optimiser step each parameter moves by ``total / local_steps``, so the round adds ``total`` in all (for SGD
+    exactly SCAFFOLD's corrected step; for AdamW outside the adaptive scaling, like decoupled weight decay).
     """
     if not indices:
         return math.nan
@@ -73,7 +78,11 @@ def train_steps(
         if penalty is not None:
             raise ValueError("privacy.kind='dp_sgd' takes no loss penalty (HetLoRA's rank regulariser): Opacus would "
                              "not see it; set strategy.prune=false")
+        if drift:
+            raise ValueError("privacy.kind='dp_sgd' does not run with a drift correction (compression=scafcom); "
+                             "use compression=compeft")
         return _train_steps_private(model, params, data, indices, settings, settings.dp, seed)
+    steps = [(param, total.to(param.device, param.dtype) / settings.local_steps) for param, total in drift]
     torch.manual_seed(seed)  # dropout masks
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
@@ -85,6 +94,9 @@ def train_steps(
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for param, step in steps:
+                param.add_(step.reshape(param.shape))
         losses.append(float(out.loss.detach()))
     model.eval()
     return sum(losses) / len(losses)

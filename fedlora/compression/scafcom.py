@@ -1,0 +1,65 @@
+"""SCAFCOM (and SCALLION's control step): controlled averaging whose client messages are ComPEFT-coded.
+
+Huang, Li, Li, "Stochastic Controlled Averaging for Federated Learning with Communication Compression"
+(ICLR 2024). The update rule, its units and how it composes with a strategy are in
+:mod:`fedlora.core.control`; this module is the codec side: what a client compresses is
+``v_k - c_k`` (not its round delta), coded with ComPEFT's top-k and ternary scale
+(:class:`~fedlora.compression.compeft.ComPEFT`), and there is no separate residual: ``c_k`` tracks what
+the server has received from the client (``c_k <- c_k + d_k``), so what compression dropped stays in the
+next round's ``v_k - c_k``, EF21's rule, which unlike a residual does not go stale while the client sits
+out rounds (the paper's point for partial participation).
+
+The scale must make ``C`` contractive (``E||C(v) - v||^2 <= (1 - delta) ||v||^2``) for SCAFCOM's guarantee:
+``scale="mean_abs"`` (the L2-optimal scale on the kept entries) is, ComPEFT's ``std`` rule need not be, so
+``mean_abs`` is the default here and ``std`` is refused. ``scale="none"`` with ``density=1`` is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import numpy as np
+import torch
+
+from fedlora.compression.compeft import ComPEFT
+from fedlora.core.control import ControlSettings
+from fedlora.core.types import AdapterState, Payload
+
+
+class SCAFCOM:
+    """SCAFCOM's client messages, ComPEFT-coded; the control settings travel with it to both ends.
+
+    Parameters
+    ----------
+    density, scale, alpha:
+        ComPEFT's (:class:`~fedlora.compression.compeft.ComPEFT`); ``scale`` is ``mean_abs`` or ``none``.
+    momentum:
+        SCAFCOM's ``beta`` in ``(0, 1]`` (``1``: no momentum, SCALLION's message).
+    control_step:
+        SCALLION's ``alpha`` in ``(0, 1]`` (``1`` for SCAFCOM).
+    server_lr:
+        The server's step ``eta_g`` (``1``: a round moves the model by the clients' mean displacement).
+    """
+
+    error_feedback = False  # c_k is the feedback (EF21's rule); no residual is kept
+
+    def __init__(self, *, density: float = 0.1, scale: str = "mean_abs", alpha: float = 1.0, momentum: float = 0.5,
+                 control_step: float = 1.0, server_lr: float = 1.0) -> None:
+        if scale == "std":
+            raise ValueError("compression.scale='std' is not contractive (its step alpha * std need not shrink "
+                             "||C(v) - v||), which SCAFCOM's control variates need; use scale=mean_abs (or none)")
+        self.codec = ComPEFT(density=density, scale=scale, alpha=alpha, error_feedback=False)
+        self.density, self.scale, self.alpha = self.codec.density, self.codec.scale, self.codec.alpha
+        self.control = ControlSettings(momentum=momentum, control_step=control_step, server_lr=server_lr)
+
+    def compress(self, delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
+                 continuing: Collection[str] | None = None) -> tuple[Payload, AdapterState]:
+        """Encode ``delta`` (here the client's ``v_k - c_k``); no residual (``residual`` must be ``None``)."""
+        if residual:
+            raise ValueError("SCAFCOM keeps no residual: its control variate c_k is the feedback")
+        return self.codec.compress(delta, None, continuing)
+
+    def decode(self, payload: Mapping[str, np.ndarray]) -> AdapterState:
+        """The message ``d_k`` the payload encodes."""
+        return self.codec.decode(payload)
+

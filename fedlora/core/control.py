@@ -1,0 +1,195 @@
+r"""Controlled averaging with compression: SCAFCOM and SCALLION's update rules, on adapter states.
+
+Huang, X., Li, P., Li, X. "Stochastic Controlled Averaging for Federated Learning with Communication
+Compression." ICLR 2024 (arXiv:2308.08165). Both methods are SCAFFOLD (Karimireddy et al. 2020) in its
+single-vector form, with each client's message compressed:
+
+* every client ``k`` keeps a control variate ``c_k`` (and, for SCAFCOM, a momentum ``v_k``); the server
+  keeps ``c = (1/N) sum_i c_i`` over all ``N`` clients, sampled or not;
+* in a round, the sampled clients train from the global model ``x`` with the drift correction ``c - c_k``
+  added at every local step, and form ``h_k``, their local steps' own contribution (for SGD, ``K eta``
+  times the mean local gradient);
+* SCAFCOM (biased, contractive compressors ``C``: top-k, ComPEFT): ``v_k <- (1 - beta) v_k + beta h_k``,
+  send ``d_k = C(v_k - c_k)``, ``c_k <- c_k + d_k``;
+  SCALLION (unbiased ``C``): send ``d_k = C(h_k - c_k)``, ``c_k <- c_k + alpha d_k``;
+* the server: ``x <- x + eta_g (c + mean_S d_k)`` and ``c <- c + (alpha / N) sum_S d_k``.
+
+With the identity compressor, ``beta = 1`` and ``alpha = 1`` both are SCAFFOLD (and with ``eta_g = 1``
+and every client sampled, ``x`` moves by the mean of the clients' displacements, like FedAvg; only the
+drift correction differs).
+
+**Units.** The paper states the rule in gradients (``c_k`` estimates client ``k``'s gradient, a local
+step is ``y <- y - eta (g - c_k + c)``). Here every quantity is a *displacement* of the adapter over
+one round: ``c_k`` estimates the displacement client ``k``'s own local steps produce in a round (the
+gradient version times ``-K eta``). A client adds ``(c - c_k) / K`` after each of its ``K`` optimiser
+steps (for SGD this is exactly SCAFFOLD's corrected step; for AdamW it is the correction applied like
+decoupled weight decay, outside the adaptive scaling), so its round displacement is
+``u_k = h_k + (c - c_k)`` and ``h_k = u_k - (c - c_k)`` is what its optimiser did. This keeps the
+method independent of the local optimiser and of its learning rate, and the server step ``eta_g``
+dimensionless: ``eta_g = 1`` is the paper's ``eta_g eta_l K`` at the local step size the clients used.
+
+**Aggregation.** The server turns each reply into the adapter ``start_k + eta_g (c + d_k)`` (at the
+client's rank) and hands those to the strategy: for a strategy whose aggregate is a weighted mean of what
+clients send (FedAvg with zero-padding, FFA-LoRA, RoLoRA) the result is ``x + eta_g (c + sum_S p_k d_k)``,
+the paper's rule with the strategy's weights ``p_k`` (example counts by default) in place of the uniform
+mean. The control variate ``c`` stays the uniform mean ``(1/N) sum_i c_i``, as in the paper.
+
+Everything here is pure tensor algebra on ``{tensor name: tensor}`` maps (torch only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.core import lora_math as lm
+from fedlora.core.types import AdapterState, Tensor
+
+OWN = "control/"  # a client's c_k in its state file
+MOMENTUM = "momentum/"  # a client's v_k (SCAFCOM)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """The method's constants.
+
+    Attributes
+    ----------
+    momentum:
+        ``beta`` in ``(0, 1]``: the weight of the round's ``h_k`` in ``v_k`` (SCAFCOM); ``1`` sends
+        ``C(h_k - c_k)`` (SCALLION, SCAFFOLD).
+    control_step:
+        ``alpha`` in ``(0, 1]``: how far ``c_k`` (and ``c``) move by the decoded message (SCALLION's
+        ``alpha``; SCAFCOM uses ``1``).
+    server_lr:
+        ``eta_g > 0``: the server's step along ``c + mean_S d_k``, in units of one round's displacement.
+    """
+
+    momentum: float = 1.0
+    control_step: float = 1.0
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value, low_open in (("momentum", self.momentum, True), ("control_step", self.control_step, True)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"compression.{name}={value!r} must be a number in (0, 1]"
+                                 f"{'; 1 turns it off' if low_open else ''}")
+        lr = self.server_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"compression.server_lr={lr!r} must be a finite number > 0; use 1.0")
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    """What a client computes in a round before compressing: the vector it compresses and its new momentum."""
+
+    target: AdapterState  # v_k - c_k (SCAFCOM) or h_k - c_k (SCALLION): compressed and sent
+    momentum: AdapterState  # v_k after this round (h_k itself when beta = 1)
+
+
+def split_client_state(state: Mapping[str, Tensor] | None) -> tuple[AdapterState, AdapterState]:
+    """A client's ``(c_k, v_k)`` from the flat state it keeps (empty maps for a client that holds none)."""
+    own = {k[len(OWN):]: v for k, v in (state or {}).items() if k.startswith(OWN)}
+    momentum = {k[len(MOMENTUM):]: v for k, v in (state or {}).items() if k.startswith(MOMENTUM)}
+    return own, momentum
+
+
+def join_client_state(own: Mapping[str, Tensor], momentum: Mapping[str, Tensor]) -> AdapterState:
+    """The flat state a client keeps: ``control/<key>`` and ``momentum/<key>``."""
+    return {**{OWN + k: v for k, v in own.items()}, **{MOMENTUM + k: v for k, v in momentum.items()}}
+
+
+def _or_zero(state: Mapping[str, Tensor], key: str, like: Tensor) -> Tensor:
+    value = state.get(key)
+    if value is None:
+        return torch.zeros_like(like, dtype=torch.float32)
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"control state for {key!r} has shape {tuple(value.shape)}, the update {tuple(like.shape)}")
+    return value.to(torch.float32)
+
+
+def drift(control: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> AdapterState:
+    """The round's drift correction ``c - c_k`` for every tensor the server sent ``c`` of (zeros for a
+    ``c_k`` the client has not formed yet)."""
+    return {k: c.to(torch.float32) - _or_zero(own, k, c) for k, c in control.items()}
+
+
+def client_message(update: Mapping[str, Tensor], correction: Mapping[str, Tensor], own: Mapping[str, Tensor],
+                   momentum: Mapping[str, Tensor], settings: ControlSettings) -> ClientMessage:
+    """The vector to compress: ``h_k = u_k - (c - c_k)``, ``v_k <- (1 - beta) v_k + beta h_k``, ``v_k - c_k``.
+
+    ``update`` is the round's displacement ``u_k`` (trained minus start) of every tensor sent;
+    ``correction`` the ``c - c_k`` applied during training (:func:`drift`).
+    """
+    beta = float(settings.momentum)
+    target: AdapterState = {}
+    new_momentum: AdapterState = {}
+    for key, u in update.items():
+        u32 = u.to(torch.float32)
+        h = u32 - _or_zero(correction, key, u32)
+        v = h if beta == 1.0 else (1.0 - beta) * _or_zero(momentum, key, u32) + beta * h
+        new_momentum[key] = v
+        target[key] = v - _or_zero(own, key, u32)
+    return ClientMessage(target, new_momentum)
+
+
+def advance_own(own: Mapping[str, Tensor], decoded: Mapping[str, Tensor], settings: ControlSettings) -> AdapterState:
+    """``c_k <- c_k + alpha d_k`` for every tensor sent (the others keep theirs)."""
+    out = dict(own)
+    for key, d in decoded.items():
+        out[key] = _or_zero(own, key, d) + float(settings.control_step) * d.to(torch.float32)
+    return out
+
+
+def effective_update(start: Mapping[str, Tensor], control: Mapping[str, Tensor], decoded: Mapping[str, Tensor],
+                     settings: ControlSettings) -> AdapterState:
+    """What the server hands the strategy for one reply: ``start_k + eta_g (c + d_k)`` per tensor sent (``c`` at
+    the client's rank, as it was sent)."""
+    lr = float(settings.server_lr)
+    return {k: start[k] + lr * (_or_zero(control, k, d) + d.to(torch.float32)).reshape(start[k].shape)
+            for k, d in decoded.items()}
+
+
+def advance_control(control: Mapping[str, Tensor], decoded: Sequence[Mapping[str, Tensor]], num_clients: int,
+                    settings: ControlSettings) -> AdapterState:
+    """The server's ``c <- c + (alpha / N) sum_S d_k``, each ``d_k`` zero-padded to ``c``'s rank (a client of
+    rank ``r_k`` moves only its first ``r_k`` slots, as its own ``c_k`` does).
+
+    Raises
+    ------
+    ValueError
+        For a ``d_k`` tensor that ``control`` does not hold, or ``num_clients < 1``.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients={num_clients} must be >= 1")
+    weight = float(settings.control_step) / num_clients
+    out = {k: v.clone() for k, v in control.items()}
+    for message in decoded:
+        for key, d in message.items():
+            if key not in out:
+                raise ValueError(f"a client sent {key!r}, which the server's control variate does not hold")
+            out[key] = out[key] + weight * pad_to(d.to(torch.float32), key, tuple(out[key].shape))
+    return out
+
+
+def pad_to(value: Tensor, key: str, shape: tuple[int, ...]) -> Tensor:
+    """``value`` zero-padded to ``shape`` in its rank slots (rows of an ``A``, columns of a ``B``)."""
+    if tuple(value.shape) == shape:
+        return value
+    out = torch.zeros(shape, dtype=value.dtype)
+    if lm.is_lora_a_key(key):
+        out[: value.shape[0]] = value
+    elif lm.is_lora_b_key(key):
+        out[:, : value.shape[1]] = value
+    else:
+        raise ValueError(f"{key!r} has shape {tuple(value.shape)}, the control variate {shape}")
+    return out
+
+
+def control_of(compressor: object) -> ControlSettings | None:
+    """The control settings of a controlled compressor (``compression=scafcom``); ``None`` for any other."""
+    control = getattr(compressor, "control", None)
+    return control if isinstance(control, ControlSettings) else None

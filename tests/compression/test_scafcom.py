@@ -1,0 +1,289 @@
+"""SCAFCOM (compression=scafcom): controlled averaging with ComPEFT-coded client messages.
+
+The update rule against an independent SCAFFOLD on quadratic clients (identity compressor, no momentum), and
+against rounds computed by hand with momentum and a biased top-k; the drift correction on the real model's
+live parameters; then whole in-process federations through the real loop, wire codec and client side
+(:mod:`federation_kit`): the identity reduces to FedAvg, ``c`` stays the mean of every client's ``c_k`` under
+partial participation with mixed ranks, each client trains with ``c - c_k``, and a resumed run equals the
+uninterrupted one; and the configurations it cannot run with, refused before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import compose, jsonl_rows, untimed
+from federation_kit import TinyModel, TinyTrainer
+
+from fedlora.compression.compeft import ComPEFT
+from fedlora.compression.scafcom import SCAFCOM
+from fedlora.config.validate import validate
+from fedlora.core import control as ctl
+from fedlora.core import lora_math as lm
+from fedlora.core.errors import ConfigError
+from fedlora.federation import wire
+from fedlora.federation.client import ClientSide
+from fedlora.federation.loop import Federation, LoopSettings
+from fedlora.federation.memory import InMemoryTransport
+from fedlora.results import checkpoint as ckpt
+from fedlora.results.record import read_records
+from fedlora.results.recorder import RunRecorder
+from strategies.fedavg import FedAvg
+
+RANKS = {0: 2, 1: 4, 2: 8, 3: 4}
+
+
+# -- the update rule -----------------------------------------------------------------------------------
+def scaffold_reference(grads: list[Any], rounds: list[list[int]], steps: int, lr: float, server_lr: float,
+                       dim: int) -> list[torch.Tensor]:
+    """SCAFFOLD (Karimireddy et al. 2020, option II) in its own gradient units, float64: the iterates x."""
+    n = len(grads)
+    x, c = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+    ci = [torch.zeros(dim, dtype=torch.float64) for _ in range(n)]
+    out = []
+    for sampled in rounds:
+        dys, dcs = [], []
+        for i in sampled:
+            y = x.clone()
+            for _ in range(steps):
+                y = y - lr * (grads[i](y) - ci[i] + c)
+            new = ci[i] - c + (x - y) / (steps * lr)
+            dys.append(y - x)
+            dcs.append(new - ci[i])
+            ci[i] = new
+        x = x + server_lr * sum(dys) / len(sampled)
+        c = c + sum(dcs) / n
+        out.append(x)
+    return out
+
+
+def test_with_the_identity_and_no_momentum_the_iterates_are_scaffolds() -> None:
+    gen = torch.Generator().manual_seed(0)
+    dim, n, steps, lr, server_lr = 5, 4, 3, 0.1, 0.8
+    curv = [0.5 + torch.rand(dim, generator=gen, dtype=torch.float64) for _ in range(n)]
+    targets = [torch.randn(dim, generator=gen, dtype=torch.float64) for _ in range(n)]
+    grads = [lambda y, a=a, b=b: a * (y - b) for a, b in zip(curv, targets, strict=True)]
+    rounds = [[0, 1, 2, 3], [1, 3], [0, 2], [0, 1, 2], [3]]  # partial participation after the first
+    expected = scaffold_reference(grads, rounds, steps, lr, server_lr, dim)
+
+    settings = ctl.ControlSettings(momentum=1.0, control_step=1.0, server_lr=server_lr)
+    identity = SCAFCOM(density=1.0, scale="none", momentum=1.0, server_lr=server_lr)
+    x = {"w": torch.zeros(dim)}
+    control = {"w": torch.zeros(dim)}
+    state: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for sampled, want in zip(rounds, expected, strict=True):
+        effective, messages = [], []
+        for i in sampled:
+            own, momentum = ctl.split_client_state(state[i])
+            correction = ctl.drift(control, own)
+            y = x["w"].double()
+            for _ in range(steps):  # SGD, with c - c_k spread over the steps
+                y = y - lr * grads[i](y) + correction["w"].double() / steps
+            update = {"w": (y - x["w"].double()).float()}
+            message = ctl.client_message(update, correction, own, momentum, settings)
+            payload, residual = identity.compress(message.target, None)
+            assert residual == {}
+            d = identity.decode(payload)
+            torch.testing.assert_close(d, message.target, rtol=0, atol=0)  # the identity, bit for bit
+            state[i] = ctl.join_client_state(ctl.advance_own(own, d, settings), message.momentum)
+            effective.append(ctl.effective_update(x, control, d, settings))
+            messages.append(d)
+        x = {"w": sum(e["w"] for e in effective) / len(sampled)}
+        control = ctl.advance_control(control, messages, n, settings)
+        torch.testing.assert_close(x["w"].double(), want, rtol=1e-5, atol=1e-6)
+        mean_own = sum(ctl.split_client_state(s)[0].get("w", torch.zeros(dim)) for s in state) / n
+        torch.testing.assert_close(control["w"], mean_own, rtol=1e-6, atol=1e-7)  # c = (1/N) sum_i c_i
+
+
+def test_two_rounds_with_momentum_and_a_biased_top_k_by_hand() -> None:
+    # One client of N = 2 (the other never sampled), beta = 1/2, top-2 of 4 entries with their exact values.
+    comp = SCAFCOM(density=0.5, scale="none", momentum=0.5)
+    settings = comp.control
+    x, control, state = {"w": torch.zeros(4)}, {"w": torch.zeros(4)}, {}
+
+    def round_(update: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        nonlocal x, control, state
+        own, momentum = ctl.split_client_state(state)
+        correction = ctl.drift(control, own)
+        message = ctl.client_message({"w": torch.tensor(update)}, correction, own, momentum, settings)
+        d = comp.decode(comp.compress(message.target, None)[0])
+        state = ctl.join_client_state(ctl.advance_own(own, d, settings), message.momentum)
+        x = ctl.effective_update(x, control, d, settings)
+        control = ctl.advance_control(control, [d], 2, settings)
+        return correction, d
+
+    correction, d = round_([4.0, -2.0, 1.0, 0.5])
+    # h = u; v = u / 2 = [2, -1, .5, .25]; d = top-2 = [2, -1, 0, 0]; x += c + d; c += d / 2
+    assert correction["w"].tolist() == [0, 0, 0, 0]
+    assert d["w"].tolist() == [2, -1, 0, 0]
+    assert x["w"].tolist() == [2, -1, 0, 0] and control["w"].tolist() == [1, -0.5, 0, 0]
+    correction, d = round_([1.0, 0.5, 3.0, 0.0])
+    # c - c_k = [-1, .5, 0, 0]; h = u - (c - c_k) = [2, 0, 3, 0]; v = v/2 + h/2 = [2, -.5, 1.75, .125];
+    # v - c_k = [0, .5, 1.75, .125]; d = [0, .5, 1.75, 0]; x += c + d = [1, 0, 1.75, 0]; c += d / 2
+    assert correction["w"].tolist() == [-1, 0.5, 0, 0]
+    assert d["w"].tolist() == [0, 0.5, 1.75, 0]
+    assert x["w"].tolist() == [3, -1, 1.75, 0] and control["w"].tolist() == [1, -0.25, 0.875, 0]
+    own, momentum = ctl.split_client_state(state)
+    assert own["w"].tolist() == [2, -0.5, 1.75, 0] and momentum["w"].tolist() == [2, -0.5, 1.75, 0.125]
+
+
+def test_the_control_variate_pads_a_low_rank_message_into_its_first_slots() -> None:
+    key_a, key_b = lm.lora_a_key("m"), lm.lora_b_key("m")
+    control = {key_a: torch.zeros(4, 3), key_b: torch.zeros(2, 4)}
+    d = {key_a: torch.ones(2, 3), key_b: torch.ones(2, 2)}
+    out = ctl.advance_control(control, [d], 2, ctl.ControlSettings())
+    assert out[key_a][:2].eq(0.5).all() and out[key_a][2:].eq(0).all()
+    assert out[key_b][:, :2].eq(0.5).all() and out[key_b][:, 2:].eq(0).all()
+    with pytest.raises(ValueError, match="does not hold"):
+        ctl.advance_control(control, [{"other": torch.ones(1)}], 2, ctl.ControlSettings())
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"momentum": 0.0}, "compression.momentum=0.0 must be a number in (0, 1]"),
+    ({"control_step": 1.5}, "compression.control_step=1.5 must be a number in (0, 1]"),
+    ({"server_lr": -1.0}, "compression.server_lr=-1.0 must be a finite number > 0"),
+    ({"scale": "std"}, "compression.scale='std' is not contractive"),
+    ({"density": 5}, "compression.density=5 is not a fraction in (0, 1]"),
+])
+def test_bad_settings_are_named(kwargs: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError) as info:
+        SCAFCOM(**kwargs)
+    assert named in str(info.value), str(info.value)
+
+
+# -- the drift correction on the real model ------------------------------------------------------------
+def test_the_drift_moves_the_live_parameters_by_exactly_its_total_over_the_round() -> None:
+    from fedlora.runtime.models import AdapterHost, ModelSettings
+    from fedlora.runtime.training.local import Encoded, TrainSettings, train_steps
+
+    host = AdapterHost(ModelSettings(dropout=0.0), num_labels=3, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    data = Encoded(input_ids=torch.randint(1000, 2000, (8, 10), generator=gen),
+                   attention_mask=torch.ones(8, 10, dtype=torch.long), labels=torch.randint(0, 3, (8,), generator=gen))
+    spec = host.spec(4)
+    start = lm.fresh_state(spec.modules, 4, seed=1, head=spec.head)
+    host.load_state(4, start)
+    live = host.state_parameters(4)
+    assert set(live) == set(start)
+    total = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    # lr 0: AdamW moves nothing, so the round's displacement is the drift alone
+    train_steps(host.model, host.set_trainable(4, True), data, list(range(8)), TrainSettings(local_steps=3, lr=0.0),
+                seed=0, drift=[(live[k], v) for k, v in total.items()])
+    trained = host.get_state(4)
+    for key in start:
+        torch.testing.assert_close(trained[key] - start[key], total[key], rtol=1e-5, atol=1e-6)
+
+
+# -- whole federations ---------------------------------------------------------------------------------
+class Recording(TinyTrainer):
+    """Keeps what each client trained with: the control variate it was sent and the drift it applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[tuple[int, int], tuple[dict, dict, dict]] = {}
+        self.transport: InMemoryTransport | None = None  # to read each client's c_k as it trains
+
+    def train(self, client_id: int, assignment: wire.Assignment, merges: Any) -> Any:
+        own = ctl.split_client_state(self.transport.stores[client_id].kept)[0] if self.transport else {}
+        self.seen[(assignment.server_round, client_id)] = (dict(assignment.control or {}), dict(assignment.drift or {}),
+                                                          own)
+        return super().train(client_id, assignment, merges)
+
+
+def federation(run_dir: Path, compressor: Any, *, transport: InMemoryTransport | None = None,
+               trainer: TinyTrainer | None = None, **loop: Any) -> tuple[Federation, InMemoryTransport]:
+    settings = LoopSettings(**{"name": "t", "seed": 0, "num_clients": len(RANKS), "num_rounds": 5,
+                               "round_timeout": 30.0, **loop})
+    transport = transport or InMemoryTransport(RANKS, ClientSide(trainer=trainer or Recording(),
+                                                                 compressor=compressor))
+    fed = Federation(settings, strategy=FedAvg(), transport=transport, model=TinyModel(run_dir), run_dir=run_dir,
+                     recorder=RunRecorder(run_dir, tensorboard=False), say=lambda _: None, compressor=compressor)
+    return fed, transport
+
+
+def test_with_the_identity_and_no_momentum_a_federation_is_fedavg(tmp_path: Path) -> None:
+    # The tiny trainer ignores the drift, so each client's displacement u_k is the same in both runs, and
+    # x + (c + mean_p (h_k - c_k)) = x + mean_p u_k: FedAvg's aggregate.
+    plain, _ = federation(tmp_path / "plain", None)
+    plain.run()
+    identity = SCAFCOM(density=1.0, scale="none", momentum=1.0)
+    controlled, _ = federation(tmp_path / "scafcom", identity)
+    controlled.run()
+    a, b = ckpt.load_checkpoint(tmp_path / "plain"), ckpt.load_checkpoint(tmp_path / "scafcom")
+    assert a.adapter.keys() == b.adapter.keys()
+    for key in a.adapter:
+        torch.testing.assert_close(b.adapter[key], a.adapter[key], rtol=1e-5, atol=1e-5)
+    assert b.control and not a.control
+    acc = [(r.metrics["test_accuracy"], s.metrics["test_accuracy"])
+           for r, s in zip(read_records(tmp_path / "plain"), read_records(tmp_path / "scafcom"), strict=True)]
+    assert all(x == pytest.approx(y, rel=1e-5) for x, y in acc)
+
+
+def test_c_stays_the_mean_of_every_clients_c_k_under_partial_participation(tmp_path: Path) -> None:
+    comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
+    trainer = Recording()
+    fed, transport = federation(tmp_path, comp, trainer=trainer, fraction_train=0.5, num_rounds=6)
+    trainer.transport = transport
+    fed.run()
+    records = read_records(tmp_path)
+    assert all(c.status == "ok" for r in records[1:] for c in r.clients)
+    assert all(len(r.clients) == 2 for r in records[1:])  # half the clients a round
+    control = ckpt.load_checkpoint(tmp_path).control
+    owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
+    for key, c in control.items():
+        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
+        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    # each client was sent c at its rank and trained with c - c_k, its c_k as it left its previous round
+    assert len(trainer.seen) == 12
+    for (_, cid), (sent, drift, own) in trainer.seen.items():
+        assert lm.rank_of({k: v for k, v in sent.items() if lm.is_lora_key(k)}) == RANKS[cid]
+        assert set(drift) == set(sent)
+        for key, c in sent.items():
+            torch.testing.assert_close(drift[key], c - own.get(key, torch.zeros_like(c)), rtol=0, atol=0)
+    assert sum(bool(own) for _, _, own in trainer.seen.values()) >= 6  # most rounds ran with a c_k already formed
+    # the downlink carries c: more than the start alone
+    plain, _ = federation(tmp_path / "plain", ComPEFT(density=0.3, scale="mean_abs"), fraction_train=0.5, num_rounds=1)
+    plain.run()
+    down = [{c.client: c.bytes_down for c in r[1].clients} for r in (records, read_records(tmp_path / "plain"))]
+    assert down[0].keys() == down[1].keys() and all(down[0][c] > down[1][c] for c in down[0])
+
+
+def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
+    comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
+    straight, _ = federation(tmp_path / "straight", comp, fraction_train=0.5)
+    straight.run()
+    killed = tmp_path / "killed"
+    first, transport = federation(killed, comp, fraction_train=0.5, num_rounds=3)  # as if stopped after round 3
+    first.run()
+    assert ckpt.load_checkpoint(killed).control  # the server's c, checkpointed
+    (killed / "summary.json").unlink()
+    # the clients kept c_k and v_k (on disk in Flower: fedlora.flower.node_worker.StateStore)
+    resumed, _ = federation(killed, comp, fraction_train=0.5, transport=transport, resume=True)
+    resumed.run()
+    assert untimed(jsonl_rows(killed)) == untimed(jsonl_rows(tmp_path / "straight"))
+
+
+# -- what it refuses before anything starts ------------------------------------------------------------
+@pytest.mark.parametrize(("overrides", "field", "fix"), [
+    (["strategy=flora"], "strategy='FLoRA'", "use a linear strategy (fedavg, ffa_lora, rolora)"),
+    (["strategy=lora_fair"], "strategy='LoRAFAIR'", "or compression=compeft"),
+    (["privacy=dp_sgd"], "privacy.kind='dp_sgd'", "use compression=compeft with differential privacy"),
+    (["privacy=dp_fedavg"], "privacy.kind='dp_fedavg'", "use compression=compeft with differential privacy"),
+    (["downlink=compeft", "downlink.scale=mean_abs"], "downlink='compeft'", "use downlink=none"),
+    (["participation=bernoulli", "participation.fedau=true"], "participation.fedau=True", "turn one of them off"),
+    (["compression.scale=std"], "compression", "compression.scale='std' is not contractive"),
+    (["compression.momentum=0"], "compression", "compression.momentum=0 must be a number in (0, 1]"),
+])
+def test_what_scafcom_cannot_run_with_is_refused_before_anything_starts(overrides: list[str], field: str,
+                                                                        fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["compression=scafcom", *overrides]), check_model=False, check_data=False)
+    assert field in str(info.value) and fix in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "rolora"])
+def test_the_linear_strategies_are_accepted(strategy: str) -> None:
+    validate(compose(["compression=scafcom", f"strategy={strategy}"]), check_model=False, check_data=False)
