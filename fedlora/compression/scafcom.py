@@ -39,18 +39,22 @@ class SCAFCOM:
         SCALLION's ``alpha`` in ``(0, 1]`` (``1`` for SCAFCOM).
     server_lr:
         The server's step ``eta_g`` (``1``: a round moves the model by the clients' mean displacement).
+    drift_correction:
+        ``True``: clients train with ``c - c_k`` (SCAFCOM). ``False``: no correction and no ``c`` on the
+        downlink; what is left is EF21's error feedback under partial participation (``compression=ef21``).
     """
 
     error_feedback = False  # c_k is the feedback (EF21's rule); no residual is kept
 
     def __init__(self, *, density: float = 0.1, scale: str = "mean_abs", alpha: float = 1.0, momentum: float = 0.5,
-                 control_step: float = 1.0, server_lr: float = 1.0) -> None:
+                 control_step: float = 1.0, server_lr: float = 1.0, drift_correction: bool = True) -> None:
         if scale == "std":
             raise ValueError("compression.scale='std' is not contractive (its step alpha * std need not shrink "
                              "||C(v) - v||), which SCAFCOM's control variates need; use scale=mean_abs (or none)")
         self.codec = ComPEFT(density=density, scale=scale, alpha=alpha, error_feedback=False)
         self.density, self.scale, self.alpha = self.codec.density, self.codec.scale, self.codec.alpha
-        self.control = ControlSettings(momentum=momentum, control_step=control_step, server_lr=server_lr)
+        self.control = ControlSettings(momentum=momentum, control_step=control_step, server_lr=server_lr,
+                                       correct_drift=drift_correction)
 
     def compress(self, delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
                  continuing: Collection[str] | None = None) -> tuple[Payload, AdapterState]:

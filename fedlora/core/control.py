@@ -66,11 +66,17 @@ class ControlSettings:
         ``alpha``; SCAFCOM uses ``1``).
     server_lr:
         ``eta_g > 0``: the server's step along ``c + mean_S d_k``, in units of one round's displacement.
+    correct_drift:
+        Whether clients train with the drift correction ``c - c_k`` (SCAFCOM, SCALLION; the server then sends
+        ``c``). ``False`` keeps the rest: each client's ``c_k`` tracks its (momentum) update through compressed
+        differences, and the server steps along ``c + mean_S d_k``; this is EF21's error feedback for partial
+        participation (``c_k`` does not go stale while a client sits out, unlike a residual), at no downlink cost.
     """
 
     momentum: float = 1.0
     control_step: float = 1.0
     server_lr: float = 1.0
+    correct_drift: bool = True
 
     def __post_init__(self) -> None:
         for name, value, low_open in (("momentum", self.momentum, True), ("control_step", self.control_step, True)):
@@ -80,6 +86,8 @@ class ControlSettings:
         lr = self.server_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"compression.server_lr={lr!r} must be a finite number > 0; use 1.0")
+        if not isinstance(self.correct_drift, bool):
+            raise ValueError(f"compression.drift_correction={self.correct_drift!r} must be true or false")
 
 
 @dataclass(frozen=True)

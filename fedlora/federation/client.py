@@ -247,11 +247,12 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
     own: AdapterState = {}
     momentum: AdapterState = {}
     if controlled is not None and decision.corrupt is None:  # SCAFCOM: train with the drift correction c - c_k
-        if assignment.control is None:
-            raise RuntimeError("compression=scafcom on this client, but the server sent no control variate; the "
-                               "node's fedlora settings differ from the server's (compression=...)")
         own, momentum = ctl.split_client_state(store.residual(assignment.resume_round))
-        assignment = dataclasses.replace(assignment, drift=ctl.drift(assignment.control, own))
+        if controlled.correct_drift:
+            if assignment.control is None:
+                raise RuntimeError("compression=scafcom on this client, but the server sent no control variate; the "
+                                   "node's fedlora settings differ from the server's (compression=...)")
+            assignment = dataclasses.replace(assignment, drift=ctl.drift(assignment.control, own))
     trained, loss = side.trainer.train(client_id, assignment, merges)
     plan, start = assignment.plan, assignment.start
     if plan.prune is not None:  # HetLoRA: keep the first slots when training shrank the tail

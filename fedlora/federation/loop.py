@@ -512,7 +512,7 @@ class Federation:
             at_rank = lm.truncate_keys(state.control, rank)
             control = {k: at_rank[k] for k in wire.uplink_keys(plan, start)}
         return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down,
-                               control)
+                               control, send_control=self.controlled is not None and self.controlled.correct_drift)
 
     def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
                       assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],
@@ -836,7 +836,9 @@ class Federation:
             if self.controlled is not None:
                 c = self.controlled
                 words = (f"control variates, momentum {c.momentum:g}, control step {c.control_step:g}, server step "
-                         f"{c.server_lr:g}; c_k is the error feedback")
+                         f"{c.server_lr:g}; c_k is the error feedback" if c.correct_drift else
+                         f"EF21 error feedback: each client's c_k tracks its update, momentum {c.momentum:g}, server "
+                         f"step {c.server_lr:g}; no drift correction")
             text += f" + {type(self.compressor).__name__} ({words})"
         if self.downlink is not None:
             text += f"; downlink {type(self.downlink).__name__} (each client's copy of its start, EF21)"

@@ -104,7 +104,10 @@ class Assignment:
         copy it leaves the client with, ``downlink.view``); ``None``: the start travels as it is.
     control:
         Controlled averaging (``compression=scafcom``, :mod:`fedlora.core.control`): the server's control
-        variate ``c`` of every tensor the client sends, at its rank; ``None`` otherwise.
+        variate ``c`` of every tensor the client sends, at its rank (the server decodes the reply with it);
+        ``None`` otherwise.
+    send_control:
+        Whether ``control`` travels to the client (it does when the client corrects its drift with it).
     drift:
         On the client only (never encoded): the drift correction ``c - c_k`` its local steps add, spread
         evenly over them (:func:`fedlora.core.control.drift`); ``None``: no correction.
@@ -120,6 +123,7 @@ class Assignment:
     downlink: dl.Downlink | None = None
     control: AdapterState | None = None
     drift: AdapterState | None = None
+    send_control: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ def encode_assignment(assignment: Assignment) -> Packet:
         packet.config[keys.DOWNLINK_CRC] = down.base_crc
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
-    if assignment.control is not None:
+    if assignment.control is not None and assignment.send_control:
         packet.arrays[keys.CONTROL] = to_arrays(assignment.control)
     if assignment.secure_rank:
         packet.config[keys.SECURE_RANK] = assignment.secure_rank
@@ -261,7 +265,7 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
     control = to_tensors(packet.arrays[keys.CONTROL]) if keys.CONTROL in packet.arrays else None
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
-                      _int(conf.get(keys.SECURE_SEED, 0)), down, control)
+                      _int(conf.get(keys.SECURE_SEED, 0)), down, control, send_control=control is not None)
 
 
 def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], dense: AdapterState,

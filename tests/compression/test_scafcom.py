@@ -147,6 +147,7 @@ def test_the_control_variate_pads_a_low_rank_message_into_its_first_slots() -> N
     ({"server_lr": -1.0}, "compression.server_lr=-1.0 must be a finite number > 0"),
     ({"scale": "std"}, "compression.scale='std' is not contractive"),
     ({"density": 5}, "compression.density=5 is not a fraction in (0, 1]"),
+    ({"drift_correction": "yes"}, "compression.drift_correction='yes' must be true or false"),
 ])
 def test_bad_settings_are_named(kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -251,6 +252,29 @@ def test_c_stays_the_mean_of_every_clients_c_k_under_partial_participation(tmp_p
     assert down[0].keys() == down[1].keys() and all(down[0][c] > down[1][c] for c in down[0])
 
 
+def test_ef21_without_the_drift_correction_sends_no_control_and_keeps_c_the_mean_under_partial_participation(
+        tmp_path: Path) -> None:
+    ef21 = SCAFCOM(density=0.3, scale="mean_abs", momentum=1.0, drift_correction=False)
+    trainer = Recording()
+    fed, transport = federation(tmp_path / "ef21", ef21, trainer=trainer, fraction_train=0.5, num_rounds=6)
+    trainer.transport = transport
+    fed.run()
+    assert all(not sent and not drift for sent, drift, _ in trainer.seen.values())  # no c down, no correction
+    control = ckpt.load_checkpoint(tmp_path / "ef21").control
+    owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
+    for key, c in control.items():
+        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
+        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    # what the server sends is the start alone: the same bytes as with ComPEFT's residual
+    plain, _ = federation(tmp_path / "compeft", ComPEFT(density=0.3, scale="mean_abs"), fraction_train=0.5,
+                          num_rounds=1)
+    plain.run()
+    down = [{c.client: c.bytes_down for c in read_records(d)[1].clients} for d in (tmp_path / "ef21",
+                                                                                   tmp_path / "compeft")]
+    assert down[0] == down[1]
+    assert {cid for (_, cid) in trainer.seen} == set(RANKS)  # every client sat out some rounds and took part in some
+
+
 def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
     straight, _ = federation(tmp_path / "straight", comp, fraction_train=0.5)
@@ -285,5 +309,6 @@ def test_what_scafcom_cannot_run_with_is_refused_before_anything_starts(override
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "rolora"])
-def test_the_linear_strategies_are_accepted(strategy: str) -> None:
-    validate(compose(["compression=scafcom", f"strategy={strategy}"]), check_model=False, check_data=False)
+@pytest.mark.parametrize("compression", ["scafcom", "ef21"])
+def test_the_linear_strategies_are_accepted(strategy: str, compression: str) -> None:
+    validate(compose([f"compression={compression}", f"strategy={strategy}"]), check_model=False, check_data=False)
