@@ -80,6 +80,11 @@ def test_method_label() -> None:
         "flora", "flora+compeft(d=0.1)")
     fedau = {"strategy": {"_target_": FLORA}, "participation": {"model": "bernoulli", "fedau": True}}
     assert report.method_label(fedau) == ("flora", "flora+fedau")  # Bernoulli participation alone adds nothing
+    scafcom = {"_target_": "fedlora.compression.scafcom.SCAFCOM", "density": 0.1, "drift_correction": True}
+    fedavg = "strategies.fedavg.FedAvg"
+    assert report.method_label({"strategy": {"_target_": fedavg}, "compression": scafcom})[1] == "fedavg+scafcom(d=0.1)"
+    ef21 = {**scafcom, "drift_correction": False}  # compression=ef21: the same class without the correction
+    assert report.method_label({"strategy": {"_target_": fedavg}, "compression": ef21})[1] == "fedavg+ef21(d=0.1)"
 
 
 def test_load_runs_finds_jobs_and_marks_failed(sweep: Path) -> None:

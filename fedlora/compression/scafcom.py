@@ -46,7 +46,7 @@ class SCAFCOM:
 
     error_feedback = False  # c_k is the feedback (EF21's rule); no residual is kept
 
-    def __init__(self, *, density: float = 0.1, scale: str = "mean_abs", alpha: float = 1.0, momentum: float = 0.5,
+    def __init__(self, *, density: float = 0.1, scale: str = "mean_abs", alpha: float = 1.0, momentum: float = 1.0,
                  control_step: float = 1.0, server_lr: float = 1.0, drift_correction: bool = True) -> None:
         if scale == "std":
             raise ValueError("compression.scale='std' is not contractive (its step alpha * std need not shrink "

@@ -267,6 +267,12 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     ...               "compression": {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}})
     ('flora', 'flora+compeft(d=0.1)')
 
+    SCAFCOM's class without its drift correction is ``compression=ef21``:
+
+    >>> method_label({"strategy": {"_target_": "strategies.fedavg.FedAvg"}, "compression": {
+    ...     "_target_": "fedlora.compression.scafcom.SCAFCOM", "density": 0.1, "drift_correction": False}})
+    ('fedavg', 'fedavg+ef21(d=0.1)')
+
     The centralized bound (``transport: pooled``) is ``"centralized"`` whatever aggregates its learner.
     FedAU's weights (``participation.fedau``) add ``"+fedau"``:
 
@@ -282,6 +288,8 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     if compression.get("_target_"):
         comp = str(compression["_target_"]).rsplit(".", 2)
         comp_name = comp[-2] if len(comp) > 1 else comp[0]
+        if comp_name == "scafcom" and compression.get("drift_correction") is False:
+            comp_name = "ef21"  # compression=ef21: SCAFCOM's class without its drift correction
         density = compression.get("density")
         suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
         method = f"{strategy}+{comp_name}{suffix}"

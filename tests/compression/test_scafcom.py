@@ -130,6 +130,20 @@ def test_two_rounds_with_momentum_and_a_biased_top_k_by_hand() -> None:
     assert own["w"].tolist() == [2, -0.5, 1.75, 0] and momentum["w"].tolist() == [2, -0.5, 1.75, 0.125]
 
 
+def test_scallions_control_step_moves_c_k_and_c_by_alpha_times_the_message() -> None:
+    settings = ctl.ControlSettings(momentum=1.0, control_step=0.5)
+    own = {"w": torch.tensor([1.0, -1.0])}
+    message = ctl.client_message({"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([0.5, 0.5])}, own, {}, settings)
+    # h = u - (c - c_k) = [2.5, 0.5]; sent h - c_k = [1.5, 1.5]
+    assert message.target["w"].tolist() == [1.5, 1.5] and message.momentum["w"].tolist() == [2.5, 0.5]
+    assert ctl.advance_own(own, message.target, settings)["w"].tolist() == [1.75, -0.25]
+    control = ctl.advance_control({"w": torch.zeros(2)}, [message.target], 3, settings)
+    torch.testing.assert_close(control["w"], torch.tensor([0.25, 0.25]))
+    # the server's step is not scaled by alpha: x + eta_g (c + d)
+    x = ctl.effective_update({"w": torch.zeros(2)}, {"w": torch.ones(2)}, message.target, settings)
+    assert x["w"].tolist() == [2.5, 2.5]
+
+
 def test_the_control_variate_pads_a_low_rank_message_into_its_first_slots() -> None:
     key_a, key_b = lm.lora_a_key("m"), lm.lora_b_key("m")
     control = {key_a: torch.zeros(4, 3), key_b: torch.zeros(2, 4)}
