@@ -367,6 +367,9 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
     try:
         if keys.COMPRESSED in arrays and compressor is None:
             raise ValueError("a compressed update, but this run has no compression")
+        if keys.COMPRESSED not in arrays and ctl.control_of(compressor) is not None:
+            raise ValueError("an uncompressed update in a run with control variates (compression=scafcom or ef21): "
+                             "the server cannot tell what it would add to c")
         report = decode_report(m)
         assignment = as_trained(assignment, report)
         start = assignment.start

@@ -24,6 +24,7 @@ from fedlora.config.validate import validate
 from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
 from fedlora.core.errors import ConfigError
+from fedlora.core.faults import FaultSettings
 from fedlora.federation import wire
 from fedlora.federation.client import ClientSide
 from fedlora.federation.loop import Federation, LoopSettings
@@ -209,11 +210,13 @@ class Recording(TinyTrainer):
 
 
 def federation(run_dir: Path, compressor: Any, *, transport: InMemoryTransport | None = None,
-               trainer: TinyTrainer | None = None, **loop: Any) -> tuple[Federation, InMemoryTransport]:
+               trainer: TinyTrainer | None = None, faults: FaultSettings | None = None,
+               **loop: Any) -> tuple[Federation, InMemoryTransport]:
     settings = LoopSettings(**{"name": "t", "seed": 0, "num_clients": len(RANKS), "num_rounds": 5,
                                "round_timeout": 30.0, **loop})
     transport = transport or InMemoryTransport(RANKS, ClientSide(trainer=trainer or Recording(),
-                                                                 compressor=compressor))
+                                                                 compressor=compressor,
+                                                                 faults=faults or FaultSettings()))
     fed = Federation(settings, strategy=FedAvg(), transport=transport, model=TinyModel(run_dir), run_dir=run_dir,
                      recorder=RunRecorder(run_dir, tensorboard=False), say=lambda _: None, compressor=compressor)
     return fed, transport
@@ -287,6 +290,23 @@ def test_ef21_without_the_drift_correction_sends_no_control_and_keeps_c_the_mean
                                                                                    tmp_path / "compeft")]
     assert down[0] == down[1]
     assert {cid for (_, cid) in trainer.seen} == set(RANKS)  # every client sat out some rounds and took part in some
+
+
+def test_a_malformed_reply_is_rejected_and_neither_end_counts_it(tmp_path: Path) -> None:
+    # an injected malformed update travels uncompressed, as the faults config does for every method
+    faults = FaultSettings(corrupt_prob=0.3, corrupt_kind="scale")
+    fed, transport = federation(tmp_path, SCAFCOM(density=0.3), faults=faults, num_rounds=4)
+    fed.run()
+    rows = [c for r in read_records(tmp_path)[1:] for c in r.clients]
+    rejected = [c for c in rows if c.status == "rejected"]
+    assert rejected and all("an uncompressed update in a run with control variates" in (c.error or "")
+                            for c in rejected)
+    assert any(c.status == "ok" for c in rows)
+    control = ckpt.load_checkpoint(tmp_path).control
+    owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
+    for key, c in control.items():  # the client kept its c_k, the server its c: still c = (1/N) sum c_k
+        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
+        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
 
 
 def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
