@@ -85,6 +85,9 @@ def test_method_label() -> None:
     assert report.method_label({"strategy": {"_target_": fedavg}, "compression": scafcom})[1] == "fedavg+scafcom(d=0.1)"
     ef21 = {**scafcom, "drift_correction": False}  # compression=ef21: the same class without the correction
     assert report.method_label({"strategy": {"_target_": fedavg}, "compression": ef21})[1] == "fedavg+ef21(d=0.1)"
+    scallion = {**scafcom, "codec": "rand_k", "density": 0.05}
+    assert report.method_label({"strategy": {"_target_": fedavg}, "compression": scallion})[1] == (
+        "fedavg+scallion(d=0.05)")
 
 
 def test_load_runs_finds_jobs_and_marks_failed(sweep: Path) -> None:

@@ -265,7 +265,7 @@ class ComPEFT:
 
     def compress(
         self, delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
-        continuing: Collection[str] | None = None,
+        continuing: Collection[str] | None = None, *, seed: int | None = None,  # noqa: ARG002 - deterministic
     ) -> tuple[Payload, AdapterState]:
         """Encode ``delta + residual``; return the payload and the new residual.
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedlora.compression.compeft import ComPEFT
+from fedlora.compression.randk import RandK
 from fedlora.core.control import ControlSettings
 from fedlora.core.types import AdapterState, Payload
 
@@ -39,6 +40,9 @@ class SCAFCOM:
         SCALLION's ``alpha`` in ``(0, 1]`` (``1`` for SCAFCOM).
     server_lr:
         The server's step ``eta_g`` (``1``: a round moves the model by the clients' mean displacement).
+    codec:
+        ``"compeft"`` (top-k and ternary: biased, contractive; SCAFCOM) or ``"rand_k"`` (unbiased random-k,
+        :mod:`fedlora.compression.randk`; SCALLION, with ``momentum=1`` and ``control_step <= density``).
     drift_correction:
         ``True``: clients train with ``c - c_k`` (SCAFCOM). ``False``: no correction and no ``c`` on the
         downlink; what is left is EF21's error feedback under partial participation (``compression=ef21``).
@@ -47,21 +51,33 @@ class SCAFCOM:
     error_feedback = False  # c_k is the feedback (EF21's rule); no residual is kept
 
     def __init__(self, *, density: float = 0.1, scale: str = "mean_abs", alpha: float = 1.0, momentum: float = 1.0,
-                 control_step: float = 1.0, server_lr: float = 1.0, drift_correction: bool = True) -> None:
-        if scale == "std":
-            raise ValueError("compression.scale='std' is not contractive (its step alpha * std need not shrink "
-                             "||C(v) - v||), which SCAFCOM's control variates need; use scale=mean_abs (or none)")
-        self.codec = ComPEFT(density=density, scale=scale, alpha=alpha, error_feedback=False)
-        self.density, self.scale, self.alpha = self.codec.density, self.codec.scale, self.codec.alpha
+                 control_step: float = 1.0, server_lr: float = 1.0, drift_correction: bool = True,
+                 codec: str = "compeft") -> None:
+        self.codec: ComPEFT | RandK
+        if codec == "rand_k":  # SCALLION's unbiased compressor
+            if scale != "mean_abs" or alpha != 1.0:
+                raise ValueError(f"compression.scale={scale!r} and compression.alpha={alpha!r} are ComPEFT's; "
+                                 "random-k sends exact values scaled by n / k: remove them with codec=rand_k")
+            self.codec = RandK(density=density)
+        elif codec == "compeft":
+            if scale == "std":
+                raise ValueError("compression.scale='std' is not contractive (its step alpha * std need not shrink "
+                                 "||C(v) - v||), which SCAFCOM's control variates need; use scale=mean_abs (or none)")
+            self.codec = ComPEFT(density=density, scale=scale, alpha=alpha, error_feedback=False)
+        else:
+            raise ValueError(f"compression.codec={codec!r} is not one of ('compeft', 'rand_k'); use compeft (SCAFCOM: "
+                             "top-k, biased) or rand_k (SCALLION: unbiased)")
+        self.codec_name, self.density, self.scale, self.alpha = codec, float(density), scale, float(alpha)
         self.control = ControlSettings(momentum=momentum, control_step=control_step, server_lr=server_lr,
                                        correct_drift=drift_correction)
 
     def compress(self, delta: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
-                 continuing: Collection[str] | None = None) -> tuple[Payload, AdapterState]:
+                 continuing: Collection[str] | None = None, *, seed: int | None = None,
+                 ) -> tuple[Payload, AdapterState]:
         """Encode ``delta`` (here the client's ``v_k - c_k``); no residual (``residual`` must be ``None``)."""
         if residual:
             raise ValueError("SCAFCOM keeps no residual: its control variate c_k is the feedback")
-        return self.codec.compress(delta, None, continuing)
+        return self.codec.compress(delta, None, continuing, seed=seed)
 
     def decode(self, payload: Mapping[str, np.ndarray]) -> AdapterState:
         """The message ``d_k`` the payload encodes."""

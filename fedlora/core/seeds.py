@@ -97,3 +97,9 @@ def participation_probabilities(seed: int) -> random.Random:
 def participation(seed: int, server_round: int) -> random.Random:
     """The generator of who takes part in one round under ``participation=bernoulli`` (one draw per client)."""
     return random.Random(f"fedlora-participation/{seed}/{server_round}")
+
+
+def compression(seed: int, server_round: int, client_id: int) -> int:
+    """A 62-bit seed for a randomised compressor's choices in one client's message (random-k's positions)."""
+    digest = hashlib.blake2b(f"fedlora-compression/{seed}/{server_round}/{client_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)

@@ -249,13 +249,14 @@ class Compressor(Protocol):
 
     def compress(
         self, delta: Mapping[str, Tensor], residual: Mapping[str, Tensor] | None,
-        continuing: Collection[str] | None = None,
+        continuing: Collection[str] | None = None, *, seed: int | None = None,
     ) -> tuple[Payload, AdapterState]:
         """Encode ``delta + residual``; return the payload and the residual to keep.
 
         ``continuing`` names the tensors that continue from the global adapter next round (not
         fresh LoRA factors; ``None``: all): only their residual can be carried, and only with
-        error feedback.
+        error feedback. ``seed`` drives a randomised codec's choices (random-k); a deterministic
+        one ignores it.
         """
         ...
 

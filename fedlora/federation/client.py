@@ -22,7 +22,7 @@ import torch
 
 from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
-from fedlora.core import secure
+from fedlora.core import secure, seeds
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, Payload, RankPruning, Tensor
 from fedlora.federation import downlink as dl
@@ -275,8 +275,9 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
     comp = side.compressor
     delta = {k: trained[k] - start[k] for k in sent}
     if controlled is not None:
-        return wire.encode_compressed(_controlled_payload(comp, controlled, assignment, store, delta, own, momentum),
-                                      sent, _timed(report, t0))
+        seed = seeds.compression(side.seed, assignment.server_round, client_id)  # a randomised codec's choices
+        return wire.encode_compressed(_controlled_payload(comp, controlled, assignment, store, delta, own, momentum,
+                                                          seed), sent, _timed(report, t0))
     continuing = {k for k in sent if lm.continues(plan, k)}
     kept = store.residual(assignment.resume_round) if comp.error_feedback and continuing else None
     if kept is not None and plan.rank < assignment.plan.rank:  # what it dropped of the pruned slots goes with them
@@ -292,11 +293,11 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
 
 def _controlled_payload(comp: Compressor, settings: ctl.ControlSettings, assignment: wire.Assignment,
                         store: ClientStore, delta: Mapping[str, Tensor], own: AdapterState,
-                        momentum: AdapterState) -> Payload:
+                        momentum: AdapterState, seed: int) -> Payload:
     """SCAFCOM's message (:mod:`fedlora.core.control`): ``C(v_k - c_k)``; ``c_k`` and ``v_k`` move and are kept
     (on disk in a deployment) before the reply goes, by exactly what the server will decode."""
     message = ctl.client_message(delta, assignment.drift or {}, own, momentum, settings)
-    payload, _ = comp.compress(message.target, None)
+    payload, _ = comp.compress(message.target, None, seed=seed)
     own = ctl.advance_own(own, comp.decode(payload), settings)
     store.save_residual(assignment.server_round, ctl.join_client_state(own, {**momentum, **message.momentum}))
     return payload

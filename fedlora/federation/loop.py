@@ -833,13 +833,17 @@ class Federation:
             words = (f"error feedback {'on' if scope == 'all' else 'off'}" if scope in ("all", "none") else
                      "error feedback on for the tensors that continue from the global adapter (a classifier "
                      "head); not for the LoRA factors, which start fresh every round")
+            name = type(self.compressor).__name__
             if self.controlled is not None:
                 c = self.controlled
+                random_k = getattr(self.compressor, "codec_name", "") == "rand_k"
+                name = (("SCALLION (random-k)" if random_k else name) if c.correct_drift else
+                        f"EF21 ({'random-k' if random_k else 'ComPEFT'}-coded)")
                 words = (f"control variates, momentum {c.momentum:g}, control step {c.control_step:g}, server step "
                          f"{c.server_lr:g}; c_k is the error feedback" if c.correct_drift else
                          f"EF21 error feedback: each client's c_k tracks its update, momentum {c.momentum:g}, server "
                          f"step {c.server_lr:g}; no drift correction")
-            text += f" + {type(self.compressor).__name__} ({words})"
+            text += f" + {name} ({words})"
         if self.downlink is not None:
             text += f"; downlink {type(self.downlink).__name__} (each client's copy of its start, EF21)"
         if self.privacy is not None:

@@ -290,6 +290,8 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
         comp_name = comp[-2] if len(comp) > 1 else comp[0]
         if comp_name == "scafcom" and compression.get("drift_correction") is False:
             comp_name = "ef21"  # compression=ef21: SCAFCOM's class without its drift correction
+        elif comp_name == "scafcom" and compression.get("codec") == "rand_k":
+            comp_name = "scallion"  # compression=scallion: the same class with unbiased random-k
         density = compression.get("density")
         suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
         method = f"{strategy}+{comp_name}{suffix}"

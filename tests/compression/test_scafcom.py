@@ -292,6 +292,25 @@ def test_ef21_without_the_drift_correction_sends_no_control_and_keeps_c_the_mean
     assert {cid for (_, cid) in trainer.seen} == set(RANKS)  # every client sat out some rounds and took part in some
 
 
+def test_scallion_with_unbiased_random_k_keeps_c_the_mean_and_resumes_to_the_uninterrupted_run(
+        tmp_path: Path) -> None:
+    scallion = SCAFCOM(codec="rand_k", density=0.3, control_step=0.3)  # alpha = 1 / (1 + omega) = k / n
+    straight, transport = federation(tmp_path / "straight", scallion, fraction_train=0.5)
+    straight.run()
+    control = ckpt.load_checkpoint(tmp_path / "straight").control
+    owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
+    for key, c in control.items():
+        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
+        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    # the positions are drawn from (run seed, round, client): a resumed run draws the same ones
+    killed = tmp_path / "killed"
+    first, transport = federation(killed, scallion, fraction_train=0.5, num_rounds=2)
+    first.run()
+    (killed / "summary.json").unlink()
+    federation(killed, scallion, fraction_train=0.5, transport=transport, resume=True)[0].run()
+    assert untimed(jsonl_rows(killed)) == untimed(jsonl_rows(tmp_path / "straight"))
+
+
 def test_a_malformed_reply_is_rejected_and_neither_end_counts_it(tmp_path: Path) -> None:
     # an injected malformed update travels uncompressed, as the faults config does for every method
     faults = FaultSettings(corrupt_prob=0.3, corrupt_kind="scale")
@@ -343,6 +362,6 @@ def test_what_scafcom_cannot_run_with_is_refused_before_anything_starts(override
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "rolora"])
-@pytest.mark.parametrize("compression", ["scafcom", "ef21"])
+@pytest.mark.parametrize("compression", ["scafcom", "ef21", "scallion"])
 def test_the_linear_strategies_are_accepted(strategy: str, compression: str) -> None:
     validate(compose([f"compression={compression}", f"strategy={strategy}"]), check_model=False, check_data=False)
