@@ -5,7 +5,7 @@ Compression." ICLR 2024 (arXiv:2308.08165). Both methods are SCAFFOLD (Karimired
 single-vector form, with each client's message compressed:
 
 * every client ``k`` keeps a control variate ``c_k`` (and, for SCAFCOM, a momentum ``v_k``); the server
-  keeps ``c = (1/N) sum_i c_i`` over all ``N`` clients, sampled or not;
+  keeps ``c = (1/N) sum_i c_i`` over all ``N`` clients, sampled or not (see below for weights);
 * in a round, the sampled clients train from the global model ``x`` with the drift correction ``c - c_k``
   added at every local step, and form ``h_k``, their local steps' own contribution (for SGD, ``K eta``
   times the mean local gradient);
@@ -13,6 +13,10 @@ single-vector form, with each client's message compressed:
   send ``d_k = C(v_k - c_k)``, ``c_k <- c_k + d_k``;
   SCALLION (unbiased ``C``): send ``d_k = C(h_k - c_k)``, ``c_k <- c_k + alpha d_k``;
 * the server: ``x <- x + eta_g (c + mean_S d_k)`` and ``c <- c + (alpha / N) sum_S d_k``.
+
+(fedlora weighs clients like the strategy does: ``c = sum_i w_i c_i`` with ``w_i = n_i / sum_j n_j`` over every
+client under example weighting, ``1/N`` the paper's uniform case, and the strategy's ``p_k`` in the mean over
+``S``; :func:`advance_control`.)
 
 With the identity compressor, ``beta = 1`` and ``alpha = 1`` both are SCAFFOLD (and with ``eta_g = 1``
 and every client sampled, ``x`` moves by the mean of the clients' displacements, like FedAvg; only the
@@ -32,7 +36,8 @@ dimensionless: ``eta_g = 1`` is the paper's ``eta_g eta_l K`` at the local step 
 client's rank) and hands those to the strategy: for a strategy whose aggregate is a weighted mean of what
 clients send (FedAvg with zero-padding, FFA-LoRA, RoLoRA) the result is ``x + eta_g (c + sum_S p_k d_k)``,
 the paper's rule with the strategy's weights ``p_k`` (example counts by default) in place of the uniform
-mean. The control variate ``c`` stays the uniform mean ``(1/N) sum_i c_i``, as in the paper.
+mean. The control variate is ``c = sum_i w_i c_i`` with the same weighting over every client (the paper's
+uniform ``1/N`` when clients are weighted equally).
 
 Everything here is pure tensor algebra on ``{tensor name: tensor}`` maps (torch only).
 """
@@ -161,21 +166,27 @@ def effective_update(start: Mapping[str, Tensor], control: Mapping[str, Tensor],
             for k, d in decoded.items()}
 
 
-def advance_control(control: Mapping[str, Tensor], decoded: Sequence[Mapping[str, Tensor]], num_clients: int,
-                    settings: ControlSettings) -> AdapterState:
-    """The server's ``c <- c + (alpha / N) sum_S d_k``, each ``d_k`` zero-padded to ``c``'s rank (a client of
+def advance_control(control: Mapping[str, Tensor], decoded: Sequence[Mapping[str, Tensor]],
+                    weights: Sequence[float], settings: ControlSettings) -> AdapterState:
+    """The server's ``c <- c + alpha sum_S w_k d_k``, each ``d_k`` zero-padded to ``c``'s rank (a client of
     rank ``r_k`` moves only its first ``r_k`` slots, as its own ``c_k`` does).
+
+    ``w_k`` is client ``k``'s weight in the whole population (the paper's ``1/N``; with the strategy's example
+    weighting ``n_k / sum_i n_i`` over every client, sampled or not), so that ``c = sum_i w_i c_i`` is the
+    control variate of the objective the strategy's weights minimise. With uniform weights any mix of
+    ``c`` and the step's weights is the paper's; with example weights a uniform ``c`` would leave EF21's step
+    (no drift correction) biased by ``c - sum_S p_k c_k`` every round.
 
     Raises
     ------
     ValueError
-        For a ``d_k`` tensor that ``control`` does not hold, or ``num_clients < 1``.
+        For a ``d_k`` tensor that ``control`` does not hold, or weights that do not match the messages.
     """
-    if num_clients < 1:
-        raise ValueError(f"num_clients={num_clients} must be >= 1")
-    weight = float(settings.control_step) / num_clients
+    if len(weights) != len(decoded):
+        raise ValueError(f"{len(weights)} weights for {len(decoded)} messages")
     out = {k: v.clone() for k, v in control.items()}
-    for message in decoded:
+    for message, w in zip(decoded, weights, strict=True):
+        weight = float(settings.control_step) * float(w)
         for key, d in message.items():
             if key not in out:
                 raise ValueError(f"a client sent {key!r}, which the server's control variate does not hold")

@@ -198,7 +198,7 @@ class ServerState:
     # a personalized strategy (FedSA-LoRA): the clients known to hold their own B and head (a reply arrived to a
     # personal plan); rebuilt from metrics.jsonl on resume
     personal: set[int] = field(default_factory=set)
-    # controlled averaging (compression=scafcom): the control variate c = (1/N) sum_i c_i, at the global rank
+    # controlled averaging (compression=scafcom): the control variate c = sum_i w_i c_i, at the global rank
     control: AdapterState = field(default_factory=dict)
 
 
@@ -309,9 +309,9 @@ class Federation:
         r_max = max(ranks.values())
         if s.participation.bernoulli:
             self.online = s.participation.client_probabilities(clients, s.seed)
+        self.sizes = {cid: c.num_examples for cid, c in clients.items()}  # FedAU's and SCAFCOM's full weights
         if s.participation.fedau:
             self.fedau = part.FedAUWeights(clients, s.participation.fedau_cutoff)
-            self.sizes = {cid: c.num_examples for cid, c in clients.items()}
         state = self._resume(ranks) if s.resume else self._fresh(r_max)
         self.say(self._first_line(clients))
         for note in self.model.notes():
@@ -383,7 +383,9 @@ class Federation:
             rows, updates = self._collect(assignments, exchange, state)
             if self.controlled is not None:  # c moves by every accepted message, as each sender's c_k did
                 messages = [self._message(exchange, u.client_id, assignments[u.client_id]) for u in updates]
-                state.control = ctl.advance_control(state.control, messages, s.num_clients, self.controlled)
+                full = part.full_weights(str(getattr(self.strategy, "weighting", "examples")), self.sizes)
+                state.control = ctl.advance_control(state.control, messages, [full[u.client_id] for u in updates],
+                                                    self.controlled)
             spent = self._charge_privacy(clients, state, rows)
             if self.client_dp is not None:
                 spent = self.client_dp.epsilon(server_round)

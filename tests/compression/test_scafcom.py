@@ -93,10 +93,10 @@ def test_with_the_identity_and_no_momentum_the_iterates_are_scaffolds() -> None:
             effective.append(ctl.effective_update(x, control, d, settings))
             messages.append(d)
         x = {"w": sum(e["w"] for e in effective) / len(sampled)}
-        control = ctl.advance_control(control, messages, n, settings)
+        control = ctl.advance_control(control, messages, [1 / n] * len(messages), settings)
         torch.testing.assert_close(x["w"].double(), want, rtol=1e-5, atol=1e-6)
         mean_own = sum(ctl.split_client_state(s)[0].get("w", torch.zeros(dim)) for s in state) / n
-        torch.testing.assert_close(control["w"], mean_own, rtol=1e-6, atol=1e-7)  # c = (1/N) sum_i c_i
+        torch.testing.assert_close(control["w"], mean_own, rtol=1e-6, atol=1e-7)  # c = (1/N) sum_i c_i (uniform)
 
 
 def test_two_rounds_with_momentum_and_a_biased_top_k_by_hand() -> None:
@@ -113,7 +113,7 @@ def test_two_rounds_with_momentum_and_a_biased_top_k_by_hand() -> None:
         d = comp.decode(comp.compress(message.target, None)[0])
         state = ctl.join_client_state(ctl.advance_own(own, d, settings), message.momentum)
         x = ctl.effective_update(x, control, d, settings)
-        control = ctl.advance_control(control, [d], 2, settings)
+        control = ctl.advance_control(control, [d], [0.5], settings)
         return correction, d
 
     correction, d = round_([4.0, -2.0, 1.0, 0.5])
@@ -138,7 +138,7 @@ def test_scallions_control_step_moves_c_k_and_c_by_alpha_times_the_message() -> 
     # h = u - (c - c_k) = [2.5, 0.5]; sent h - c_k = [1.5, 1.5]
     assert message.target["w"].tolist() == [1.5, 1.5] and message.momentum["w"].tolist() == [2.5, 0.5]
     assert ctl.advance_own(own, message.target, settings)["w"].tolist() == [1.75, -0.25]
-    control = ctl.advance_control({"w": torch.zeros(2)}, [message.target], 3, settings)
+    control = ctl.advance_control({"w": torch.zeros(2)}, [message.target], [1 / 3], settings)
     torch.testing.assert_close(control["w"], torch.tensor([0.25, 0.25]))
     # the server's step is not scaled by alpha: x + eta_g (c + d)
     x = ctl.effective_update({"w": torch.zeros(2)}, {"w": torch.ones(2)}, message.target, settings)
@@ -149,11 +149,11 @@ def test_the_control_variate_pads_a_low_rank_message_into_its_first_slots() -> N
     key_a, key_b = lm.lora_a_key("m"), lm.lora_b_key("m")
     control = {key_a: torch.zeros(4, 3), key_b: torch.zeros(2, 4)}
     d = {key_a: torch.ones(2, 3), key_b: torch.ones(2, 2)}
-    out = ctl.advance_control(control, [d], 2, ctl.ControlSettings())
+    out = ctl.advance_control(control, [d], [0.5], ctl.ControlSettings())
     assert out[key_a][:2].eq(0.5).all() and out[key_a][2:].eq(0).all()
     assert out[key_b][:, :2].eq(0.5).all() and out[key_b][:, 2:].eq(0).all()
     with pytest.raises(ValueError, match="does not hold"):
-        ctl.advance_control(control, [{"other": torch.ones(1)}], 2, ctl.ControlSettings())
+        ctl.advance_control(control, [{"other": torch.ones(1)}], [0.5], ctl.ControlSettings())
 
 
 @pytest.mark.parametrize(("kwargs", "named"), [
@@ -209,6 +209,18 @@ class Recording(TinyTrainer):
         return super().train(client_id, assignment, merges)
 
 
+def assert_c_is_the_weighted_mean(control: dict[str, torch.Tensor], owns: list[dict[str, torch.Tensor]]) -> None:
+    """``c = sum_i w_i c_i`` over every client, ``w_i = n_i / sum_j n_j`` (FedAvg's example weighting), each ``c_i``
+    zero-padded to the global rank."""
+    sizes = [TinyTrainer().num_examples(cid) for cid in RANKS]
+    weights = [n / sum(sizes) for n in sizes]
+    assert control
+    for key, c in control.items():
+        mean = sum(w * ctl.pad_to(own[key], key, tuple(c.shape)) for w, own in zip(weights, owns, strict=True)
+                   if key in own)
+        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+
+
 def federation(run_dir: Path, compressor: Any, *, transport: InMemoryTransport | None = None,
                trainer: TinyTrainer | None = None, faults: FaultSettings | None = None,
                **loop: Any) -> tuple[Federation, InMemoryTransport]:
@@ -240,7 +252,7 @@ def test_with_the_identity_and_no_momentum_a_federation_is_fedavg(tmp_path: Path
     assert all(x == pytest.approx(y, rel=1e-5) for x, y in acc)
 
 
-def test_c_stays_the_mean_of_every_clients_c_k_under_partial_participation(tmp_path: Path) -> None:
+def test_c_stays_the_weighted_mean_of_every_clients_c_k_under_partial_participation(tmp_path: Path) -> None:
     comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
     trainer = Recording()
     fed, transport = federation(tmp_path, comp, trainer=trainer, fraction_train=0.5, num_rounds=6)
@@ -251,9 +263,7 @@ def test_c_stays_the_mean_of_every_clients_c_k_under_partial_participation(tmp_p
     assert all(len(r.clients) == 2 for r in records[1:])  # half the clients a round
     control = ckpt.load_checkpoint(tmp_path).control
     owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
-    for key, c in control.items():
-        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
-        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    assert_c_is_the_weighted_mean(control, owns)
     # each client was sent c at its rank and trained with c - c_k, its c_k as it left its previous round
     assert len(trainer.seen) == 12
     for (_, cid), (sent, drift, own) in trainer.seen.items():
@@ -279,9 +289,7 @@ def test_ef21_without_the_drift_correction_sends_no_control_and_keeps_c_the_mean
     assert all(not sent and not drift for sent, drift, _ in trainer.seen.values())  # no c down, no correction
     control = ckpt.load_checkpoint(tmp_path / "ef21").control
     owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
-    for key, c in control.items():
-        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
-        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    assert_c_is_the_weighted_mean(control, owns)
     # what the server sends is the start alone: the same bytes as with ComPEFT's residual
     plain, _ = federation(tmp_path / "compeft", ComPEFT(density=0.3, scale="mean_abs"), fraction_train=0.5,
                           num_rounds=1)
@@ -299,9 +307,7 @@ def test_scallion_with_unbiased_random_k_keeps_c_the_mean_and_resumes_to_the_uni
     straight.run()
     control = ckpt.load_checkpoint(tmp_path / "straight").control
     owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
-    for key, c in control.items():
-        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
-        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    assert_c_is_the_weighted_mean(control, owns)
     # the positions are drawn from (run seed, round, client): a resumed run draws the same ones
     killed = tmp_path / "killed"
     first, transport = federation(killed, scallion, fraction_train=0.5, num_rounds=2)
@@ -323,9 +329,7 @@ def test_a_malformed_reply_is_rejected_and_neither_end_counts_it(tmp_path: Path)
     assert any(c.status == "ok" for c in rows)
     control = ckpt.load_checkpoint(tmp_path).control
     owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
-    for key, c in control.items():  # the client kept its c_k, the server its c: still c = (1/N) sum c_k
-        mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / len(RANKS)
-        torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
+    assert_c_is_the_weighted_mean(control, owns)  # the client kept its c_k, the server its c
 
 
 def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:

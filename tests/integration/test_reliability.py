@@ -189,7 +189,7 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
             kept = load_client_state(run_dir / "client_state" / str(c["client"]), at_most=4) or {}
             lora = {k.split("|")[-1]: v for k, v in kept.items() if is_lora_key(k)}
             assert lora and rank_of(lora) == c["rank"], (c, sorted(kept))
-    if name == "scafcom":  # c = (1/N) sum_k c_k: the server's checkpointed c and the clients' own, on their disks
+    if name == "scafcom":  # the server's checkpointed c and the clients' own c_k, on their disks
         from fedlora.core import control as ctl
         from fedlora.results.checkpoint import load_checkpoint
 
@@ -197,8 +197,10 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
         owns = [ctl.split_client_state(load_client_state(run_dir / "client_state" / str(cid), at_most=4))[0]
                 for cid in range(3)]
         assert all(owns) and control
-        for key, c in control.items():
-            mean = sum(ctl.pad_to(own[key], key, tuple(c.shape)) for own in owns if key in own) / 3
+        sizes = {c["client"]: c["num_examples"] for c in resumed[1]["clients"]}  # FedAvg weighs by examples
+        weights = [sizes[cid] / sum(sizes.values()) for cid in range(3)]
+        for key, c in control.items():  # c = sum_i w_i c_i
+            mean = sum(w * ctl.pad_to(own[key], key, tuple(c.shape)) for w, own in zip(weights, owns, strict=True))
             torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
     if name == "flora":  # fresh LoRA factors every round: only the classifier head keeps a residual
         assert summary["base_merges"] == 4
