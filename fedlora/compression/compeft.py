@@ -156,6 +156,15 @@ def _rice_decode(unary: np.ndarray, rem: np.ndarray, unary_bits: int, count: int
     return gaps
 
 
+def group_payload(payload: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A payload's arrays by tensor: ``{"<key>|<part>": array}`` as ``{key: {part: array}}``."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in payload.items():
+        key, _, part = name.rpartition(SEP)
+        groups.setdefault(key, {})[part] = np.asarray(arr)
+    return groups
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1)
 
@@ -326,10 +335,7 @@ class ComPEFT:
     # -- decoding -------------------------------------------------------------------------------
     def decode(self, payload: Mapping[str, np.ndarray]) -> AdapterState:
         """Exact inverse of the encoding: float32 tensors with their original shapes."""
-        groups: dict[str, dict[str, np.ndarray]] = {}
-        for name, arr in payload.items():
-            key, _, part = name.rpartition(SEP)
-            groups.setdefault(key, {})[part] = np.asarray(arr)
+        groups = group_payload(payload)
         out: AdapterState = {}
         for key in sorted(groups):
             parts = groups[key]

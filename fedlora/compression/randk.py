@@ -29,10 +29,10 @@ from collections.abc import Collection, Mapping
 import numpy as np
 import torch
 
+from fedlora.compression.compeft import SEP, group_payload
 from fedlora.core import varint
 from fedlora.core.types import AdapterState, Payload
 
-SEP = "|"
 _VERSION = 1
 
 
@@ -102,10 +102,7 @@ class RandK:
 
     def decode(self, payload: Mapping[str, np.ndarray]) -> AdapterState:
         """``C(v)``: the kept values times ``numel / k`` at their positions, zeros elsewhere (float32)."""
-        groups: dict[str, dict[str, np.ndarray]] = {}
-        for name, arr in payload.items():
-            key, _, part = name.rpartition(SEP)
-            groups.setdefault(key, {})[part] = np.asarray(arr)
+        groups = group_payload(payload)
         out: AdapterState = {}
         for key in sorted(groups):
             hdr = np.ascontiguousarray(groups[key]["hdr"], dtype=np.uint8).tobytes()
