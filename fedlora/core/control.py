@@ -195,17 +195,8 @@ def advance_control(control: Mapping[str, Tensor], decoded: Sequence[Mapping[str
 
 
 def pad_to(value: Tensor, key: str, shape: tuple[int, ...]) -> Tensor:
-    """``value`` zero-padded to ``shape`` in its rank slots (rows of an ``A``, columns of a ``B``)."""
-    if tuple(value.shape) == shape:
-        return value
-    out = torch.zeros(shape, dtype=value.dtype)
-    if lm.is_lora_a_key(key):
-        out[: value.shape[0]] = value
-    elif lm.is_lora_b_key(key):
-        out[:, : value.shape[1]] = value
-    else:
-        raise ValueError(f"{key!r} has shape {tuple(value.shape)}, the control variate {shape}")
-    return out
+    """``value`` zero-padded to ``shape`` in its rank slots (:func:`fedlora.core.lora_math.pad_key`)."""
+    return lm.pad_key(key, value, shape, "the control variate")
 
 
 def control_of(compressor: object) -> ControlSettings | None:

@@ -121,6 +121,27 @@ def resize_state(state: Mapping[str, Tensor], rank: int) -> AdapterState:
     return join_state(out_pairs, {k: v.clone() for k, v in others.items()})
 
 
+def pad_key(key: str, value: Tensor, shape: tuple[int, ...], what: str = "the target") -> Tensor:
+    """Tensor ``key`` zero-padded to ``shape`` in its rank slots (rows of an ``A``, the last dimension of a
+    ``B``); itself when it has that shape already.
+
+    Raises
+    ------
+    ValueError
+        For a tensor that is not a LoRA factor and has another shape (``what`` names the other side).
+    """
+    if tuple(value.shape) == shape:
+        return value
+    out = torch.zeros(shape, dtype=value.dtype)
+    if is_lora_a_key(key):
+        out[: value.shape[0]] = value
+    elif is_lora_b_key(key):
+        out[..., : value.shape[-1]] = value
+    else:
+        raise ValueError(f"{key!r} has shape {tuple(value.shape)}, {what} {shape}")
+    return out
+
+
 def truncate_keys(state: Mapping[str, Tensor], rank: int) -> AdapterState:
     """Every LoRA factor of ``state`` cut to its first ``rank`` slots, key by key (an ``A`` or a ``B`` alone
     is fine: a residual or an upload need not hold both); factors already at or below ``rank`` and other

@@ -82,17 +82,6 @@ def vector_size(plan: Layout) -> int:
     return total
 
 
-def _pad(key: str, tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if tuple(tensor.shape) == shape:
-        return tensor
-    out = torch.zeros(shape, dtype=tensor.dtype)
-    if lm.is_lora_a_key(key):
-        out[: tensor.shape[0]] = tensor
-    elif lm.is_lora_b_key(key):
-        out[..., : tensor.shape[-1]] = tensor
-    else:
-        raise ValueError(f"secure aggregation: {key!r} has shape {tuple(tensor.shape)}, the layout says {shape}")
-    return out
 
 
 def embed(tensors: Mapping[str, Tensor], plan: Layout) -> Tensor:
@@ -109,7 +98,7 @@ def embed(tensors: Mapping[str, Tensor], plan: Layout) -> Tensor:
         if t.dim() != len(shape) or any(d > s for d, s in zip(t.shape, shape, strict=True)):
             raise ValueError(f"secure aggregation: {key!r} has shape {tuple(t.shape)}, larger than the layout's "
                              f"{shape}")
-        parts.append(_pad(key, t, shape).reshape(-1))
+        parts.append(lm.pad_key(key, t, shape, "the secure-aggregation layout").reshape(-1))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
