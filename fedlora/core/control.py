@@ -84,10 +84,10 @@ class ControlSettings:
     correct_drift: bool = True
 
     def __post_init__(self) -> None:
-        for name, value, low_open in (("momentum", self.momentum, True), ("control_step", self.control_step, True)):
+        for name, value, fix in (("momentum", self.momentum, "1 turns the momentum off"),
+                                 ("control_step", self.control_step, "use 1 (SCAFCOM) or the density (SCALLION)")):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                raise ValueError(f"compression.{name}={value!r} must be a number in (0, 1]"
-                                 f"{'; 1 turns it off' if low_open else ''}")
+                raise ValueError(f"compression.{name}={value!r} must be a number in (0, 1]; {fix}")
         lr = self.server_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"compression.server_lr={lr!r} must be a finite number > 0; use 1.0")
