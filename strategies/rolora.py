@@ -55,6 +55,10 @@ class RoLoRA(ContinuingClients):
 
     linear = True  # the zero-padded mean of the factor the round trains; the other is kept
     why_not_linear = ""
+    # a compressed downlink (EF21's per-client copy) would give each client an approximation of the frozen factor
+    needs_global_start = ("its clients' frozen factor must be the global one bit for bit (the average of the trained "
+                          "factor is then the average of the products), and a compressed downlink gives each client "
+                          "an approximation of it")
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = lm.check_weighting(weighting)

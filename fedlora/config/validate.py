@@ -150,9 +150,6 @@ def _check_controlled(cfg: Mapping[str, Any], strategy: Any, compressor: Any, p:
     if privacy.get("kind") in ("dp_sgd", "dp_fedavg"):
         p.add("privacy.kind", privacy.get("kind"), "compression=scafcom's drift correction and server step are not "
               "part of the DP mechanism; use compression=compeft with differential privacy")
-    if (cfg.get("downlink") or {}).get("_target_"):
-        p.add("downlink", "compeft", "compression=scafcom sends each client the control variate c with its start, "
-              "and a compressed start is not built for it; use downlink=none")
     if (cfg.get("participation") or {}).get("fedau") is True:
         p.add("participation.fedau", True, "FedAU rescales each update on the server, SCAFCOM's server step is "
               "its own; turn one of them off")
@@ -212,6 +209,9 @@ def _check_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
         p.add("downlink", "compeft", f"{type(strategy).__name__}'s clients start fresh LoRA factors every round, so "
               "its downlink is its base merges, which downlink compression does not compress yet; use downlink=none "
               "with this strategy")
+    if strategy is not None and getattr(strategy, "needs_global_start", ""):
+        p.add("downlink", "compeft", f"{type(strategy).__name__} cannot take a compressed start: "
+              f"{strategy.needs_global_start}; use downlink=none with this strategy")
     if (cfg.get("transport") or "flower") == "pooled":
         p.add("downlink", "compeft", "the centralized bound communicates nothing; use downlink=none with "
               "strategy=centralized")

@@ -42,8 +42,17 @@ may or may not have applied it), so a client keeps every copy from the one the s
 (:func:`keep_views`); a copy it does not hold is an error that names the round, and the server then
 starts it again from the reference.
 
+**The control variate.** Under controlled averaging with the drift correction (``compression=scafcom``,
+:mod:`fedlora.core.control`) the client also needs the server's ``c`` at its rank. It travels in the
+same message: the copy holds ``control/<key>`` next to the start's tensors (:func:`with_control`), the
+same rule moves it, its first-contact reference is zero (where ``c`` starts), and the client corrects its
+drift with its copy ``c_hat_k``. The server decodes that client's reply with the same ``c_hat_k``
+(``start_k + eta_g (c_hat_k + d_k)``), so the update it adds is the one the client's rule formed, while
+``c`` itself moves by the decoded messages exactly (it stays ``sum_i w_i c_i``).
+
 What travels per round, per client: one compressed payload over the tensors of its start that the
-plan sends (:func:`fedlora.federation.wire.downlink_keys`), plus, at first contact, the head. Base
+plan sends (:func:`fedlora.federation.wire.downlink_keys`) and, under SCAFCOM, of ``c``, plus, at first
+contact, the head. Base
 merges (FLoRA, FedEx-LoRA) are not compressed: a strategy whose clients start fresh LoRA factors
 (FLoRA) is refused, since its downlink is its merges.
 """
@@ -55,11 +64,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedlora.core import lora_math as lm
 from fedlora.core.types import AdapterState, ClientPlan, Compressor, Payload, Tensor
 
 LOST = "downlink copy lost"  # starts the error a client replies with when it lacks the copy a message names
+CONTROL = "control/"  # a copy's tensors of the server's control variate c: "control/<key>" (compression=scafcom)
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,21 @@ def crc(view: Mapping[str, Tensor]) -> int:
 def reference(plan: ClientPlan, modules: Mapping[str, tuple[int, int]], dense: Mapping[str, Tensor],
               names: Sequence[str]) -> AdapterState:
     """The first-contact copy: a fresh adapter at the plan's rank from its ``init_seed``, with ``dense``
-    as its non-LoRA tensors, restricted to ``names``."""
+    as its non-LoRA tensors, restricted to ``names``; zeros for the control variate's (:data:`CONTROL`)."""
     fresh = lm.fresh_state(modules, plan.rank, plan.init_seed, dense)
-    return {k: fresh[k] for k in names}
+    return {k: torch.zeros_like(fresh[k[len(CONTROL):]], dtype=torch.float32) if k.startswith(CONTROL) else fresh[k]
+            for k in names}
+
+
+def with_control(start: Mapping[str, Tensor], control: Mapping[str, Tensor]) -> AdapterState:
+    """The copy's target: the start's tensors and the control variate's, as ``control/<key>``."""
+    return {**start, **{CONTROL + k: v for k, v in control.items()}}
+
+
+def split_view(view: Mapping[str, Tensor]) -> tuple[AdapterState, AdapterState]:
+    """A copy's ``(start tensors, control variate)`` (the second empty when it holds none)."""
+    control = {k[len(CONTROL):]: v for k, v in view.items() if k.startswith(CONTROL)}
+    return {k: v for k, v in view.items() if not k.startswith(CONTROL)}, control
 
 
 def apply(base: Mapping[str, Tensor], update: Mapping[str, Tensor]) -> AdapterState:
@@ -125,7 +148,7 @@ def encode(compressor: Compressor, target: Mapping[str, Tensor], plan: ClientPla
     if held is not None and _same_layout(held[1], target):
         base_round, base, dense = held[0], held[1], {}
     else:
-        dense = {k: target[k].clone() for k in names if not lm.is_lora_key(k)}
+        dense = {k: target[k].clone() for k in names if not lm.is_lora_key(k) and not k.startswith(CONTROL)}
         base_round, base = 0, reference(plan, modules, dense, names)
     diff = {k: target[k] - base[k] for k in names}
     payload, _ = compressor.compress(diff, None, ())

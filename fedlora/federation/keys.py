@@ -31,6 +31,7 @@ SECURE_RANK = "secure-rank"  # the layout rank of a secure round's vector (absen
 SECURE_SEED = "secure-seed"  # seeds the client's stochastic quantization in a secure round
 DOWNLINK_BASE = "downlink-base"  # the round of the client's copy a compressed downlink is relative to (0: reference)
 DOWNLINK_CRC = "downlink-crc"  # CRC-32 of that copy
+DOWNLINK_CONTROL = "downlink-control"  # the compressed copy holds the control variate c too (compression=scafcom)
 # an evaluation reply's metrics: "eval/test_accuracy", ... (and NUM_EXAMPLES: how many examples it evaluated on)
 EVAL_PREFIX = "eval/"
 PERSONAL = "personal"  # ClientPlan.personal: the client's B and head are its own ("kept" or "start")

@@ -284,17 +284,19 @@ class Federation:
         if self.personalized and settings.client_eval_every is None:
             raise RunError(f"{type(strategy).__name__} has no global model: each client's own model is evaluated on "
                            "its own held-out examples; set data.client_test_fraction > 0 (for example 0.2)")
+        exact_start = str(getattr(strategy, "needs_global_start", "") or "")  # RoLoRA: why its start must be exact
+        if downlink is not None and exact_start:
+            raise RunError(f"{type(strategy).__name__} cannot take a compressed start: {exact_start}; "
+                           "use downlink=none")
         if downlink is not None and (secure is not None or strategy.fresh_adapters):
             raise RunError("downlink compression needs a strategy whose clients continue from the global adapter "
                            "and no secure aggregation (each client starts from its own copy); use downlink=none")
         self.controlled = ctl.control_of(compressor)  # SCAFCOM: control variates (fedlora.core.control)
-        if self.controlled is not None and (not getattr(strategy, "linear", False) or downlink is not None
-                                            or secure is not None or client_dp is not None
-                                            or settings.participation.fedau):
+        if self.controlled is not None and (not getattr(strategy, "linear", False) or secure is not None
+                                            or client_dp is not None or settings.participation.fedau):
             raise RunError(f"compression=scafcom needs a strategy whose aggregate is a weighted mean of what clients "
                            f"send ({type(strategy).__name__} is {'' if getattr(strategy, 'linear', False) else 'not '}"
-                           "linear) and no downlink compression, secure aggregation, client-level DP or FedAU; use "
-                           "compression=compeft")
+                           "linear) and no secure aggregation, client-level DP or FedAU; use compression=compeft")
         if settings.participation.fedau and (client_dp is not None or secure is not None):
             raise RunError("participation.fedau rescales each client's update on the server, which client-level DP "
                            "and secure aggregation do not allow; turn one of them off")
@@ -502,19 +504,26 @@ class Federation:
         start = lm.plan_start(plan, modules)
         pending = self._pending(state, cid)
         quantization = seeds.secure_quantization(self.settings.seed, server_round, cid) if layout_rank else 0
-        down = None
-        if self.downlink is not None:  # the client starts from its copy, moved towards the plan's start
-            target = {k: start[k] for k in wire.downlink_keys(plan, start)}
-            down = dl.encode(self.downlink, target, plan, modules, state.views.get(cid))
-            state.sent_views[cid] = (server_round, down.view)
-            plan = dataclasses.replace(plan, adapter=down.view, head={})
-            start = lm.plan_start(plan, modules)
         control = None
+        at_rank: AdapterState = {}
         if self.controlled is not None:  # SCAFCOM: c at the client's rank, of every tensor it sends
             at_rank = lm.truncate_keys(state.control, rank)
             control = {k: at_rank[k] for k in wire.uplink_keys(plan, start)}
+        send_control = self.controlled is not None and self.controlled.correct_drift
+        down = None
+        if self.downlink is not None:  # the client starts from its copy, moved towards the plan's start
+            target = {k: start[k] for k in wire.downlink_keys(plan, start)}
+            if send_control:  # and towards c of the same tensors (one layout every round, RoLoRA's too)
+                target = dl.with_control(target, {k: at_rank[k] for k in target})
+            down = dl.encode(self.downlink, target, plan, modules, state.views.get(cid))
+            state.sent_views[cid] = (server_round, down.view)
+            view, held_control = dl.split_view(down.view)
+            plan = dataclasses.replace(plan, adapter=view, head={})
+            start = lm.plan_start(plan, modules)
+            if held_control:  # it travels in the compressed copy; the client corrects (and the server decodes) with it
+                control, send_control = wire.held_control(held_control, plan, start), False
         return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down,
-                               control, send_control=self.controlled is not None and self.controlled.correct_drift)
+                               control, send_control=send_control)
 
     def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
                       assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],

@@ -165,6 +165,14 @@ def uplink_shapes(assignment: Assignment) -> dict[str, tuple[int, ...]]:
     return {k: tuple(assignment.start[k].shape) for k in uplink_keys(assignment.plan, assignment.start)}
 
 
+def held_control(copied: Mapping[str, Tensor], plan: ClientPlan, start: Mapping[str, Tensor]) -> AdapterState:
+    """The control variate a client corrects its drift with (and the server decodes its reply with) when ``c``
+    travels in its compressed copy (:mod:`fedlora.federation.downlink`): the copy's ``c`` of every tensor it
+    sends back. The copy holds ``c`` of every tensor of the start that travels, so that its layout stays one
+    from round to round (RoLoRA alternates the factor it trains)."""
+    return {k: copied[k] for k in uplink_keys(plan, start)}
+
+
 def complete(received: Mapping[str, Tensor], start: Mapping[str, Tensor]) -> AdapterState:
     """The client's whole trained adapter: what it sent, and from ``start`` what stayed (its frozen ``A``).
 
@@ -211,6 +219,8 @@ def encode_assignment(assignment: Assignment) -> Packet:
         packet.arrays[keys.DOWNLINK] = pack_payload(down.payload, sorted(down.view))
         packet.config[keys.DOWNLINK_BASE] = down.base_round
         packet.config[keys.DOWNLINK_CRC] = down.base_crc
+        if any(k.startswith(dl.CONTROL) for k in down.view):
+            packet.config[keys.DOWNLINK_CONTROL] = True
     if assignment.merges:
         packet.arrays[keys.BASE] = to_arrays(lm.merges_to_tensors(assignment.merges))
     if assignment.control is not None and assignment.send_control:
@@ -250,10 +260,14 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
                          weight=float(cast(float, conf[keys.PRUNE_WEIGHT])), min_rank=_int(conf[keys.PRUNE_MIN_RANK]))
              if keys.PRUNE_GAMMA in conf else None)
     down: dl.Downlink | None = None
+    control = to_tensors(packet.arrays[keys.CONTROL]) if keys.CONTROL in packet.arrays else None
     if keys.DOWNLINK in packet.arrays:
         down = _decode_downlink(packet, modules, received, downlink, views)
-        plan = ClientPlan(rank=rank, adapter=down.view, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
+        view, copied = dl.split_view(down.view)
+        plan = ClientPlan(rank=rank, adapter=view, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
                           train_lora_b=train_b, prune=prune)
+        if copied:  # SCAFCOM's c travels in the copy
+            control = held_control(copied, plan, lm.plan_start(plan, modules))
     elif bool(conf[keys.FRESH]):
         head = {k: v for k, v in received.items() if not lm.is_lora_key(k)}
         plan = ClientPlan(rank=rank, adapter=None, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
@@ -262,7 +276,6 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
         plan = ClientPlan(rank=rank, adapter=received, init_seed=seed, train_lora_a=train_a, send_lora_a=send_a,
                           train_lora_b=train_b, personal=personal, prune=prune)
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
-    control = to_tensors(packet.arrays[keys.CONTROL]) if keys.CONTROL in packet.arrays else None
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
                       _int(conf.get(keys.SECURE_SEED, 0)), down, control, send_control=control is not None)
@@ -282,7 +295,9 @@ def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], den
     reference = ClientPlan(rank=rank, adapter=None, init_seed=seed)
     if base_round == 0:  # the reference's tensors that travel, by the one rule (downlink_keys of a continuing plan)
         continuing = ClientPlan(rank=rank, adapter={}, init_seed=seed, send_lora_a=bool(conf[keys.SEND_LORA_A]))
-        names = sorted(downlink_keys(continuing, lm.fresh_state(modules, rank, seed, dense)))
+        names = downlink_keys(continuing, lm.fresh_state(modules, rank, seed, dense))
+        names += [dl.CONTROL + k for k in names] if conf.get(keys.DOWNLINK_CONTROL) else []  # and c of each
+        names = sorted(names)
     else:
         names = sorted(held.get(base_round, {}))
     payload = unpack_payload(packet.arrays[keys.DOWNLINK], names) if names else {}

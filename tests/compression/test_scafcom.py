@@ -25,6 +25,7 @@ from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
 from fedlora.core.errors import ConfigError
 from fedlora.core.faults import FaultSettings
+from fedlora.federation import downlink as dl
 from fedlora.federation import wire
 from fedlora.federation.client import ClientSide
 from fedlora.federation.loop import Federation, LoopSettings
@@ -221,17 +222,39 @@ def assert_c_is_the_weighted_mean(control: dict[str, torch.Tensor], owns: list[d
         torch.testing.assert_close(c, mean, rtol=1e-5, atol=1e-7)
 
 
+class Decoding(Federation):
+    """Keeps the control variate the server decoded each reply with (its copy of ``c`` for that client)."""
+
+    decoded_with: dict[tuple[int, int], dict[str, torch.Tensor]]
+    base_rounds: dict[tuple[int, int], int]  # the round of the copy each compressed start was relative to
+
+    def _assign(self, state: Any, cid: int, rank: int, server_round: int, layout_rank: int = 0) -> wire.Assignment:
+        assignment = super()._assign(state, cid, rank, server_round, layout_rank)
+        self.decoded_with = getattr(self, "decoded_with", {})
+        self.decoded_with[(server_round, cid)] = {k: v.clone() for k, v in (assignment.control or {}).items()}
+        self.base_rounds = getattr(self, "base_rounds", {})
+        if assignment.downlink is not None:
+            self.base_rounds[(server_round, cid)] = assignment.downlink.base_round
+        return assignment
+
+
 def federation(run_dir: Path, compressor: Any, *, transport: InMemoryTransport | None = None,
-               trainer: TinyTrainer | None = None, faults: FaultSettings | None = None,
-               **loop: Any) -> tuple[Federation, InMemoryTransport]:
+               trainer: TinyTrainer | None = None, faults: FaultSettings | None = None, downlink: Any = None,
+               strategy: Any = None, **loop: Any) -> tuple[Decoding, InMemoryTransport]:
     settings = LoopSettings(**{"name": "t", "seed": 0, "num_clients": len(RANKS), "num_rounds": 5,
                                "round_timeout": 30.0, **loop})
     transport = transport or InMemoryTransport(RANKS, ClientSide(trainer=trainer or Recording(),
-                                                                 compressor=compressor,
+                                                                 compressor=compressor, downlink=downlink,
                                                                  faults=faults or FaultSettings()))
-    fed = Federation(settings, strategy=FedAvg(), transport=transport, model=TinyModel(run_dir), run_dir=run_dir,
-                     recorder=RunRecorder(run_dir, tensorboard=False), say=lambda _: None, compressor=compressor)
+    fed = Decoding(settings, strategy=strategy or FedAvg(), transport=transport, model=TinyModel(run_dir),
+                   run_dir=run_dir, recorder=RunRecorder(run_dir, tensorboard=False), say=lambda _: None,
+                   compressor=compressor, downlink=downlink)
     return fed, transport
+
+
+def downlink_compeft(density: float = 0.25, scale: str = "mean_abs") -> ComPEFT:
+    """The downlink's compressor (conf/downlink/compeft.yaml's kind): EF21's copy, no residual."""
+    return ComPEFT(density=density, scale=scale, error_feedback=False)
 
 
 def test_with_the_identity_and_no_momentum_a_federation_is_fedavg(tmp_path: Path) -> None:
@@ -332,19 +355,90 @@ def test_a_malformed_reply_is_rejected_and_neither_end_counts_it(tmp_path: Path)
     assert_c_is_the_weighted_mean(control, owns)  # the client kept its c_k, the server its c
 
 
-def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("down", [None, "compeft"])
+def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path, down: str | None) -> None:
     comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
-    straight, _ = federation(tmp_path / "straight", comp, fraction_train=0.5)
+    downlink = downlink_compeft() if down else None
+    straight, _ = federation(tmp_path / "straight", comp, fraction_train=0.5, downlink=downlink)
     straight.run()
     killed = tmp_path / "killed"
-    first, transport = federation(killed, comp, fraction_train=0.5, num_rounds=3)  # as if stopped after round 3
+    # as if stopped after round 3
+    first, transport = federation(killed, comp, fraction_train=0.5, num_rounds=3, downlink=downlink)
     first.run()
-    assert ckpt.load_checkpoint(killed).control  # the server's c, checkpointed
+    saved = ckpt.load_checkpoint(killed)
+    assert saved.control  # the server's c, checkpointed
+    if down:  # and its mirror of each client's copy, c included
+        assert saved.views and all(any(k.startswith(dl.CONTROL) for k in view) for _, view in saved.views.values())
     (killed / "summary.json").unlink()
-    # the clients kept c_k and v_k (on disk in Flower: fedlora.flower.node_worker.StateStore)
-    resumed, _ = federation(killed, comp, fraction_train=0.5, transport=transport, resume=True)
+    # the clients kept c_k, v_k and their copies (on disk in Flower: fedlora.flower.node_worker.StateStore)
+    resumed, _ = federation(killed, comp, fraction_train=0.5, transport=transport, resume=True, downlink=downlink)
     resumed.run()
     assert untimed(jsonl_rows(killed)) == untimed(jsonl_rows(tmp_path / "straight"))
+
+
+# -- with a compressed downlink -------------------------------------------------------------------------
+def test_with_a_compressed_downlink_c_travels_in_the_copy_and_the_server_decodes_with_the_clients_copy(
+        tmp_path: Path) -> None:
+    comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
+    trainer = Recording()
+    fed, transport = federation(tmp_path / "down", comp, trainer=trainer, fraction_train=0.5, num_rounds=6,
+                                downlink=downlink_compeft())
+    trainer.transport = transport
+    fed.run()
+    records = read_records(tmp_path / "down")
+    assert all(c.status == "ok" for r in records[1:] for c in r.clients)
+    # c moves by the decoded messages exactly, whatever copy of it the clients hold
+    control = ckpt.load_checkpoint(tmp_path / "down").control
+    owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
+    assert_c_is_the_weighted_mean(control, owns)
+    # every client corrected its drift with the copy of c the server decoded its reply with, bit for bit
+    assert trainer.seen.keys() == fed.decoded_with.keys() and len(trainer.seen) == 12
+    for key, (sent, drift, own) in trainer.seen.items():
+        assert sent.keys() == fed.decoded_with[key].keys() and sent
+        assert all(torch.equal(sent[k], fed.decoded_with[key][k]) for k in sent)
+        for k, c in sent.items():
+            torch.testing.assert_close(drift[k], c - own.get(k, torch.zeros_like(c)), rtol=0, atol=0)
+    # the copy is an approximation: some client's c_hat differs from c at its rank (the exact run's)
+    exact, _ = federation(tmp_path / "exact", comp, fraction_train=0.5, num_rounds=6)
+    exact.run()
+    assert any(not torch.equal(fed.decoded_with[key][k], exact.decoded_with[key][k])
+               for key in fed.decoded_with if key in exact.decoded_with and key[0] > 2
+               for k in fed.decoded_with[key] if k in exact.decoded_with[key])
+    # c and the start travel compressed: fewer bytes down than SCAFCOM with the start and c as they are
+    down = [{(r.round, c.client): c.bytes_down for r in read_records(d)[1:] for c in r.clients}
+            for d in (tmp_path / "down", tmp_path / "exact")]
+    assert down[0].keys() == down[1].keys()
+    assert all(down[0][k] < down[1][k] for k in down[0] if k[0] > 1)
+
+
+def test_with_an_exact_downlink_it_is_scafcom_without_one(tmp_path: Path) -> None:
+    comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
+    plain, _ = federation(tmp_path / "plain", comp, fraction_train=0.5)
+    plain.run()
+    exact, _ = federation(tmp_path / "exact", comp, fraction_train=0.5, downlink=downlink_compeft(1.0, "none"))
+    exact.run()
+    a, b = ckpt.load_checkpoint(tmp_path / "plain"), ckpt.load_checkpoint(tmp_path / "exact")
+    for mine, theirs in ((a.adapter, b.adapter), (a.control, b.control)):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6)
+    acc = [(r.metrics["test_accuracy"], s.metrics["test_accuracy"])
+           for r, s in zip(read_records(tmp_path / "plain"), read_records(tmp_path / "exact"), strict=True)]
+    assert all(x == pytest.approx(y, rel=1e-5) for x, y in acc)
+
+
+def test_ef21_with_a_compressed_downlink_sends_no_control_in_the_copy(tmp_path: Path) -> None:
+    ef21 = SCAFCOM(density=0.3, scale="mean_abs", drift_correction=False)
+    trainer = Recording()
+    fed, transport = federation(tmp_path, ef21, trainer=trainer, fraction_train=0.5, num_rounds=4,
+                                downlink=downlink_compeft())
+    trainer.transport = transport
+    fed.run()
+    assert all(not sent and not drift for sent, drift, _ in trainer.seen.values())
+    saved = ckpt.load_checkpoint(tmp_path)
+    assert saved.views and all(not any(k.startswith(dl.CONTROL) for k in view) for _, view in saved.views.values())
+    owns = [ctl.split_client_state(transport.stores[cid].kept)[0] for cid in RANKS]
+    assert_c_is_the_weighted_mean(saved.control, owns)
 
 
 # -- what it refuses before anything starts ------------------------------------------------------------
@@ -353,7 +447,6 @@ def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
     (["strategy=lora_fair"], "strategy='LoRAFAIR'", "or compression=compeft"),
     (["privacy=dp_sgd"], "privacy.kind='dp_sgd'", "use compression=compeft with differential privacy"),
     (["privacy=dp_fedavg"], "privacy.kind='dp_fedavg'", "use compression=compeft with differential privacy"),
-    (["downlink=compeft", "downlink.scale=mean_abs"], "downlink='compeft'", "use downlink=none"),
     (["participation=bernoulli", "participation.fedau=true"], "participation.fedau=True", "turn one of them off"),
     (["compression.scale=std"], "compression", "compression.scale='std' is not contractive"),
     (["compression.momentum=0"], "compression", "compression.momentum=0 must be a number in (0, 1]"),
@@ -369,3 +462,6 @@ def test_what_scafcom_cannot_run_with_is_refused_before_anything_starts(override
 @pytest.mark.parametrize("compression", ["scafcom", "ef21", "scallion"])
 def test_the_linear_strategies_are_accepted(strategy: str, compression: str) -> None:
     validate(compose([f"compression={compression}", f"strategy={strategy}"]), check_model=False, check_data=False)
+    if strategy != "rolora":  # whose frozen factor must be the global one (tests/strategies/test_rolora.py)
+        validate(compose([f"compression={compression}", f"strategy={strategy}", "downlink=compeft"]),
+                 check_model=False, check_data=False)

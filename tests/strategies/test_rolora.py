@@ -110,6 +110,19 @@ def test_a_reply_whose_frozen_factor_moved_is_refused(server_round: int) -> None
         RoLoRA().aggregate(adapter, {}, [], server_round=server_round)
 
 
+def test_a_compressed_downlink_is_refused_before_anything_starts() -> None:
+    # each client's compressed copy would approximate the frozen factor, which the aggregate refuses
+    from conftest import compose
+
+    from fedlora.config.validate import validate
+    from fedlora.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["strategy=rolora", "downlink=compeft"]), check_model=False, check_data=False)
+    assert "downlink='compeft'" in str(info.value), str(info.value)
+    assert "frozen factor must be the global one" in str(info.value) and "use downlink=none" in str(info.value)
+
+
 @pytest.mark.slow
 def test_end_to_end_with_the_real_model_and_compeft(tmp_path) -> None:
     # Real MiniLM, real Flower apps on Ray, ComPEFT with error feedback: rounds 1 and 3 send B, round 2
