@@ -195,7 +195,11 @@ def _check_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
     node = cfg.get("downlink") or {}
     if not node.get("_target_"):
         return
-    if _check_component("downlink", node, p) is None:
+    built = _check_component("downlink", node, p)
+    if built is None:
+        return
+    if getattr(built, "compresses_merges", False):
+        _check_merge_downlink(cfg, strategy, p)
         return
     if node.get("scale", "std") == "std":
         p.add("downlink.scale", node.get("scale", "std"), "the downlink keeps each client's copy with EF21's rule, "
@@ -218,6 +222,18 @@ def _check_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
     if (cfg.get("privacy") or {}).get("secure") is True:
         p.add("downlink", "compeft", "secure aggregation sums updates from one start, and a compressed downlink gives "
               "each client its own; use downlink=none with privacy.secure=true")
+
+
+def _check_merge_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
+    """``downlink=svd`` (:mod:`fedlora.compression.merges`) truncates base merges: the downlink of a strategy
+    whose clients start fresh factors every round (FLoRA); a continuing strategy's start is compressed by
+    ``downlink=compeft``."""
+    if strategy is not None and not getattr(strategy, "fresh_adapters", False):
+        p.add("downlink", "svd", f"downlink=svd compresses base merges, and {type(strategy).__name__}'s downlink is "
+              "each client's start; use downlink=compeft (each client's copy of its start) with this strategy")
+    if (cfg.get("privacy") or {}).get("secure") is True:
+        p.add("downlink", "svd", "secure aggregation merges nothing into the base; use downlink=none with "
+              "privacy.secure=true")
 
 
 def _check_transport(cfg: Mapping[str, Any], p: Problems) -> None:

@@ -452,3 +452,30 @@ def participant_weights(weighting: str, num_examples: Sequence[int]) -> list[flo
     if weighting == "uniform":
         return [1.0 / len(num_examples)] * len(num_examples)
     return example_weights(num_examples)
+
+
+def truncate_merge(pair: LoraPair, residual: Tensor | None, rank: int) -> tuple[LoraPair, Tensor, float, float]:
+    r"""The best rank-``rank`` approximation of a base merge plus what earlier truncations left out.
+
+    ``T = B A + E`` (``E``: the dense ``residual``, ``None`` for zero) is formed densely in float64 and
+    split by its SVD ``U S V^T``; the returned pair is ``(A_q, B_q) = (V_q^T, U_q S_q)`` at the merge's
+    dtype (``q = min(rank, numerical rank of T)``, at least 1), and the new residual is ``T - B_q A_q``
+    computed from the factors as they are returned, so that what the pair and the residual hold adds up to ``T`` exactly
+    up to float64 rounding (error feedback: nothing dropped, only delayed). Also returned:
+    ``||B_q A_q||_F^2`` and ``||T||_F^2``.
+    """
+    if rank < 1:
+        raise ValueError(f"a merge is truncated to rank >= 1, not {rank}")
+    target = pair.b.to(torch.float64) @ pair.a.to(torch.float64)
+    if residual is not None:
+        if tuple(residual.shape) != tuple(target.shape):
+            raise ValueError(f"merge residual of shape {tuple(residual.shape)} for a merge of shape "
+                             f"{tuple(target.shape)}")
+        target = target + residual.to(torch.float64)
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    tol = float(s[0]) * max(target.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    q = max(1, min(rank, int((s > tol).sum())))  # no component of a numerically zero singular value
+    dtype = pair.a.dtype
+    a_q, b_q = vh[:q].to(dtype).contiguous(), (u[:, :q] * s[:q]).to(dtype).contiguous()
+    sent = b_q.to(torch.float64) @ a_q.to(torch.float64)
+    return LoraPair(a=a_q, b=b_q), target - sent, float(sent.square().sum()), float(target.square().sum())

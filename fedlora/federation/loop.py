@@ -200,6 +200,8 @@ class ServerState:
     personal: set[int] = field(default_factory=set)
     # controlled averaging (compression=scafcom): the control variate c = sum_i w_i c_i, at the global rank
     control: AdapterState = field(default_factory=dict)
+    # downlink=svd: module -> what the truncated merges have not sent yet (dense, on the server only)
+    merge_residual: AdapterState = field(default_factory=dict)
 
 
 def feedback_scope(compressor: Compressor | None, strategy: Strategy) -> str | None:
@@ -256,9 +258,18 @@ class Federation:
                  run_dir: Path, recorder: RunRecorder, compressor: Compressor | None = None,
                  say: Callable[[str], None] = console, stop: threading.Event | None = None,
                  privacy: PrivacyLedger | None = None, client_dp: ClientLevelLedger | None = None,
-                 secure: secure.SecureSettings | None = None, downlink: Compressor | None = None) -> None:
+                 secure: secure.SecureSettings | None = None, downlink: Any = None) -> None:
         self.settings = settings
-        self.downlink = downlink  # compresses each client's start against the copy it holds
+        # downlink=svd (fedlora.compression.merges) compresses the base merges; downlink=compeft each client's start
+        self.merge_downlink = downlink if getattr(downlink, "compresses_merges", False) else None
+        if self.merge_downlink is not None:
+            downlink = None
+            if not strategy.fresh_adapters or secure is not None:
+                raise RunError(f"downlink={type(self.merge_downlink).__name__} compresses base merges, the downlink of "
+                               "a strategy whose clients start fresh factors (flora), without secure aggregation; "
+                               f"{type(strategy).__name__} {'merges nothing' if not strategy.fresh_adapters else ''}"
+                               "; use downlink=compeft or none")
+        self.downlink: Compressor | None = downlink  # compresses each client's start against the copy it holds
         self.secure = secure  # secure aggregation: the server learns only the sum of the clients' vectors
         self.privacy = privacy
         self.client_dp = client_dp
@@ -679,7 +690,11 @@ class Federation:
             return "aggregation produced non-finite values: the global adapter is kept", {}
         state.adapter, state.strategy_state = result.adapter, dict(result.state)
         if result.merge is not None:
-            state.merges.append(result.merge)
+            merge = result.merge
+            if self.merge_downlink is not None:  # the truncated merge is the round's merge, for every model
+                merge, state.merge_residual, sent = self.merge_downlink.compress_merge(merge, state.merge_residual)
+                extra.update(sent)
+            state.merges.append(merge)
         return None, {**{k: float(v) for k, v in result.metrics.items()}, **extra}
 
     def _fedau_rescale(self, updates: Sequence[ClientUpdate], assignments: Mapping[int, wire.Assignment],
@@ -775,7 +790,8 @@ class Federation:
             self.fedau = part.FedAUWeights.replay(self.fedau.absent, self.fedau.cutoff, took_part)
         return ServerState(adapter=saved.adapter, strategy_state=dict(saved.strategy_state), round=saved.round,
                            best=saved.best, merges=list(saved.merges), trained=trained, views=dict(saved.views),
-                           personal=personal, control=dict(saved.control))
+                           personal=personal, control=dict(saved.control),
+                           merge_residual=dict(saved.merge_residual))
 
     def _checkpoint(self, state: ServerState, ranks: Mapping[int, int]) -> None:
         """Write the checkpoint of the last complete round (see :mod:`fedlora.results.checkpoint`)."""
@@ -785,7 +801,7 @@ class Federation:
         saved = ckpt.Checkpoint(round=state.round, adapter=state.adapter, strategy_state=dict(state.strategy_state),
                                 merges=state.merges, ranks=dict(ranks), acked=dict(state.acked), best=state.best,
                                 elapsed=self.elapsed(), metrics=lines, views=dict(state.views),
-                                control=dict(state.control))
+                                control=dict(state.control), merge_residual=dict(state.merge_residual))
         ckpt.save_checkpoint(self.run_dir, saved, merges_from=self.merges_saved)
         self.merges_saved = len(state.merges)
 
@@ -835,7 +851,8 @@ class Federation:
         return {"compression": type(comp).__name__ if comp else None,
                 "error_feedback": bool(comp.error_feedback) if comp else None,
                 "error_feedback_tensors": feedback_scope(comp, self.strategy),
-                "downlink_compression": type(self.downlink).__name__ if self.downlink else None}
+                "downlink_compression": type(self.downlink or self.merge_downlink).__name__
+                if self.downlink or self.merge_downlink else None}
 
     def _first_line(self, clients: Mapping[int, ClientInfo]) -> str:
         text = f"{self.transport.describe(clients)}; strategy {type(self.strategy).__name__}"
@@ -855,8 +872,12 @@ class Federation:
                          f"EF21 error feedback: each client's c_k tracks its update, momentum {c.momentum:g}, server "
                          f"step {c.server_lr:g}; no drift correction")
             text += f" + {name} ({words})"
+        if self.merge_downlink is not None:
+            text += (f"; downlink {type(self.merge_downlink).__name__} (each base merge truncated to rank "
+                     f"{getattr(self.merge_downlink, 'rank', '?')}, the rest kept on the server for the next)")
         if self.downlink is not None:
-            text += f"; downlink {type(self.downlink).__name__} (each client's copy of its start, EF21)"
+            held = "start and of c" if self.controlled is not None and self.controlled.correct_drift else "start"
+            text += f"; downlink {type(self.downlink).__name__} (each client's copy of its {held}, EF21)"
         if self.privacy is not None:
             text += f"; {self.privacy.describe([c.num_examples for c in clients.values()])}"
         if self.secure is not None:

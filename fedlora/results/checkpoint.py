@@ -70,6 +70,8 @@ class Checkpoint:
     views: dict[int, tuple[int, AdapterState]] = field(default_factory=dict)
     # controlled averaging (compression=scafcom): the server's control variate c
     control: AdapterState = field(default_factory=dict)
+    # downlink=svd: module -> the part of the merges not sent yet (fedlora.compression.merges)
+    merge_residual: AdapterState = field(default_factory=dict)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -149,6 +151,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, merges_from: int = 0) -> Pa
     tensors.update({f"strategy/{k}": v for k, v in ckpt.strategy_state.items()})
     tensors.update({f"view/{cid}/{k}": v for cid, (_, view) in ckpt.views.items() for k, v in view.items()})
     tensors.update({f"control/{k}": v for k, v in ckpt.control.items()})
+    tensors.update({f"merge_residual/{k}": v for k, v in ckpt.merge_residual.items()})
     tensors["rng/torch"] = torch_rng
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
               str(tmp / "state.safetensors"))
@@ -281,6 +284,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         acked={int(k): int(v) for k, v in meta["acked"].items()}, best=float(meta["best"]),
         elapsed=float(meta["elapsed"]), metrics=(folder / "metrics.jsonl").read_text().splitlines(), rng=rng,
         views=views, control={k[len("control/"):]: v for k, v in tensors.items() if k.startswith("control/")},
+        merge_residual={k[len("merge_residual/"):]: v for k, v in tensors.items() if k.startswith("merge_residual/")},
     )
 
 

@@ -54,9 +54,10 @@ RESUMABLE = {
                *(["strategy.reg_weight=1.0"] if strategy == "hetlora" else [])]
     for strategy in ("flora", "fedavg", "hetlora")
 }
-# SCAFCOM: each client's control variate and momentum on its disk, the server's c in the checkpoint
+# SCAFCOM: each client's control variate, momentum and copy of its start and of c on its disk, the server's c and
+# its mirror of the copies in the checkpoint
 RESUMABLE["scafcom"] = [*TINY, "strategy=fedavg", "compression=scafcom", "num_rounds=4", "logging.tensorboard=false",
-                        *STRAGGLE]
+                        "downlink=compeft", *STRAGGLE]
 
 
 def _run_ok(args: list[str], run_dir: Path, timeout: int = 600) -> str:
@@ -197,6 +198,10 @@ def test_stopped_mid_round_then_resumed_equals_uninterrupted(uninterrupted: tupl
         owns = [ctl.split_client_state(load_client_state(run_dir / "client_state" / str(cid), at_most=4))[0]
                 for cid in range(3)]
         assert all(owns) and control
+        assert summary["downlink_compression"] == "ComPEFT"
+        for cid in range(3):  # c travels in the compressed copy, which each client keeps
+            kept = load_client_state(run_dir / "client_state" / str(cid), at_most=4) or {}
+            assert any(k.startswith("view|4|control/") for k in kept), sorted(kept)
         sizes = {c["client"]: c["num_examples"] for c in resumed[1]["clients"]}  # FedAvg weighs by examples
         weights = [sizes[cid] / sum(sizes.values()) for cid in range(3)]
         for key, c in control.items():  # c = sum_i w_i c_i
