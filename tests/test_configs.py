@@ -17,7 +17,8 @@ REQUIRED_NAME = {("model", "hf"), ("data", "local_file"), ("data", "hub"), ("dat
 HUB_MODELS = {("model", "tinyllama"), ("model", "qwen2_5_0_5b"), ("model", "llama3_2_1b")}  # offline=false
 CAUSAL_ONLY = {("model", "tiny_decoder"), ("data", "synthetic_instructions"), *HUB_MODELS}
 # options that need another setting: FedSA-LoRA has no global model, its clients evaluate their own
-NEEDS = {("strategy", "fedsa_lora"): ["data.client_test_fraction=0.2"]}
+NEEDS = {("strategy", "fedsa_lora"): ["data.client_test_fraction=0.2"],
+         ("downlink", "svd"): ["strategy=flora"]}  # it compresses base merges, which FLoRA sends
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in sorted(GROUPS.items()) for o in opts

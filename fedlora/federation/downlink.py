@@ -11,11 +11,17 @@ and that copy:
     m_k = C(T_k - H_k), \qquad H_k \leftarrow H_k + D(m_k),
 
 on both ends, with the same float32 operations, so the client's copy and the server's mirror are
-equal bit for bit, and the round's start (and the reply's decoding, and every check of it) uses
-``H_k``. This is EF21's rule (Richtárik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically
-Better, and Practically Faster Error Feedback", NeurIPS 2021) on the downlink: what compression
-dropped is not stored as a residual but stays in ``T_k - H_k``, and the next message compresses it
-again together with the new change. Why this rule and not ComPEFT's residual (EF14):
+equal bit for bit. The client trains from ``H_k``; the server adds its update (what it trained minus
+``H_k``) to the start it planned, ``T_k`` (:func:`fedlora.federation.wire.base`), so the server's model
+moves by the clients' updates exactly, and every check of a reply sees that update. This is EF21's
+rule (Richtárik, Sokolov, Fatkhullin, "EF21: A New, Simpler, Theoretically Better, and Practically
+Faster Error Feedback", NeurIPS 2021) applied to the model the server sends, EF21-P (Gruntkowska,
+Tyurin, Richtárik, "EF21-P and Friends", ICML 2023): what compression dropped is not stored as a
+residual but stays in ``T_k - H_k``, and the next message compresses it again together with the new
+change. (Adding the update to ``H_k`` instead would make the next target ``H_k`` plus the updates and
+drop each round's compression error from the model for good; fedlora did that until 2026-12-05, and
+``tests/federation/test_downlink.py`` now checks that the model moves by the updates exactly.) Why this
+rule and not ComPEFT's residual (EF14):
 
 * **It survives partial participation.** A client that sat out rounds is sent the difference from
   the copy it holds, however old: the message is one compressed tensor per tensor whatever the
@@ -47,7 +53,7 @@ starts it again from the reference.
 same message: the copy holds ``control/<key>`` next to the start's tensors (:func:`with_control`), the
 same rule moves it, its first-contact reference is zero (where ``c`` starts), and the client corrects its
 drift with its copy ``c_hat_k``. The server decodes that client's reply with the same ``c_hat_k``
-(``start_k + eta_g (c_hat_k + d_k)``), so the update it adds is the one the client's rule formed, while
+(``T_k + eta_g (c_hat_k + d_k)``), so the update it adds is the one the client's rule formed, while
 ``c`` itself moves by the decoded messages exactly (it stays ``sum_i w_i c_i``).
 
 What travels per round, per client: one compressed payload over the tensors of its start that the

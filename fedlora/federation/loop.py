@@ -521,7 +521,7 @@ class Federation:
             at_rank = lm.truncate_keys(state.control, rank)
             control = {k: at_rank[k] for k in wire.uplink_keys(plan, start)}
         send_control = self.controlled is not None and self.controlled.correct_drift
-        down = None
+        down = planned = None
         if self.downlink is not None:  # the client starts from its copy, moved towards the plan's start
             target = {k: start[k] for k in wire.downlink_keys(plan, start)}
             if send_control:  # and towards c of the same tensors (one layout every round, RoLoRA's too)
@@ -529,12 +529,12 @@ class Federation:
             down = dl.encode(self.downlink, target, plan, modules, state.views.get(cid))
             state.sent_views[cid] = (server_round, down.view)
             view, held_control = dl.split_view(down.view)
-            plan = dataclasses.replace(plan, adapter=view, head={})
+            plan, planned = dataclasses.replace(plan, adapter=view, head={}), start  # its update goes on the plan's
             start = lm.plan_start(plan, modules)
             if held_control:  # it travels in the compressed copy; the client corrects (and the server decodes) with it
                 control, send_control = wire.held_control(held_control, plan, start), False
         return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down,
-                               control, send_control=send_control)
+                               control, send_control=send_control, planned=planned)
 
     def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
                       assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],
@@ -618,7 +618,7 @@ class Federation:
             if update is not None:
                 accepted[cid] = update
         # at the rank each update has (smaller than planned for a client that pruned: HetLoRA)
-        norms = {cid: validation.change_norm(u.state, wire.at_rank(assignments[cid], u.rank).start)
+        norms = {cid: validation.change_norm(u.state, wire.base(wire.at_rank(assignments[cid], u.rank)))
                  for cid, u in accepted.items()}
         # under client-level DP, clipping bounds each client; a rejection that depends on the others' norms would not
         ratio = None if self.client_dp is not None else self.settings.max_norm_ratio
@@ -659,7 +659,7 @@ class Federation:
         row.num_examples, row.train_loss = report.num_examples, report.train_loss
         row.train_seconds, row.base_version = report.train_seconds, report.base_version
         return ClientUpdate(row.client, rank, self.model.scaling(rank), report.num_examples,
-                            wire.complete(received, assignment.start))
+                            wire.complete(received, wire.base(assignment)))
 
     def _message(self, exchange: Exchange, cid: int, assignment: wire.Assignment) -> AdapterState:
         """Client ``cid``'s accepted controlled reply, decoded: its message ``d_k``."""
@@ -710,7 +710,7 @@ class Federation:
         w = [full[u.client_id] for u in updates]
         factors = part.fedau_factors(omegas, w, p)
         fresh = self.strategy.fresh_adapters
-        scaled = [part.rescale(u, assignments[u.client_id].start, c, keep_lora_a=fresh)
+        scaled = [part.rescale(u, wire.base(assignments[u.client_id]), c, keep_lora_a=fresh)
                   for u, c in zip(updates, factors, strict=True)]
         step = sum(o * x for o, x in zip(omegas, w, strict=True))
         return scaled, {"fedau_weight_max": max(omegas), "fedau_step": step}

@@ -111,6 +111,10 @@ class Assignment:
     drift:
         On the client only (never encoded): the drift correction ``c - c_k`` its local steps add, spread
         evenly over them (:func:`fedlora.core.control.drift`); ``None``: no correction.
+    planned:
+        On the server only (never encoded), with a compressed downlink: the start the strategy planned,
+        which the server adds the client's update to (:func:`base`), while the client trains from its
+        copy ``start``; ``None``: ``start`` itself.
     """
 
     server_round: int
@@ -124,6 +128,15 @@ class Assignment:
     control: AdapterState | None = None
     drift: AdapterState | None = None
     send_control: bool = False
+    planned: AdapterState | None = None
+
+
+def base(assignment: Assignment) -> AdapterState:
+    """What the server adds a client's update to: the planned start (:attr:`Assignment.planned`) when the
+    client trained from a compressed copy of it, so that the server's model moves by the clients' updates
+    exactly and what compression dropped stays in the next message (EF21-P,
+    :mod:`fedlora.federation.downlink`); else the start itself."""
+    return assignment.planned if assignment.planned is not None else assignment.start
 
 
 @dataclass(frozen=True)
@@ -361,8 +374,9 @@ def at_rank(assignment: Assignment, rank: int) -> Assignment:
     ``rank`` is not smaller than the plan's."""
     if rank >= assignment.plan.rank:
         return assignment
+    planned = lm.truncate_keys(assignment.planned, rank) if assignment.planned is not None else None
     return dataclasses.replace(assignment, plan=dataclasses.replace(assignment.plan, rank=rank),
-                               start=lm.truncate_keys(assignment.start, rank))
+                               start=lm.truncate_keys(assignment.start, rank), planned=planned)
 
 
 def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor | None,
@@ -387,7 +401,7 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
                              "the server cannot tell what it would add to c")
         report = decode_report(m)
         assignment = as_trained(assignment, report)
-        start = assignment.start
+        start = base(assignment)
         if compressor is not None and keys.COMPRESSED in arrays:
             delta = compressed_message(packet, assignment, compressor)
             settings = ctl.control_of(compressor)
@@ -399,6 +413,9 @@ def decode_reply(packet: Packet, assignment: Assignment, compressor: Compressor 
                 received = {k: start[k] + delta[k].reshape(start[k].shape) for k in delta}
         else:
             received = to_tensors(arrays[keys.ADAPTER])
+            if assignment.planned is not None:  # trained from its copy: the same update, on the planned start
+                received = {k: start[k] + (v.reshape(start[k].shape) - assignment.start[k]) if k in start else v
+                            for k, v in received.items()}
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise WireError(f"cannot decode the update: {type(exc).__name__}: {str(exc)[:200]}") from exc
     return received, report
