@@ -22,9 +22,10 @@ there is one sender and every client receives the same message, so the residual 
 Per module and merge, ``q (m + n)`` numbers travel instead of ``R (m + n)``: ``R / q`` less downlink
 when every merge reaches every client. The residual ``E`` is dense (``m x n`` per module, on the server
 only, in the checkpoint) and ``T`` is formed densely for its SVD: a server cost of ``O(m n min(m, n))``
-per module and round, small for MiniLM's 384 x 384 projections, seconds for a 7B model's 4096 x 4096
-ones. Its rank ``q`` is fixed, so a round's bytes are too; the energy kept (``||M_hat||^2 / ||T||^2``)
-and the residual's norm are logged each round.
+per module and round: small for MiniLM's 384 x 384 projections; for a 7B model's 4096 x 4096 ones the
+dense SVD of every module is the server's main cost each round (not benchmarked yet). Its rank ``q`` is
+fixed, so a round's bytes are too; the energy kept (``||M_hat||^2 / ||T||^2``) and the residual's norm
+are logged each round.
 """
 
 from __future__ import annotations
