@@ -143,6 +143,8 @@ def test_downlink_compression_is_its_own_method_with_its_own_ratio(tmp_path: Pat
     down = {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}
     config = {"strategy": {"_target_": FEDAVG}, "downlink": down}
     assert report.method_label(config) == ("fedavg", "fedavg+down-compeft(d=0.1)")
+    svd = {"strategy": {"_target_": FLORA}, "downlink": {"_target_": "fedlora.compression.merges.MergeSVD", "rank": 6}}
+    assert report.method_label(svd) == ("flora", "flora+down-svd(q=6)")
     make_run(tmp_path / "0_fedavg", FEDAVG, 0, [0.5, 0.8], up=2000, down=3000)
     make_run(tmp_path / "1_fedavg_down", FEDAVG, 0, [0.5, 0.7], up=2000, down=250, downlink=down)
     rows = by_method(report.summarize(report.load_runs(tmp_path)))

@@ -278,6 +278,12 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
 
     >>> method_label({"strategy": {"_target_": "strategies.fedavg.FedAvg"}, "participation": {"fedau": True}})
     ('fedavg', 'fedavg+fedau')
+
+    FLoRA's merges truncated by their SVD (``downlink=svd``) add ``"+down-svd(q=<rank>)"``:
+
+    >>> method_label({"strategy": {"_target_": "strategies.flora.FLoRA"},
+    ...               "downlink": {"_target_": "fedlora.compression.merges.MergeSVD", "rank": 6}})
+    ('flora', 'flora+down-svd(q=6)')
     """
     target = str((config.get("strategy") or {}).get("_target_", "?"))
     strategy = target.rsplit(".", 2)[-2] if target.count(".") >= 1 else target
@@ -298,9 +304,12 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     downlink = config.get("downlink") or {}
     if downlink.get("_target_"):
         name = str(downlink["_target_"]).rsplit(".", 2)
-        density = downlink.get("density")
-        method += f"+down-{name[-2] if len(name) > 1 else name[0]}" + (
-            f"(d={density:g})" if isinstance(density, int | float) else "")
+        density, rank = downlink.get("density"), downlink.get("rank")
+        if name[-2:] == ["merges", "MergeSVD"]:  # downlink=svd: FLoRA's merges truncated to rank q
+            method += "+down-svd" + (f"(q={rank})" if isinstance(rank, int) else "")
+        else:
+            method += f"+down-{name[-2] if len(name) > 1 else name[0]}" + (
+                f"(d={density:g})" if isinstance(density, int | float) else "")
     fedau = "+fedau" if (config.get("participation") or {}).get("fedau") is True else ""
     return strategy, method + fedau + privacy_label(config.get("privacy") or {})
 
