@@ -100,7 +100,7 @@ BAD = [
     (["downlink=compeft", "downlink.scale=std"], "downlink.scale='std'", "downlink.scale=mean_abs"),
     (["downlink=compeft", "downlink.density=5"], "downlink.density=5", "not a fraction in (0, 1]"),
     (["downlink=compeft", "downlink.error_feedback=true"], "downlink.error_feedback=True", "count it twice"),
-    (["downlink=compeft", "strategy=flora"], "downlink='compeft'", "use downlink=none with this strategy"),
+    (["downlink=compeft", "strategy=flora"], "downlink='compeft'", "use downlink=svd (the merges truncated"),
     (["downlink=compeft", "privacy=secagg"], "downlink='compeft'", "use downlink=none with privacy.secure=true"),
     (["downlink=compeft", "strategy=centralized"], "downlink='compeft'", "the centralized bound communicates"),
     (["data.client_test_fraction=1.5"], "data.client_test_fraction=1.5", "a number in [0, 1)"),

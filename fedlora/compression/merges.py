@@ -32,10 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
 from fedlora.core import lora_math as lm
-from fedlora.core.types import BaseMerge, LoraPair, Tensor
+from fedlora.core.types import BaseMerge, Tensor
 
 
 class MergeSVD:
@@ -51,7 +49,8 @@ class MergeSVD:
 
     def __init__(self, *, rank: int = 6) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"downlink.rank={rank!r} must be an integer >= 1 (the rank of each merge sent)")
+            raise ValueError(f"downlink.rank={rank!r} must be an integer >= 1 (the rank of each merge sent); "
+                             "use downlink.rank=6, the value chosen on validation")
         self.rank = rank
 
     def compress_merge(self, merge: BaseMerge, residual: Mapping[str, Tensor],
@@ -67,9 +66,7 @@ class MergeSVD:
             kept_sq, total_sq = kept_sq + kept, total_sq + total
         # one rank for every module (a merge folds into one adapter): zero components where a module has fewer
         q = max(p.a.shape[0] for p in sent.values())
-        sent = {k: LoraPair(a=torch.cat([p.a, p.a.new_zeros(q - p.a.shape[0], p.a.shape[1])]),
-                            b=torch.cat([p.b, p.b.new_zeros(p.b.shape[0], q - p.b.shape[1])], dim=1))
-                for k, p in sent.items()}
+        sent = {k: lm.pad_pair(p.a, p.b, q) for k, p in sent.items()}
         rest = sum(float(e.square().sum()) for e in carried.values())
         metrics = {"merge_energy_kept": kept_sq / total_sq if total_sq > 0 else 1.0,
                    "merge_residual_fro": rest**0.5,

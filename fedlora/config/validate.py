@@ -211,8 +211,8 @@ def _check_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
               "it twice. Leave downlink.error_feedback=false")
     if strategy is not None and getattr(strategy, "fresh_adapters", False):
         p.add("downlink", "compeft", f"{type(strategy).__name__}'s clients start fresh LoRA factors every round, so "
-              "its downlink is its base merges, which downlink compression does not compress yet; use downlink=none "
-              "with this strategy")
+              "its downlink is its base merges, not a start to copy; use downlink=svd (the merges truncated by "
+              "their SVD) or downlink=none with this strategy")
     if strategy is not None and getattr(strategy, "needs_global_start", ""):
         p.add("downlink", "compeft", f"{type(strategy).__name__} cannot take a compressed start: "
               f"{strategy.needs_global_start}; use downlink=none with this strategy")
@@ -228,7 +228,10 @@ def _check_merge_downlink(cfg: Mapping[str, Any], strategy: Any, p: Problems) ->
     """``downlink=svd`` (:mod:`fedlora.compression.merges`) truncates base merges: the downlink of a strategy
     whose clients start fresh factors every round (FLoRA); a continuing strategy's start is compressed by
     ``downlink=compeft``."""
-    if strategy is not None and not getattr(strategy, "fresh_adapters", False):
+    if (cfg.get("transport") or "flower") == "pooled":
+        p.add("downlink", "svd", "the centralized bound communicates nothing; use downlink=none with "
+              "strategy=centralized")
+    elif strategy is not None and not getattr(strategy, "fresh_adapters", False):
         p.add("downlink", "svd", f"downlink=svd compresses base merges, and {type(strategy).__name__}'s downlink is "
               "each client's start; use downlink=compeft (each client's copy of its start) with this strategy")
     if (cfg.get("privacy") or {}).get("secure") is True:

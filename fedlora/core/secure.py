@@ -82,8 +82,6 @@ def vector_size(plan: Layout) -> int:
     return total
 
 
-
-
 def embed(tensors: Mapping[str, Tensor], plan: Layout) -> Tensor:
     """``tensors`` (a client's uplink tensors at its rank) zero-padded to ``plan`` and flattened (float64).
 

@@ -264,11 +264,12 @@ class Federation:
         self.merge_downlink = downlink if getattr(downlink, "compresses_merges", False) else None
         if self.merge_downlink is not None:
             downlink = None
-            if not strategy.fresh_adapters or secure is not None:
-                raise RunError(f"downlink={type(self.merge_downlink).__name__} compresses base merges, the downlink of "
-                               "a strategy whose clients start fresh factors (flora), without secure aggregation; "
-                               f"{type(strategy).__name__} {'merges nothing' if not strategy.fresh_adapters else ''}"
-                               "; use downlink=compeft or none")
+            if not strategy.fresh_adapters:
+                raise RunError(f"downlink=svd compresses base merges, and {type(strategy).__name__}'s clients continue "
+                               "from the global adapter; use downlink=compeft (each client's copy of its start)")
+            if secure is not None:
+                raise RunError("downlink=svd compresses base merges, and secure aggregation merges nothing; use "
+                               "downlink=none with privacy.secure=true")
         self.downlink: Compressor | None = downlink  # compresses each client's start against the copy it holds
         self.secure = secure  # secure aggregation: the server learns only the sum of the clients' vectors
         self.privacy = privacy

@@ -23,7 +23,7 @@ from federation_kit import TinyModel, TinyTrainer
 from fedlora.compression.merges import MergeSVD
 from fedlora.config.validate import validate
 from fedlora.core import lora_math as lm
-from fedlora.core.errors import ConfigError
+from fedlora.core.errors import ConfigError, RunError
 from fedlora.core.types import LoraPair
 from fedlora.federation import wire
 from fedlora.federation.client import ClientSide
@@ -32,6 +32,7 @@ from fedlora.federation.memory import InMemoryTransport
 from fedlora.results import checkpoint as ckpt
 from fedlora.results.record import read_records
 from fedlora.results.recorder import RunRecorder
+from strategies.fedavg import FedAvg
 from strategies.flora import FLoRA
 
 RANKS = {0: 2, 1: 4, 2: 8, 3: 4}
@@ -184,12 +185,23 @@ def test_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("overrides", "field", "fix"), [
     (["strategy=fedavg"], "downlink='svd'", "use downlink=compeft"),
     (["strategy=lora_fair"], "downlink='svd'", "use downlink=compeft"),
+    (["strategy=centralized"], "downlink='svd'", "use downlink=none with strategy=centralized"),
     (["strategy=flora", "downlink.rank=0"], "downlink", "downlink.rank=0 must be an integer >= 1"),
+    (["strategy=flora", "downlink.rank=0"], "downlink", "use downlink.rank=6"),
 ])
 def test_what_it_cannot_serve_is_refused_before_anything_starts(overrides: list[str], field: str, fix: str) -> None:
     with pytest.raises(ConfigError) as info:
         validate(compose(["downlink=svd", *overrides]), check_model=False, check_data=False)
     assert field in str(info.value) and fix in str(info.value), str(info.value)
+
+
+def test_the_loop_refuses_it_for_a_strategy_that_merges_nothing(tmp_path: Path) -> None:
+    # a caller who builds the federation without the configuration check gets the same reason and fix
+    settings = LoopSettings(name="t", seed=0, num_clients=len(RANKS), num_rounds=1, round_timeout=30.0)
+    with pytest.raises(RunError, match=r"FedAvg's clients continue from the global adapter; use downlink=compeft"):
+        Federation(settings, strategy=FedAvg(), transport=InMemoryTransport(RANKS, ClientSide(trainer=TinyTrainer())),
+                   model=TinyModel(tmp_path), run_dir=tmp_path, recorder=RunRecorder(tmp_path, tensorboard=False),
+                   say=lambda _: None, downlink=MergeSVD())
 
 
 def test_flora_is_accepted_with_and_without_uplink_compression() -> None:
