@@ -47,6 +47,22 @@ TINY = ["num_clients=3", "num_rounds=2", "train.local_steps=2", "train.batch_siz
         "logging.tensorboard=true"]
 
 
+# Every privacy mode, and besides every conf/strategy/*.yaml the options that change what a strategy aggregates
+# or sends (tests/test_privacy.py: each refused pair names its reason and fix; tests/integration/
+# test_secure_aggregation.py: each pair validation lets through runs end to end).
+PRIVACY_MODES = ["privacy=dp_sgd", "privacy=dp_fedavg", "privacy=secagg", "privacy=dp_sgd privacy.secure=true",
+                 "privacy=dp_fedavg privacy.secure=true"]
+PRIVACY_OPTIONS = [["strategy=hetlora", "strategy.prune=false"], ["strategy=fedavg", "strategy.weighting=norm"],
+                   ["strategy=fedavg", "strategy.padding=owners"], ["strategy=fedavg", "compression=compeft"],
+                   ["strategy=ffa_lora", "compression=compeft"], ["strategy=fedavg", "downlink=compeft"],
+                   ["strategy=flora", "downlink=svd"]]
+
+
+def privacy_extra(strategy: str) -> list[str]:
+    """What a strategy needs to run at all: FedSA-LoRA has no global model, its clients evaluate on their own."""
+    return ["data.client_test_fraction=0.3"] if strategy == "fedsa_lora" else []
+
+
 # Tiny causal-LM settings: the random tiny decoder on 300 synthetic instructions, 3 clients with
 # ranks 2/4/8, 2 rounds of 3 local steps, 40 held-out examples, 3 generations of 8 tokens.
 TINY_CAUSAL = ["task=causal_lm", "num_clients=3", "num_rounds=2", "train.local_steps=3", "train.batch_size=8",

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import compose
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlora.config.settings import Settings
 from fedlora.config.validate import validate
@@ -273,6 +275,75 @@ def test_private_mean_clips_each_change_sums_and_divides_by_the_fixed_denominato
                      torch.Generator().manual_seed(1))
 
 
+def _padded_image(state: dict[str, torch.Tensor], r_max: int) -> dict[str, torch.Tensor]:
+    """FedAvg's image of one client's update: its factors zero-padded to ``r_max`` (A rows, B columns)."""
+    from fedlora.core import lora_math as lm
+    from fedlora.core.secure import padded_shape
+
+    return {k: lm.pad_key(k, v, padded_shape(k, tuple(v.shape), r_max)) for k, v in state.items()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(ranks=st.lists(st.sampled_from([1, 2, 4, 8]), min_size=1, max_size=6),
+       scales=st.lists(st.floats(1e-3, 1e3), min_size=6, max_size=6),
+       clip=st.floats(1e-2, 10.0), seed=st.integers(0, 2**16))
+def test_clipping_bounds_every_clients_contribution_whatever_its_rank_and_size(
+        ranks: list[int], scales: list[float], clip: float, seed: int) -> None:
+    # DP-FedAvg's sensitivity: with the noise off, m (g' - g) is the sum of the clipped changes, each of
+    # norm <= C, and leaving any one client out moves that sum by at most C (add/remove adjacency)
+    from fedlora.core.privacy import ClientLevel, private_mean
+
+    gen = torch.Generator().manual_seed(seed)
+    r_max, m, n = max(ranks), 5, 3
+    keys = {"base_model.model.q.lora_A.weight": lambda r: (r, n), "base_model.model.q.lora_B.weight": lambda r: (m, r),
+            "classifier.weight": lambda r: (4, m)}
+    # g of the clip's size: the released adapter is float32, and g + sum / m - g loses eps32 |g| per entry
+    g = {k: clip * torch.randn(shape(r_max), generator=gen) for k, shape in keys.items()}
+    images = [_padded_image({k: scales[i] * torch.randn(shape(r), generator=gen) for k, shape in keys.items()}, r_max)
+              for i, r in enumerate(ranks)]
+    level = ClientLevel(clip=clip, noise_multiplier=0.0, denominator=len(ranks) + 1)
+
+    def released_sum(chosen: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        out, _ = private_mean(g, chosen, set(keys), level, torch.Generator().manual_seed(0))
+        return torch.cat([(out[k].double() - g[k].double()).reshape(-1) for k in sorted(keys)]) * level.denominator
+
+    total = released_sum(images)
+    contributions = [released_sum([image]) for image in images]
+    assert all(float(c.norm()) <= clip * (1 + 1e-5) for c in contributions)
+    torch.testing.assert_close(total, torch.stack(contributions).sum(0), rtol=1e-5, atol=1e-5 * clip * len(images))
+    for j in range(len(images)):
+        without = released_sum(images[:j] + images[j + 1:]) if len(images) > 1 else torch.zeros_like(total)
+        assert float((total - without).norm()) <= clip * (1 + 1e-4) + 1e-5
+
+
+def test_a_client_under_secure_aggregation_masks_the_change_the_server_would_have_clipped() -> None:
+    # client-level DP with a masked sum: the client's vector is clip(pad(update) - reference), exactly the
+    # server's clip of its image in the plain path (fedlora.core.privacy.private_mean)
+    from fedlora.core import secure
+    from fedlora.core.privacy import ClientLevel, clip_update, private_mean
+    from fedlora.core.types import ClientPlan
+    from fedlora.federation import wire
+    from fedlora.federation.client import secure_vector
+
+    gen = torch.Generator().manual_seed(3)
+    ka, kb = "base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"
+    g = {ka: torch.randn(8, 3, generator=gen), kb: torch.randn(5, 8, generator=gen)}
+    update = {ka: 4 * torch.randn(2, 3, generator=gen), kb: 4 * torch.randn(5, 2, generator=gen)}
+    plan_k = ClientPlan(rank=2, adapter=g, init_seed=0)
+    assignment = wire.Assignment(1, plan_k, {}, clip_reference=g, clip=0.7, secure_weight=64)
+    vector = secure_vector(update, 8, assignment)
+    plan = secure.layout({k: tuple(v.shape) for k, v in update.items()}, 8)
+    expected, norm = clip_update({k: v - g[k] for k, v in _padded_image(update, 8).items()}, 0.7)
+    assert norm > 0.7
+    torch.testing.assert_close(secure.unembed(vector, plan), expected)
+    assert float(vector.norm()) == pytest.approx(0.7, rel=1e-6)
+    plain, _ = private_mean(g, [_padded_image(update, 8)], {ka, kb}, ClientLevel(0.7, 0.0, 1),
+                            torch.Generator().manual_seed(0))
+    torch.testing.assert_close(secure.unembed(vector, plan), {k: plain[k] - g[k] for k in g})
+    with pytest.raises(RuntimeError, match="reference holds"):
+        secure_vector(update, 8, wire.Assignment(1, plan_k, {}, clip_reference={ka: g[ka]}, clip=0.7))
+
+
 def test_client_epsilon_is_the_sampled_gaussian_over_the_rounds() -> None:
     dp = dpsgd.ClientDPSettings(noise_multiplier=1.2, sample_rate=0.1, rounds=50)
     assert dpsgd.client_epsilon(dp, 0) == 0.0
@@ -342,6 +413,32 @@ def test_ffa_lora_under_client_level_dp_never_noises_its_frozen_a(tmp_path: Path
 
     for module, (_, n) in MODULES.items():
         assert torch.equal(weights[lm.lora_a_key(module)], lm.init_lora_a(2, module, 8, n))
+
+
+def _privacy_variants() -> list[list[str]]:
+    from conftest import PRIVACY_OPTIONS, ROOT, privacy_extra
+
+    names = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
+    return [[f"strategy={n}", *privacy_extra(n)] for n in names] + PRIVACY_OPTIONS
+
+
+@pytest.mark.parametrize("mode", ["privacy=dp_sgd", "privacy=dp_fedavg", "privacy=secagg",
+                                  "privacy=dp_sgd privacy.secure=true", "privacy=dp_fedavg privacy.secure=true"])
+def test_every_refused_method_and_privacy_mode_is_refused_before_ray_with_its_reason_and_fix(mode: str) -> None:
+    # the other side of tests/integration/test_secure_aggregation.py (every pair let through runs end to end):
+    # each refusal names the privacy or strategy field, the method where the reason is the method's, and a fix
+    refused = 0
+    for variant in _privacy_variants():
+        try:
+            validate(compose([*variant, *mode.split()]), check_model=False, check_data=False)
+        except ConfigError as exc:
+            refused += 1
+            text = str(exc)
+            assert "privacy." in text or "strategy." in text, (variant, text)
+            assert any(fix in text.lower() for fix in ("use ", "set ", "turn ")), (variant, text)
+    # DP-SGD: HetLoRA's pruning; DP-FedAvg: FLoRA (x2, with downlink=svd), LoRA-FAIR, FlexLoRA, FedEx-LoRA, FedSA-LoRA,
+    # HetLoRA (x2), norm weights, owners' padding, the bound; secure: all but plain FedAvg, FFA-LoRA and RoLoRA
+    assert refused == {"privacy=dp_sgd": 1, "privacy=dp_fedavg": 11}.get(mode, 14), refused
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa_lora", "rolora", "flora", "lora_fair", "flexlora", "fedex_lora"])
@@ -414,14 +511,16 @@ def test_secure_aggregation_runs_exactly_the_strategies_that_declare_linearity(s
         validate(compose(overrides), check_model=False, check_data=False)
         validate(compose([*overrides[1:], "privacy=dp_sgd", "privacy.secure=true"]), check_model=False,
                  check_data=False)
+        validate(compose([*overrides[1:], "privacy=dp_fedavg", "privacy.secure=true"]), check_model=False,
+                 check_data=False)
     else:
         text = _problems(overrides)
         assert "privacy.secure=True" in text and "not linear in what clients send" in text
 
 
 @pytest.mark.parametrize(("overrides", "named", "fix"), [
-    (["compression=compeft"], "compression='compeft'", "use compression=none"),
-    (["privacy=dp_fedavg", "privacy.secure=true"], "privacy.kind='dp_fedavg'", "privacy=dp_sgd privacy.secure=true"),
+    (["compression=compeft"], "compression='fedlora.compression.compeft.ComPEFT'", "use compression=none"),
+    (["compression=ef21"], "compression='fedlora.compression.scafcom.SCAFCOM'", "use compression=none"),
     (["strategy=fedavg", "strategy.padding=owners"], "privacy.secure=True", "use padding=zero"),
     (["strategy=fedavg", "strategy.weighting=norm"], "privacy.secure=True", "HetLoRA's norm weights"),
     (["secure_aggregation.num_shares=4"], "secure_aggregation.num_shares=4", "use an odd number, e.g. 5"),

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -190,6 +191,14 @@ class ComPEFT:
         (FLoRA) never carry a residual: last round's would be added to a new random ``A`` and a
         zero ``B`` it has nothing to do with (the caller passes which tensors continue).
     """
+
+    # what it cannot run under, by privacy mode (dp_sgd, dp_fedavg, secure), with the reason and the fix; the
+    # configuration check reads it (fedlora.config.validate): DP-SGD's outputs compressed are post-processing, and
+    # DP-FedAvg's server clips the decoded update
+    privacy_refusals: ClassVar[Mapping[str, str]] = {
+        "secure": "under secure aggregation each update is masked into a dense vector of integers, so ComPEFT's "
+                  "sparsity saves nothing and its decoder would need each client's payload; use compression=none "
+                  "with privacy.secure=true"}
 
     def __init__(
         self, *, density: float = 0.1, scale: str = "std", alpha: float = 1.0, error_feedback: bool | str = "auto",

@@ -17,6 +17,7 @@ The scale must make ``C`` contractive (``E||C(v) - v||^2 <= (1 - delta) ||v||^2`
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -49,6 +50,15 @@ class SCAFCOM:
     """
 
     error_feedback = False  # c_k is the feedback (EF21's rule); no residual is kept
+    # what it cannot run under, by privacy mode, with the reason and the fix (fedlora.config.validate reads it)
+    privacy_refusals: ClassVar[Mapping[str, str]] = {
+        "dp_sgd": "its drift correction is added outside Opacus' DP-SGD step, so it is not part of the DP "
+                  "mechanism; use compression=compeft with differential privacy",
+        "dp_fedavg": "its server step x + eta_g (c + mean d_k) is not the clipped, noised sum of client-level DP; "
+                     "use compression=compeft with differential privacy",
+        "secure": "under secure aggregation each update is masked into a dense vector of integers, so its code "
+                  "saves nothing and the server could not move c by each client's decoded message; use "
+                  "compression=none with privacy.secure=true"}
 
     def __init__(self, *, density: float = 0.1, scale: str = "mean_abs", alpha: float = 1.0, momentum: float = 1.0,
                  control_step: float = 1.0, server_lr: float = 1.0, drift_correction: bool = True,

@@ -129,6 +129,7 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
               "only) or false")
     _check_downlink(cfg, strategy, p)
     _check_controlled(cfg, strategy, compressor, p)
+    _check_compressor_privacy(cfg, compressor, p)
     _check_personal(cfg, strategy, p)
     _check_pruning(cfg, strategy, p)
     return strategy
@@ -136,9 +137,9 @@ def _check_targets(cfg: Mapping[str, Any], p: Problems) -> Any:
 
 def _check_controlled(cfg: Mapping[str, Any], strategy: Any, compressor: Any, p: Problems) -> None:
     """Controlled averaging (``compression=scafcom``, :mod:`fedlora.core.control`) turns each reply into
-    ``start + eta_g (c + d_k)`` and relies on the strategy averaging those: only a linear strategy does. Its local
-    drift correction is not part of Opacus' DP-SGD, and its server step is not the clipped, noised or masked sum
-    of client-level DP, nor FedAU's rescaled one (secure aggregation refuses every compressor)."""
+    ``start + eta_g (c + d_k)`` and relies on the strategy averaging those: only a linear strategy does. Its server
+    step is not FedAU's rescaled one; what it cannot run under privacy is its own declaration
+    (:func:`_check_compressor_privacy`)."""
     if ctl.control_of(compressor) is None:
         return
     if strategy is not None and not getattr(strategy, "linear", False):
@@ -146,10 +147,6 @@ def _check_controlled(cfg: Mapping[str, Any], strategy: Any, compressor: Any, p:
         p.add("strategy", type(strategy).__name__, f"compression=scafcom hands the strategy start + eta_g (c + d_k) "
               f"for each client and needs it averaged, but {why}; use a linear strategy (fedavg, ffa_lora, rolora) "
               "or compression=compeft")
-    privacy = cfg.get("privacy") or {}
-    if privacy.get("kind") in ("dp_sgd", "dp_fedavg"):
-        p.add("privacy.kind", privacy.get("kind"), "compression=scafcom's drift correction and server step are not "
-              "part of the DP mechanism; use compression=compeft with differential privacy")
     if (cfg.get("participation") or {}).get("fedau") is True:
         p.add("participation.fedau", True, "FedAU rescales each update on the server, SCAFCOM's server step is "
               "its own; turn one of them off")
@@ -292,6 +289,18 @@ def _check_privacy(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
               "recomputed activations would confuse; set model.gradient_checkpointing=false")
 
 
+def _check_compressor_privacy(cfg: Mapping[str, Any], compressor: Any, p: Problems) -> None:
+    """What the uplink compressor declares it cannot run under (``privacy_refusals``: privacy mode -> the reason
+    and the fix; :class:`~fedlora.compression.compeft.ComPEFT`, :class:`~fedlora.compression.scafcom.SCAFCOM`)."""
+    refusals: Mapping[str, str] = getattr(compressor, "privacy_refusals", {}) if compressor is not None else {}
+    privacy = cfg.get("privacy") or {}
+    kind, target = privacy.get("kind"), (cfg.get("compression") or {}).get("_target_")
+    if kind in refusals:
+        p.add("privacy.kind", kind, f"compression={target}: {refusals[kind]}")
+    if privacy.get("secure") is True and "secure" in refusals:
+        p.add("compression", target, refusals["secure"])
+
+
 def _check_secure(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
     """Secure aggregation (``privacy.secure``): what the masked sum can carry and what it takes away.
 
@@ -316,15 +325,6 @@ def _check_secure(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:
               f"updates, and {name}'s aggregate is not linear in what clients send: "
               f"{getattr(strategy, 'why_not_linear', '') or 'it declares no linearity'}. Use strategy=fedavg (zero "
               "padding, example weights), strategy=ffa_lora or strategy=rolora")
-    if (cfg.get("compression") or {}).get("_target_"):
-        p.add("compression", "compeft", "under secure aggregation each update is masked into a dense vector of "
-              "integers, so ComPEFT's sparsity saves nothing and its decoder would need each client's payload; "
-              "use compression=none with privacy.secure=true")
-    if privacy.get("kind") == "dp_fedavg":
-        p.add("privacy.kind", "dp_fedavg", "client-level DP with secure aggregation needs each client to clip its "
-              "own update against the global adapter at the largest rank before masking, which fedlora does not "
-              "do yet; use privacy=dp_sgd privacy.secure=true (sample-level DP, which composes with the masked "
-              "sum), or privacy=dp_fedavg without privacy.secure")
     ints = {"num_shares": 3, "threshold": 2, "quantization_range": 2, "modulus_range": 4}
     for key, low in ints.items():
         value = sec.get(key)

@@ -41,6 +41,27 @@ class ClientLevel:
     denominator: int
 
 
+def clip_update(delta: Mapping[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """``delta`` scaled by ``min(1, clip / ||delta||_2)`` (the norm over every tensor together, float32 out),
+    and the norm before clipping. The one step of DP-FedAvg a client can take itself: under secure
+    aggregation each client clips its own change before masking it (:func:`release` adds the noise)."""
+    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta.values()))
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: factor * d.to(torch.float32) for k, d in delta.items()}, norm
+
+
+def release(global_adapter: AdapterState, clipped_sum: Mapping[str, torch.Tensor], noised: Collection[str],
+            dp: ClientLevel, generator: torch.Generator) -> AdapterState:
+    """``g + (clipped_sum + N(0, z^2 C^2)) / m``: the noise on every tensor of ``noised`` (sorted key order,
+    drawn from ``generator``), the sum of the clients' clipped changes ``clipped_sum`` (a missing key: zero)."""
+    total = {k: (clipped_sum[k].to(torch.float32).clone() if k in clipped_sum
+                 else torch.zeros_like(v, dtype=torch.float32)) for k, v in global_adapter.items()}
+    std = dp.noise_multiplier * dp.clip
+    for k in sorted(noised):
+        total[k] += torch.normal(0.0, std, size=total[k].shape, generator=generator)
+    return {k: (v.to(torch.float32) + total[k] / dp.denominator).to(v.dtype) for k, v in global_adapter.items()}
+
+
 def private_mean(global_adapter: AdapterState, images: Sequence[Mapping[str, torch.Tensor]],
                  noised: Collection[str], dp: ClientLevel, generator: torch.Generator,
                  ) -> tuple[AdapterState, dict[str, float]]:
@@ -57,19 +78,16 @@ def private_mean(global_adapter: AdapterState, images: Sequence[Mapping[str, tor
         if moved:
             raise ValueError(f"client-level DP: an update moves {moved[:3]}, which no plan lets a client train; it "
                              "would be released without noise")
-    norms = [math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta.values())) for delta in deltas]
-    factors = [min(1.0, dp.clip / norm) if norm > 0 else 1.0 for norm in norms]
+    clipped = [clip_update(delta, dp.clip) for delta in deltas]
+    norms = [norm for _, norm in clipped]
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_adapter.items()}
-    for delta, factor in zip(deltas, factors, strict=True):
+    for part, _ in clipped:
         for k in total:
-            total[k] += factor * delta[k]
-    std = dp.noise_multiplier * dp.clip
-    for k in sorted(noised):
-        total[k] += torch.normal(0.0, std, size=total[k].shape, generator=generator)
-    out = {k: (v.to(torch.float32) + total[k] / dp.denominator).to(v.dtype) for k, v in global_adapter.items()}
+            total[k] += part[k]
+    out = release(global_adapter, total, noised, dp, generator)
     metrics = {
-        "dp_clipped_fraction": sum(f < 1.0 for f in factors) / len(factors) if factors else 0.0,
+        "dp_clipped_fraction": sum(norm > dp.clip for norm in norms) / len(norms) if norms else 0.0,
         "dp_update_norm_median": float(torch.tensor(norms).median()) if norms else 0.0,
-        "dp_noise_std": std / dp.denominator,
+        "dp_noise_std": dp.noise_multiplier * dp.clip / dp.denominator,
     }
     return out, metrics

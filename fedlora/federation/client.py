@@ -22,7 +22,7 @@ import torch
 
 from fedlora.core import control as ctl
 from fedlora.core import lora_math as lm
-from fedlora.core import secure, seeds
+from fedlora.core import privacy, secure, seeds
 from fedlora.core.faults import FaultSettings, InjectedFault, corrupt_state, decide
 from fedlora.core.types import PERSONAL_KEPT, AdapterState, BaseMerge, Compressor, Payload, RankPruning, Tensor
 from fedlora.federation import downlink as dl
@@ -270,7 +270,8 @@ def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientS
         if decision.corrupt is not None:
             state = corrupt_state(state, start, decision.corrupt)
         if assignment.secure_rank:
-            return wire.encode_secure(secure_vector(state, assignment.secure_rank), _timed(report, t0))
+            return wire.encode_secure(secure_vector(state, assignment.secure_rank, assignment), _timed(report, t0),
+                                      assignment.secure_weight)
         return wire.encode_update(state, _timed(report, t0))
     comp = side.compressor
     delta = {k: trained[k] - start[k] for k in sent}
@@ -316,17 +317,30 @@ def self_pruned_rank(rank: int, prune: RankPruning, start: Mapping[str, Tensor],
     return keep if after < before else rank
 
 
-def secure_vector(state: Mapping[str, Tensor], rank: int) -> Tensor:
+def secure_vector(state: Mapping[str, Tensor], rank: int, assignment: wire.Assignment | None = None) -> Tensor:
     """A secure round's vector (:func:`fedlora.core.secure.embed` at ``rank``).
 
     The server cannot check a masked update, so the client does what it can: a non-finite update
-    is refused here (the client then drops out of the round) instead of poisoning the sum.
+    is refused here (the client then drops out of the round) instead of poisoning the sum. Under
+    client-level DP (``assignment.clip_reference``) the vector is the client's change from the
+    global adapter in the strategy's space, zero-padded to ``rank`` and clipped to ``assignment.clip``
+    (:func:`fedlora.core.privacy.clip_update`): what the server would have clipped had it seen it.
     """
     bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
     if bad:
         raise RuntimeError(f"the update has non-finite values in {bad[:3]}; under secure aggregation the server "
                            "cannot reject it, so this client drops out of the round")
-    return secure.embed(state, secure.layout({k: tuple(v.shape) for k, v in state.items()}, rank))
+    plan = secure.layout({k: tuple(v.shape) for k, v in state.items()}, rank)
+    reference = assignment.clip_reference if assignment is not None else None
+    if reference is None:
+        return secure.embed(state, plan)
+    if sorted(reference) != sorted(state):
+        raise RuntimeError(f"client-level DP: the server's reference holds {sorted(reference)[:3]}, the update "
+                           f"{sorted(state)[:3]}; the node's fedlora differs from the server's")
+    padded = {k: lm.pad_key(k, state[k].to(torch.float32), shape, "the secure-aggregation layout") for k, shape in plan}
+    clipped, _ = privacy.clip_update({k: padded[k] - reference[k].to(torch.float32) for k in padded},
+                                     assignment.clip if assignment is not None else 0.0)
+    return secure.embed(clipped, plan)
 
 
 def carried_residual(kept: Mapping[str, Tensor] | None, delta: Mapping[str, Tensor],

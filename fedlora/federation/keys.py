@@ -7,6 +7,7 @@ COMPRESSED = "compressed"  # ArrayRecord: an encoded uplink (ComPEFT)
 DOWNLINK = "downlink"  # ArrayRecord: a compressed start adapter (fedlora.federation.downlink), packed
 CONTROL = "control"  # ArrayRecord: the server's control variate c at the client's rank (compression=scafcom)
 SECURE = "secure"  # ArrayRecord: the vector a client puts into secure aggregation (fedlora.core.secure)
+CLIP_REFERENCE = "clip-reference"  # ArrayRecord: the global adapter a client clips its change against (DP + secure)
 CONFIG = "config"  # ConfigRecord: per-message instructions
 METRICS = "metrics"  # MetricRecord: client replies
 
@@ -29,6 +30,8 @@ TRAIN_SECONDS = "train-seconds"
 LABEL_NAMES = "label-names"  # the run's class names, in the server's numbering (hello)
 SECURE_RANK = "secure-rank"  # the layout rank of a secure round's vector (absent: the reply carries tensors)
 SECURE_SEED = "secure-seed"  # seeds the client's stochastic quantization in a secure round
+SECURE_WEIGHT = "secure-weight"  # the weight a client's vector enters the secure sum with (absent: its examples)
+DP_CLIP = "dp-clip"  # client-level DP under secure aggregation: the L2 norm each client clips its change to
 DOWNLINK_BASE = "downlink-base"  # the round of the client's copy a compressed downlink is relative to (0: reference)
 DOWNLINK_CRC = "downlink-crc"  # CRC-32 of that copy
 DOWNLINK_CONTROL = "downlink-control"  # the compressed copy holds the control variate c too (compression=scafcom)

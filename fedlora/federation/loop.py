@@ -39,7 +39,7 @@ from fedlora.core import participation as part
 from fedlora.core import secure, seeds, validation
 from fedlora.core.errors import RunError
 from fedlora.core.metrics import Metric
-from fedlora.core.privacy import ClientLevel, private_mean
+from fedlora.core.privacy import ClientLevel, private_mean, release
 from fedlora.core.types import (
     PERSONAL_KEPT,
     PERSONAL_START,
@@ -377,7 +377,9 @@ class Federation:
                    sample_clients(sorted(clients), s.fraction_train, server_round, s.seed, s.min_clients))
         layout_rank = r_max if self.secure is not None else 0
         state.sent_views.clear()
-        assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round, layout_rank) for cid in sampled}
+        dp_secure = self._dp_secure(clients, state, server_round, r_max) if sampled else None
+        assignments = {cid: self._assign(state, cid, clients[cid].rank, server_round, layout_rank, dp_secure)
+                       for cid in sampled}
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
         previous = state.adapter
         rows: dict[int, ClientRow]
@@ -391,6 +393,8 @@ class Federation:
             rows, skipped, strategy_metrics, ranks = self._secure_round(clients, state, server_round, r_max,
                                                                         assignments, packets)
             spent = self._charge_privacy(clients, state, rows)
+            if self.client_dp is not None:
+                spent = self.client_dp.epsilon(server_round)
         else:
             exchange = self.transport.exchange(server_round, packets, s.round_timeout)
             self._check_stop(state.round)  # a round cut short by a stop is not a round with failed clients
@@ -505,10 +509,30 @@ class Federation:
         return max((self.privacy.epsilon(clients[cid].num_examples, n) for cid, n in state.trained.items()),
                    default=0.0)
 
+    def _dp_secure(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
+                   ) -> tuple[AdapterState, float, int] | None:
+        """Client-level DP under secure aggregation: what each client clips its change against (the global
+        adapter's uplink tensors at the layout rank, :meth:`_wide_start`), the clip ``C`` and the weight
+        ``W`` every vector enters the sum with (each client weighs the same; ``W`` keeps the quantization's
+        resolution); ``None`` in every other round."""
+        if self.secure is None or self.client_dp is None:
+            return None
+        start, keys = self._wide_start(state, server_round, r_max)
+        weight = secure.max_weight([clients[c].num_examples for c in clients])
+        return {k: start[k] for k in keys}, self.client_dp.level.clip, weight
+
+    def _wide_start(self, state: ServerState, server_round: int, r_max: int) -> tuple[AdapterState, list[str]]:
+        """The start of a client of rank ``r_max`` and the tensors it sends: a secure round's layout."""
+        wide = self.strategy.plan(state.adapter, state.strategy_state, client_id=-1, rank=r_max,
+                                  server_round=server_round, seed=self.settings.seed)
+        start = lm.plan_start(wide, self.model.spec(r_max).modules)
+        return start, wire.uplink_keys(wide, start)
+
     def _assign(self, state: ServerState, cid: int, rank: int, server_round: int,
-                layout_rank: int = 0) -> wire.Assignment:
+                layout_rank: int = 0, dp_secure: tuple[AdapterState, float, int] | None = None) -> wire.Assignment:
         """Client ``cid``'s round: the strategy's plan, its start adapter, the merges it lacks (and in a
-        secure round the rank its vector is padded to, and its quantization seed)."""
+        secure round the rank its vector is padded to, and its quantization seed; with client-level DP
+        too, the reference it clips against, the clip and its vector's weight: :meth:`_dp_secure`)."""
         plan = self._personal(state, cid, self.strategy.plan(state.adapter, state.strategy_state, client_id=cid,
                                                              rank=rank, server_round=server_round,
                                                              seed=self.settings.seed))
@@ -534,8 +558,10 @@ class Federation:
             start = lm.plan_start(plan, modules)
             if held_control:  # it travels in the compressed copy; the client corrects (and the server decodes) with it
                 control, send_control = wire.held_control(held_control, plan, start), False
+        reference, clip, weight = dp_secure if dp_secure is not None else (None, 0.0, 0)
         return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down,
-                               control, send_control=send_control, planned=planned)
+                               control, send_control=send_control, planned=planned, secure_weight=weight,
+                               clip_reference=reference, clip=clip)
 
     def _secure_round(self, clients: Mapping[int, ClientInfo], state: ServerState, server_round: int, r_max: int,
                       assignments: Mapping[int, wire.Assignment], packets: Mapping[int, wire.Packet],
@@ -553,10 +579,7 @@ class Federation:
         if not hasattr(transport, "secure_exchange"):
             raise RunError(f"{type(transport).__name__} cannot run secure aggregation; run on Flower (simulation "
                            "or deployment)")
-        wide = self.strategy.plan(state.adapter, state.strategy_state, client_id=-1, rank=r_max,
-                                  server_round=server_round, seed=self.settings.seed)
-        start = lm.plan_start(wide, self.model.spec(r_max).modules)
-        keys = wire.uplink_keys(wide, start)
+        start, keys = self._wide_start(state, server_round, r_max)
         for cid, a in assignments.items():
             if wire.uplink_keys(a.plan, a.start) != keys:
                 raise RunError(f"secure aggregation: client {cid} would send {wire.uplink_keys(a.plan, a.start)}, "
@@ -597,9 +620,15 @@ class Federation:
         if result.merge is not None:
             raise RunError(f"{type(self.strategy).__name__} merged into the base under secure aggregation; only a "
                            "linear strategy may run with privacy.secure=true")
-        if not validation.is_finite_state(result.adapter):
+        adapter = result.adapter
+        if self.client_dp is not None:  # each vector is its client's clipped change, weighing W: add the noise
+            weight_w = next(iter(assignments.values())).secure_weight
+            clipped = secure.unembed(torch.from_numpy(sx.weighted_sum) / weight_w, plan)  # sum_k W x_k / W
+            generator = torch.Generator().manual_seed(seeds.client_dp_noise(self.settings.seed, server_round))
+            adapter = release(state.adapter, clipped, keys, self.client_dp.level, generator)
+        if not validation.is_finite_state(adapter):
             return rows, "the aggregate of the secure sum is not finite: the global adapter is kept", {}, []
-        state.adapter, state.strategy_state = result.adapter, dict(result.state)
+        state.adapter, state.strategy_state = adapter, dict(result.state)
         return rows, None, {}, ranks
 
     def _collect(self, assignments: Mapping[int, wire.Assignment], exchange: Exchange, state: ServerState,

@@ -99,6 +99,14 @@ class Assignment:
     secure_seed:
         A secure round: the seed of the client's stochastic quantization (Flower's mod draws it
         from NumPy's global generator), so that a rerun or resume sums the same.
+    secure_weight:
+        A secure round: the weight the client's vector enters the sum with; 0: its example count.
+    clip_reference:
+        Client-level DP under secure aggregation (:mod:`fedlora.core.privacy`): the global adapter's
+        uplink tensors at the layout rank; the client masks ``clip(padded update - reference)`` instead
+        of its update (the server cannot clip a masked vector). ``None`` otherwise.
+    clip:
+        With ``clip_reference``: the L2 norm ``C`` the client clips its change to.
     downlink:
         With a downlink compressor: the message that carries the start (``plan.adapter`` is then the
         copy it leaves the client with, ``downlink.view``); ``None``: the start travels as it is.
@@ -129,6 +137,9 @@ class Assignment:
     drift: AdapterState | None = None
     send_control: bool = False
     planned: AdapterState | None = None
+    secure_weight: int = 0
+    clip_reference: AdapterState | None = None
+    clip: float = 0.0
 
 
 def base(assignment: Assignment) -> AdapterState:
@@ -241,6 +252,11 @@ def encode_assignment(assignment: Assignment) -> Packet:
     if assignment.secure_rank:
         packet.config[keys.SECURE_RANK] = assignment.secure_rank
         packet.config[keys.SECURE_SEED] = assignment.secure_seed
+        if assignment.secure_weight:
+            packet.config[keys.SECURE_WEIGHT] = assignment.secure_weight
+    if assignment.clip_reference is not None:
+        packet.arrays[keys.CLIP_REFERENCE] = to_arrays(assignment.clip_reference)
+        packet.config[keys.DP_CLIP] = float(assignment.clip)
     return packet
 
 
@@ -291,7 +307,11 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
     merges = lm.tensors_to_merges(to_tensors(packet.arrays[keys.BASE])) if keys.BASE in packet.arrays else []
     return Assignment(_int(conf[keys.SERVER_ROUND]), plan, lm.plan_start(plan, modules), tuple(merges),
                       _int(conf.get(keys.RESUME_ROUND, 0)), _int(conf.get(keys.SECURE_RANK, 0)),
-                      _int(conf.get(keys.SECURE_SEED, 0)), down, control, send_control=control is not None)
+                      _int(conf.get(keys.SECURE_SEED, 0)), down, control, send_control=control is not None,
+                      secure_weight=_int(conf.get(keys.SECURE_WEIGHT, 0)),
+                      clip_reference=(to_tensors(packet.arrays[keys.CLIP_REFERENCE])
+                                      if keys.CLIP_REFERENCE in packet.arrays else None),
+                      clip=float(cast(float, conf.get(keys.DP_CLIP, 0.0))))
 
 
 def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], dense: AdapterState,
@@ -336,11 +356,14 @@ def encode_update(sent: Mapping[str, Tensor], report: Report) -> Packet:
     return Packet(arrays={keys.ADAPTER: to_arrays(sent)}, metrics=_report_metrics(report))
 
 
-def encode_secure(vector: Tensor, report: Report) -> Packet:
+def encode_secure(vector: Tensor, report: Report, weight: int = 0) -> Packet:
     """A secure round's reply: the flat vector secure aggregation masks (it never reaches the server as
-    such) and the report, which travels in the clear."""
-    return Packet(arrays={keys.SECURE: {"vector": vector.detach().to(torch.float64).numpy()}},
-                  metrics=_report_metrics(report))
+    such) and the report, which travels in the clear; ``weight``: what the vector is weighted by in the
+    sum (0: the report's example count)."""
+    metrics = _report_metrics(report)
+    if weight:
+        metrics[keys.SECURE_WEIGHT] = int(weight)
+    return Packet(arrays={keys.SECURE: {"vector": vector.detach().to(torch.float64).numpy()}}, metrics=metrics)
 
 
 def decode_report(metrics: Mapping[str, ConfigValue | int | float]) -> Report:

@@ -232,7 +232,9 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
         # a secure round: the mod quantizes (stochastically, from NumPy's global generator) and masks
         # the vector as soon as this returns; seeded from the message so a rerun or resume sums the same
         np.random.seed(int(cast(int, msg.content.config_records[keys.CONFIG][keys.SECURE_SEED])) % 2**32)  # noqa: NPY002
-        return Message(as_vector_reply(reply.content, keys.SECURE, keys.METRICS, keys.NUM_EXAMPLES), reply_to=msg)
+        metrics = reply.content.metric_records[keys.METRICS]
+        weight = keys.SECURE_WEIGHT if keys.SECURE_WEIGHT in metrics else keys.NUM_EXAMPLES  # client-level DP: W
+        return Message(as_vector_reply(reply.content, keys.SECURE, keys.METRICS, weight), reply_to=msg)
 
     return app
 

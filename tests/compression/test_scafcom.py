@@ -228,8 +228,9 @@ class Decoding(Federation):
     decoded_with: dict[tuple[int, int], dict[str, torch.Tensor]]
     base_rounds: dict[tuple[int, int], int]  # the round of the copy each compressed start was relative to
 
-    def _assign(self, state: Any, cid: int, rank: int, server_round: int, layout_rank: int = 0) -> wire.Assignment:
-        assignment = super()._assign(state, cid, rank, server_round, layout_rank)
+    def _assign(self, state: Any, cid: int, rank: int, server_round: int, layout_rank: int = 0,
+                dp_secure: Any = None) -> wire.Assignment:
+        assignment = super()._assign(state, cid, rank, server_round, layout_rank, dp_secure)
         self.decoded_with = getattr(self, "decoded_with", {})
         self.decoded_with[(server_round, cid)] = {k: v.clone() for k, v in (assignment.control or {}).items()}
         self.base_rounds = getattr(self, "base_rounds", {})

@@ -56,8 +56,9 @@ class Mirrored(Federation):
     starts: dict[tuple[int, int], dict[str, torch.Tensor]]
     planned: dict[tuple[int, int], dict[str, torch.Tensor]]  # the start each reply's update went on
 
-    def _assign(self, state: Any, cid: int, rank: int, server_round: int, layout_rank: int = 0) -> wire.Assignment:
-        assignment = super()._assign(state, cid, rank, server_round, layout_rank)
+    def _assign(self, state: Any, cid: int, rank: int, server_round: int, layout_rank: int = 0,
+                dp_secure: Any = None) -> wire.Assignment:
+        assignment = super()._assign(state, cid, rank, server_round, layout_rank, dp_secure)
         self.starts = getattr(self, "starts", {})
         self.starts[(server_round, cid)] = {k: v.clone() for k, v in assignment.start.items()}
         self.planned = getattr(self, "planned", {})

@@ -67,6 +67,25 @@ def test_the_train_lora_b_flag_travels_only_when_b_is_frozen() -> None:
     assert wire.decode_assignment(a_round, MODULES).plan.train_lora_b is False
 
 
+def test_client_level_dp_under_secure_aggregation_sends_the_reference_the_clip_and_the_weight() -> None:
+    import dataclasses
+
+    plain = assignment("fedavg")
+    reference = {k: torch.randn(8, 6) for k in ("x",)}
+    dp = dataclasses.replace(plain, secure_rank=8, secure_seed=5, secure_weight=512, clip_reference=reference, clip=0.3)
+    got = wire.decode_assignment(wire.encode_assignment(dp), MODULES)
+    assert (got.secure_rank, got.secure_seed, got.secure_weight, got.clip) == (8, 5, 512, 0.3)
+    assert got.clip_reference is not None and torch.equal(got.clip_reference["x"], reference["x"])
+    # absent from every other round's message
+    packet = wire.encode_assignment(plain)
+    assert keys.CLIP_REFERENCE not in packet.arrays and keys.DP_CLIP not in packet.config
+    back = wire.decode_assignment(packet, MODULES)
+    assert back.clip_reference is None and back.secure_weight == 0
+    report = wire.Report(num_examples=30, train_loss=0.5, train_seconds=1.0)
+    assert wire.encode_secure(torch.zeros(3), report, 512).metrics[keys.SECURE_WEIGHT] == 512
+    assert keys.SECURE_WEIGHT not in wire.encode_secure(torch.zeros(3), report).metrics
+
+
 def test_a_client_reply_decodes_to_what_it_trained() -> None:
     a = assignment("fedavg")
     trained, _ = TinyTrainer().train(1, a, [])

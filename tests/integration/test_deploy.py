@@ -246,11 +246,13 @@ def test_tls_and_authentication_admit_only_registered_nodes(secure_cluster: Loca
     assert "https://127.0.0.1" in cluster.log("superlink")
 
 
-def test_dp_sgd_with_secure_aggregation_deployed_over_tls_equals_the_simulation(tmp_path: Path) -> None:
-    """DP-SGD in every client and SecAgg+ on three registered SuperNodes over TLS with node
-    authentication: every round's masked sum unmasks to the simulation's, bit for bit (the nodes'
-    ids, and so the protocol's ring and keys, differ; Poisson batches, noise and quantization are
-    seeded per client and round), and each client's epsilon is the same."""
+@pytest.mark.parametrize("privacy", ["dp_sgd", "dp_fedavg"])
+def test_dp_with_secure_aggregation_deployed_over_tls_equals_the_simulation(privacy: str, tmp_path: Path) -> None:
+    """DP-SGD in every client (or DP-FedAvg: each client clips its own change, the server noises the
+    sum) and SecAgg+ on three registered SuperNodes over TLS with node authentication: every round's
+    masked sum unmasks to the simulation's, bit for bit (the nodes' ids, and so the protocol's ring and
+    keys, differ; Poisson batches, noise and quantization are seeded per client and round), and the
+    epsilon is the same."""
     cluster = LocalCluster(tmp_path / "cluster", tls=True, auth=True, node_keys=3)
     try:
         cluster.start_superlink()
@@ -258,15 +260,19 @@ def test_dp_sgd_with_secure_aggregation_deployed_over_tls_equals_the_simulation(
             registered = cluster.flwr("supernode", "register", str(cluster.certs / f"node-{i}.pub"), "test")
             assert registered.returncode == 0, registered.stdout + registered.stderr
             cluster.start_supernode(f"node{i - 1}", f"partition-id={i - 1} num-partitions=3", key=f"node-{i}.key")
-        overrides = [*SMALL, "privacy=dp_sgd", "privacy.secure=true"]
+        overrides = [*SMALL, f"privacy={privacy}", "privacy.secure=true"]
+        if privacy == "dp_fedavg":
+            overrides += ["privacy.clip=0.05", "privacy.noise_multiplier=0.5"]
         deployed = tmp_path / "deployed"
         log = cluster.deploy(overrides, deployed)
     finally:
         cluster.close()
     assert "secure aggregation (SecAgg+" in log and "https://127.0.0.1" in cluster.log("superlink")
-    assert "DP-SGD" in log and "max epsilon" in log
+    assert ("DP-SGD" if privacy == "dp_sgd" else "client-level DP (DP-FedAvg)") in log and "max epsilon" in log
     rows, _ = _check_run(deployed, 3)
-    assert all(c["epsilon"] > 0 for row in rows[1:] for c in row["clients"])
+    if privacy == "dp_sgd":
+        assert all(c["epsilon"] > 0 for row in rows[1:] for c in row["clients"])
+    assert all(row["dp_epsilon"] > 0 for row in rows[1:])
     simulated = tmp_path / "simulated"
     out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

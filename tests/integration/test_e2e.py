@@ -178,6 +178,20 @@ def test_dp_sgd_end_to_end_with_ffa_lora_at_mixed_ranks(tmp_path: Path) -> None:
         assert len(spent) == 3 and row["dp_epsilon"] == max(spent)
     # every client trains in both rounds (fraction_train=1): each spends its whole budget, never more
     assert all(1.95 <= c["epsilon"] <= 2.0 for c in rows[2]["clients"])
+    # and what the run recorded is what Opacus' own objects give, called here with its defaults: the noise
+    # calibrated to epsilon 2 over 2 rounds of 2 steps at the client's rate, then its RDP accountant round by round
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    for client in rows[1]["clients"]:
+        rate = min(1.0, 8 / client["num_examples"])  # TINY: batch 8, 2 local steps
+        sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=rate, steps=4,
+                                     accountant="rdp", epsilon_tolerance=0.01)
+        for r in (1, 2):
+            accountant = RDPAccountant()
+            accountant.history = [(sigma, rate, 2 * r)]
+            recorded = next(c["epsilon"] for c in rows[r]["clients"] if c["client"] == client["client"])
+            assert recorded == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9), (client, r)
     assert summary["dp_epsilon"] == rows[2]["dp_epsilon"] and summary["dp_delta"] == 1e-5
     assert summary["dp_level"] == "example"
     from safetensors.torch import load_file

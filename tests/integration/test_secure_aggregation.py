@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_fedlora
+from conftest import PRIVACY_MODES, PRIVACY_OPTIONS, TINY, privacy_extra, run_fedlora
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -61,20 +61,55 @@ def test_a_secure_round_aggregates_what_the_plain_round_does_and_reruns_bitwise(
     assert _gap(secure, again) == 0.0
 
 
-def test_a_client_dropping_out_mid_protocol_leaves_the_sum_of_the_others(tmp_path: Path) -> None:
+# client-level DP with a small clip (every client clipped) and noise: the same noise in both runs
+CLIENT_DP = ["privacy=dp_fedavg", "privacy.clip=0.02", "privacy.noise_multiplier=0.5"]
+
+
+def _dp_bound(clients: int, denominator: int) -> float:
+    # each client's vector weighs W/W = 1: one quantization step 2c/T per client and entry, divided by m,
+    # plus the float32 rounding of the released adapter
+    from fedlora.core.secure import SecureSettings
+
+    s = SecureSettings()
+    return clients * 2.0 * s.clipping_range / s.quantization_range / denominator + 1e-6
+
+
+def test_client_level_dp_under_secure_aggregation_releases_what_the_plain_mechanism_does(tmp_path: Path) -> None:
+    # each client clips its own change against the global adapter at the largest rank, masks it with weight
+    # W (every client weighs the same), and the server adds the noise to the unmasked sum: the released
+    # model equals plain DP-FedAvg's (the server clipping in the clear, the same noise) within quantization
+    plain, plain_rows, _ = _run(tmp_path / "plain", CLIENT_DP)
+    secure, rows, log = _run(tmp_path / "secure", [*CLIENT_DP, "privacy.secure=true"])
+    assert "secure aggregation (SecAgg+" in log and "client-level DP (DP-FedAvg)" in log
+    assert plain_rows[1]["strategy"]["dp_clipped_fraction"] == 1.0  # the clip binds for every client
+    assert rows[1]["num_ok"] == 3 and not rows[1].get("strategy")  # the server sees no client's norm
+    assert rows[1]["dp_epsilon"] == plain_rows[1]["dp_epsilon"] > 0
+    assert 0 < _gap(plain, secure) <= _dp_bound(3, 3), _gap(plain, secure)
+    # the clients' vectors are the largest rank's layout, and the reference they clip against came down with
+    # the start: each client received the global adapter's uplink tensors at rank 8 besides its own start
+    plain_down = {c["client"]: c["bytes_down"] for c in plain_rows[1]["clients"]}
+    assert all(c["bytes_down"] > plain_down[c["client"]] for c in rows[1]["clients"])
+
+
+@pytest.mark.parametrize("privacy", ["secagg", "dp_fedavg"])
+def test_a_client_dropping_out_mid_protocol_leaves_the_sum_of_the_others(privacy: str, tmp_path: Path) -> None:
     # 4 clients, client 1 sends a non-finite update: the plain server rejects it; under secure
     # aggregation the client refuses to send it (the server could not), so it drops out at the
     # masked-vector stage after its shares went out, and the server removes its pairwise masks.
+    # Under client-level DP too: the fixed denominator (4, the clients sampled) does not count the dropout.
     extra = ["num_clients=4", "ranks.tiers=[2,4,8,8]", "faults.corrupt={1: nan}",
              "secure_aggregation.num_shares=3", "secure_aggregation.threshold=2"]
+    if privacy == "dp_fedavg":
+        extra = [*extra, *CLIENT_DP]
     plain, plain_rows, _ = _run(tmp_path / "plain", extra)
-    secure, rows, log = _run(tmp_path / "secure", [*extra, "privacy=secagg"])
+    secure, rows, log = _run(tmp_path / "secure", [*extra, "privacy.secure=true" if privacy == "dp_fedavg"
+                                                   else "privacy=secagg"])
     assert [c["status"] for c in plain_rows[1]["clients"]] == ["ok", "rejected", "ok", "ok"]
     dropped = rows[1]["clients"][1]
     assert dropped["status"] == "failed" and "collect_masked_vectors stage" in dropped["error"]
     assert "non-finite" in dropped["error"] and "client 1 failed" in log
     assert [c["status"] for c in rows[1]["clients"]] == ["ok", "failed", "ok", "ok"]
-    bound = _bound(rows, 3)
+    bound = _bound(rows, 3) if privacy == "secagg" else _dp_bound(3, 4)
     assert 0 < _gap(plain, secure) <= bound, (_gap(plain, secure), bound)
 
 
@@ -91,33 +126,52 @@ def test_under_secure_aggregation_every_client_evaluates_the_released_model_on_i
     assert [c["test_accuracy"] for c in final["clients"]] == pytest.approx(own, abs=1e-9)
 
 
-COMPATIBLE = {  # every strategy x privacy mode that validation lets through (tests/test_privacy.py refuses the rest)
-    "privacy=dp_sgd": "fedavg,ffa_lora,rolora,flora,lora_fair,flexlora,fedex_lora,centralized",
-    "privacy=dp_fedavg": "fedavg,ffa_lora,rolora",
-    "privacy=secagg": "fedavg,ffa_lora,rolora",
-    "privacy=dp_sgd privacy.secure=true": "fedavg,ffa_lora,rolora",
-}
+def compatible(mode: str) -> tuple[list[str], list[list[str]]]:
+    """What validation lets through with ``mode``: the plain strategies (one sweep) and the option sets (one run
+    each). tests/test_privacy.py checks that everything else is refused with its reason."""
+    from conftest import ROOT, compose
+
+    from fedlora.config.validate import validate
+    from fedlora.core.errors import ConfigError
+
+    def passes(overrides: list[str]) -> bool:
+        try:
+            validate(compose([*overrides, *mode.split()]), check_model=False, check_data=False)
+        except ConfigError:
+            return False
+        return True
+
+    names = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
+    plain = [n for n in names if passes([f"strategy={n}", *privacy_extra(n)])]
+    return plain, [o for o in PRIVACY_OPTIONS if passes(o)]
 
 
-@pytest.mark.parametrize("mode", list(COMPATIBLE))
+@pytest.mark.parametrize("mode", PRIVACY_MODES)
 def test_every_compatible_strategy_and_privacy_mode_runs_end_to_end(mode: str, tmp_path: Path) -> None:
     import subprocess
 
     from conftest import FEDLORA, ROOT
 
-    sweep = tmp_path / "sweep"
-    strategies = COMPATIBLE[mode].split(",")
-    out = subprocess.run([FEDLORA, "-m", *ONE_ROUND, *mode.split(), f"strategy={COMPATIBLE[mode]}",
-                          f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == len(strategies), [p.name for p in jobs]
-    for job in jobs:
-        summary = json.loads((job / "summary.json").read_text())
-        rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
-        assert rows[1]["num_ok"] >= 1 and "aggregation_skipped" not in rows[1], (job.name, rows[1])
-        assert 0.0 <= summary["final_test_accuracy"] <= 1.0
-        private = "dp_" in mode
-        assert (summary.get("dp_epsilon") is not None) == private, (job.name, summary)
-        if "secagg" in mode or "secure=true" in mode:
-            assert all(c["bytes_up"] > 0 for c in rows[1]["clients"]) and not rows[1].get("strategy")
+    plain, options = compatible(mode)
+    # not vacuous: the linear strategies pass every mode, and DP-SGD every strategy but HetLoRA's pruning
+    assert {"fedavg", "ffa_lora", "rolora"} <= set(plain), plain
+    if mode == "privacy=dp_sgd":
+        assert len(plain) == 9 and "hetlora" not in plain and len(options) == len(PRIVACY_OPTIONS), (plain, options)
+    runs = [[f"strategy={','.join(n for n in plain if not privacy_extra(n))}"]]
+    runs += [[f"strategy={n}", *privacy_extra(n)] for n in plain if privacy_extra(n)] + options
+    for i, run in enumerate(runs):
+        sweep = tmp_path / f"sweep{i}"
+        out = subprocess.run([FEDLORA, "-m", *ONE_ROUND, *mode.split(), *run, f"hydra.sweep.dir={sweep}"],
+                             capture_output=True, text=True, timeout=1800, cwd=ROOT)
+        assert out.returncode == 0, (run, out.stdout[-3000:] + out.stderr[-3000:])
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+        assert len(jobs) == (len(run[0].split(",")) if i == 0 else 1), [p.name for p in jobs]
+        for job in jobs:
+            summary = json.loads((job / "summary.json").read_text())
+            rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+            assert rows[1]["num_ok"] >= 1 and "aggregation_skipped" not in rows[1], (job.name, rows[1])
+            assert 0.0 <= summary["final_test_accuracy"] <= 1.0, (job.name, summary)
+            private = "dp_" in mode
+            assert (summary.get("dp_epsilon") is not None) == private, (job.name, summary)
+            if "secagg" in mode or "secure=true" in mode:
+                assert all(c["bytes_up"] > 0 for c in rows[1]["clients"]) and not rows[1].get("strategy")
