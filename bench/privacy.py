@@ -16,8 +16,8 @@
    quantization and the server's unmasking), no training, no network; and the same with one client
    dropping after it shared its keys.
 4. **Runs** (``--runs``): the quick setting (3 clients, 3 rounds) with ``privacy=none``, ``dp_sgd``,
-   ``dp_fedavg`` and ``secagg``: median round seconds and the bytes up and down per round (what each
-   mode adds on the wire).
+   ``dp_fedavg``, ``secagg`` and each DP level with ``privacy.secure=true``: median round seconds and the
+   bytes up and down per round (what each mode adds on the wire).
 
     PYTHONPATH=. python bench/privacy.py [--quick] [--runs] [--json out.json]
 """
@@ -142,9 +142,11 @@ def aggregation(repeats: int, quick: bool) -> list[dict[str, Any]]:
 def runs(work: Path) -> list[dict[str, Any]]:
     """Item 4: the quick federation with each privacy mode: round time and bytes per round."""
     out = []
-    for mode in ("none", "dp_sgd", "dp_fedavg", "secagg"):
-        overrides = [*QUICK, "num_rounds=3", f"privacy={mode}", "strategy=fedavg"]
-        result = run_fedlora(overrides, work / f"privacy_{mode}")
+    for mode in ("none", "dp_sgd", "dp_fedavg", "secagg", "dp_sgd+secure", "dp_fedavg+secure"):
+        kind, _, secure = mode.partition("+")
+        overrides = [*QUICK, "num_rounds=3", f"privacy={kind}", "strategy=fedavg",
+                     *(["privacy.secure=true"] if secure else [])]
+        result = run_fedlora(overrides, work / f"privacy_{mode.replace('+', '_')}")
         rounds = result["rows"][1:]
         row = {"privacy": mode, "wall": result["wall"],
                "round_seconds_median": statistics.median(r["round_seconds"] for r in rounds),

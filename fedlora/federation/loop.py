@@ -622,8 +622,7 @@ class Federation:
                            "linear strategy may run with privacy.secure=true")
         adapter = result.adapter
         if self.client_dp is not None:  # each vector is its client's clipped change, weighing W: add the noise
-            weight_w = next(iter(assignments.values())).secure_weight
-            clipped = secure.unembed(torch.from_numpy(sx.weighted_sum) / weight_w, plan)  # sum_k W x_k / W
+            clipped = secure.unembed(torch.from_numpy(sx.weighted_sum) / weight, plan)  # sum_k W x_k / W
             generator = torch.Generator().manual_seed(seeds.client_dp_noise(self.settings.seed, server_round))
             adapter = release(state.adapter, clipped, keys, self.client_dp.level, generator)
         if not validation.is_finite_state(adapter):
