@@ -19,7 +19,7 @@
    ``dp_fedavg``, ``secagg`` and each DP level with ``privacy.secure=true``: median round seconds and the
    bytes up and down per round (what each mode adds on the wire).
 
-    PYTHONPATH=. python bench/privacy.py [--quick] [--runs] [--json out.json]
+    PYTHONPATH=. python bench/privacy.py [--quick] [--runs | --runs-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -236,18 +236,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke: fewer steps, 4 LLaMA layers, 1 repeat")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--runs", action="store_true", help="also run the quick federation with each mode (3 min)")
+    parser.add_argument("--runs-only", action="store_true", help="only item 4 (its bytes do not depend on the load)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "quick": args.quick}
-    print("1. a client's round, plain and with DP-SGD", flush=True)
-    results["local_training"] = local_training(repeats, args.quick)
-    print("2. the server's aggregate, plain and with DP-FedAvg", flush=True)
-    results["aggregation"] = aggregation(repeats, args.quick)
-    print("3. secure aggregation's protocol, in-process", flush=True)
-    results["secure_protocol"] = secure_protocol(repeats, args.quick)
+    if not args.runs_only:
+        print("1. a client's round, plain and with DP-SGD", flush=True)
+        results["local_training"] = local_training(repeats, args.quick)
+        print("2. the server's aggregate, plain and with DP-FedAvg", flush=True)
+        results["aggregation"] = aggregation(repeats, args.quick)
+        print("3. secure aggregation's protocol, in-process", flush=True)
+        results["secure_protocol"] = secure_protocol(repeats, args.quick)
     work = Path(tempfile.mkdtemp(prefix="fedlora-bench-privacy-"))
-    if args.runs:
+    if args.runs or args.runs_only:
         print("4. the quick federation with each privacy mode", flush=True)
         results["runs"] = runs(work)
     write_results(results, args.json, work)

@@ -58,6 +58,11 @@ PRIVACY_OPTIONS = [["strategy=hetlora", "strategy.prune=false"], ["strategy=feda
                    ["strategy=flora", "downlink=svd"]]
 
 
+def privacy_strategies() -> list[str]:
+    """Every strategy config (``conf/strategy/*.yaml``), by name."""
+    return sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
+
+
 def privacy_extra(strategy: str) -> list[str]:
     """What a strategy needs to run at all: FedSA-LoRA has no global model, its clients evaluate on their own."""
     return ["data.client_test_fraction=0.3"] if strategy == "fedsa_lora" else []

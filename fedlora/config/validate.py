@@ -293,12 +293,16 @@ def _check_compressor_privacy(cfg: Mapping[str, Any], compressor: Any, p: Proble
     """What the uplink compressor declares it cannot run under (``privacy_refusals``: privacy mode -> the reason
     and the fix; :class:`~fedlora.compression.compeft.ComPEFT`, :class:`~fedlora.compression.scafcom.SCAFCOM`)."""
     refusals: Mapping[str, str] = getattr(compressor, "privacy_refusals", {}) if compressor is not None else {}
+    if not refusals:
+        return
+    from fedlora.results.report import compression_name  # noqa: PLC0415
+
     privacy = cfg.get("privacy") or {}
-    kind, target = privacy.get("kind"), (cfg.get("compression") or {}).get("_target_")
+    kind, name = privacy.get("kind"), compression_name(cfg.get("compression") or {})
     if kind in refusals:
-        p.add("privacy.kind", kind, f"compression={target}: {refusals[kind]}")
+        p.add("privacy.kind", kind, f"compression={name}: {refusals[kind]}")
     if privacy.get("secure") is True and "secure" in refusals:
-        p.add("compression", target, refusals["secure"])
+        p.add("compression", name, refusals["secure"])
 
 
 def _check_secure(cfg: Mapping[str, Any], strategy: Any, p: Problems) -> None:

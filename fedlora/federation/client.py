@@ -331,16 +331,17 @@ def secure_vector(state: Mapping[str, Tensor], rank: int, assignment: wire.Assig
         raise RuntimeError(f"the update has non-finite values in {bad[:3]}; under secure aggregation the server "
                            "cannot reject it, so this client drops out of the round")
     plan = secure.layout({k: tuple(v.shape) for k, v in state.items()}, rank)
-    reference = assignment.clip_reference if assignment is not None else None
-    if reference is None:
+    if assignment is None or assignment.clip_reference is None:
         return secure.embed(state, plan)
-    if sorted(reference) != sorted(state):
-        raise RuntimeError(f"client-level DP: the server's reference holds {sorted(reference)[:3]}, the update "
-                           f"{sorted(state)[:3]}; the node's fedlora differs from the server's")
-    padded = {k: lm.pad_key(k, state[k].to(torch.float32), shape, "the secure-aggregation layout") for k, shape in plan}
-    clipped, _ = privacy.clip_update({k: padded[k] - reference[k].to(torch.float32) for k in padded},
-                                     assignment.clip if assignment is not None else 0.0)
-    return secure.embed(clipped, plan)
+    reference = assignment.clip_reference
+    if sorted(reference) != sorted(state) or not assignment.clip > 0:
+        raise RuntimeError(f"client-level DP: the server's reference holds {sorted(reference)[:3]} with clip "
+                           f"{assignment.clip} for an update of {sorted(state)[:3]}; the node's fedlora differs from "
+                           "the server's")
+    # both zero-padded to the layout by embed (float64); the change then clipped as the server would clip it
+    change = secure.embed(state, plan) - secure.embed(reference, plan)
+    clipped, _ = privacy.clip_update({"change": change}, assignment.clip)
+    return clipped["change"]
 
 
 def carried_residual(kept: Mapping[str, Tensor] | None, delta: Mapping[str, Tensor],

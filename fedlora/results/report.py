@@ -30,6 +30,7 @@ import math
 import shlex
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,22 @@ def _failure_line(text: str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+def compression_name(compression: Mapping[str, Any]) -> str:
+    """The ``compression=`` choice a resolved compression config came from (its module's name, but for
+    SCAFCOM's class: ``ef21`` without the drift correction, ``scallion`` with random-k).
+
+    >>> compression_name({"_target_": "fedlora.compression.scafcom.SCAFCOM", "drift_correction": False})
+    'ef21'
+    """
+    comp = str(compression.get("_target_", "?")).rsplit(".", 2)
+    name = comp[-2] if len(comp) > 1 else comp[0]
+    if name == "scafcom" and compression.get("drift_correction") is False:
+        return "ef21"  # compression=ef21: SCAFCOM's class without its drift correction
+    if name == "scafcom" and compression.get("codec") == "rand_k":
+        return "scallion"  # compression=scallion: the same class with unbiased random-k
+    return name
+
+
 def method_label(config: dict[str, Any]) -> tuple[str, str]:
     """Return ``(strategy, method)`` labels of a config.
 
@@ -292,12 +309,7 @@ def method_label(config: dict[str, Any]) -> tuple[str, str]:
     compression = config.get("compression") or {}
     method = strategy
     if compression.get("_target_"):
-        comp = str(compression["_target_"]).rsplit(".", 2)
-        comp_name = comp[-2] if len(comp) > 1 else comp[0]
-        if comp_name == "scafcom" and compression.get("drift_correction") is False:
-            comp_name = "ef21"  # compression=ef21: SCAFCOM's class without its drift correction
-        elif comp_name == "scafcom" and compression.get("codec") == "rand_k":
-            comp_name = "scallion"  # compression=scallion: the same class with unbiased random-k
+        comp_name = compression_name(compression)
         density = compression.get("density")
         suffix = f"(d={density:g})" if isinstance(density, int | float) else ""
         method = f"{strategy}+{comp_name}{suffix}"

@@ -129,7 +129,7 @@ def test_under_secure_aggregation_every_client_evaluates_the_released_model_on_i
 def compatible(mode: str) -> tuple[list[str], list[list[str]]]:
     """What validation lets through with ``mode``: the plain strategies (one sweep) and the option sets (one run
     each). tests/test_privacy.py checks that everything else is refused with its reason."""
-    from conftest import ROOT, compose
+    from conftest import compose, privacy_strategies
 
     from fedlora.config.validate import validate
     from fedlora.core.errors import ConfigError
@@ -141,8 +141,7 @@ def compatible(mode: str) -> tuple[list[str], list[list[str]]]:
             return False
         return True
 
-    names = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
-    plain = [n for n in names if passes([f"strategy={n}", *privacy_extra(n)])]
+    plain = [n for n in privacy_strategies() if passes([f"strategy={n}", *privacy_extra(n)])]
     return plain, [o for o in PRIVACY_OPTIONS if passes(o)]
 
 
