@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import doctest
 import json
 import math
 from pathlib import Path
@@ -331,6 +332,33 @@ def test_private_runs_are_their_own_methods_with_the_epsilon_they_spent(tmp_path
     assert "epsilon" not in plain
 
 
+def test_private_runs_are_drawn_against_the_epsilon_they_spent(tmp_path: Path, sweep: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "privacy"
+    dp = {"kind": "dp_sgd", "target_epsilon": 3, "clip": 1.0}
+    for seed, eps, acc in ((0, 2.99, 0.5), (1, 2.97, 0.3)):
+        make_run(root / f"{seed}_fedavg_eps3", FEDAVG, seed, [0.2, 0.4, acc], up=1000, down=1000, privacy=dp,
+                 epsilon=eps)
+        make_run(root / f"{seed}_fedavg_epsinf", FEDAVG, seed, [0.2, 0.6, 0.8 + seed / 10], up=1000, down=1000,
+                 privacy={**dp, "target_epsilon": float("inf")})
+    make_run(root / "0_fedavg_eps1", FEDAVG, 0, [0.2, 0.3, 0.25], up=1000, down=1000,
+             privacy={**dp, "target_epsilon": 1}, epsilon=1.0)
+    make_run(root / "0_flora", FLORA, 0, [0.2, 0.5, 0.7], up=1000, down=1000)  # never private: not drawn
+    points = report.privacy_points(report.load_runs(root))
+    assert list(points) == ["fedavg"]
+    got = [(p["method"], p["epsilon"], p["values"]) for p in points["fedavg"]]
+    assert got == [("fedavg+dp_sgd(eps=1)", 1.0, [0.25]), ("fedavg+dp_sgd(eps=3)", pytest.approx(2.98), [0.5, 0.3]),
+                   ("fedavg", math.inf, [0.8, 0.9])]
+    assert points["fedavg"][1]["mean"] == pytest.approx(0.4)
+    assert points["fedavg"][1]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert report.main([str(root)]) == 0
+    assert (root / "privacy.png").stat().st_size > 0
+    assert "`privacy.png`" in (root / "report.md").read_text()
+    assert str(root / "privacy.png") in capsys.readouterr().out
+    assert report.main([str(sweep)]) == 0  # nothing private: no plot, no line
+    assert not (sweep / "privacy.png").exists() and "privacy.png" not in (sweep / "report.md").read_text()
+
+
 def _with_validation(run_dir: Path, vals: list[float]) -> Path:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row, val in zip(rows, vals, strict=True):
@@ -465,3 +493,9 @@ def test_runs_whose_method_settings_differ_are_different_methods(tmp_path: Path)
     runs = report.load_runs(other)
     assert {r.method for r in runs} == {"fedavg"}
     assert any("differ in: num_rounds" in line for line in report.problem_lines(runs, other))
+
+
+def test_the_examples_in_the_docstrings_hold() -> None:
+    """The labels, the settings split and the privacy points are documented by examples: run them."""
+    result = doctest.testmod(report)
+    assert result.attempted >= 10 and result.failed == 0

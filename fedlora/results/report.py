@@ -929,9 +929,85 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: 
     return path
 
 
+def privacy_points(runs: list[Run], metric: Metric = ACCURACY) -> dict[str, list[dict[str, Any]]]:
+    """The final metric against epsilon, per method without its privacy: what ``privacy.png`` draws.
+
+    A method's runs at one privacy budget (``fedavg+dp_sgd(eps=3)``) are one point of its base method
+    (``fedavg``) at the epsilon they spent (``summary.json``'s ``dp_epsilon``, the largest client's; mean over
+    seeds); its runs without privacy (``target_epsilon=inf`` or ``privacy=none``) are the point at
+    ``math.inf``. Only base methods with a private point are returned; points sorted by epsilon.
+
+    Returns
+    -------
+    dict
+        ``{base method: [{"epsilon", "mean", "std", "values", "method"}, ...]}``.
+
+    >>> def run(seed, eps, acc):
+    ...     privacy = {"kind": "dp_sgd", "target_epsilon": eps}
+    ...     label = "fedavg" + privacy_label(privacy)
+    ...     spent = {"dp_epsilon": eps} if math.isfinite(eps) else {}
+    ...     return Run(path=Path(str(seed)), config={"privacy": privacy, "seed": seed}, method=label,
+    ...                summary={"final_test_accuracy": acc, **spent})
+    >>> points = privacy_points([run(0, 3.0, 0.3), run(1, 3.0, 0.5), run(0, math.inf, 0.9)])
+    >>> [(p["epsilon"], p["mean"], p["values"]) for p in points["fedavg"]]
+    [(3.0, 0.4, [0.3, 0.5]), (inf, 0.9, [0.9])]
+    """
+    bases: dict[str, list[dict[str, Any]]] = {}
+    for method, group in group_by_method(runs).items():
+        privacy = group[0].config.get("privacy") or {}
+        budget = privacy_label({**privacy, "secure": False})
+        base = method.replace(budget, "", 1) if budget else method
+        spent = [float(r.summary.get("dp_epsilon", math.inf)) for r in group]
+        values = [final_value(r, metric) for r in group]
+        bases.setdefault(base, []).append({
+            "method": method, "epsilon": float(np.mean(spent)) if budget else math.inf,
+            "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values})
+    return {base: sorted(points, key=lambda p: p["epsilon"]) for base, points in bases.items()
+            if any(math.isfinite(p["epsilon"]) for p in points)}
+
+
+def plot_privacy(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path | None:
+    """Draw the final metric against epsilon (log x) per base method into ``path``: mean with the sample std
+    as error bar, each seed a dot, the method without privacy a dashed line at its mean. ``None`` (nothing
+    written) when no run is private."""
+    points = privacy_points(runs, metric)
+    if not points:
+        return None
+    import matplotlib  # noqa: PLC0415 - slow to import, only needed here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (base, pts) in enumerate(points.items()):
+        color, private = f"C{i % 10}", [p for p in pts if math.isfinite(p["epsilon"])]
+        eps = [p["epsilon"] for p in private]
+        ax.errorbar(eps, [p["mean"] for p in private], yerr=[p["std"] for p in private], marker="o", ms=4,
+                    capsize=3, color=color, label=f"{base} (n={max(len(p['values']) for p in pts)})")
+        for p in private:
+            ax.scatter([p["epsilon"]] * len(p["values"]), p["values"], s=10, color=color, alpha=0.4)
+        for p in pts:
+            if not math.isfinite(p["epsilon"]):
+                ax.axhline(p["mean"], color=color, linestyle="--", linewidth=1, label=f"{base}, no DP")
+    ax.set_xscale("log")
+    ticks = sorted({round(p["epsilon"], 2) for pts in points.values() for p in pts if math.isfinite(p["epsilon"])})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set(xlabel="epsilon (the largest client's, whole run; log)", ylabel=f"final {metric.name}",
+           title=f"final {metric.name.removeprefix('test ')} vs privacy budget (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target: float | None = None,
                  budget: float | None = None, tune: str | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``.
+    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``, and ``privacy.png`` when a run is
+    private (:func:`plot_privacy`).
 
     ``target`` and ``budget`` (bytes) override the defaults of :func:`summarize`; ``tune`` reports each
     method at the value of that config key chosen on validation (:func:`choose_on_validation`).
@@ -949,6 +1025,9 @@ def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target
         reported, choices = choose_on_validation(runs, tune, metric)
         chosen = choices_markdown(tune, choices, metric)
     rows = summarize(reported, metric, target=target, budget=budget)
+    if plot_privacy(reported, out / "privacy.png", metric) is not None:
+        chosen += [f"{metric.name.capitalize()} against epsilon: `privacy.png` (the final value of each method "
+                   "without its privacy, mean ± sample std over seeds).", ""]
     text = markdown_report(reported, rows, root, command, metric, given_target=target is not None,
                            given_budget=budget is not None, extra=chosen, all_runs=runs)
     (out / "report.md").write_text(text)
@@ -1010,7 +1089,8 @@ def main(argv: list[str] | None = None) -> int:
     except ChoiceError as exc:
         parser.error(str(exc))
     print(text)
-    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
+    private = ", " + str(out / "privacy.png") if "`privacy.png`" in text else ""
+    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}{private}")
     if not rows:
         print(f"fedlora-report: no job under {args.path} completed; see the list above", file=sys.stderr)
         return 1
