@@ -344,6 +344,8 @@ def test_private_runs_are_drawn_against_the_epsilon_they_spent(tmp_path: Path, s
     make_run(root / "0_fedavg_eps1", FEDAVG, 0, [0.2, 0.3, 0.25], up=1000, down=1000,
              privacy={**dp, "target_epsilon": 1}, epsilon=1.0)
     make_run(root / "0_flora", FLORA, 0, [0.2, 0.5, 0.7], up=1000, down=1000)  # never private: not drawn
+    make_run(root / "0_fedavg_eps2", FEDAVG, 0, [0.2, 0.3, 0.3], up=1000, down=1000,  # no epsilon recorded:
+             privacy={**dp, "target_epsilon": 2})                                     # not drawn (nor as no DP)
     points = report.privacy_points(report.load_runs(root))
     assert list(points) == ["fedavg"]
     got = [(p["method"], p["epsilon"], p["values"]) for p in points["fedavg"]]

@@ -935,7 +935,8 @@ def privacy_points(runs: list[Run], metric: Metric = ACCURACY) -> dict[str, list
     A method's runs at one privacy budget (``fedavg+dp_sgd(eps=3)``) are one point of its base method
     (``fedavg``) at the epsilon they spent (``summary.json``'s ``dp_epsilon``, the largest client's; mean over
     seeds); its runs without privacy (``target_epsilon=inf`` or ``privacy=none``) are the point at
-    ``math.inf``. Only base methods with a private point are returned; points sorted by epsilon.
+    ``math.inf``. A private method whose runs recorded no epsilon is left out (the table still lists it). Only
+    base methods with a private point are returned; points sorted by epsilon.
 
     Returns
     -------
@@ -956,13 +957,13 @@ def privacy_points(runs: list[Run], metric: Metric = ACCURACY) -> dict[str, list
     for method, group in group_by_method(runs).items():
         privacy = group[0].config.get("privacy") or {}
         budget = privacy_label({**privacy, "secure": False})
-        base = method.replace(budget, "", 1) if budget else method
-        spent = [float(r.summary.get("dp_epsilon", math.inf)) for r in group]
-        values = [final_value(r, metric) for r in group]
-        bases.setdefault(base, []).append({
-            "method": method, "epsilon": float(np.mean(spent)) if budget else math.inf,
-            "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "values": values})
+        row = _method_row(method, group, metric)  # the table's own mean, std and spent epsilon
+        epsilon = row["epsilon"] if budget else math.inf
+        if budget and not math.isfinite(epsilon):  # private without a recorded epsilon: never drawn as no DP
+            continue
+        bases.setdefault(method.replace(budget, "", 1) if budget else method, []).append({
+            "method": method, "epsilon": epsilon, "mean": row[f"final_{metric.short}_mean"],
+            "std": row[f"final_{metric.short}_std"], "values": [final_value(r, metric) for r in group]})
     return {base: sorted(points, key=lambda p: p["epsilon"]) for base, points in bases.items()
             if any(math.isfinite(p["epsilon"]) for p in points)}
 
