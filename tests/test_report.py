@@ -359,6 +359,10 @@ def test_private_runs_are_drawn_against_the_epsilon_they_spent(tmp_path: Path, s
     assert str(root / "privacy.png") in capsys.readouterr().out
     assert report.main([str(sweep)]) == 0  # nothing private: no plot, no line
     assert not (sweep / "privacy.png").exists() and "privacy.png" not in (sweep / "report.md").read_text()
+    stale = tmp_path / "out"  # a report without private runs into a folder where one drew the plot
+    assert report.main([str(root), "--out", str(stale)]) == 0 and (stale / "privacy.png").is_file()
+    assert report.main([str(sweep), "--out", str(stale)]) == 0
+    assert not (stale / "privacy.png").exists()
 
 
 def _with_validation(run_dir: Path, vals: list[float]) -> Path:

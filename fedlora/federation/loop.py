@@ -251,6 +251,17 @@ def console(text: str) -> None:
     print(f"[fedlora] {text}", flush=True)
 
 
+def _kept_in(path: Path, say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say``, and each line appended to ``path`` too (a resumed run goes on in the same file), so that what
+    the run said (its first line: the setting, the noise multipliers, the codes) stays with its outputs."""
+    def both(text: str) -> None:
+        say(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as kept:
+            kept.write(text + "\n")
+    return both
+
+
 class Federation:
     """One federated run: its loop, its state and its outputs in ``run_dir``."""
 
@@ -280,7 +291,7 @@ class Federation:
         self.model = model
         self.run_dir = Path(run_dir)
         self.recorder = recorder
-        self.say = say
+        self.say = _kept_in(self.run_dir / "console.log", say)
         self.stop = stop or threading.Event()  # set by the glue on Ctrl-C or SIGTERM: stop at the next safe point
         self.start_wall = time.perf_counter()
         self.resumed_from = 0  # the checkpoint round this run continued from (0: a fresh run)

@@ -1008,7 +1008,7 @@ def plot_privacy(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path
 def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target: float | None = None,
                  budget: float | None = None, tune: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``, and ``privacy.png`` when a run is
-    private (:func:`plot_privacy`).
+    private (:func:`plot_privacy`; without a private run, a ``privacy.png`` already in ``out`` is removed).
 
     ``target`` and ``budget`` (bytes) override the defaults of :func:`summarize`; ``tune`` reports each
     method at the value of that config key chosen on validation (:func:`choose_on_validation`).
@@ -1026,7 +1026,10 @@ def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target
         reported, choices = choose_on_validation(runs, tune, metric)
         chosen = choices_markdown(tune, choices, metric)
     rows = summarize(reported, metric, target=target, budget=budget)
-    if plot_privacy(reported, out / "privacy.png", metric) is not None:
+    if plot_privacy(reported, out / "privacy.png", metric) is None:
+        # an earlier report into the same folder may have drawn one: it would describe other runs
+        (out / "privacy.png").unlink(missing_ok=True)
+    else:
         chosen += [f"{metric.name.capitalize()} against epsilon: `privacy.png` (the final value of each method "
                    "without its privacy, mean ± sample std over seeds).", ""]
     text = markdown_report(reported, rows, root, command, metric, given_target=target is not None,

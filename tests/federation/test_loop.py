@@ -70,6 +70,8 @@ def plain_keys(run_dir: Path) -> list[str]:
 
 def test_a_run_records_every_round_checkpoints_and_saves(tmp_path: Path) -> None:
     summary, lines, _ = run(tmp_path, FedAvg())
+    assert (tmp_path / "console.log").read_text().splitlines() == lines  # what it said stays with the run
+    assert lines[-1].startswith("done: final")
     records = read_records(tmp_path)
     assert [r.round for r in records] == [0, 1, 2, 3]
     for record in records[1:]:
@@ -313,7 +315,11 @@ def test_a_stop_mid_round_keeps_the_last_checkpoint_and_resumes_exactly(tmp_path
     assert (killed / "checkpoint" / "LATEST").read_text() == "round_00001"  # round 2 was not kept
     assert [r["round"] for r in rows(killed)] == [0, 1] and not (killed / "summary.json").exists()
     assert [(r, c) for r, c, _ in side.trainer.calls if r == 2] == [(2, 0), (2, 1)]  # client 2 never started
-    run(killed, strategy(), num_rounds=3, resume=True)
+    said_before = (killed / "console.log").read_text().splitlines()
+    assert said_before[-1].startswith("round 1/3")
+    _, said_after, _ = run(killed, strategy(), num_rounds=3, resume=True)
+    assert (killed / "console.log").read_text().splitlines() == said_before + said_after  # appended, not replaced
+    assert "resuming after round 1" in said_after[0]
     resumed, straight = rows(killed), rows(tmp_path / "straight")
     for row in (resumed[2], straight[2]):  # the resent merges after a resume (FLoRA)
         row.pop("bytes_down_total")
