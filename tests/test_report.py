@@ -189,6 +189,26 @@ def test_main_writes_the_report(sweep: Path, tmp_path: Path, capsys: pytest.Capt
     assert {p.name for p in other.iterdir()} == {"report.md", "report.csv", "report.png"}
 
 
+def test_several_folders_are_reported_together(sweep: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    later = tmp_path / "later"  # fedavg's seed 2, swept another day into another folder
+    make_run(later / "0_fedavg_seed=2", FEDAVG, 2, [0.2, 0.5, 0.6, 0.9], up=1000, down=1500)
+    runs = report.load_runs([sweep, later, sweep / "0_fedavg_seed=0"])  # a job given twice counts once
+    assert len(runs) == 7 and sum(r.path.name == "0_fedavg_seed=0" for r in runs) == 1
+    assert by_method(report.summarize(runs))["fedavg"]["n_seeds"] == 3
+    out = tmp_path / "gathered"
+    assert report.main([str(sweep), str(later), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert f"`fedlora-report {sweep} {later} --out {out}`" in text
+    assert "| fedavg | 3 | 0.800 ± 0.100 |" in text
+    assert "**failed** `sweep_2026-01-01_00-00-00/5_flora_seed=2`" in text  # named from the common parent
+    assert "**missing** fedavg" not in text
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # two folders: no single default for where the report goes
+        report.main([str(sweep), str(later)])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+
+
 def test_main_exit_codes(tmp_path: Path, sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

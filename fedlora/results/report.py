@@ -27,10 +27,11 @@ import argparse
 import csv
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -181,20 +182,23 @@ def load_run(run_dir: Path) -> Run:
     return run
 
 
-def load_runs(path: Path | str) -> list[Run]:
+def load_runs(path: Path | str | Sequence[Path | str]) -> list[Run]:
     """Load every job under ``path``.
 
     Parameters
     ----------
-    path : Path or str
-        A run dir, a sweep dir or a folder above them.
+    path : Path, str, or a sequence of them
+        A run dir, a sweep dir or a folder above them; several gather their jobs into one report (a job
+        found under two of them counts once).
 
     Returns
     -------
     list of Run
         All jobs, failed and incomplete ones included (see ``Run.status``); empty if none.
     """
-    return split_method_settings([load_run(d) for d in find_run_dirs(Path(path))])
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    dirs = {d.resolve(): d for p in paths for d in find_run_dirs(p)}  # the first spelling of a shared job
+    return split_method_settings([load_run(d) for d in dirs.values()])
 
 
 # the config groups whose settings make a method (a sweep of strategy.reg_weight compares two methods)
@@ -664,6 +668,14 @@ def best_final_mean(rows: list[dict[str, Any]], metric: Metric = ACCURACY) -> fl
 # ------------------------------------------------------------------------------------------ notes
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` as seen from ``root`` (its name when it is ``root``; as given when it is not under it)."""
+    path_, root_ = path.resolve(), root.resolve()
+    if path_ == root_:
+        return path.name
+    return path_.relative_to(root_).as_posix() if path_.is_relative_to(root_) else path.as_posix()
+
+
 def problem_lines(runs: list[Run], root: Path) -> list[str]:
     """One Markdown bullet per failed, incomplete or missing job.
 
@@ -672,7 +684,7 @@ def problem_lines(runs: list[Run], root: Path) -> list[str]:
     runs : list of Run
         All jobs, from :func:`load_runs`.
     root : Path
-        The path given to the command (job paths are shown relative to it).
+        The path given to the command, or the common parent of several (job paths are shown relative to it).
 
     Returns
     -------
@@ -683,7 +695,7 @@ def problem_lines(runs: list[Run], root: Path) -> list[str]:
     lines = []
     for run in runs:
         if not run.ok:
-            where = run.path.relative_to(root).as_posix() if run.path != root else run.path.name
+            where = _relative(run.path, root)
             seed = "?" if run.seed is None else run.seed
             lines.append(f"- **{run.status}** `{where}` ({run.method}, seed {seed}): {run.error}")
     seeds = {r.seed for r in runs if r.seed is not None}
@@ -1055,9 +1067,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedlora-report",
         description="Compare the runs of a fedlora sweep: writes report.md, report.csv and report.png.")
-    parser.add_argument("path", type=Path,
-                        help="a sweep dir (runs/sweep_<time>), a run dir, or a folder above them")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: PATH)")
+    parser.add_argument("path", type=Path, nargs="+",
+                        help="a sweep dir (runs/sweep_<time>), a run dir, or a folder above them; several are "
+                             "reported together (then --out is needed)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the report (default: PATH, when there is one)")
     parser.add_argument("--target", type=float, default=None,
                         help="the accuracy (or perplexity) that 'rounds/bytes to target' wait for "
                              f"(default: {TARGET_SHARE} x the best final mean; perplexity: the lowest / "
@@ -1070,33 +1084,40 @@ def main(argv: list[str] | None = None) -> int:
                              "whose mean final validation accuracy is best (runs made with "
                              "data.validation_fraction > 0), never at the best test value")
     args = parser.parse_args(argv)
-    if not args.path.is_dir():
-        parser.error(f"{args.path} is not a directory")
+    for path in args.path:
+        if not path.is_dir():
+            parser.error(f"{path} is not a directory")
+    if len(args.path) > 1 and args.out is None:
+        parser.error(f"{len(args.path)} folders given and no --out: say where the report that gathers them goes, "
+                     "e.g. --out runs/report")
     if args.target is not None and not math.isfinite(args.target):
         parser.error(f"--target={args.target} is not a finite number; give an accuracy such as 0.9")
     if args.budget_mb is not None and not (math.isfinite(args.budget_mb) and args.budget_mb > 0):
         parser.error(f"--budget-mb={args.budget_mb} must be a positive number of MB, e.g. --budget-mb 50")
     runs = load_runs(args.path)
+    given = " ".join(str(p) for p in args.path)
     if not runs:
-        parser.error(f"no runs under {args.path}: a run dir holds metrics.jsonl (plus config.yaml and "
+        parser.error(f"no runs under {given}: a run dir holds metrics.jsonl (plus config.yaml and "
                      "summary.json) as written by `fedlora`; give a runs/sweep_<time> or "
                      "runs/<time>_<name> dir")
-    out = args.out or args.path
+    # the folder the report names, and against which it names each job: the one given, or their common parent
+    root = args.path[0] if len(args.path) == 1 else Path(os.path.commonpath([p.resolve() for p in args.path]))
+    out = args.out or args.path[0]
     extra = (["--out", str(args.out)] if args.out else []) + (
         ["--target", str(args.target)] if args.target is not None else []) + (
         ["--budget-mb", str(args.budget_mb)] if args.budget_mb is not None else []) + (
         ["--tune", args.tune] if args.tune else [])
-    command = shlex.join(["fedlora-report", str(args.path), *extra])
+    command = shlex.join(["fedlora-report", *map(str, args.path), *extra])
     budget = args.budget_mb * 1e6 if args.budget_mb is not None else None
     try:
-        text, rows = write_report(runs, args.path, out, command, target=args.target, budget=budget, tune=args.tune)
+        text, rows = write_report(runs, root, out, command, target=args.target, budget=budget, tune=args.tune)
     except ChoiceError as exc:
         parser.error(str(exc))
     print(text)
     private = ", " + str(out / "privacy.png") if "`privacy.png`" in text else ""
     print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}{private}")
     if not rows:
-        print(f"fedlora-report: no job under {args.path} completed; see the list above", file=sys.stderr)
+        print(f"fedlora-report: no job under {given} completed; see the list above", file=sys.stderr)
         return 1
     return 0
 
