@@ -6,7 +6,8 @@ data), so these runs check what survives between rounds in a deployment (FLoRA's
 ComPEFT's error-feedback residual, which FedAvg keeps and FLoRA does not; both in
 ``context.state``, never in the worker): the deployed run must equal the same config run in
 simulation, also when a node's worker is killed in the middle of its training and a new one
-takes over. Also: a node training on its own file with its own rank (next to a node without a
+takes over; the same for SCAFCOM's control variates and the downlink's copies, with a node restarted
+between rounds. Also: a node training on its own file with its own rank (next to a node without a
 worker, answering in its ``flwr-clientapp`` process), TLS with node authentication (an
 unregistered node is refused), and a node killed in the middle of a round.
 
@@ -191,6 +192,37 @@ def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster,
     out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # Same seed, one torch thread everywhere: the same numbers to the last bit, bytes included.
+    assert untimed(jsonl_rows(simulated)) == untimed(rows)
+    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_scafcom_with_a_compressed_downlink_deployed_equals_simulated(cluster: LocalCluster, tmp_path: Path) -> None:
+    """SCAFCOM's client state (its control variate ``c_k``) and the downlink copies each node holds live on the
+    node: node 2 is restarted after round 1 (all but its SuperNode), its round 2 is trained by a new worker from
+    what the node kept, and the deployed run still equals the simulation to the last bit."""
+    overrides = [*SMALL, "compression=scafcom", "downlink=compeft"]
+    state = tmp_path / "node_state"
+    _start_nodes(cluster, [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)])
+    deployed = tmp_path / "deployed"
+    deploy = cluster.spawn("deploy", cluster.deploy_command(overrides, deployed))
+    old_worker, restarted = _restart_after_round_1(cluster, "node2", deploy)
+    deploy.wait(timeout=900)
+    log = cluster.log("deploy")
+    assert deploy.returncode == 0, log[-4000:]
+    workers = _worker_logs(cluster, ["node0", "node1", "node2"])
+    new = cluster.node_workers("node2")[0].pid
+    assert old_worker in restarted and new not in restarted, restarted
+    assert workers["node2"].count(f"[pid {new}] train (run") == 2, workers["node2"]  # round 2, cold
+    rows, summary = _check_run(deployed, 3)
+    assert summary["downlink_compression"] and summary["compression"]
+    for cid in range(3):  # on the node: c_k (SCAFCOM's state) and the copies of the start (the downlink's)
+        kept = load_client_state(state / deployed.name / str(cid), at_most=2)
+        assert kept is not None
+        assert any(k.startswith("control/") for k in kept) and any(k.startswith("view|") for k in kept), sorted(kept)
+    simulated = tmp_path / "simulated"
+    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert untimed(jsonl_rows(simulated)) == untimed(rows)
     assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
