@@ -228,6 +228,26 @@ def test_scafcom_with_a_compressed_downlink_deployed_equals_simulated(cluster: L
         (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
+def test_hetlora_prunes_on_a_node_and_the_deployed_run_equals_simulated(cluster: LocalCluster,
+                                                                         tmp_path: Path) -> None:
+    """HetLoRA's rank self-pruning is decided on the node (its regulariser in the node's loss, the tail's norm
+    before and after training), and the server takes the smaller reply: the same ranks and bits as in
+    simulation."""
+    overrides = [*SMALL, "strategy=hetlora", "strategy.reg_weight=1"]
+    _start_nodes(cluster, [f"partition-id={i} num-partitions=3" for i in range(3)])
+    deployed = tmp_path / "deployed"
+    cluster.deploy(overrides, deployed)
+    rows, _ = _check_run(deployed, 3)
+    assert [c["rank"] for c in rows[1]["clients"]] == [2, 4, 8]
+    assert [c["rank"] for c in rows[2]["clients"]] == [2, 4, 7]  # node 2 pruned a slot after round 2's training
+    simulated = tmp_path / "simulated"
+    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert untimed(jsonl_rows(simulated)) == untimed(rows)
+    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
 def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tmp_path: Path) -> None:
     """Node 2 trains on its own csv (without 'business' or 'tech': numbered by the run's labels)."""
     from fedlora.runtime.data.datasets import load_bbc_news
