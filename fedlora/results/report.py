@@ -218,6 +218,11 @@ def split_method_settings(runs: list[Run]) -> list[Run]:
     ...     return Run(path=Path("x"), config={"compression": {"alpha": alpha}}, method="m")
     >>> [r.method for r in split_method_settings([run(1.0), run(4.0), run(1.0)])]
     ['m [compression.alpha=1]', 'm [compression.alpha=4]', 'm [compression.alpha=1]']
+
+    ``2`` and ``2.0`` are one value (one given on the command line as ``2``, the other as ``2.0``):
+
+    >>> [r.method for r in split_method_settings([run(2), run(2.0)])]
+    ['m', 'm']
     """
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
@@ -227,7 +232,7 @@ def split_method_settings(runs: list[Run]) -> list[Run]:
     for members in groups.values():
         flats = [_flatten({g: runs[i].config.get(g) or {} for g in _METHOD_GROUPS}) for i in members]
         keys = set().union(*flats)
-        differing = sorted(k for k in keys if len({repr(f[k]) for f in flats if k in f}) > 1)
+        differing = sorted(k for k in keys if len({_value_key(f[k]) for f in flats if k in f}) > 1)
         for i, flat in zip(members, flats, strict=True):
             settings = ",".join(f"{k}={_shown(flat[k])}" for k in differing if k in flat)
             if settings:
@@ -470,6 +475,17 @@ def group_by_method(runs: list[Run]) -> dict[str, list[Run]]:
 
 class ChoiceError(ValueError):
     """``--tune`` cannot choose: a run has no validation metric, or no run sets the key."""
+
+
+def _value_key(value: Any) -> str:
+    """What tells config values apart: ``2`` (``server_lr=2`` on the command line) and ``2.0`` are one value.
+
+    >>> _value_key(2) == _value_key(2.0) != _value_key("2") != _value_key(True)
+    True
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(float(value))
+    return repr(value)
 
 
 def _shown(value: Any) -> str:
@@ -720,7 +736,7 @@ def _differing_keys(configs: list[dict[str, Any]]) -> list[str]:
     flats = [_flatten(c) for c in configs]
     keys = set().union(*flats) if flats else set()
     return sorted(k for k in keys if k.split(".")[0] not in _PER_JOB_KEYS
-                  and len({repr(f.get(k)) for f in flats}) > 1)
+                  and len({_value_key(f.get(k)) for f in flats}) > 1)
 
 
 def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
