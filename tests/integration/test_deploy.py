@@ -125,6 +125,16 @@ def _check_run(run_dir: Path, num_clients: int) -> tuple[list[dict], dict]:
     return rows, summary
 
 
+def _equals_simulation(overrides: list[str], deployed: Path, rows: list[dict], simulated: Path) -> None:
+    """The same config run in simulation gives the deployed run's records and adapter: same seed, one torch
+    thread everywhere, so the same numbers to the last bit, bytes included."""
+    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert untimed(jsonl_rows(simulated)) == untimed(rows)
+    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("strategy", ["flora", "fedavg"])
 def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster, tmp_path: Path) -> None:
     """FLoRA's merges and FedAvg's ComPEFT residual survive between rounds in a deployment, exactly.
@@ -188,13 +198,7 @@ def test_compeft_deployed_equals_simulated(strategy: str, cluster: LocalCluster,
         kept = load_client_state(node_dir, at_most=2)
         # FLoRA's LoRA factors are fresh every round: only the classifier head keeps a residual
         assert kept and any(is_lora_key(k) for k in kept) == (strategy == "fedavg"), sorted(kept)
-    simulated = tmp_path / "simulated"
-    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # Same seed, one torch thread everywhere: the same numbers to the last bit, bytes included.
-    assert untimed(jsonl_rows(simulated)) == untimed(rows)
-    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+    _equals_simulation(overrides, deployed, rows, tmp_path / "simulated")
 
 
 def test_scafcom_with_a_compressed_downlink_deployed_equals_simulated(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -220,12 +224,7 @@ def test_scafcom_with_a_compressed_downlink_deployed_equals_simulated(cluster: L
         kept = load_client_state(state / deployed.name / str(cid), at_most=2)
         assert kept is not None
         assert any(k.startswith("control/") for k in kept) and any(k.startswith("view|") for k in kept), sorted(kept)
-    simulated = tmp_path / "simulated"
-    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert untimed(jsonl_rows(simulated)) == untimed(rows)
-    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+    _equals_simulation(overrides, deployed, rows, tmp_path / "simulated")
 
 
 def test_hetlora_prunes_on_a_node_and_the_deployed_run_equals_simulated(cluster: LocalCluster,
@@ -240,12 +239,7 @@ def test_hetlora_prunes_on_a_node_and_the_deployed_run_equals_simulated(cluster:
     rows, _ = _check_run(deployed, 3)
     assert [c["rank"] for c in rows[1]["clients"]] == [2, 4, 8]
     assert [c["rank"] for c in rows[2]["clients"]] == [2, 4, 7]  # node 2 pruned a slot after round 2's training
-    simulated = tmp_path / "simulated"
-    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert untimed(jsonl_rows(simulated)) == untimed(rows)
-    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+    _equals_simulation(overrides, deployed, rows, tmp_path / "simulated")
 
 
 def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tmp_path: Path) -> None:
