@@ -1102,7 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for path in args.path:
         if not path.is_dir():
-            parser.error(f"{path} is not a directory")
+            parser.error(f"{path} is not a directory: give a sweep dir (runs/sweep_<time>), a run dir or a folder "
+                         "above them")
     if len(args.path) > 1 and args.out is None:
         parser.error(f"{len(args.path)} folders given and no --out: say where the report that gathers them goes, "
                      "e.g. --out runs/report")
