@@ -123,6 +123,10 @@ def test_summarize_numbers(sweep: Path) -> None:
     assert flora["final_acc_mean"] == pytest.approx(0.85)
     assert flora["final_acc_std"] == pytest.approx(math.sqrt(0.005))
     assert comp["final_acc_std"] == 0.0  # one seed
+    # the last 3 rounds (round 0 never counts): fedavg (0.5+0.7+0.8)/3 and (0.4+0.6+0.7)/3
+    assert fedavg["tail_acc_mean"] == pytest.approx((2.0 / 3 + 1.7 / 3) / 2)
+    assert fedavg["tail_acc_std"] == pytest.approx(math.sqrt(2) * 0.1 / 2)  # sample std of two values 0.1 apart
+    assert comp["tail_acc_mean"] == pytest.approx(0.4) and comp["tail_acc_std"] == 0.0
     assert flora["best_acc_mean"] == pytest.approx(0.85)
     # target 0.9 * 0.85 = 0.765: flora reaches it at round 2 in both seeds, fedavg only seed 0 (round 3)
     assert flora["rounds_to_target"] == 2.0 and flora["seeds_reached_target"] == 2
@@ -138,6 +142,15 @@ def test_summarize_numbers(sweep: Path) -> None:
     assert flora["down_compression_ratio"] is None
     assert fedavg["wall_time_s"] == pytest.approx(100.5)
     assert flora["failed_clients"] == 1 and fedavg["failed_clients"] == 0
+
+
+def test_last_rounds_mean_skips_round_zero_and_unevaluated_rounds(tmp_path: Path) -> None:
+    run = report.load_runs(make_run(tmp_path / "r", FEDAVG, 0, [0.9, 0.3, 0.5], up=1, down=1))[0]
+    assert report.tail_value(run) == pytest.approx(0.4)  # two rounds after 0: both, the untrained 0.9 not
+    assert report.tail_value(run, rounds=1) == pytest.approx(0.5)
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "r" / "metrics.jsonl").write_text(rows[0] + "\n")
+    assert math.isnan(report.tail_value(report.load_runs(tmp_path / "r")[0]))
 
 
 def test_downlink_compression_is_its_own_method_with_its_own_ratio(tmp_path: Path) -> None:
@@ -276,10 +289,11 @@ def test_causal_runs_are_reported_by_perplexity(tmp_path: Path) -> None:
     assert rows["fedavg"]["rounds_to_target"] == 3.0 and rows["fedavg"]["seeds_reached_target"] == 1
     assert report.main([str(root)]) == 0
     text = (root / "report.md").read_text()
-    assert "| method | seeds | final ppl | best ppl | rounds to best / 0.9 |" in text
-    assert "| flora | 1 | 11.000 ± 0.000 | 11.000 | 3.0 |" in text and "11.000 / 0.9 = 12.222" in text
+    assert "| method | seeds | final ppl | last 3 rounds' ppl | best ppl | rounds to best / 0.9 |" in text
+    assert "| flora | 1 | 11.000 ± 0.000 | 18.000 ± 0.000 | 11.000 | 3.0 |" in text and "11.000 / 0.9 = 12.222" in text
     with (root / "report.csv").open() as f:
-        assert next(csv.reader(f))[2:5] == ["final_ppl_mean", "final_ppl_std", "best_ppl_mean"]
+        assert next(csv.reader(f))[2:7] == ["final_ppl_mean", "final_ppl_std", "tail_ppl_mean", "tail_ppl_std",
+                                            "best_ppl_mean"]
 
 
 def test_mixed_tasks_are_flagged(sweep: Path) -> None:
@@ -326,7 +340,7 @@ def test_main_takes_a_target_and_a_budget(sweep: Path, capsys: pytest.CaptureFix
     text = (sweep / "report.md").read_text()
     assert "| rounds to 0.600 | bytes to target (up / down) | acc at budget (rounds) |" in text
     assert "within 10.0 KB (given)" in text and "--target 0.6 --budget-mb 0.01" in text
-    assert "| fedavg | 2 | 0.750 ± 0.071 | 0.750 | 2.0 | 4.0 KB / 6.0 KB | 0.650 (2.0) |" in text
+    assert "| fedavg | 2 | 0.750 ± 0.071 | 0.617 ± 0.071 | 0.750 | 2.0 | 4.0 KB / 6.0 KB | 0.650 (2.0) |" in text
     for bad, field in ((["--budget-mb", "0"], "--budget-mb=0.0"), (["--target", "nan"], "--target=nan")):
         with pytest.raises(SystemExit) as exc:
             report.main([str(sweep), *bad])
@@ -477,7 +491,8 @@ def test_per_client_mean_and_worst_are_reported_over_seeds(tmp_path: Path) -> No
     assert rows["fedavg"]["client_acc_worst"] == pytest.approx((0.5 + 0.6) / 2)
     assert math.isnan(rows["flora"]["client_acc_mean"]) and math.isnan(rows["flora"]["client_acc_worst"])
     table = report.markdown_table(list(rows.values())).splitlines()
-    assert table[0].startswith("| method | seeds | final acc | best acc | clients' mean acc | worst client acc |")
+    assert table[0].startswith("| method | seeds | final acc | last 3 rounds' acc | best acc | clients' mean acc "
+                               "| worst client acc |")
     assert "| 0.700 | 0.550 |" in table[2] and "| n/a | n/a |" in table[3]
     plain = report.markdown_table([rows["flora"]])  # nobody evaluated per client: no such columns
     assert "worst client" not in plain

@@ -44,12 +44,16 @@ from fedlora.results.record import METRICS_FILE, RoundRecord, read_rows
 
 #: Share of the best final accuracy that "rounds to target" measures (perplexity: best / share).
 TARGET_SHARE = 0.9
+#: How many last rounds the "last rounds" column averages: on a hard preset one round's test accuracy moves
+#: by several points, so the final round alone ranks methods by noise as much as by quality.
+TAIL_ROUNDS = 3
 
 
 def columns(metric: Metric = ACCURACY) -> list[str]:
     """The columns of ``report.csv`` (the keys of a :func:`summarize` row) for runs judged by ``metric``."""
     s = metric.short
-    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"best_{s}_mean", f"client_{s}_mean",
+    return ["method", "n_seeds", f"final_{s}_mean", f"final_{s}_std", f"tail_{s}_mean", f"tail_{s}_std",
+            f"best_{s}_mean", f"client_{s}_mean",
             f"client_{s}_worst", "target",
             "rounds_to_target", "seeds_reached_target", "up_bytes_to_target", "down_bytes_to_target",
             "budget_bytes", f"{s}_at_budget_mean", "rounds_in_budget", "up_bytes_per_round",
@@ -458,6 +462,19 @@ def best_value(run: Run, metric: Metric = ACCURACY) -> float:
     return float(value)
 
 
+def tail_value(run: Run, metric: Metric = ACCURACY, rounds: int = TAIL_ROUNDS) -> float:
+    """The mean of the metric over the run's last ``rounds`` evaluated rounds (all of them when it has fewer;
+    round 0, the untrained start, never counts); NaN when no round after 0 has it.
+
+    >>> run = Run(Path("r"), rows=[RoundRecord(i, {"test_accuracy": a}, None, 0.0)
+    ...                            for i, a in enumerate([0.1, 0.5, 0.7, 0.8, 0.6])])
+    >>> round(tail_value(run), 6)
+    0.7
+    """
+    values = [float(v) for r in run.rows if r.round > 0 and (v := r.metric(metric.key)) is not None]
+    return float(np.mean(values[-rounds:])) if values else math.nan
+
+
 def wall_time(run: Run) -> float:
     """``summary.json``'s wall time in seconds, else the last round's ``wall_time``."""
     value = run.summary.get("wall_time_seconds", run.rows[-1].wall_time if run.rows else None)
@@ -639,12 +656,16 @@ def summarize(runs: list[Run], metric: Metric | None = None, *, target: float | 
 
 def _method_row(method: str, group: list[Run], metric: Metric) -> dict[str, Any]:
     finals = np.array([final_value(r, metric) for r in group])
+    tails = [tail_value(r, metric) for r in group]
     s = metric.short
     return {
         "method": method,
         "n_seeds": len(group),
         f"final_{s}_mean": float(np.mean(finals)),
         f"final_{s}_std": float(np.std(finals, ddof=1)) if len(group) > 1 else 0.0,
+        # the mean of each run's last TAIL_ROUNDS rounds, then mean and sample std over seeds
+        f"tail_{s}_mean": _mean_or_nan(tails),
+        f"tail_{s}_std": float(np.std(tails, ddof=1)) if len(group) > 1 else 0.0,
         f"best_{s}_mean": float(np.mean([best_value(r, metric) for r in group])),
         # per-client evaluation after the last round (data.client_test_fraction > 0), mean over seeds; nan without
         f"client_{s}_mean": _mean_or_nan([client_value(r, metric, "mean") for r in group]),
@@ -780,7 +801,8 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
         target = f"{rows[0]['target']:.3f}" if rows else "target"
     else:
         target = f"{TARGET_SHARE:.0%} of best" if metric.higher_is_better else f"best / {TARGET_SHARE}"
-    head = ["method", "seeds", f"final {s}", f"best {s}", f"rounds to {target}", "bytes to target (up / down)",
+    head = ["method", "seeds", f"final {s}", f"last {TAIL_ROUNDS} rounds' {s}", f"best {s}", f"rounds to {target}",
+            "bytes to target (up / down)",
             f"{s} at budget (rounds)", "up / round", "down / round", "up compression", "down compression", "wall time",
             "failed clients"]
     private = any(math.isfinite(row.get("epsilon", math.nan)) for row in rows)
@@ -788,7 +810,7 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
         head.append("epsilon")
     per_client = any(math.isfinite(row.get(f"client_{s}_mean", math.nan)) for row in rows)
     if per_client:  # data.client_test_fraction > 0: each client's own held-out data, after the last round
-        head[4:4] = [f"clients' mean {s}", f"worst client {s}"]
+        head[5:5] = [f"clients' mean {s}", f"worst client {s}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         final = f"{row[f'final_{s}_mean']:.3f} ± {row[f'final_{s}_std']:.3f}"
@@ -798,14 +820,16 @@ def markdown_table(rows: list[dict[str, Any]], metric: Metric = ACCURACY, given_
                      else f"{row[f'{s}_at_budget_mean']:.3f} ({row['rounds_in_budget']:.1f})")
         if row.get("personalized"):
             final += " †"
-        cells = [row["method"], str(row["n_seeds"]), final, f"{row[f'best_{s}_mean']:.3f}",
+        tail = ("n/a" if not math.isfinite(row[f"tail_{s}_mean"])
+                else f"{row[f'tail_{s}_mean']:.3f} ± {row[f'tail_{s}_std']:.3f}")
+        cells = [row["method"], str(row["n_seeds"]), final, tail, f"{row[f'best_{s}_mean']:.3f}",
                  _fmt_rounds(row), to_target, at_budget, fmt_bytes(row["up_bytes_per_round"]),
                  fmt_bytes(row["down_bytes_per_round"]), _fmt_ratio(row["up_compression_ratio"]),
                  _fmt_ratio(row["down_compression_ratio"]), f"{row['wall_time_s']:.0f} s", str(row["failed_clients"])]
         if private:
             cells.append(f"{row['epsilon']:.2f}" if math.isfinite(row["epsilon"]) else "∞ (no DP)")
         if per_client:
-            cells[4:4] = [f"{row[f'client_{s}_{w}']:.3f}" if math.isfinite(row[f"client_{s}_{w}"]) else "n/a"
+            cells[5:5] = [f"{row[f'client_{s}_{w}']:.3f}" if math.isfinite(row[f"client_{s}_{w}"]) else "n/a"
                           for w in ("mean", "worst")]
         lines.append("| " + " | ".join(cells) + " |")
     if any(row.get("personalized") for row in rows):
@@ -839,7 +863,8 @@ def markdown_report(runs: list[Run], rows: list[dict[str, Any]], root: Path, com
     jobs = runs if all_runs is None else all_runs
     done = sum(r.ok for r in jobs)
     target_note = (_metric_note(metric, best) if not given_target else
-                   f"{metric.name.capitalize()}: final, mean ± sample std over seeds. Rounds to "
+                   f"{metric.name.capitalize()}: final, mean ± sample std over seeds (last {TAIL_ROUNDS} rounds': "
+                   f"each run's mean over its last {TAIL_ROUNDS} rounds). Rounds to "
                    f"{rows[0]['target']:.3f} (given): first round reaching it, mean over the seeds that do.")
     parts = [f"# fedlora report: `{root}`", "",
              f"{done} of {len(jobs)} jobs completed, {len(rows)} method(s). " + target_note
@@ -867,11 +892,14 @@ def _budget_note(rows: list[dict[str, Any]], metric: Metric, given: bool) -> str
 def _metric_note(metric: Metric, best: float) -> str:
     """How the table's metric columns and the "rounds to target" column are computed."""
     if metric.higher_is_better:
-        return ("Accuracy: final test accuracy, mean ± sample std over seeds. Rounds to "
+        return ("Accuracy: final test accuracy, mean ± sample std over seeds; last "
+                f"{TAIL_ROUNDS} rounds': each run's mean over its last {TAIL_ROUNDS} rounds, then mean ± std over "
+                "seeds. Rounds to "
                 f"{TARGET_SHARE:.0%} of best: first round reaching {TARGET_SHARE} × {best:.3f} = "
                 f"{TARGET_SHARE * best:.3f} (best final-accuracy mean), mean over the seeds that reach it.")
     return ("ppl: final held-out perplexity (exp of the mean cross-entropy per response token; lower is "
-            f"better), mean ± sample std over seeds. Rounds to best / {TARGET_SHARE}: first round at or "
+            f"better), mean ± sample std over seeds (last {TAIL_ROUNDS} rounds': each run's mean over its last "
+            f"{TAIL_ROUNDS} rounds). Rounds to best / {TARGET_SHARE}: first round at or "
             "below "
             f"{best:.3f} / {TARGET_SHARE} = {target_value(best, metric):.3f} (lowest final-perplexity mean), "
             "mean over the seeds that reach it.")
