@@ -8,7 +8,7 @@ local steps, 64 test articles) with one strategy (and compression). The file kee
 ``metrics.jsonl`` without its wall-clock fields, the saved adapter's SHA-256, and the torch
 version, CPU capability and kernel-relevant CPU flags it was recorded with (floating-point results are
 reproducible on the same kind of machine, not across instruction sets). ``tests/integration/test_golden.py`` runs the
-same commands and compares.
+same commands and compares (five of the cases on the identical runs that tests/integration/test_e2e.py makes).
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def run_case(name: str, run_dir: Path) -> dict:
                          capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return record_of(name, run_dir)
+
+
+def record_of(name: str, run_dir: Path) -> dict:
+    """What the golden file of case ``name`` keeps, read from a finished run of it in ``run_dir``."""
     adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     return {"case": name, "args": [*ARGS, *CASES[name]], "machine": machine(),
             "adapter_sha256": hashlib.sha256(adapter).hexdigest(), "metrics": untimed(jsonl_rows(run_dir))}

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY, reload_accuracy, reload_client_accuracies, run_fedlora
+from test_golden import check_golden
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,7 @@ def _check_common(run_dir: Path, summary: dict, rows: list[dict], log: str) -> N
 def test_fedavg_end_to_end(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=fedavg"])
     _check_common(run_dir, summary, rows, log)
+    check_golden("fedavg", run_dir)  # the golden file's case: the same command line (tests/golden)
     # it learns: two rounds of two steps lift the untrained head's accuracy (0.18 on these 65 articles)
     assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"] + 0.1 and rows[-1]["test_loss"] < rows[0]["test_loss"]
     from safetensors.torch import load_file
@@ -152,6 +154,7 @@ def test_hetlora_end_to_end_clients_prune_their_rank_and_send_only_what_they_kep
 def test_ffa_lora_end_to_end_a_never_travels_or_changes(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=ffa_lora"])
     _check_common(run_dir, summary, rows, log)
+    check_golden("ffa_lora", run_dir)  # the golden file's case: the same command line (tests/golden)
     from safetensors.torch import load_file
 
     from fedlora.core.lora_math import init_lora_a
@@ -227,6 +230,7 @@ def test_dp_fedavg_end_to_end_noises_the_sum_and_never_ffa_loras_a(tmp_path: Pat
 def test_lora_fair_end_to_end_never_worse_than_fedavg(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=lora_fair"])
     _check_common(run_dir, summary, rows, log)
+    check_golden("lora_fair", run_dir)  # the golden file's case: the same command line (tests/golden)
     for row in rows[1:]:
         s = row["strategy"]
         # strictly closer to the ideal (the code keeps FedAvg's B when a correction would not help, so
@@ -237,6 +241,7 @@ def test_lora_fair_end_to_end_never_worse_than_fedavg(tmp_path: Path) -> None:
 def test_compeft_composes_and_cuts_the_uplink(tmp_path: Path) -> None:
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=flora", "compression=compeft"])
     _check_common(run_dir, summary, rows, log)
+    check_golden("flora_compeft", run_dir)  # the golden file's case: the same command line (tests/golden)
     for client in rows[1]["clients"]:
         raw = 12 * client["rank"] * (384 + 384) * 4 + (5 * 384 + 5) * 4  # fp32 adapter + head
         assert client["bytes_up"] * 10 <= raw, (client, raw)
@@ -254,6 +259,7 @@ def test_centralized_upper_bound(tmp_path: Path) -> None:
     from strategies.fedavg import FedAvg
 
     run_dir, summary, rows, log = _run(tmp_path, ["strategy=centralized"])
+    check_golden("centralized", run_dir)  # the golden file's case: the same command line (tests/golden)
     assert [r["round"] for r in rows] == [0, 1, 2] and summary["bytes_up_total"] == 0
     assert "one learner at rank 8 on the 1781 pooled training examples, 6 steps per round" in log
     assert reload_accuracy(run_dir) == pytest.approx(summary["final_test_accuracy"], abs=1e-9)

@@ -1,5 +1,10 @@
 """Behaviour pinned: tiny runs of every strategy write the metrics recorded in tests/golden/.
 
+Five of the seven cases are exactly the runs of end-to-end tests in ``test_e2e.py`` (which add TensorBoard
+logging, and nothing it writes enters ``metrics.jsonl`` or the adapter): those tests check their own run
+against the golden file with :func:`check_golden`, which first checks that the run's command line is the
+case's, so the same tiny run is not paid for twice. This module runs the other two.
+
 The golden files were recorded with ``tests/golden/record.py`` (3 clients with ranks 2/4/8, 2 rounds
 of 2 local steps, the real MiniLM through real Flower apps on real Ray) from main before the glue
 was rebuilt, so a refactoring that changes what a run computes fails here. On a machine of the
@@ -32,7 +37,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
 
-from record import CASES, HERE, machine, run_case  # noqa: E402
+import yaml  # noqa: E402
+from record import ARGS, CASES, HERE, machine, record_of, run_case  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +102,31 @@ def without_slot_energy(rows: list[dict], case: str) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_run_writes_the_golden_metrics(case: str, tmp_path: Path) -> None:
+#: The cases whose run a test of test_e2e.py makes, with the test that checks it.
+CHECKED_IN_E2E = {"fedavg": "test_fedavg_end_to_end",
+                  "ffa_lora": "test_ffa_lora_end_to_end_a_never_travels_or_changes",
+                  "lora_fair": "test_lora_fair_end_to_end_never_worse_than_fedavg",
+                  "centralized": "test_centralized_upper_bound",
+                  "flora_compeft": "test_compeft_composes_and_cuts_the_uplink"}
+#: Overrides that change what a run logs, never what it computes.
+_LOGGING_ONLY = ("logging.tensorboard=",)
+
+
+def check_golden(case: str, run_dir: Path) -> None:
+    """Check a finished run of ``case`` (made by another test) against its golden file.
+
+    The run's own command-line overrides (``.hydra/overrides.yaml``) must be the case's, logging switches
+    aside, so that a change to the other test's arguments cannot make this check compare different runs.
+    """
+    given = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    case_args = [*ARGS, *CASES[case]]
+    assert [a for a in given if not a.startswith(_LOGGING_ONLY)] == [
+        a for a in case_args if not a.startswith(_LOGGING_ONLY)], (given, case_args)
+    _compare(case, record_of(case, run_dir))
+
+
+def _compare(case: str, got: dict) -> None:
     golden = json.loads((HERE / f"{case}.json").read_text())
-    got = run_case(case, tmp_path / "run")
     got["metrics"] = without_slot_energy(got["metrics"], case)
     if case == "centralized":
         got["metrics"] = without_pooled_learner(got["metrics"])
@@ -108,3 +135,16 @@ def test_run_writes_the_golden_metrics(case: str, tmp_path: Path) -> None:
         assert got["adapter_sha256"] == golden["adapter_sha256"]
     else:
         assert approx_equal(got["metrics"], golden["metrics"], compressed="compeft" in case) == []
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(CHECKED_IN_E2E)))
+def test_run_writes_the_golden_metrics(case: str, tmp_path: Path) -> None:
+    _compare(case, run_case(case, tmp_path / "run"))
+
+
+def test_every_case_is_checked_by_a_run() -> None:
+    """The cases left to test_e2e.py are checked there: each named test calls check_golden with its case."""
+    source = (Path(__file__).parent / "test_e2e.py").read_text()
+    for case, test in CHECKED_IN_E2E.items():
+        body = source.split(f"def {test}(", 1)[1].split("\ndef ", 1)[0]
+        assert f'check_golden("{case}", run_dir)' in body, (case, test)

@@ -1,5 +1,9 @@
 """Reliability end to end: same seed, same metrics; kill and resume; injected faults.
 
+Same seed, same metrics is what every kill-and-resume test checks first: the killed run's rounds 0 to 2
+(a second process with the same command) must equal the uninterrupted run's, record for record, before
+the resumed rounds are compared; so no separate rerun is made.
+
 Real `fedlora` commands (real MiniLM, Flower, Ray), tiny settings (3 clients, 2 local steps,
 64 test articles). Two runs are killed and resumed: FLoRA + ComPEFT (the server holds base merges
 and strategy state; every client holds the merges it applied and the error-feedback residual of
@@ -72,16 +76,6 @@ def uninterrupted(request: pytest.FixtureRequest,
     run_dir = tmp_path_factory.mktemp(f"uninterrupted_{request.param}") / "run"
     _run_ok(RESUMABLE[request.param], run_dir)
     return request.param, run_dir
-
-
-def test_same_seed_gives_identical_metrics(uninterrupted: tuple[str, Path], tmp_path: Path) -> None:
-    name, reference = uninterrupted
-    if name != "flora":
-        pytest.skip("determinism is checked once, on the FLoRA run")
-    again = tmp_path / "again"
-    _run_ok(RESUMABLE[name], again)
-    assert untimed(jsonl_rows(again)) == untimed(jsonl_rows(reference))
-    assert len(jsonl_rows(again)) == 5
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:  # noqa: ANN001
