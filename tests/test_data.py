@@ -194,3 +194,29 @@ def test_a_client_too_small_to_hold_out_an_example_is_an_error_naming_it() -> No
     with pytest.raises(ds.DataError, match=r"client_test_fraction=0.2: client 1 holds 1 example\(s\), and needs at "
                                            r"least 2 .*min_partition_size"):
         hold_out_client_tests([[1, 2, 3], [4]], 0.2, 0)
+
+
+def test_rows_tokenized_on_demand_are_those_of_the_whole_corpus_at_once(bbc: ds.Corpus) -> None:
+    import torch
+
+    from fedlora.runtime.models import load_tokenizer
+    from fedlora.runtime.training.local import Encoded, TokenizedOnDemand
+
+    texts, labels = bbc.texts[:300], bbc.labels[:300]
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    enc = tokenizer(list(texts), truncation=True, max_length=64, padding="max_length", return_tensors="pt")
+    whole = Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(labels))
+    calls: list[int] = []
+
+    def counting(batch: list[str], **kwargs: object) -> dict:
+        calls.append(len(batch))
+        return tokenizer(batch, **kwargs)
+
+    lazy = TokenizedOnDemand(texts, labels, counting, 64)
+    assert len(lazy) == 300 and calls == []  # nothing is tokenized before a batch asks
+    for idx in ([7, 3, 250], [3, 9, 9, 120], list(range(0, 300, 37)), [299]):
+        got, want = lazy.batch(idx), whole.batch(idx)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), idx
+    assert calls == [3, 2, 9, 1]  # each row once: 3 and 9 of the second batch were read already
+    assert torch.equal(lazy.input_ids, whole.input_ids) and torch.equal(lazy.attention_mask, whole.attention_mask)
+    assert calls[4:] == [300 - 15]  # the whole corpus: only the rows no batch had read

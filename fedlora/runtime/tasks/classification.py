@@ -16,7 +16,7 @@ from fedlora.runtime.data.settings import DataSettings, NodeData
 from fedlora.runtime.models import ModelSettings, load_tokenizer
 from fedlora.runtime.tasks.base import AddProblem, Prepared, Task
 from fedlora.runtime.tiny_decoder import TINY_NAME
-from fedlora.runtime.training.local import Encoded, evaluate
+from fedlora.runtime.training.local import Encoded, TokenizedOnDemand, evaluate
 
 INSTRUCTION_DATA = "synthetic_instructions"  # the built-in instruction set (for task=causal_lm)
 
@@ -112,13 +112,11 @@ class ClassificationTask(Task):
 
     @staticmethod
     def _tokenized(corpus: ds.Corpus, model: ModelSettings) -> Prepared:
-        tokenizer = load_tokenizer(model.name)
-        enc = tokenizer(list(corpus.texts), truncation=True, max_length=model.max_length,
-                        padding="max_length", return_tensors="pt")
-        encoded = Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(corpus.labels))
+        # each row tokenized when a batch first reads it: a process reads only its share of the corpus
+        encoded = TokenizedOnDemand(corpus.texts, corpus.labels, load_tokenizer(model.name), model.max_length)
         return Prepared(encoded, corpus.labels, corpus.label_names, True, corpus.num_labels)
 
-    def evaluate(self, model: torch.nn.Module, data: Encoded, indices: list[int], batch_size: int,
+    def evaluate(self, model: torch.nn.Module, data: Encoded | TokenizedOnDemand, indices: list[int], batch_size: int,
                  ) -> dict[str, float]:
         """``test_loss`` and ``test_accuracy`` on ``indices``."""
         loss, acc = evaluate(model, data, indices, batch_size)
