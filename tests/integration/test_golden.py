@@ -1,4 +1,5 @@
-"""Behaviour pinned: tiny runs of every strategy write the metrics recorded in tests/golden/.
+"""Behaviour pinned: tiny runs of the seed strategies (FedAvg, FLoRA, FFA-LoRA, LoRA-FAIR, the centralized
+bound; FedAvg and FLoRA with ComPEFT) write the metrics recorded in tests/golden/.
 
 Five of the seven cases are exactly the runs of end-to-end tests in ``test_e2e.py`` (which add TensorBoard
 logging, and nothing it writes enters ``metrics.jsonl`` or the adapter): those tests check their own run
