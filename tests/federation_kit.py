@@ -40,6 +40,7 @@ class TinyTrainer:
         self.held_out = list(held_out)  # each client's held-out examples (per-client evaluation)
         self.calls: list[tuple[int, int, int]] = []  # (round, client, number of merges it trained on)
         self.evaluations: list[tuple[int, int, int, int]] = []  # (round, client, rank, merges) of each evaluation
+        self.saved: dict[Path, tuple[AdapterState, int]] = {}  # path -> (adapter, rank) each save wrote there
 
     @staticmethod
     def spec(r_max: int) -> AdapterSpec:
@@ -72,6 +73,13 @@ class TinyTrainer:
         """:func:`client_metrics` of the start on base + merges, and the client's held-out count."""
         self.evaluations.append((assignment.server_round, client_id, assignment.plan.rank, len(merges)))
         return client_metrics(client_id, assignment.start, merges), self.held_out[client_id % len(self.held_out)]
+
+    def save(self, path: Path, adapter: AdapterState, rank: int, merges: Sequence[BaseMerge]) -> None:
+        """Write ``adapter`` with safetensors under ``path`` (merges folded in) and remember what was saved."""
+        folded, folded_rank = lm.fold_merges(adapter, SCALING, merges)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in folded.items()}, str(path / "adapter.safetensors"))
+        self.saved[path] = ({k: v.clone() for k, v in folded.items()}, folded_rank)
 
 
 def energy(adapter: AdapterState, merges: Sequence[BaseMerge]) -> float:

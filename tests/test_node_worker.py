@@ -281,3 +281,16 @@ def test_a_node_keeps_its_own_b_and_head_on_disk_apart_from_its_residual(tmp_pat
     assert sorted(reloaded) == [2, 3] and torch.equal(reloaded[3]["classifier.bias"], torch.ones(3))
     assert fresh.residual(3) is None and fresh.views(3) == {}
     assert fresh.personal(2) == {}  # resumed after round 2: no file of round 2 or before
+
+
+def test_a_node_saves_its_own_model_in_its_state_directory_apart_from_its_state_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fedlora.flower.node_worker import NodeState, StateStore
+    from fedlora.results.checkpoint import load_client_state
+
+    store = StateStore(NodeState(), tmp_path / "3")
+    assert store.model_dir() == tmp_path / "3" / "adapter"  # beside its state: in simulation <run>/client_state/3
+    store.model_dir().mkdir(parents=True)
+    save_file({}, str(store.model_dir() / "adapter_model.safetensors"))
+    assert load_client_state(tmp_path / "3", at_most=99) is None  # not taken for a round's state file

@@ -16,6 +16,7 @@ import dataclasses
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -52,6 +53,11 @@ class Trainer(Protocol):
                  ) -> tuple[dict[str, float], int]:
         """The task's metrics of ``assignment.start`` (on the base plus ``merges``) on the examples client
         ``client_id`` holds out (``data.client_test_fraction``), and how many there are."""
+        ...
+
+    def save(self, path: Path, adapter: AdapterState, rank: int, merges: Sequence[BaseMerge]) -> None:
+        """Save ``adapter`` (at ``rank``, on the base plus ``merges``, which it folds in) in peft's format at
+        ``path``, loadable on the pristine base model."""
         ...
 
 
@@ -92,6 +98,11 @@ class ClientStore(Protocol):
         """Keep these after ``server_round`` (and write them where a kill cannot lose them)."""
         ...
 
+    def model_dir(self) -> Path | None:
+        """Where this client saves its own model when the server asks (a personalized strategy's last round),
+        beside the state it keeps; ``None``: it keeps nothing on disk, and saves nothing."""
+        ...
+
 
 @dataclass
 class MemoryStore:
@@ -101,6 +112,7 @@ class MemoryStore:
     kept: AdapterState | None = None
     copies: dict[int, AdapterState] = field(default_factory=dict)
     own: dict[int, AdapterState] = field(default_factory=dict)
+    saves_to: Path | None = None  # where :meth:`model_dir` says it saves its own model (None: nowhere)
 
     def merges(self) -> list[tuple[int, BaseMerge]]:
         """The merges applied so far."""
@@ -133,6 +145,10 @@ class MemoryStore:
     def save_personal(self, server_round: int, own: dict[int, AdapterState]) -> None:  # noqa: ARG002
         """Keep them in memory."""
         self.own = dict(own)
+
+    def model_dir(self) -> Path | None:
+        """``saves_to``."""
+        return self.saves_to
 
 
 @dataclass(frozen=True)
@@ -221,7 +237,10 @@ def evaluate_round(packet: wire.Packet, client_id: int, side: ClientSide, store:
 
     The message carries the adapter as it is (never compressed: evaluation is a measurement, not part of
     a method's traffic) and the base merges the client lacks, which it applies as for training. No fault
-    is injected: the faults config is about training.
+    is injected: the faults config is about training. Under a personalized strategy the model is the
+    shared part with the client's own ``B`` and head; in the last round (:attr:`wire.Assignment.save_own`)
+    the client also saves that model where it keeps its state (:meth:`ClientStore.model_dir`) and says
+    where in its reply.
     """
     assignment = wire.decode_assignment(packet, side.trainer.modules())
     assignment = with_own(assignment, store, before=assignment.server_round + 1)
@@ -230,7 +249,10 @@ def evaluate_round(packet: wire.Packet, client_id: int, side: ClientSide, store:
     if count < 1:
         raise RuntimeError(f"client {client_id} holds no example to evaluate on; set data.client_test_fraction > 0 "
                            "on every node (the server's and the nodes' data settings must agree)")
-    return wire.encode_evaluation(metrics, count)
+    saved = store.model_dir() if assignment.save_own else None
+    if saved is not None:  # its own model exists only here: save the very adapter it just scored
+        side.trainer.save(saved, assignment.start, assignment.plan.rank, merges)
+    return wire.encode_evaluation(metrics, count, saved_to=None if saved is None else str(saved))
 
 
 def _train_and_encode(assignment: wire.Assignment, client_id: int, side: ClientSide, store: ClientStore,

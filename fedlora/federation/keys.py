@@ -42,6 +42,8 @@ PERSONAL = "personal"  # ClientPlan.personal: the client's B and head are its ow
 PRUNE_GAMMA = "prune-gamma"
 PRUNE_WEIGHT = "prune-weight"
 PRUNE_MIN_RANK = "prune-min-rank"
+SAVE_OWN = "save-own"  # the last round's evaluation of a personalized strategy: the client saves the model it scores
+SAVED_TO = "saved-to"  # an evaluation reply's config: where the client saved that model (its own machine's path)
 RESUME_ROUND = "resume-round"  # the checkpoint round a resumed run continues from (0: a fresh run)
 CLIENT_CONFIG = "fedlora-config"  # run_config key holding the JSON of the resolved config
 

@@ -232,11 +232,14 @@ def slot_shares(previous: AdapterState, adapter: AdapterState, ranks: Sequence[i
     return shares, sum(shares[: min(ranks)])
 
 
+OWN_MODEL = "adapter_dir"  # a client_eval row's key: where that client saved its own model (last round, FedSA-LoRA)
+
+
 def summarize_clients(rows: list[dict[str, Any]], metric: Metric, seconds: float = 0.0) -> ClientEvaluation:
     """The per-client evaluation of a round: each metric's mean over the clients that answered (each client
     counts once) and the worst client by the task's ``metric`` (a tie goes to the lower client id)."""
     answered = [r for r in rows if "error" not in r and metric.key in r]
-    names = sorted({k for r in answered for k in r} - {"client", "bytes_down", "num_examples"})
+    names = sorted({k for r in answered for k in r} - {"client", "bytes_down", "num_examples", OWN_MODEL})
     mean = {k: sum(float(r[k]) for r in answered) / len(answered) for k in names if all(k in r for r in answered)}
     worst_row = None
     for r in answered:
@@ -451,6 +454,8 @@ class Federation:
             raise RunError(f"{type(transport).__name__} cannot ask clients to evaluate; set "
                            "data.client_test_fraction=0")
         assignments = {}
+        # a personalized strategy's last round: each client also saves its own model, which only it holds
+        save_own = self.personalized and server_round == self.settings.num_rounds
         for cid in sorted(clients):
             pending = self._pending(state, cid)
             if self.personalized:  # its own model: the shared part at its rank, with the B and head it holds
@@ -461,7 +466,8 @@ class Federation:
             else:
                 plan = ClientPlan(rank=r_max, adapter=state.adapter, init_seed=self.settings.seed)
                 start = state.adapter
-            assignments[cid] = wire.Assignment(server_round, plan, start, pending, self.resumed_from)
+            assignments[cid] = wire.Assignment(server_round, plan, start, pending, self.resumed_from,
+                                               save_own=save_own)
         packets = {cid: wire.encode_assignment(a) for cid, a in assignments.items()}
         exchange = cast(EvaluatingTransport, transport).evaluate_exchange(server_round, packets,
                                                                           self.settings.round_timeout)
@@ -480,6 +486,9 @@ class Federation:
                     row["error"] = str(exc)
                 else:
                     row.update(values, num_examples=count)
+                    saved = wire.saved_to(delivery.packet)
+                    if saved is not None:
+                        row[OWN_MODEL] = saved
             rows.append(row)
         return summarize_clients(rows, self.model.metric, time.perf_counter() - t0)
 
@@ -879,6 +888,14 @@ class Federation:
             **saved, "adapter_rank": rank, "adapter_lora_alpha": alpha, "base_merges": len(state.merges),
             "plot": str(plot), "label_names": list(self.model.label_names),
         }
+        if self.personalized:  # the models scored: each saved by its client, where only it holds its B and head
+            evaluation = last[-1].client_eval
+            rows = evaluation.clients if evaluation is not None else []
+            summary["client_adapters"] = {str(r["client"]): r[OWN_MODEL] for r in rows if OWN_MODEL in r}
+            kept = summary["client_adapters"]
+            self.say(f"each client's own model (its B and head with the shared A), saved by {len(kept)} of "
+                     f"{len(rows)} clients where each keeps its state" + (f", e.g. {next(iter(kept.values()))}"
+                                                                         if kept else ""))
         write_summary(self.run_dir, summary)
         name = f"mean {metric.name} of the clients' own models" if self.personalized else metric.name
         self.say(f"done: final {name} {last[-1].metrics[metric.key]:.4f} (best {state.best:.4f}) in "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from fedlora.federation.client import ClientSide, MemoryStore, evaluate_round, train_round
 from fedlora.federation.sampling import describe_ranks
@@ -33,15 +34,20 @@ class InMemoryTransport:
         ``(round, client) -> True`` for a client that does not answer that round (a lost reply).
     stop:
         The run's stop event: once set, no further client of the round is run.
+    saves_to:
+        Where a personalized strategy's clients save their own models after the last round
+        (``<saves_to>/<client>``); ``None``: they save none (nothing of them is on disk).
     """
 
     def __init__(self, ranks: Mapping[int, int], side: ClientSide, *, measure: bool = True,
-                 silent: Callable[[int, int], bool] | None = None, stop: threading.Event | None = None) -> None:
+                 silent: Callable[[int, int], bool] | None = None, stop: threading.Event | None = None,
+                 saves_to: Path | None = None) -> None:
         self.ranks = dict(ranks)
         self.side = side
         self.measure = measure
         self.silent = silent or (lambda server_round, client_id: False)
-        self.stores = {cid: MemoryStore() for cid in self.ranks}
+        self.stores = {cid: MemoryStore(saves_to=None if saves_to is None else saves_to / str(cid))
+                       for cid in self.ranks}
         self.stop = stop or threading.Event()
 
     def connect(self, expected: int, label_names: Sequence[str], timeout: float) -> dict[int, ClientInfo]:  # noqa: ARG002

@@ -123,6 +123,10 @@ class Assignment:
         On the server only (never encoded), with a compressed downlink: the start the strategy planned,
         which the server adds the client's update to (:func:`base`), while the client trains from its
         copy ``start``; ``None``: ``start`` itself.
+    save_own:
+        An evaluation message of a personalized strategy's last round: the client also saves the model it
+        evaluates (its own ``B`` and head with the shared part) in peft's format where it keeps its state,
+        since no one else holds it (:func:`fedlora.federation.client.evaluate_round`).
     """
 
     server_round: int
@@ -140,6 +144,7 @@ class Assignment:
     secure_weight: int = 0
     clip_reference: AdapterState | None = None
     clip: float = 0.0
+    save_own: bool = False
 
 
 def base(assignment: Assignment) -> AdapterState:
@@ -257,6 +262,8 @@ def encode_assignment(assignment: Assignment) -> Packet:
     if assignment.clip_reference is not None:
         packet.arrays[keys.CLIP_REFERENCE] = to_arrays(assignment.clip_reference)
         packet.config[keys.DP_CLIP] = float(assignment.clip)
+    if assignment.save_own:
+        packet.config[keys.SAVE_OWN] = True
     return packet
 
 
@@ -311,7 +318,8 @@ def decode_assignment(packet: Packet, modules: Mapping[str, tuple[int, int]], *,
                       secure_weight=_int(conf.get(keys.SECURE_WEIGHT, 0)),
                       clip_reference=(to_tensors(packet.arrays[keys.CLIP_REFERENCE])
                                       if keys.CLIP_REFERENCE in packet.arrays else None),
-                      clip=float(cast(float, conf.get(keys.DP_CLIP, 0.0))))
+                      clip=float(cast(float, conf.get(keys.DP_CLIP, 0.0))),
+                      save_own=bool(conf.get(keys.SAVE_OWN, False)))
 
 
 def _decode_downlink(packet: Packet, modules: Mapping[str, tuple[int, int]], dense: AdapterState,
@@ -452,11 +460,18 @@ def compressed_message(packet: Packet, assignment: Assignment, compressor: Compr
 
 
 # -- evaluation -----------------------------------------------------------------------------------
-def encode_evaluation(metrics: Mapping[str, float], num_examples: int) -> Packet:
-    """A client's answer to an evaluation message: the task's metrics on its held-out examples, and how many."""
+def encode_evaluation(metrics: Mapping[str, float], num_examples: int, saved_to: str | None = None) -> Packet:
+    """A client's answer to an evaluation message: the task's metrics on its held-out examples, how many, and
+    where it saved the model it evaluated when asked to (:attr:`Assignment.save_own`)."""
     values: dict[str, int | float] = {keys.EVAL_PREFIX + k: float(v) for k, v in metrics.items()}
     values[keys.NUM_EXAMPLES] = int(num_examples)
-    return Packet(metrics=values)
+    return Packet(metrics=values, config={keys.SAVED_TO: saved_to} if saved_to is not None else {})
+
+
+def saved_to(packet: Packet) -> str | None:
+    """Where an evaluation reply says its client saved the model it evaluated (``None``: it saved none)."""
+    value = packet.config.get(keys.SAVED_TO)
+    return None if value is None else str(value)
 
 
 def decode_evaluation(packet: Packet) -> tuple[dict[str, float], int]:

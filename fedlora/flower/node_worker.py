@@ -58,6 +58,7 @@ VIEWS = "fedlora-downlink-views"  # ArrayRecord in context.state: "<round>|<tens
 _VIEW = "view|"  # the prefix of a copy's tensors in a client state file (the rest is the residual)
 OWN = "fedlora-personal"  # ArrayRecord in context.state: "<round>|<tensor>", the client's own B and head (FedSA-LoRA)
 _OWN = "own|"  # the prefix of those tensors in a client state file
+OWN_MODEL_DIR = "adapter"  # in its state directory: a personalized client's own model, saved after the last round
 LABELS = "fedlora-label-names"  # ConfigRecord in context.state: the run's label names (from the hello)
 
 
@@ -140,6 +141,10 @@ class StateStore:
         """Keep them in the state and on disk."""
         self.state.arrays[OWN] = _join_rounds(own)
         self._write(server_round)
+
+    def model_dir(self) -> Path:
+        """``adapter/`` in its state directory: its own model, saved in a personalized strategy's last round."""
+        return self.state_dir / OWN_MODEL_DIR
 
     def save_residual(self, server_round: int, residual: AdapterState) -> None:
         """Keep it in the state and on disk."""

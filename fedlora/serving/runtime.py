@@ -180,6 +180,13 @@ class WorkspaceTrainer:
         ws.host.load_state(assignment.plan.rank, assignment.start)
         return ws.evaluate_indices(indices, self.eval_batch_size), len(indices)
 
+    def save(self, path: Path, adapter: AdapterState, rank: int, merges: Sequence[BaseMerge]) -> None:
+        """``adapter`` in peft's format at ``path``, the merges folded in (as the server saves the global one)."""
+        settings = self.ws.host.settings
+        folded, folded_rank = lm.fold_merges(adapter, settings.scaling(rank), merges)
+        alpha = float(folded_rank) if merges else settings.alpha(rank)  # folded: scaling 1
+        save_peft_adapter(path, settings, len(self.ws.label_names), folded, folded_rank, alpha, self.seed)
+
 
 class DPLedger:
     """The loop's :class:`~fedlora.federation.loop.PrivacyLedger` for DP-SGD: Opacus' accountant per client.

@@ -170,6 +170,19 @@ def test_the_evaluation_message_carries_the_global_adapter_as_it_is() -> None:
     assert lm.rank_of(decoded.start) == 8
 
 
+def test_the_last_evaluation_asks_the_client_to_save_its_model_and_the_reply_says_where() -> None:
+    spec = TinyTrainer.spec(4)
+    plan = ClientPlan(rank=4, adapter=FedAvg().init(spec, 0).adapter, init_seed=0)
+    asked = wire.decode_assignment(wire.encode_assignment(wire.Assignment(3, plan, plan.adapter or {}, save_own=True)),
+                                   spec.modules)
+    plain = wire.decode_assignment(wire.encode_assignment(wire.Assignment(3, plan, plan.adapter or {})), spec.modules)
+    assert asked.save_own and not plain.save_own
+    reply = wire.encode_evaluation({"test_accuracy": 0.5}, 7, saved_to="/node/state/run/3/adapter")
+    assert wire.saved_to(reply) == "/node/state/run/3/adapter"
+    assert wire.decode_evaluation(reply) == ({"test_accuracy": 0.5}, 7)
+    assert wire.saved_to(wire.encode_evaluation({"test_accuracy": 0.5}, 7)) is None
+
+
 def test_tensorboard_and_the_plot_show_the_clients_mean_and_worst(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

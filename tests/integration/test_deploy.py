@@ -242,6 +242,39 @@ def test_hetlora_prunes_on_a_node_and_the_deployed_run_equals_simulated(cluster:
     _equals_simulation(overrides, deployed, rows, tmp_path / "simulated")
 
 
+def test_fedsa_lora_nodes_keep_and_save_their_own_models_and_the_deployed_run_equals_simulated(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    """FedSA-LoRA's ``B`` and head never leave a node: each node keeps them in its state directory between rounds
+    and after the last round saves its own model there in peft's format (no one else holds it); the records, the
+    shared ``A`` and every client's saved model equal the simulation's to the last bit."""
+    overrides = [*SMALL, "strategy=fedsa_lora", "data.client_test_fraction=0.25"]
+    state = tmp_path / "node_state"
+    _start_nodes(cluster, [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)])
+    deployed = tmp_path / "deployed"
+    cluster.deploy(overrides, deployed)
+    rows, summary = jsonl_rows(deployed), json.loads((deployed / "summary.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["num_ok"] == 3 for r in rows[1:])
+    on_nodes = {str(c): str(state / deployed.name / str(c) / "adapter") for c in range(3)}
+    assert summary["personalized"] is True and summary["client_adapters"] == on_nodes
+    assert not (deployed / "client_state").exists()  # nothing of a client's own is on the server's side
+    simulated = tmp_path / "simulated"
+    out = run_fedlora(overrides, simulated, env={**os.environ, **ONE_THREAD})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    in_sim = json.loads((simulated / "summary.json").read_text())["client_adapters"]
+
+    def placeless(records: list[dict]) -> list[dict]:  # where each client saved differs, nothing else may
+        for c in records[-1]["client_eval"]["clients"]:
+            c.pop("adapter_dir")
+        return untimed(records)
+
+    assert placeless(jsonl_rows(simulated)) == placeless(rows)
+    for cid in range(3):
+        assert (Path(in_sim[str(cid)]) / "adapter_model.safetensors").read_bytes() == \
+            (Path(on_nodes[str(cid)]) / "adapter_model.safetensors").read_bytes()
+    assert (simulated / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (deployed / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
 def test_ffa_lora_with_a_node_on_its_own_file_and_rank(cluster: LocalCluster, tmp_path: Path) -> None:
     """Node 2 trains on its own csv (without 'business' or 'tech': numbered by the run's labels)."""
     from fedlora.runtime.data.datasets import load_bbc_news

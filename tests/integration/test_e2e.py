@@ -94,9 +94,13 @@ def test_flora_end_to_end_merges_persist_across_rounds(tmp_path: Path) -> None:
 
 
 def test_fedsa_lora_end_to_end_b_and_the_head_never_leave_the_clients(tmp_path: Path) -> None:
+    from peft import PeftModel
+
     from fedlora.config.settings import Settings
     from fedlora.core import lora_math as lm
     from fedlora.results.checkpoint import load_checkpoint, load_client_state
+    from fedlora.runtime.models import load_base_model
+    from fedlora.runtime.training.local import evaluate
     from fedlora.runtime.training.workspace import Workspace
     from strategies.fedsa_lora import personal_model
 
@@ -120,9 +124,16 @@ def test_fedsa_lora_end_to_end_b_and_the_head_never_leave_the_clients(tmp_path: 
         ws.host.load_state(c["rank"], personal_model(shared, own, c["rank"]))
         mine = ws.evaluate_indices(ws.client_test(c["client"]))
         assert final["clients"][c["client"]]["test_accuracy"] == pytest.approx(mine["test_accuracy"], abs=1e-9)
+        # and the client saved that very model in peft's format beside its state: it loads on the pristine base
+        reloaded = PeftModel.from_pretrained(load_base_model(cfg["model"]["name"], len(ws.label_names), seed=12345),
+                                             summary["client_adapters"][str(c["client"])])
+        assert evaluate(reloaded, ws.data, ws.client_test(c["client"]))[1] == pytest.approx(mine["test_accuracy"],
+                                                                                             abs=1e-9)
+    assert summary["client_adapters"] == {str(c): str(run_dir / "client_state" / str(c) / "adapter") for c in range(3)}
     assert not any(bool(v.any()) for k, v in shared.items() if lm.is_lora_b_key(k))  # the server never had a B
     assert summary["personalized"] is True and summary["final_test_accuracy"] == final["mean"]["test_accuracy"]
     assert "no global model" in log and "clients' own models, mean test accuracy" in log
+    assert "saved by 3 of 3 clients where each keeps its state" in log
 
 
 def test_hetlora_end_to_end_clients_prune_their_rank_and_send_only_what_they_kept(tmp_path: Path) -> None:

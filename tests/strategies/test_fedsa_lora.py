@@ -113,11 +113,12 @@ def test_only_a_travels_both_ways_and_the_client_is_told_its_b_and_head_are_its_
 
 # -- whole federations ---------------------------------------------------------------------------------
 def federate(run_dir: Path, *, transport: InMemoryTransport | None = None, trainer: TinyTrainer | None = None,
-             stop: threading.Event | None = None, **loop: Any) -> tuple[dict, list[str], InMemoryTransport]:
+             stop: threading.Event | None = None, saves_to: Path | None = None,
+             **loop: Any) -> tuple[dict, list[str], InMemoryTransport]:
     settings = LoopSettings(**{"name": "t", "seed": 0, "num_clients": 3, "num_rounds": 3, "round_timeout": 30.0,
                                "client_eval_every": 0, **loop})
     transport = transport or InMemoryTransport(dict(enumerate(RANKS)), ClientSide(trainer=trainer or TinyTrainer()),
-                                               stop=stop)
+                                               stop=stop, saves_to=saves_to)
     lines: list[str] = []
     summary = Federation(settings, strategy=FedSALoRA(), transport=transport, model=TinyModel(run_dir),
                          run_dir=run_dir, recorder=RunRecorder(run_dir, tensorboard=False), say=lines.append,
@@ -155,6 +156,36 @@ def test_each_client_keeps_its_own_b_and_head_and_is_evaluated_on_its_own_model(
     assert summary["client_worst_test_accuracy"] == final.worst
     assert "no global model" in lines[0] and lines[1].startswith("round 0/3: clients' own models, mean test accuracy")
     assert lines[-1].startswith("done: final mean test accuracy of the clients' own models ")
+
+
+def test_after_the_last_round_each_client_saves_the_own_model_it_scored_and_the_summary_says_where(
+        tmp_path: Path) -> None:
+    trainer = TinyTrainer()
+    summary, lines, transport = federate(tmp_path / "run", trainer=trainer, saves_to=tmp_path / "clients")
+    shared = load_checkpoint(tmp_path / "run").adapter
+    final = read_records(tmp_path / "run")[-1].client_eval
+    assert final is not None
+    # only the last round's evaluation saves (every round evaluates), one model per client, on its side
+    assert sorted(trainer.saved) == [tmp_path / "clients" / str(cid) for cid in range(3)]
+    for cid, rank in enumerate(RANKS):
+        path = tmp_path / "clients" / str(cid)
+        adapter, saved_rank = trainer.saved[path]
+        expected = personal_model(shared, transport.stores[cid].own[3], rank)  # the shared A, its own B and head
+        assert saved_rank == rank and sorted(adapter) == sorted(expected)
+        assert all(torch.equal(adapter[k], expected[k]) for k in expected)
+        scored = final.clients[cid]["test_accuracy"]
+        assert client_metrics(cid, adapter, [])["test_accuracy"] == scored  # the model it scored
+        assert (path / "adapter.safetensors").is_file() and final.clients[cid]["adapter_dir"] == str(path)
+    assert summary["client_adapters"] == {str(cid): str(tmp_path / "clients" / str(cid)) for cid in range(3)}
+    assert "adapter_dir" not in final.mean  # a path, not a metric
+    assert lines[-2].startswith("each client's own model (its B and head with the shared A), saved by 3 of 3 clients")
+
+
+def test_a_client_keeping_nothing_on_disk_saves_no_model_and_the_summary_says_none(tmp_path: Path) -> None:
+    trainer = TinyTrainer()
+    summary, lines, _ = federate(tmp_path, trainer=trainer)
+    assert trainer.saved == {} and summary["client_adapters"] == {}
+    assert "saved by 0 of 3 clients" in lines[-2]
 
 
 def test_a_client_that_lost_its_own_state_fails_one_round_and_starts_again(tmp_path: Path) -> None:
