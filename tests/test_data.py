@@ -158,6 +158,25 @@ def test_a_validation_split_is_held_out_of_training_and_leaves_the_test_set_alon
         split_and_partition(groups, True, DataSettings(validation_fraction=0.0001), 10)
 
 
+def test_max_validation_examples_holds_out_fewer_stratified_and_gives_the_rest_back_to_training(
+        bbc: ds.Corpus) -> None:
+    from fedlora.runtime.data.settings import DataSettings
+    from fedlora.runtime.training.workspace import split_and_partition
+
+    groups = tuple(bbc.labels)
+    full = split_and_partition(groups, True, DataSettings(validation_fraction=0.1), 10)
+    capped = split_and_partition(groups, True, DataSettings(validation_fraction=0.1, max_validation_examples=50), 10)
+    assert len(capped.validation) == 50 and set(capped.validation) < set(full.validation)  # a subset of the tenth
+    assert capped.test == full.test and sorted(capped.train + capped.validation) == sorted(full.train + full.validation)
+    assert set(full.validation) - set(capped.validation) <= set(capped.train)  # the others go to the clients
+    trained = {i for part in capped.partitions for i in part}
+    assert trained == set(capped.train) and not trained & set(capped.validation)
+    by_class, tenth = Counter(groups[i] for i in capped.validation), Counter(groups[i] for i in full.validation)
+    assert all(abs(by_class[c] - 50 * tenth[c] / len(full.validation)) <= 1 for c in tenth)  # still stratified
+    above = split_and_partition(groups, True, DataSettings(validation_fraction=0.1, max_validation_examples=10_000), 10)
+    assert above.validation == full.validation and above.train == full.train  # a cap above the tenth changes nothing
+
+
 def test_a_validation_split_that_starves_the_clients_is_named_in_the_error(bbc: ds.Corpus) -> None:
     from fedlora.runtime.data.settings import DataSettings
     from fedlora.runtime.training.workspace import split_and_partition

@@ -136,6 +136,8 @@ FIELDS: tuple[Field, ...] = (
           low=1, optional=True),
     Field("data.max_test_examples", "int", "cap the test set at an integer >= 1, or null for no cap", low=1,
           optional=True),
+    Field("data.max_validation_examples", "int", "hold out at most this many training examples for validation "
+          "(the rest stay with the clients): an integer >= 1, or null for no cap", low=1, optional=True),
     Field("data.drop_incomplete", "bool", "use false (rows with a missing text or label are an error) or true "
           "(they are dropped and counted)"),
     Field("partition.alpha", "number", "the Dirichlet concentration must be > 0 (0.5 is strongly non-IID)",

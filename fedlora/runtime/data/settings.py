@@ -18,6 +18,7 @@ class DataSettings:
     max_examples: int | None = None
     test_fraction: float = 0.2
     validation_fraction: float = 0.0  # of the training split, held by the server for choosing settings (0: none)
+    max_validation_examples: int | None = None  # at most this many held out for validation (the rest stay training)
     split_seed: int = 42
     client_test_fraction: float = 0.0  # of each client's partition, held out by the client to evaluate on (0: none)
     max_test_examples: int | None = None
