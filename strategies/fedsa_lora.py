@@ -55,15 +55,17 @@ class FedSALoRA(ContinuingClients):
     """
 
     personalized = True  # no global model: B and the head stay with each client
-    linear = False
-    why_not_linear = ("it keeps each client's B and head on the client, and client-level DP, secure aggregation and "
-                      "FedAU's weights over its shared A alone are not built yet")
 
     def __init__(self, *, weighting: str = "examples", padding: str = "owners") -> None:
         self.weighting = lm.check_weighting(weighting)
         if padding not in _PADDINGS:
             raise ValueError(f"strategy.padding={padding!r} is not one of {_PADDINGS}")
         self.padding = padding
+        # with zero-padding the shared A is a weighted mean of what each client sends alone ([A_k; 0]), so
+        # client-level DP, secure aggregation and FedAU can act on it (B and the head never leave a client)
+        self.linear = padding == "zero"
+        self.why_not_linear = ("" if self.linear else "padding=owners divides each row of A by the weight of the "
+                               "clients that own it, which depends on who took part; use strategy.padding=zero")
 
     def plan(
         self,

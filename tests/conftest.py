@@ -55,7 +55,8 @@ PRIVACY_MODES = ["privacy=dp_sgd", "privacy=dp_fedavg", "privacy=secagg", "priva
 PRIVACY_OPTIONS = [["strategy=hetlora", "strategy.prune=false"], ["strategy=fedavg", "strategy.weighting=norm"],
                    ["strategy=fedavg", "strategy.padding=owners"], ["strategy=fedavg", "compression=compeft"],
                    ["strategy=ffa_lora", "compression=compeft"], ["strategy=fedavg", "downlink=compeft"],
-                   ["strategy=flora", "downlink=svd"]]
+                   ["strategy=flora", "downlink=svd"],
+                   ["strategy=fedsa_lora", "strategy.padding=zero", "data.client_test_fraction=0.3"]]
 
 
 def privacy_strategies() -> list[str]:

@@ -304,9 +304,11 @@ class Federation:
         self.sizes: dict[int, int] = {}  # every client's example count, as it connected
         # no global model: each client's own B and head stay with it, and the clients evaluate every round
         self.personalized = bool(getattr(strategy, "personalized", False))
-        if self.personalized and (downlink is not None or secure is not None or client_dp is not None):
+        # a strategy that weighs every client the same: in a secure sum each vector then weighs 1, not n_k
+        self.uniform = str(getattr(strategy, "weighting", "examples")) == "uniform"
+        if self.personalized and downlink is not None:
             raise RunError(f"{type(strategy).__name__} keeps each client's B and head on the client; downlink "
-                           "compression, secure aggregation and client-level DP are not built for it; turn them off")
+                           "compression is not built for it; turn it off")
         if self.personalized and settings.client_eval_every is None:
             raise RunError(f"{type(strategy).__name__} has no global model: each client's own model is evaluated on "
                            "its own held-out examples; set data.client_test_fraction > 0 (for example 0.2)")
@@ -578,7 +580,8 @@ class Federation:
             start = lm.plan_start(plan, modules)
             if held_control:  # it travels in the compressed copy; the client corrects (and the server decodes) with it
                 control, send_control = wire.held_control(held_control, plan, start), False
-        reference, clip, weight = dp_secure if dp_secure is not None else (None, 0.0, 0)
+        reference, clip, weight = dp_secure if dp_secure is not None else (
+            None, 0.0, 1 if layout_rank and self.uniform else 0)  # 0: its example count
         return wire.Assignment(server_round, plan, start, pending, self.resumed_from, layout_rank, quantization, down,
                                control, send_control=send_control, planned=planned, secure_weight=weight,
                                clip_reference=reference, clip=clip)
@@ -604,7 +607,9 @@ class Federation:
             if wire.uplink_keys(a.plan, a.start) != keys:
                 raise RunError(f"secure aggregation: client {cid} would send {wire.uplink_keys(a.plan, a.start)}, "
                                f"a client of rank {r_max} {keys}; {type(self.strategy).__name__} cannot be summed")
-        weight = secure.max_weight([clients[c].num_examples for c in clients])
+        # W, what every vector's weight is divided by: 1 when each weighs 1 (a uniform strategy, without DP)
+        weight = 1 if self.uniform and self.client_dp is None else secure.max_weight(
+            [clients[c].num_examples for c in clients])
         sx: SecureExchange = cast(SecureTransport, transport).secure_exchange(
             server_round, packets, self.settings.round_timeout, self.secure, weight,
             seed=seeds.secure_ring(self.settings.seed, server_round).getrandbits(62))
@@ -616,6 +621,8 @@ class Federation:
             row.bytes_up = int(sx.bytes_up.get(cid, 0))
             if cid in sx.reports:
                 state.acked[cid] = len(state.merges)
+                if assignments[cid].plan.personal:  # it kept what it trained before it replied (FedSA-LoRA)
+                    state.personal.add(cid)
                 try:
                     report = wire.decode_report(sx.reports[cid].metrics)
                 except (KeyError, ValueError, TypeError) as exc:  # its vector is in the sum all the same
@@ -625,6 +632,8 @@ class Federation:
                 row.train_seconds, row.base_version = report.train_seconds, report.base_version
             else:
                 row.fail(sx.dropped.get(cid) or sx.failure or "not in the secure sum")
+                if wire.PERSONAL_LOST in (row.error or ""):  # it holds no B and head of its own: send the plan's
+                    state.personal.discard(cid)
         in_sum = sorted(sx.reports)
         ranks = [assignments[c].plan.rank for c in in_sum]
         min_fit = self.settings.min_fit_clients

@@ -276,6 +276,27 @@ def test_with_the_identity_and_no_momentum_a_federation_is_fedavg(tmp_path: Path
     assert all(x == pytest.approx(y, rel=1e-5) for x, y in acc)
 
 
+def test_with_the_identity_fedsa_lora_is_fedsa_lora_and_c_covers_its_shared_a_alone(tmp_path: Path) -> None:
+    # zero-padded FedSA-LoRA averages what each client sends (A), so controlled averaging runs on A; B and the
+    # head stay with the clients and never enter c
+    from strategies.fedsa_lora import FedSALoRA
+
+    plain, _ = federation(tmp_path / "plain", None, strategy=FedSALoRA(padding="zero"), client_eval_every=0)
+    plain.run()
+    identity = SCAFCOM(density=1.0, scale="none", momentum=1.0)
+    controlled, transport = federation(tmp_path / "scafcom", identity, strategy=FedSALoRA(padding="zero"),
+                                       client_eval_every=0)
+    controlled.run()
+    a, b = ckpt.load_checkpoint(tmp_path / "plain"), ckpt.load_checkpoint(tmp_path / "scafcom")
+    for key in a.adapter:
+        torch.testing.assert_close(b.adapter[key], a.adapter[key], rtol=1e-5, atol=1e-5)
+    assert b.control and all(lm.is_lora_a_key(k) for k in b.control if b.control[k].any())
+    assert all(transport.stores[c].own for c in RANKS)  # each still keeps its own B and head
+    means = [(r.metrics["test_accuracy"], s.metrics["test_accuracy"])
+             for r, s in zip(read_records(tmp_path / "plain"), read_records(tmp_path / "scafcom"), strict=True)]
+    assert all(x == pytest.approx(y, rel=1e-5) for x, y in means)  # the clients' own models, on their own data
+
+
 def test_c_stays_the_weighted_mean_of_every_clients_c_k_under_partial_participation(tmp_path: Path) -> None:
     comp = SCAFCOM(density=0.3, scale="mean_abs", momentum=0.5)
     trainer = Recording()

@@ -61,6 +61,20 @@ def test_a_secure_round_aggregates_what_the_plain_round_does_and_reruns_bitwise(
     assert _gap(secure, again) == 0.0
 
 
+def test_a_uniformly_weighted_strategy_weighs_each_vector_once_in_the_secure_sum(tmp_path: Path) -> None:
+    """``strategy.weighting=uniform`` under secure aggregation: each client's vector weighs 1 (not its example
+    count), so the secure mean is the plain run's uniform mean, not the example-weighted one."""
+    from fedlora.core.secure import SecureSettings, error_bound
+
+    uniform = ["strategy=ffa_lora", "strategy.weighting=uniform"]
+    plain, _, _ = _run(tmp_path / "plain", uniform)
+    secure, rows, _ = _run(tmp_path / "secure", [*uniform, "privacy=secagg"])
+    assert rows[1]["num_ok"] == 3
+    assert len({c["num_examples"] for c in rows[1]["clients"]}) == 3  # so weighing by examples would differ
+    bound = error_bound(SecureSettings(), 1, 3.0, 3)  # W = 1, each of the 3 vectors weighing 1
+    assert 0 < _gap(plain, secure) <= bound, (_gap(plain, secure), bound)
+
+
 # client-level DP with a small clip (every client clipped) and noise: the same noise in both runs
 CLIENT_DP = ["privacy=dp_fedavg", "privacy.clip=0.02", "privacy.noise_multiplier=0.5"]
 

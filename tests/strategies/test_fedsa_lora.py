@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import compose, jsonl_rows, untimed
+from federation_kit import HEAD as HEAD_SHAPES
 from federation_kit import MODULES, TinyModel, TinyTrainer, client_metrics
 
 from fedlora.config.validate import validate
@@ -35,6 +36,7 @@ from strategies.fedsa_lora import FedSALoRA, personal_model
 S = 2.0
 HEAD = {"classifier.weight": torch.zeros(3, 6), "classifier.bias": torch.zeros(3)}
 RANKS = [2, 4, 8]
+HEAD_OF_KIT = {k: torch.zeros(shape) for k, shape in HEAD_SHAPES.items()}  # TinyTrainer's initial head
 
 
 def spec(r_max: int) -> AdapterSpec:
@@ -113,16 +115,16 @@ def test_only_a_travels_both_ways_and_the_client_is_told_its_b_and_head_are_its_
 
 # -- whole federations ---------------------------------------------------------------------------------
 def federate(run_dir: Path, *, transport: InMemoryTransport | None = None, trainer: TinyTrainer | None = None,
-             stop: threading.Event | None = None, saves_to: Path | None = None,
-             **loop: Any) -> tuple[dict, list[str], InMemoryTransport]:
+             stop: threading.Event | None = None, saves_to: Path | None = None, strategy: FedSALoRA | None = None,
+             client_dp: Any = None, **loop: Any) -> tuple[dict, list[str], InMemoryTransport]:
     settings = LoopSettings(**{"name": "t", "seed": 0, "num_clients": 3, "num_rounds": 3, "round_timeout": 30.0,
                                "client_eval_every": 0, **loop})
     transport = transport or InMemoryTransport(dict(enumerate(RANKS)), ClientSide(trainer=trainer or TinyTrainer()),
                                                stop=stop, saves_to=saves_to)
     lines: list[str] = []
-    summary = Federation(settings, strategy=FedSALoRA(), transport=transport, model=TinyModel(run_dir),
+    summary = Federation(settings, strategy=strategy or FedSALoRA(), transport=transport, model=TinyModel(run_dir),
                          run_dir=run_dir, recorder=RunRecorder(run_dir, tensorboard=False), say=lines.append,
-                         stop=stop).run()
+                         stop=stop, client_dp=client_dp).run()
     return summary, lines, transport
 
 
@@ -188,6 +190,38 @@ def test_a_client_keeping_nothing_on_disk_saves_no_model_and_the_summary_says_no
     assert "saved by 0 of 3 clients" in lines[-2]
 
 
+def test_with_zero_padding_client_level_dp_clips_and_noises_the_shared_a_alone(tmp_path: Path) -> None:
+    from fedlora.runtime.training import dp as dpsgd
+    from fedlora.serving.runtime import ClientDPLedger
+
+    assert FedSALoRA(padding="zero").linear and not FedSALoRA().linear  # the default divides rows by their owners
+    assert "padding=owners" in FedSALoRA().why_not_linear and "strategy.padding=zero" in FedSALoRA().why_not_linear
+
+    def run(name: str, z: float | None, clip: float = 0.5) -> tuple[dict, InMemoryTransport]:
+        ledger = None if z is None else ClientDPLedger(dpsgd.ClientDPSettings(noise_multiplier=z, clip=clip,
+                                                                               rounds=3), 3)
+        summary, _, transport = federate(tmp_path / name, trainer=TinyTrainer(examples=(30,)),
+                                         strategy=FedSALoRA(padding="zero"), client_dp=ledger)
+        return summary, transport
+
+    run("plain", None)
+    open_summary, _ = run("open", 0.0, clip=1e9)  # no noise, no clip reached: equal sizes, so FedSA's own mean
+    plain, opened = load_checkpoint(tmp_path / "plain").adapter, load_checkpoint(tmp_path / "open").adapter
+    for k, v in plain.items():
+        torch.testing.assert_close(opened[k], v, rtol=1e-5, atol=1e-6)
+    noisy_summary, transport = run("noisy", 0.8)
+    noisy = load_checkpoint(tmp_path / "noisy").adapter
+    a_keys = [k for k in noisy if lm.is_lora_a_key(k)]
+    assert a_keys and all(not torch.allclose(noisy[k], plain[k]) for k in a_keys)  # clipped and noised
+    for k in noisy:
+        if lm.is_personal_key(k):  # B and the head never left a client: nothing of them is released or noised
+            assert torch.equal(noisy[k], torch.zeros_like(noisy[k]) if lm.is_lora_b_key(k) else HEAD_OF_KIT[k])
+    records = read_records(tmp_path / "noisy")
+    assert all(r.strategy["dp_clipped_fraction"] == 1.0 for r in records[1:])  # TinyTrainer moves A far beyond 0.5
+    assert noisy_summary["dp_level"] == "client" and noisy_summary["personalized"] is True
+    assert all(sorted(transport.stores[c].own) == [2, 3] for c in range(3))  # each still keeps its own B and head
+
+
 def test_a_client_that_lost_its_own_state_fails_one_round_and_starts_again(tmp_path: Path) -> None:
     _, _, transport = federate(tmp_path / "a", num_rounds=2)
     transport.stores[1].own.clear()  # its state is gone; the server still thinks it holds it
@@ -231,9 +265,11 @@ def test_a_run_stopped_mid_round_resumes_to_what_the_uninterrupted_one_computes(
     (["strategy=fedsa_lora", "data.client_test_fraction=0.2", "downlink=compeft", "downlink.scale=mean_abs"],
      "downlink='compeft'", "downlink compression of that is not built"),
     (["strategy=fedsa_lora", "data.client_test_fraction=0.2", "privacy=secagg"], "privacy.secure=True",
-     "FedAU's weights over its shared A alone are not built yet"),
+     "use strategy.padding=zero"),
     (["strategy=fedsa_lora", "data.client_test_fraction=0.2", "privacy=dp_fedavg"], "privacy.kind='dp_fedavg'",
-     "are not built yet"),
+     "use strategy.padding=zero"),
+    (["strategy=fedsa_lora", "data.client_test_fraction=0.2", "participation.fedau=true"], "participation.fedau=True",
+     "use strategy.padding=zero"),
 ])
 def test_what_fedsa_lora_cannot_run_with_is_refused_before_anything_starts(overrides: list[str], field: str,
                                                                            fix: str) -> None:
@@ -246,3 +282,7 @@ def test_fedsa_lora_with_held_out_examples_is_accepted() -> None:
     validate(compose(["strategy=fedsa_lora", "data.client_test_fraction=0.2"]), check_model=False, check_data=False)
     validate(compose(["strategy=fedsa_lora", "data.client_test_fraction=0.2", "compression=compeft"]),
              check_model=False, check_data=False)
+    zero = ["strategy=fedsa_lora", "data.client_test_fraction=0.2", "strategy.padding=zero"]
+    for privacy in (["privacy=secagg"], ["privacy=dp_fedavg"], ["privacy=dp_fedavg", "privacy.secure=true"],
+                    ["participation.fedau=true"]):  # the shared A is then a weighted mean of what each sends
+        validate(compose([*zero, *privacy]), check_model=False, check_data=False)
