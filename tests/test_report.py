@@ -153,6 +153,29 @@ def test_last_rounds_mean_skips_round_zero_and_unevaluated_rounds(tmp_path: Path
     assert math.isnan(report.tail_value(report.load_runs(tmp_path / "r")[0]))
 
 
+def test_paired_differences_take_each_seed_against_the_same_seed_of_the_reference(
+        sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = report.load_runs(sweep)
+    entries = {e["method"]: e for e in report.paired_differences(runs, "fedavg")}
+    flora = entries["flora"]  # finals 0.9, 0.8 against FedAvg's 0.8, 0.7; last 3 rounds' means by hand
+    assert flora["seeds"] == ["0", "1"] and flora["final"] == pytest.approx([0.1, 0.1]) and flora["better"] == 2
+    by_hand = [(0.6 + 0.85 + 0.9 - 0.5 - 0.7 - 0.8) / 3, (0.7 + 0.8 + 0.8 - 0.4 - 0.6 - 0.7) / 3]
+    assert flora["tail"] == pytest.approx(by_hand)
+    (compressed,) = [e for m, e in entries.items() if m.startswith("flora+compeft")]
+    assert compressed["seeds"] == ["0"] and compressed["final"] == pytest.approx([-0.3]) and compressed["better"] == 0
+    assert "fedavg" not in entries and not flora["personalized"]
+    with pytest.raises(report.ChoiceError, match="--paired lora_fair: no completed run of that method; the methods"):
+        report.paired_differences(runs, "lora_fair")
+    report.main([str(sweep), "--paired", "fedavg"])
+    text = (sweep / "report.md").read_text()
+    assert "## Paired by seed against `fedavg`" in text and "--paired fedavg" in text
+    assert "| flora | 0, 1 | +0.100, +0.100 | +0.100 ± 0.000 | +0.158 ± 0.059 | 2 of 2 |" in text
+    assert "| -0.300 | -0.300 | -0.267 | 0 of 1 |" in text  # one seed: no spread shown; 0.4 - 0.667
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), "--paired", "nope"])
+    assert "--paired nope: no completed run" in capsys.readouterr().err
+
+
 def test_downlink_compression_is_its_own_method_with_its_own_ratio(tmp_path: Path) -> None:
     down = {"_target_": "fedlora.compression.compeft.ComPEFT", "density": 0.1}
     config = {"strategy": {"_target_": FEDAVG}, "downlink": down}

@@ -576,6 +576,65 @@ def choose_on_validation(runs: list[Run], key: str, metric: Metric = ACCURACY,
     return kept, choices
 
 
+def paired_differences(runs: list[Run], reference: str, metric: Metric = ACCURACY) -> list[dict[str, Any]]:
+    """Each method's difference to ``reference`` seed by seed: the runs of one seed share the partition, the
+    ranks and the clients sampled each round, so a paired difference leaves out what the seed moves in both.
+
+    Returns one entry per other method with a seed ``reference`` also ran: ``seeds``, ``final`` and ``tail``
+    (the per-seed differences of the final value and of the last :data:`TAIL_ROUNDS` rounds' mean, this method
+    minus ``reference``), ``better`` (on how many of those seeds its final value is better, by ``metric``'s
+    direction) and ``personalized``.
+
+    Raises
+    ------
+    ChoiceError
+        When ``reference`` has no completed run (naming the methods there are).
+    """
+    groups = group_by_method(runs)
+    if reference not in groups:
+        raise ChoiceError(f"--paired {reference}: no completed run of that method; the methods are "
+                          f"{', '.join(groups) or 'none'}")
+    by_seed = {str(r.seed): r for r in groups[reference]}
+    out = []
+    for method, group in groups.items():
+        pairs = [(str(r.seed), r, by_seed[str(r.seed)]) for r in group if str(r.seed) in by_seed]
+        if method == reference or not pairs:
+            continue
+        out.append({
+            "method": method, "seeds": [seed for seed, _, _ in pairs],
+            "final": [final_value(r, metric) - final_value(q, metric) for _, r, q in pairs],
+            "tail": [tail_value(r, metric) - tail_value(q, metric) for _, r, q in pairs],
+            "better": sum(metric.better(final_value(r, metric), final_value(q, metric)) for _, r, q in pairs),
+            "personalized": any(bool(r.summary.get("personalized")) for r in group),
+        })
+    return out
+
+
+def paired_markdown(reference: str, entries: list[dict[str, Any]], metric: Metric = ACCURACY) -> list[str]:
+    """The report's section of :func:`paired_differences`."""
+    short = metric.short
+
+    def spread(values: list[float]) -> str:  # one seed has no spread to show
+        mean = float(np.mean(values))
+        return f"{mean:+.3f} ± {float(np.std(values, ddof=1)):.3f}" if len(values) > 1 else f"{mean:+.3f}"
+
+    lines = [f"## Paired by seed against `{reference}`", "",
+             f"Each method's {metric.name} minus `{reference}`'s in the run of the same seed (same partition, ranks "
+             "and clients sampled each round), then mean ± sample std over the seeds both ran: a mean larger than "
+             "its std is a difference the seeds agree on. Better on: the seeds where its final value is better.",
+             "", f"| method | seeds | final {short}, per seed | final {short} | last {TAIL_ROUNDS} rounds' {short} | "
+             "better on |", "|---|---|---|---|---|---|"]
+    for e in entries:
+        mark = " †" if e["personalized"] else ""
+        per_seed = ", ".join(f"{d:+.3f}" for d in e["final"])
+        lines.append(f"| {e['method']}{mark} | {', '.join(e['seeds'])} | {per_seed} | {spread(e['final'])} | "
+                     f"{spread(e['tail'])} | {e['better']} of {len(e['seeds'])} |")
+    if any(e["personalized"] for e in entries):
+        lines += ["", "† its values are the mean over clients of their own models on their own data, not the test "
+                  "set, so its difference mixes two measures."]
+    return [*lines, ""]
+
+
 def choices_markdown(key: str, choices: list[dict[str, Any]], metric: Metric = ACCURACY) -> list[str]:
     """The report's section that says what was chosen on validation, and among what."""
     name = metric.validation
@@ -1062,12 +1121,14 @@ def plot_privacy(runs: list[Run], path: Path, metric: Metric = ACCURACY) -> Path
 
 
 def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target: float | None = None,
-                 budget: float | None = None, tune: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+                 budget: float | None = None, tune: str | None = None,
+                 paired: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out``, and ``privacy.png`` when a run is
     private (:func:`plot_privacy`; without a private run, a ``privacy.png`` already in ``out`` is removed).
 
     ``target`` and ``budget`` (bytes) override the defaults of :func:`summarize`; ``tune`` reports each
-    method at the value of that config key chosen on validation (:func:`choose_on_validation`).
+    method at the value of that config key chosen on validation (:func:`choose_on_validation`); ``paired``
+    adds each method's seed-by-seed difference to that method (:func:`paired_differences`).
 
     Returns
     -------
@@ -1082,6 +1143,8 @@ def write_report(runs: list[Run], root: Path, out: Path, command: str, *, target
         reported, choices = choose_on_validation(runs, tune, metric)
         chosen = choices_markdown(tune, choices, metric)
     rows = summarize(reported, metric, target=target, budget=budget)
+    if paired is not None:
+        chosen += paired_markdown(paired, paired_differences(reported, paired, metric), metric)
     if plot_privacy(reported, out / "privacy.png", metric) is None:
         # an earlier report into the same folder may have drawn one: it would describe other runs
         (out / "privacy.png").unlink(missing_ok=True)
@@ -1127,6 +1190,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a config key the sweep varies, e.g. compression.alpha: report each method at the value "
                              "whose mean final validation accuracy is best (runs made with "
                              "data.validation_fraction > 0), never at the best test value")
+    parser.add_argument("--paired", metavar="METHOD", default=None,
+                        help="a method of the table, e.g. fedavg: add each other method's difference to it seed by "
+                             "seed (runs of one seed share the partition, ranks and sampling), mean ± std")
     args = parser.parse_args(argv)
     for path in args.path:
         if not path.is_dir():
@@ -1151,11 +1217,12 @@ def main(argv: list[str] | None = None) -> int:
     extra = (["--out", str(args.out)] if args.out else []) + (
         ["--target", str(args.target)] if args.target is not None else []) + (
         ["--budget-mb", str(args.budget_mb)] if args.budget_mb is not None else []) + (
-        ["--tune", args.tune] if args.tune else [])
+        ["--tune", args.tune] if args.tune else []) + (["--paired", args.paired] if args.paired else [])
     command = shlex.join(["fedlora-report", *map(str, args.path), *extra])
     budget = args.budget_mb * 1e6 if args.budget_mb is not None else None
     try:
-        text, rows = write_report(runs, root, out, command, target=args.target, budget=budget, tune=args.tune)
+        text, rows = write_report(runs, root, out, command, target=args.target, budget=budget, tune=args.tune,
+                                  paired=args.paired)
     except ChoiceError as exc:
         parser.error(str(exc))
     print(text)
