@@ -286,6 +286,14 @@ def fold_merges(adapter: Mapping[str, Tensor], scaling: float, merges: Sequence[
     return state, rank_of(state)
 
 
+def fold_for_peft(adapter: Mapping[str, Tensor], scaling: float, merges: Sequence[BaseMerge],
+                  alpha: float) -> tuple[AdapterState, int, float]:
+    """:func:`fold_merges`, with the ``lora_alpha`` to save the result with: its rank when merges were folded
+    in (scaling 1), else ``alpha``, the adapter's own. Returns ``(state, rank, lora_alpha)``."""
+    folded, rank = fold_merges(adapter, scaling, merges)
+    return folded, rank, float(rank) if merges else alpha
+
+
 def continues(plan: ClientPlan, key: str) -> bool:
     """Whether tensor ``key`` of a client's adapter continues from the global one under ``plan``.
 

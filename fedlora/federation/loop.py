@@ -305,7 +305,8 @@ class Federation:
         # no global model: each client's own B and head stay with it, and the clients evaluate every round
         self.personalized = bool(getattr(strategy, "personalized", False))
         # a strategy that weighs every client the same: in a secure sum each vector then weighs 1, not n_k
-        self.uniform = str(getattr(strategy, "weighting", "examples")) == "uniform"
+        self.weighting = str(getattr(strategy, "weighting", "examples"))
+        self.uniform = self.weighting == "uniform"
         if self.personalized and downlink is not None:
             raise RunError(f"{type(strategy).__name__} keeps each client's B and head on the client; downlink "
                            "compression is not built for it; turn it off")
@@ -417,7 +418,7 @@ class Federation:
             rows, updates = self._collect(assignments, exchange, state)
             if self.controlled is not None:  # c moves by every accepted message, as each sender's c_k did
                 messages = [self._message(exchange, u.client_id, assignments[u.client_id]) for u in updates]
-                full = part.full_weights(str(getattr(self.strategy, "weighting", "examples")), self.sizes)
+                full = part.full_weights(self.weighting, self.sizes)
                 state.control = ctl.advance_control(state.control, messages, [full[u.client_id] for u in updates],
                                                     self.controlled)
             spent = self._charge_privacy(clients, state, rows)
@@ -761,9 +762,8 @@ class Federation:
         (:mod:`fedlora.core.participation`), and the round's FedAU metrics (``fedau_step``: ``sum omega_k w_k``,
         1 in expectation)."""
         assert self.fedau is not None
-        weighting = str(getattr(self.strategy, "weighting", "examples"))
-        p = lm.participant_weights(weighting, [u.num_examples for u in updates])
-        full = part.full_weights(weighting, self.sizes)
+        p = lm.participant_weights(self.weighting, [u.num_examples for u in updates])
+        full = part.full_weights(self.weighting, self.sizes)
         omegas = [self.fedau.weight(u.client_id) for u in updates]
         w = [full[u.client_id] for u in updates]
         factors = part.fedau_factors(omegas, w, p)
@@ -875,8 +875,8 @@ class Federation:
             raise NoProgress(f"no round aggregated an update: every one of the {self.settings.num_rounds} rounds kept "
                              "the global adapter (too few valid updates, or a non-finite aggregate; each client's "
                              f"status and error are in {self.run_dir / METRICS_FILE}); the adapter was not saved")
-        folded, rank = lm.fold_merges(state.adapter, self.model.scaling(r_max), state.merges)
-        alpha = float(rank) if state.merges else self.model.alpha(r_max)  # folded: scaling 1
+        folded, rank, alpha = lm.fold_for_peft(state.adapter, self.model.scaling(r_max), state.merges,
+                                               self.model.alpha(r_max))
         saved = self.model.save(folded, rank, alpha)
         plot = plot_run(self.run_dir, title=self.settings.name, metric=metric)
         summary = {

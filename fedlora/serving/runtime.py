@@ -183,8 +183,7 @@ class WorkspaceTrainer:
     def save(self, path: Path, adapter: AdapterState, rank: int, merges: Sequence[BaseMerge]) -> None:
         """``adapter`` in peft's format at ``path``, the merges folded in (as the server saves the global one)."""
         settings = self.ws.host.settings
-        folded, folded_rank = lm.fold_merges(adapter, settings.scaling(rank), merges)
-        alpha = float(folded_rank) if merges else settings.alpha(rank)  # folded: scaling 1
+        folded, folded_rank, alpha = lm.fold_for_peft(adapter, settings.scaling(rank), merges, settings.alpha(rank))
         save_peft_adapter(path, settings, len(self.ws.label_names), folded, folded_rank, alpha, self.seed)
 
 

@@ -286,3 +286,21 @@ def stratified_split(labels: tuple[int, ...] | list[int], test_fraction: float, 
         test.extend(idx[:n_test])
         train.extend(idx[n_test:])
     return sorted(train), sorted(test)
+
+
+def stratified_take(labels: list[int], count: int, seed: int) -> list[int]:
+    """Exactly ``count`` of the positions of ``labels`` (``count <= len(labels)``), each class's share within one
+    of its proportion (largest remainders), drawn with ``seed``."""
+    classes = sorted(set(labels))
+    members = {c: [i for i, y in enumerate(labels) if y == c] for c in classes}
+    exact = {c: len(members[c]) * count / len(labels) for c in classes}
+    quota = {c: int(exact[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: (quota[c] - exact[c], c))[:count - sum(quota.values())]:
+        quota[c] += 1
+    rng = random.Random(seed)
+    taken: list[int] = []
+    for c in classes:
+        idx = list(members[c])
+        rng.shuffle(idx)
+        taken.extend(idx[:quota[c]])
+    return sorted(taken)

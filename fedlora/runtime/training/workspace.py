@@ -10,7 +10,6 @@ partitions follow each example's group (its class, or its instruction category).
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass, field
 
 from fedlora.core import seeds
@@ -77,24 +76,6 @@ def hold_out_client_tests(parts: list[list[int]], fraction: float, split_seed: i
     return trains, tests
 
 
-def _stratified_take(labels: list[int], count: int, seed: int) -> list[int]:
-    """Exactly ``count`` of the positions of ``labels`` (``count <= len(labels)``), each class's share within one
-    of its proportion (largest remainders), drawn with ``seed``."""
-    classes = sorted(set(labels))
-    members = {c: [i for i, y in enumerate(labels) if y == c] for c in classes}
-    exact = {c: len(members[c]) * count / len(labels) for c in classes}
-    quota = {c: int(exact[c]) for c in classes}
-    for c in sorted(classes, key=lambda c: (quota[c] - exact[c], c))[:count - sum(quota.values())]:
-        quota[c] += 1
-    rng = random.Random(seed)
-    taken: list[int] = []
-    for c in classes:
-        idx = list(members[c])
-        rng.shuffle(idx)
-        taken.extend(idx[:quota[c]])
-    return sorted(taken)
-
-
 def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSettings, num_clients: int) -> Split:
     """The stratified test split (capped at ``data.max_test_examples``), the validation split (``data.
     validation_fraction`` of the training split, at most ``data.max_validation_examples``) and the clients'
@@ -122,8 +103,8 @@ def split_and_partition(groups: tuple[int, ...], has_groups: bool, data: DataSet
         kept, held = ds.stratified_split([groups[i] for i in train], data.validation_fraction, data.split_seed + 1)
         if data.max_validation_examples is not None and data.max_validation_examples < len(held):
             # hold out fewer (stratified, seeded); the others stay in the training split, for the clients
-            chosen = _stratified_take([groups[train[i]] for i in held], data.max_validation_examples,
-                                      data.split_seed + 1)
+            chosen = ds.stratified_take([groups[train[i]] for i in held], data.max_validation_examples,
+                                        data.split_seed + 1)
             picked = {held[i] for i in chosen}
             kept, held = sorted([*kept, *(i for i in held if i not in picked)]), sorted(picked)
         train, validation = [train[i] for i in kept], [train[i] for i in held]
