@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q -m "slow or not slow" $(ARGS)
+	$(BIN)/pytest -q -m "slow or not slow" --durations=25 $(ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" $(ARGS)
