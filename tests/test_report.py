@@ -245,6 +245,19 @@ def test_several_folders_are_reported_together(sweep: Path, tmp_path: Path,
     assert exc.value.code == 2 and "--out" in capsys.readouterr().err
 
 
+def test_several_relative_folders_name_their_relative_parent(sweep: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # a committed report's heading must read the same from any clone: relative folders, a relative parent
+    make_run(tmp_path / "seeds" / "s2" / "0_fedavg_seed=2", FEDAVG, 2, [0.2, 0.5, 0.6, 0.9], up=1000, down=1500)
+    make_run(tmp_path / "seeds" / "s3" / "0_fedavg_seed=3", FEDAVG, 3, [0.2, 0.5, 0.6, 0.8], up=1000, down=1500)
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["seeds/s2", "./seeds/s3/", "--out", "out"]) == 0
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# fedlora report: `seeds`\n")
+    assert report.common_parent([Path("a/b"), Path("c")]) == Path(".")
+    assert report.common_parent([Path("seeds/s2"), tmp_path / "seeds" / "s3"]) == tmp_path / "seeds"  # mixed: resolved
+    assert report.common_parent([tmp_path / "seeds" / "s2", tmp_path / "seeds" / "s3"]) == tmp_path / "seeds"
+
+
 def test_main_exit_codes(tmp_path: Path, sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -772,6 +772,15 @@ def _relative(path: Path, root: Path) -> str:
     return path_.relative_to(root_).as_posix() if path_.is_relative_to(root_) else path.as_posix()
 
 
+def common_parent(paths: Sequence[Path]) -> Path:
+    """The deepest folder holding every one of ``paths``, spelled as they are (relative paths give a relative
+    parent, so that a report's heading reads the same from any clone); resolved where the spellings mix."""
+    spelled = [os.path.normpath(p) for p in paths]
+    if len({os.path.isabs(p) for p in spelled}) == 1:
+        return Path(os.path.commonpath(spelled) or ".")
+    return Path(os.path.commonpath([p.resolve() for p in paths]))
+
+
 def problem_lines(runs: list[Run], root: Path) -> list[str]:
     """One Markdown bullet per failed, incomplete or missing job.
 
@@ -1212,7 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
                      "summary.json) as written by `fedlora`; give a runs/sweep_<time> or "
                      "runs/<time>_<name> dir")
     # the folder the report names, and against which it names each job: the one given, or their common parent
-    root = args.path[0] if len(args.path) == 1 else Path(os.path.commonpath([p.resolve() for p in args.path]))
+    root = args.path[0] if len(args.path) == 1 else common_parent(args.path)
     out = args.out or args.path[0]
     extra = (["--out", str(args.out)] if args.out else []) + (
         ["--target", str(args.target)] if args.target is not None else []) + (
