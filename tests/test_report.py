@@ -160,7 +160,7 @@ def test_paired_differences_take_each_seed_against_the_same_seed_of_the_referenc
     flora = entries["flora"]  # finals 0.9, 0.8 against FedAvg's 0.8, 0.7; last 3 rounds' means by hand
     assert flora["seeds"] == ["0", "1"] and flora["final"] == pytest.approx([0.1, 0.1]) and flora["better"] == 2
     by_hand = [(0.6 + 0.85 + 0.9 - 0.5 - 0.7 - 0.8) / 3, (0.7 + 0.8 + 0.8 - 0.4 - 0.6 - 0.7) / 3]
-    assert flora["tail"] == pytest.approx(by_hand)
+    assert flora["tail"] == pytest.approx(by_hand) and flora["tail_better"] == 2
     (compressed,) = [e for m, e in entries.items() if m.startswith("flora+compeft")]
     assert compressed["seeds"] == ["0"] and compressed["final"] == pytest.approx([-0.3]) and compressed["better"] == 0
     assert "fedavg" not in entries and not flora["personalized"]
@@ -169,8 +169,9 @@ def test_paired_differences_take_each_seed_against_the_same_seed_of_the_referenc
     report.main([str(sweep), "--paired", "fedavg"])
     text = (sweep / "report.md").read_text()
     assert "## Paired by seed against `fedavg`" in text and "--paired fedavg" in text
-    assert "| flora | 0, 1 | +0.100, +0.100 | +0.100 ± 0.000 | +0.158 ± 0.059 | 2 of 2 |" in text
-    assert "| -0.300 | -0.300 | -0.267 | 0 of 1 |" in text  # one seed: no spread shown; 0.4 - 0.667
+    assert ("| flora | 0, 1 | +0.100, +0.100 | +0.100 ± 0.000 | 2 of 2 | +0.117, +0.200 | +0.158 ± 0.059 | 2 of 2 |"
+            in text)
+    assert "| -0.300 | -0.300 | 0 of 1 | -0.267 | -0.267 | 0 of 1 |" in text  # one seed: no spread; 0.4 - 0.667
     with pytest.raises(SystemExit):
         report.main([str(sweep), "--paired", "nope"])
     assert "--paired nope: no completed run" in capsys.readouterr().err

@@ -582,8 +582,8 @@ def paired_differences(runs: list[Run], reference: str, metric: Metric = ACCURAC
 
     Returns one entry per other method with a seed ``reference`` also ran: ``seeds``, ``final`` and ``tail``
     (the per-seed differences of the final value and of the last :data:`TAIL_ROUNDS` rounds' mean, this method
-    minus ``reference``), ``better`` (on how many of those seeds its final value is better, by ``metric``'s
-    direction) and ``personalized``.
+    minus ``reference``), ``better`` and ``tail_better`` (on how many of those seeds its final value, and its
+    last rounds' mean, is better, by ``metric``'s direction) and ``personalized``.
 
     Raises
     ------
@@ -605,6 +605,7 @@ def paired_differences(runs: list[Run], reference: str, metric: Metric = ACCURAC
             "final": [final_value(r, metric) - final_value(q, metric) for _, r, q in pairs],
             "tail": [tail_value(r, metric) - tail_value(q, metric) for _, r, q in pairs],
             "better": sum(metric.better(final_value(r, metric), final_value(q, metric)) for _, r, q in pairs),
+            "tail_better": sum(metric.better(tail_value(r, metric), tail_value(q, metric)) for _, r, q in pairs),
             "personalized": any(bool(r.summary.get("personalized")) for r in group),
         })
     return out
@@ -621,14 +622,16 @@ def paired_markdown(reference: str, entries: list[dict[str, Any]], metric: Metri
     lines = [f"## Paired by seed against `{reference}`", "",
              f"Each method's {metric.name} minus `{reference}`'s in the run of the same seed (same partition, ranks "
              "and clients sampled each round), then mean ± sample std over the seeds both ran: a mean larger than "
-             "its std is a difference the seeds agree on. Better on: the seeds where its final value is better.",
-             "", f"| method | seeds | final {short}, per seed | final {short} | last {TAIL_ROUNDS} rounds' {short} | "
-             "better on |", "|---|---|---|---|---|---|"]
+             f"its std is a difference the seeds agree on. Better on: the seeds where its final value (its last "
+             f"{TAIL_ROUNDS} rounds' mean) is better; the mean of the last rounds moves less from round to round.",
+             "", f"| method | seeds | final {short}, per seed | final {short} | better on | last {TAIL_ROUNDS} rounds' "
+             f"{short}, per seed | last {TAIL_ROUNDS} rounds' {short} | better on |", "|---" * 8 + "|"]
     for e in entries:
         mark = " †" if e["personalized"] else ""
-        per_seed = ", ".join(f"{d:+.3f}" for d in e["final"])
-        lines.append(f"| {e['method']}{mark} | {', '.join(e['seeds'])} | {per_seed} | {spread(e['final'])} | "
-                     f"{spread(e['tail'])} | {e['better']} of {len(e['seeds'])} |")
+        final_seeds, tail_seeds = (", ".join(f"{d:+.3f}" for d in e[k]) for k in ("final", "tail"))
+        n = len(e["seeds"])
+        lines.append(f"| {e['method']}{mark} | {', '.join(e['seeds'])} | {final_seeds} | {spread(e['final'])} | "
+                     f"{e['better']} of {n} | {tail_seeds} | {spread(e['tail'])} | {e['tail_better']} of {n} |")
     if any(e["personalized"] for e in entries):
         lines += ["", "† its values are the mean over clients of their own models on their own data, not the test "
                   "set, so its difference mixes two measures."]
