@@ -186,6 +186,31 @@ def test_factored_fro_norm_matches_dense(m, n, r, seed):
     assert lm.factored_fro_norm(b, a) == pytest.approx(float(torch.linalg.matrix_norm(b @ a)), rel=1e-10)
 
 
+@given(m=st.integers(1, 24), n=st.integers(1, 24), r=st.integers(1, 40), seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_product_singular_values_match_the_dense_product(m, n, r, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, a = rand(gen, m, r), rand(gen, r, n)
+    dense = torch.linalg.svdvals(b @ a)
+    got = lm.product_singular_values(b, a)
+    k = min(len(dense), len(got))
+    assert torch.allclose(got[:k], dense[:k], rtol=1e-9, atol=1e-9 * float(dense[0]))
+    assert float(got[k:].abs().sum() + dense[k:].abs().sum()) <= 1e-9 * float(dense[0]) * (m + n + r)
+
+
+def test_top_energy_share_by_hand():
+    # B A = diag(3, 2, 1) in orthonormal bases: energies 9, 4, 1 of 14, however the factors split it
+    q_m = torch.linalg.qr(torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).Q
+    q_n = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))).Q
+    s = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    split = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 4.0]], dtype=torch.float64)
+    b, a = q_m @ s @ torch.linalg.inv(split), split @ q_n.T
+    assert lm.top_energy_share(b, a, 1) == pytest.approx(9 / 14, rel=1e-12)
+    assert lm.top_energy_share(b, a, 2) == pytest.approx(13 / 14, rel=1e-12)
+    assert lm.top_energy_share(b, a, 3) == pytest.approx(1.0, rel=1e-12)
+    assert lm.top_energy_share(torch.zeros(7, 2), torch.zeros(2, 5), 1) == 1.0
+
+
 def test_factored_fro_norm_is_accurate_for_small_differences():
     # Found while writing these tests: the former Gram-matrix form sqrt(tr(B^T B A A^T)) cancelled
     # catastrophically for differences of stacked factors (1.8e-6 returned for a true 1.1e-7).

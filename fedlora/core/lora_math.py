@@ -442,6 +442,26 @@ def factored_fro_norm(b: Tensor, a: Tensor) -> float:
 
 
 
+
+def product_singular_values(b: Tensor, a: Tensor) -> Tensor:
+    """The singular values of ``B @ A`` (descending, float64) without forming the ``(m, n)`` product.
+
+    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (thin QRs) give ``B A = Q_B (R_B R_A^T) Q_A^T`` with orthonormal
+    ``Q``s, so ``B A`` has the singular values of the ``r x r`` core ``R_B R_A^T``.
+    """
+    r_b = torch.linalg.qr(b.double(), mode="r").R
+    r_a = torch.linalg.qr(a.double().T, mode="r").R
+    values: Tensor = torch.linalg.svdvals(r_b @ r_a.T)
+    return values
+
+
+def top_energy_share(b: Tensor, a: Tensor, k: int) -> float:
+    """The share of ``||B A||_F^2`` in the top ``k`` singular directions of ``B A`` (1.0 for a zero product):
+    what a client of rank ``k`` keeps of that product when it is truncated by SVD (FlexLoRA's redistribution)."""
+    energy = product_singular_values(b, a) ** 2
+    total = float(energy.sum())
+    return 1.0 if total == 0.0 else float(energy[:k].sum()) / total
+
 SIMPLE_WEIGHTINGS = ("examples", "uniform")
 
 
