@@ -190,6 +190,7 @@ def test_a_client_keeping_nothing_on_disk_saves_no_model_and_the_summary_says_no
     assert "saved by 0 of 3 clients" in lines[-2]
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # z = 0 ("open"): epsilon is infinite
 def test_with_zero_padding_client_level_dp_clips_and_noises_the_shared_a_alone(tmp_path: Path) -> None:
     from fedlora.runtime.training import dp as dpsgd
     from fedlora.serving.runtime import ClientDPLedger
