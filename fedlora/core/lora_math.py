@@ -441,17 +441,15 @@ def factored_fro_norm(b: Tensor, a: Tensor) -> float:
     return float(torch.linalg.matrix_norm(r_b @ a.double()))  # (q, n)
 
 
-
-
 def product_singular_values(b: Tensor, a: Tensor) -> Tensor:
     """The singular values of ``B @ A`` (descending, float64) without forming the ``(m, n)`` product.
 
     ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (thin QRs) give ``B A = Q_B (R_B R_A^T) Q_A^T`` with orthonormal
-    ``Q``s, so ``B A`` has the singular values of the ``r x r`` core ``R_B R_A^T``.
+    ``Q``s, so ``B A`` has the singular values of the ``r x r`` core ``R_B R_A^T`` (``R_A``:
+    :func:`row_space_core`).
     """
     r_b = torch.linalg.qr(b.double(), mode="r").R
-    r_a = torch.linalg.qr(a.double().T, mode="r").R
-    values: Tensor = torch.linalg.svdvals(r_b @ r_a.T)
+    values: Tensor = torch.linalg.svdvals(r_b @ row_space_core(a).T)
     return values
 
 
@@ -461,6 +459,7 @@ def top_energy_share(b: Tensor, a: Tensor, k: int) -> float:
     energy = product_singular_values(b, a) ** 2
     total = float(energy.sum())
     return 1.0 if total == 0.0 else float(energy[:k].sum()) / total
+
 
 SIMPLE_WEIGHTINGS = ("examples", "uniform")
 
