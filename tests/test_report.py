@@ -577,3 +577,35 @@ def test_the_examples_in_the_docstrings_hold() -> None:
     """The labels, the settings split and the privacy points are documented by examples: run them."""
     result = doctest.testmod(report)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def test_plot_styles_tell_forty_methods_apart_and_keep_the_first_ten() -> None:
+    styles = [report.plot_style(i) for i in range(40)]
+    assert len(set(styles)) == 40
+    assert styles[:10] == [(f"C{i}", "-", "o") for i in range(10)]  # the plots of up to ten methods are as before
+    assert styles[10] == ("C0", "--", "s") and styles[10][0] == styles[0][0]
+
+
+def test_a_plot_of_many_methods_has_one_legend_under_both_panels(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - the report imports it lazily too
+
+    runs_dir = tmp_path / "many"
+    for i in range(12):  # twelve methods: ComPEFT at twelve densities
+        make_run(runs_dir / f"{i}_fedavg", FEDAVG, 0, [0.2, 0.5 + i / 100], up=100 + i, down=1000,
+                 compression={**COMPEFT, "density": round(0.05 * (i + 1), 2)})
+    drawn: list[plt.Figure] = []
+    original = plt.Figure.savefig
+
+    def keep(fig: plt.Figure, *args: object, **kwargs: object) -> None:
+        drawn.append(fig)
+        original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    report.plot_report(report.load_runs([runs_dir]), tmp_path / "report.png", budget=2000.0)
+    (fig,) = drawn
+    assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 12
+    ax_r, ax_b = fig.axes
+    assert ax_r.get_legend() is None
+    assert [t.get_text() for t in ax_b.get_legend().get_texts()] == ["budget 2.0 KB"]
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

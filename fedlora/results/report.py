@@ -1016,6 +1016,19 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
+PLOT_COLORS = 10  # matplotlib's default cycle; past it, a method is told apart by its line and marker too
+LEGEND_COLUMNS = 3
+LEGEND_ROW_INCHES = 0.22
+
+
+def plot_style(index: int) -> tuple[str, str, str]:
+    """The color, line style and marker of the ``index``-th method in a plot: the first ten differ in color
+    (as before), every later ten repeat the colors with the next line style and marker, so no two of 40
+    methods look alike."""
+    turn = index // PLOT_COLORS
+    return f"C{index % PLOT_COLORS}", ("-", "--", ":", "-.")[turn % 4], ("o", "s", "^", "D")[turn % 4]
+
+
 def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: float | None = None) -> Path:
     """Draw the metric vs round and vs cumulative MB (log x) per method into ``path``; ``budget`` (bytes)
     is marked on the second panel."""
@@ -1025,14 +1038,19 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: 
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib import ticker  # noqa: PLC0415
 
-    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (method, group) in enumerate(group_by_method(runs).items()):
-        c, color = curves(group, metric), f"C{i % 10}"
-        ax_r.plot(c["round"], c["mean"], marker="o", ms=3, color=color, label=f"{method} (n={len(group)})")
+    groups = group_by_method(runs)
+    shared = len(groups) > PLOT_COLORS  # one legend under both panels: inside, it would hide the curves
+    rows = math.ceil(len(groups) / LEGEND_COLUMNS) if shared else 0
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5 + LEGEND_ROW_INCHES * rows))
+    for i, (method, group) in enumerate(groups.items()):
+        color, line, marker = plot_style(i)
+        c = curves(group, metric)
+        ax_r.plot(c["round"], c["mean"], marker=marker, ms=3, color=color, linestyle=line,
+                  label=f"{method} (n={len(group)})")
         ax_r.fill_between(c["round"], c["min"], c["max"], color=color, alpha=0.2, linewidth=0)
         keep = np.isfinite(c["mb"]) & (c["mb"] > 0)
         if keep.any():
-            ax_b.plot(c["mb"][keep], c["mean"][keep], marker="o", ms=3, color=color, label=method)
+            ax_b.plot(c["mb"][keep], c["mean"][keep], marker=marker, ms=3, color=color, linestyle=line, label=method)
     ax_r.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax_r.set(xlabel="round", ylabel=metric.name, title=f"{metric.name} (mean, min–max band over seeds)")
     ax_b.set(xlabel="cumulative MB communicated (up + down)", ylabel=metric.name,
@@ -1048,9 +1066,18 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: 
         ax_b.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     for ax in (ax_r, ax_b):
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    if shared:
+        fig.legend(*ax_r.get_legend_handles_labels(), loc="lower center", ncol=LEGEND_COLUMNS, fontsize=8,
+                   frameon=False)
+        budget_lines = [ln for ln in ax_b.lines if ln.get_label().startswith("budget")]
+        if budget_lines:
+            ax_b.legend(handles=budget_lines, fontsize=8)
+        fig.tight_layout(rect=(0.0, LEGEND_ROW_INCHES * rows / fig.get_figheight(), 1.0, 1.0))
+    else:
+        for ax in (ax_r, ax_b):
+            if ax.lines:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
