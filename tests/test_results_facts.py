@@ -38,4 +38,4 @@ def test_results_contents_list_every_section_with_its_anchor() -> None:
             title = match.group(2)
             expected.append("  " * (len(match.group(1)) - 2) + f"- [{title}](#{_slug(title)})")
     assert len(expected) > 10
-    assert listed == expected
+    assert listed == expected, "docs/results.md's contents list must be exactly these lines:\n" + "\n".join(expected)

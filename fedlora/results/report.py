@@ -1058,8 +1058,10 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: 
     if not metric.higher_is_better:  # perplexity falls by orders of magnitude
         for ax in (ax_r, ax_b):
             ax.set_yscale("log")
+    budget_line = None
     if ax_b.lines and budget is not None and math.isfinite(budget) and budget > 0:
-        ax_b.axvline(budget / 1e6, color="0.4", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget)}")
+        budget_line = ax_b.axvline(budget / 1e6, color="0.4", linestyle="--", linewidth=1,
+                                   label=f"budget {fmt_bytes(budget)}")
     if ax_b.lines:
         ax_b.set_xscale("log")
         ax_b.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2×10¹
@@ -1069,9 +1071,8 @@ def plot_report(runs: list[Run], path: Path, metric: Metric = ACCURACY, budget: 
     if shared:
         fig.legend(*ax_r.get_legend_handles_labels(), loc="lower center", ncol=LEGEND_COLUMNS, fontsize=8,
                    frameon=False)
-        budget_lines = [ln for ln in ax_b.lines if ln.get_label().startswith("budget")]
-        if budget_lines:
-            ax_b.legend(handles=budget_lines, fontsize=8)
+        if budget_line is not None:  # the methods are in the shared legend; the budget only here
+            ax_b.legend(handles=[budget_line], fontsize=8)
         fig.tight_layout(rect=(0.0, LEGEND_ROW_INCHES * rows / fig.get_figheight(), 1.0, 1.0))
     else:
         for ax in (ax_r, ax_b):
